@@ -1,0 +1,134 @@
+"""`archifactory <verb> [hydra overrides…]`: pops the verb and hands the rest to Hydra.
+
+Verbs that run a job (`train`, and later ones) are Hydra apps over the same `configs/`, so overrides,
+`-m` multirun, `--cfg job`, `--help` and `hydra/launcher=…` behave as Hydra users expect. `list` prints
+every option of every config group. A user-facing error (`ArchiFactoryError`) is one line on stderr and
+a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from archifactory.errors import ArchiFactoryError
+
+GROUPS = ("mixin", "ffn", "positional", "dataset", "trainer", "model", "experiment")
+USAGE = """usage: archifactory <verb> [key=value ...] [-m] [--cfg job] [--help]
+
+verbs:
+  train      train one model (or a sweep with -m) and write a run directory
+  list       every option of every config group, with its description
+
+examples:
+  archifactory train mixin=gqa ffn=swiglu
+  archifactory train -m positional=rope,alibi seed=0,1
+  archifactory train dataset=text dataset.path=./my_corpus model=tiny trainer=cpu
+"""
+
+
+def config_dir() -> Path:
+    """The packaged configs (wheel install) or the repository's `configs/` (editable install)."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def group_options(group: str) -> dict[str, str]:
+    """Option name -> its one-line description (the first comment line of its YAML)."""
+    options: dict[str, str] = {}
+    for path in sorted((config_dir() / group).glob("*.yaml")):
+        description = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("#") and not line.startswith("# @package"):
+                description = line.lstrip("# ").strip()
+                break
+        options[path.stem] = description
+    return options
+
+
+def list_options(_: list[str]) -> int:
+    for group in GROUPS:
+        options = group_options(group)
+        width = max(len(f"{group}={name}") for name in options)
+        print(f"{group}:")
+        for name, description in options.items():
+            print(f"  {f'{group}={name}':<{width}}  {description}")
+    return 0
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Refuse `group=unknown` before Hydra, with one line naming the valid choices."""
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+~").split("@")[0]
+        if not sep or group not in GROUPS or value in ("", "null"):
+            continue
+        options = group_options(group)
+        for choice in value.split(","):
+            if choice not in options:
+                raise ArchiFactoryError(
+                    f"unknown {group} {choice!r}; choose one of: {', '.join(options)} (see `archifactory list`)"
+                )
+
+
+def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    from archifactory.config import register_configs
+
+    check_group_choices(args)
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+    def app(cfg: DictConfig) -> None:
+        # Hydra would print a traceback for an exception; a user error is one line and exit 1 instead.
+        try:
+            task(cfg)
+        except ArchiFactoryError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+
+    sys.argv = [f"archifactory {verb}", *args]
+    app()
+    return 0
+
+
+def train_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from archifactory.train.loop import train
+
+    train(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+VERBS: dict[str, Callable[[list[str]], int]] = {
+    "train": lambda args: run_hydra(train_task, "train", args),
+    "list": list_options,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    try:
+        return VERBS[verb](rest)
+    except ArchiFactoryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Typed config schemas, so a typo in a key or a wrong type fails at compose time with Hydra's message.
+
+The fixed groups (`model`, `trainer`, `dataset`, `wandb`) are dataclasses here. The component groups
+(`mixin`, `ffn`, `positional`) get one schema per registered class, generated from its constructor
+signature — the options a YAML may set are exactly the constructor's keyword arguments. Each YAML names
+its schema in its defaults list (`- _schema_<name>`), the Hydra "structured config as schema" pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from archifactory.registry import components
+
+# Constructor arguments the model supplies; everything else is a user option.
+_MODEL_SUPPLIED = {"self", "hidden_size", "layer_idx", "max_seq_len", "num_layers"}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    max_seq_len: int = "${trainer.seq_len}"  # type: ignore[assignment]  # interpolation, resolved to int
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    initializer_range: float = 0.02
+    tie_embeddings: bool = False
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    loss_chunk_size: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = all at once
+
+
+@dataclass
+class TrainerConfig:
+    preset: str = "default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    seq_len: int = 256
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    optimizer: str = "adamw"  # adamw | muon | ademamix
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
+    muon_lr: float = 0.02  # muon: learning rate of the matrix parameters (AdamW at `lr` for the rest)
+    muon_momentum: float = 0.95
+    ademamix_alpha: float = 5.0
+    ademamix_beta3: float = 0.9999
+    ademamix_warmup_steps: Optional[int] = None  # alpha/beta3 warmup; None = the whole run
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    compile: bool = False
+    num_threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch's default
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    source: str = "text"  # text (local files) | hf (a Hugging Face Hub dataset)
+    path: Optional[str] = None  # text: a file, folder or glob; hf: the Hub dataset id
+    hf_config: Optional[str] = None
+    revision: Optional[str] = None
+    train_split: str = "train"
+    val_split: Optional[str] = None  # None: hold out `val_fraction` of the documents
+    text_field: str = "text"
+    streaming: bool = False
+    max_documents: Optional[int] = None
+    max_tokens: Optional[int] = None
+    val_fraction: float = 0.01
+    tokenizer: str = "bpe"  # bpe: train a byte-level BPE on the training split; else a Hub/local tokenizer
+    vocab_size: int = 8192
+    cache_dir: str = "${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}"
+    num_proc: Optional[int] = None
+    token_env: str = "HF_TOKEN"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "archifactory"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto: online with an API key, offline without | online | offline | disabled
+    name: Optional[str] = None
+
+
+@dataclass
+class RootConfig:
+    seed: int = 0
+    mixin: Any = MISSING
+    ffn: Any = MISSING
+    positional: Any = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    experiment_name: Optional[str] = None
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """Map a constructor annotation to a type OmegaConf validates (it knows no PEP 604 unions/Literal)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        inner = _omegaconf_type(args[0]) if len(args) == 1 else Any
+        return Optional[inner]
+    if origin is Literal:
+        return type(typing.get_args(annotation)[0])
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return list[_omegaconf_type(args[0])] if args and args[0] is not Ellipsis else list[Any]
+    return annotation
+
+
+def component_schema(kind: str, name: str, cls: type) -> type:
+    """A dataclass whose fields are `name` plus the keyword options of `cls.__init__`."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.name in _MODEL_SUPPLIED or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        default = MISSING if param.default is inspect.Parameter.empty else param.default
+        if isinstance(default, (list, dict)):
+            default_value = default
+            fields.append((param.name, _omegaconf_type(hints[param.name]), field(default_factory=lambda v=default_value: v)))
+        else:
+            fields.append((param.name, _omegaconf_type(hints[param.name]), field(default=default)))
+    return dataclasses.make_dataclass(f"{kind}_{name}_schema", fields)
+
+
+def component_options(cfg: Any) -> dict[str, Any]:
+    """The constructor keyword arguments of a composed component config (everything but `name`)."""
+    return {key: value for key, value in cfg.items() if key != "name"}
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore; called before Hydra composes."""
+    store = ConfigStore.instance()
+    store.store(name="archifactory_schema", node=RootConfig)
+    store.store(group="model", name="_schema", node=ModelConfig)
+    store.store(group="trainer", name="_schema", node=TrainerConfig)
+    store.store(group="dataset", name="_schema", node=DatasetConfig)
+    for kind in ("mixin", "ffn", "positional"):
+        for name, cls in components(kind).items():
+            store.store(group=kind, name=f"_schema_{name}", node=component_schema(kind, name, cls))

@@ -1,0 +1,1 @@
+"""The stacked decoder-only LM and its swappable parts."""

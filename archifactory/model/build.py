@@ -1,0 +1,62 @@
+"""Build a StackedMixinForCausalLM from a composed config: the one place that turns names into modules."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+from archifactory.config import component_options
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.positional import PositionalScheme
+from archifactory.model.stack import ModuleFactory, StackedMixinForCausalLM
+from archifactory.registry import get_component
+
+
+def component_factory(kind: str, cfg: Any, hidden_size: int) -> ModuleFactory:
+    """A factory `(layer_idx=i) -> module` for the mixin or FFN named in `cfg`."""
+    cls = get_component(kind, cfg.name)
+    return functools.partial(cls, hidden_size=hidden_size, **component_options(cfg))
+
+
+def build_positional(cfg: Any, hidden_size: int, max_seq_len: int) -> PositionalScheme:
+    cls = get_component("positional", cfg.name)
+    return cls(hidden_size=hidden_size, max_seq_len=max_seq_len, **component_options(cfg))
+
+
+def build_model(cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
+    """cfg: the root config (uses cfg.model, cfg.mixin, cfg.ffn, cfg.positional)."""
+    model_cfg = cfg.model
+    vocab_size = model_cfg.vocab_size or vocab_size
+    if model_cfg.hidden_size % model_cfg.num_heads:
+        raise ArchiFactoryError(
+            f"model.hidden_size={model_cfg.hidden_size} is not divisible by model.num_heads={model_cfg.num_heads}; "
+            "choose a hidden size that is a multiple of the head count"
+        )
+    try:
+        model = StackedMixinForCausalLM(
+            num_layers=model_cfg.num_layers,
+            hidden_size=model_cfg.hidden_size,
+            vocab_size=vocab_size,
+            mixin_module=component_factory("mixin", cfg.mixin, model_cfg.hidden_size),
+            ffn_module=component_factory("ffn", cfg.ffn, model_cfg.hidden_size),
+            positional_module=build_positional(cfg.positional, model_cfg.hidden_size, model_cfg.max_seq_len),
+            tie_embeddings=model_cfg.tie_embeddings,
+            initializer_range=model_cfg.initializer_range,
+            norm=model_cfg.norm,
+            norm_eps=model_cfg.norm_eps,
+            loss_chunk_size=model_cfg.loss_chunk_size,
+        )
+    except TypeError as error:  # a constructor refused an option: name it in one line
+        raise ArchiFactoryError(f"cannot build {cfg.mixin.name}/{cfg.ffn.name}: {error}") from error
+    return model
+
+
+def describe_backends(model: nn.Module) -> list[str]:
+    """One line per distinct (component, backend) pair, for the run log."""
+    lines: dict[str, list[int]] = {}
+    for i, block in enumerate(model.blocks):
+        key = f"mixin={block.mixin.registry_name} backend={block.mixin.backend_name()}"
+        lines.setdefault(key, []).append(i)
+    return [f"{key} layers={layers}" for key, layers in lines.items()]

@@ -1,0 +1,44 @@
+"""The FFN contract (ARCHITECTURE.md §4).
+
+An FFN maps [B, T, D] -> [B, T, D] position-wise, never touching the residual or the norm. `forward`
+returns `(y, aux)`: `aux` is a dict of tensors; the key `"loss"` (a scalar, already weighted) is added to
+the training loss by the model — auxiliary losses are returned, never stashed — and every other key is a
+detached metric for logging (expert load, dropped tokens, ...). Dense FFNs return an empty dict.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+FFNAux = dict[str, Tensor]
+
+
+class FeedForward(nn.Module, ABC):
+    """Base class of every FFN."""
+
+    registry_name: str = "?"
+
+    def __init__(self, hidden_size: int, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
+        """x [B, T, D] -> (y [B, T, D], aux)."""
+
+    @abstractmethod
+    def flops_per_token(self) -> float:
+        """Forward FLOPs per token (multiply-add = 2), counting only the experts a token uses."""
+
+    def active_parameters(self) -> int:
+        """Parameters one token touches; equals all parameters for a dense FFN."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def intermediate_size(hidden_size: int, multiplier: float, multiple_of: int) -> int:
+    """The documented rounding rule: multiplier × hidden, rounded *up* to a multiple of `multiple_of`."""
+    return multiple_of * math.ceil(multiplier * hidden_size / multiple_of)

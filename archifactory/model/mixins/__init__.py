@@ -1,0 +1,1 @@
+"""Token mixers. One file per family; each registers its classes with `@register_mixin`."""

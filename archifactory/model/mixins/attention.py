@@ -1,0 +1,131 @@
+"""Softmax attention mixins."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
+from archifactory.model.norms import RMSNorm
+from archifactory.model.positional import PositionContext
+from archifactory.registry import register_mixin
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "fused", "reference")
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Plain softmax attention. q [B, H, Tq, D], k/v [B, H, Tk, D], mask [Tq, Tk] bool (True = attend),
+    bias [H, Tq, Tk] additive. Logits in fp32."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, Tq, Tk]
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+@register_mixin("gqa")
+class GroupedQueryAttention(Mixin):
+    """Causal multi-head attention with grouped key/value heads.
+
+    MHA (Vaswani et al., "Attention Is All You Need", 2017) when num_kv_heads == num_heads, GQA (Ainslie
+    et al., "GQA: Training Generalized Multi-Query Transformer Models", 2023) when it divides it, MQA
+    (Shazeer, 2019) when it is 1. Positions come from the model's scheme: rope rotates q/k, alibi adds a
+    bias, additive schemes act on the embeddings. Decode state is the KV cache ([B, H_kv, T, D] each).
+
+    Options:
+        num_heads: query heads; num_kv_heads: key/value heads (None = num_heads);
+        qk_norm: RMSNorm on q and k per head (OLMo 2 / Qwen 3 style); bias: biases on the projections;
+        backend: `auto`/`sdpa`/`fused` (torch's scaled_dot_product_attention: flash/memory-efficient kernels on CUDA)
+            or `reference` (explicit fp32 softmax, the oracle).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        qk_norm: bool = False,
+        bias: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = check_divisible(hidden_size, num_heads, "mixin=gqa")
+        if self.num_heads % self.num_kv_heads:
+            raise ArchiFactoryError(
+                f"mixin=gqa: num_heads={num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
+                "pick num_kv_heads among the divisors of num_heads"
+            )
+        if backend not in ATTENTION_BACKENDS:
+            raise ArchiFactoryError(f"mixin=gqa: backend={backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        self.backend = "sdpa" if backend in ("auto", "fused") else backend
+        kv_size = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, kv_size, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, kv_size, bias=bias)
+        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone()}
+
+    def forward(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
+    ) -> tuple[Tensor, MixinState | None]:
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ctx.rotate(q), ctx.rotate(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+
+        new_state = None
+        if state is not None:
+            k = torch.cat([state["k"], k], dim=2)
+            v = torch.cat([state["v"], v], dim=2)
+            new_state = {"k": k, "v": v}
+        past = k.shape[2] - seq_len
+        k_positions = torch.arange(ctx.positions[0] - past, ctx.positions[-1] + 1, device=x.device)
+        bias = ctx.attention_bias(self.num_heads, k_positions)  # [H, Tq, Tk] or None
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, D]
+        y = self._attend(q, k, v, past, bias)
+        y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
+        return self.out_proj(y), new_state
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None) -> Tensor:
+        seq_len, total = q.shape[2], k.shape[2]
+        # query i (absolute past + i) may see keys j <= past + i
+        mask = torch.ones(seq_len, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        if self.backend == "reference":
+            return attention_reference(q, k, v, mask, bias)
+        if bias is None and past == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        if bias is not None:
+            float_mask = float_mask + bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask)
+
+    def backend_name(self) -> str:
+        return self.backend
+
+    def flops_per_token(self, seq_len: int) -> float:
+        kv_size = self.num_kv_heads * self.head_dim
+        projections = 2 * self.hidden_size * (2 * self.hidden_size + 2 * kv_size)
+        # q·k and p·v over the causal prefix: on average (seq_len + 1) / 2 keys per query
+        attention = 2 * 2 * self.hidden_size * (seq_len + 1) / 2
+        return projections + attention
+
+    def state_size(self, seq_len: int) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * seq_len

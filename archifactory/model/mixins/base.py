@@ -1,0 +1,84 @@
+"""The mixin contract (ARCHITECTURE.md §4).
+
+A mixin maps hidden states [B, T, D] -> [B, T, D]. It never touches the residual or the norm (the Block
+does). It is causal and batch-independent. Decoding goes through an explicit state: a dict of tensors
+made by `init_state` and returned, updated, by `forward`; the layer keeps nothing between calls.
+`forward(x, ctx)` with no state is the training path; `forward(x, ctx, state)` consumes and returns the
+state, so a full forward equals a prefill followed by token-by-token decoding.
+
+Constructors take `hidden_size`, `layer_idx` and their own typed keyword options only, so an unknown
+option fails loudly. Options whose name is `backend` choose between the plain-PyTorch reference path and
+a fused kernel: `auto` (fused when available on CUDA), `reference`, `fused`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.positional import PositionContext
+
+MixinState = dict[str, Tensor]
+BACKENDS = ("auto", "reference", "fused")
+log = logging.getLogger(__name__)
+
+
+class Mixin(nn.Module, ABC):
+    """Base class of every token mixer."""
+
+    registry_name: str = "?"
+
+    def __init__(self, hidden_size: int, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+
+    @abstractmethod
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        """The empty decode state for `batch_size` sequences."""
+
+    @abstractmethod
+    def forward(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
+    ) -> tuple[Tensor, MixinState | None]:
+        """x [B, T, D] -> (y [B, T, D], the updated state, or None when no state was given)."""
+
+    @abstractmethod
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (multiply-add = 2) averaged over a causal sequence of `seq_len`."""
+
+    @abstractmethod
+    def state_size(self, seq_len: int) -> int:
+        """Number of elements of one sequence's decode state after `seq_len` tokens."""
+
+    def backend_name(self) -> str:
+        """The compute path this layer uses; the run log prints it once per layer."""
+        return "reference"
+
+
+def resolve_backend(requested: str, fused_available: bool, name: str) -> str:
+    """Turn `auto|reference|fused` into the path actually taken, refusing an unavailable fused path."""
+    if requested not in BACKENDS:
+        raise ArchiFactoryError(f"{name}: backend={requested!r} is not one of {', '.join(BACKENDS)}")
+    if requested == "fused" and not fused_available:
+        raise ArchiFactoryError(
+            f"{name}: backend=fused needs CUDA and its kernel library (pip install 'archifactory[fla]'); "
+            "use mixin.backend=reference on CPU"
+        )
+    if requested == "auto":
+        return "fused" if fused_available else "reference"
+    return requested
+
+
+def check_divisible(hidden_size: int, num_heads: int, name: str) -> int:
+    """head size for `num_heads` heads, or a one-line error naming both numbers."""
+    if num_heads <= 0 or hidden_size % num_heads:
+        raise ArchiFactoryError(
+            f"{name}: model.hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
+            "choose a hidden size that is a multiple of the head count"
+        )
+    return hidden_size // num_heads

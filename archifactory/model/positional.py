@@ -1,0 +1,154 @@
+"""Positional schemes: none | learned | sinusoidal | rope | alibi.
+
+A scheme acts at up to three places, each a no-op by default:
+- `embed(x, positions)`: additive position embeddings on the token embeddings (learned, sinusoidal);
+- `rotate(x, positions)`: rotary rotation of queries and keys inside attention (rope);
+- `attention_bias(num_heads, q_positions, k_positions)`: an additive attention bias (alibi).
+
+The model owns the position counter and hands every mixin a `PositionContext`; attention-style mixins
+call `rotate` / `attention_bias`, recurrent mixins carry order in their state and ignore it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.registry import register_positional
+
+
+class PositionalScheme(nn.Module):
+    """Base scheme: no position information at all (NoPE)."""
+
+    def __init__(self, hidden_size: int, max_seq_len: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.max_seq_len = max_seq_len
+
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        return x
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        return x
+
+    def attention_bias(self, num_heads: int, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
+        return None
+
+
+@dataclass
+class PositionContext:
+    """What a mixin gets to know about positions: the scheme and the absolute positions of its tokens."""
+
+    scheme: PositionalScheme
+    positions: Tensor  # [T] absolute positions of the tokens in this call
+
+    def rotate(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Rotate x [B, T, H, D] by the positions (rope); identity for other schemes."""
+        return self.scheme.rotate(x, self.positions if positions is None else positions)
+
+    def attention_bias(self, num_heads: int, k_positions: Tensor) -> Tensor | None:
+        """Additive bias [H, Tq, Tk] for queries at `positions` and keys at `k_positions` (alibi)."""
+        return self.scheme.attention_bias(num_heads, self.positions, k_positions)
+
+
+@register_positional("none")
+class NoPositional(PositionalScheme):
+    """No positional information (NoPE; Kazemnejad et al., "The Impact of Positional Encoding on Length
+    Generalization in Transformers", 2023). Causal attention still infers order."""
+
+
+@register_positional("learned")
+class LearnedPositional(PositionalScheme):
+    """Learned absolute position embeddings added to the token embeddings (GPT-2, Radford et al. 2019).
+
+    Options: none beyond `max_seq_len` (the table size; longer inputs are refused).
+    """
+
+    def __init__(self, hidden_size: int, max_seq_len: int) -> None:
+        super().__init__(hidden_size, max_seq_len)
+        self.weight = nn.Embedding(max_seq_len, hidden_size)
+
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        if int(positions[-1]) >= self.max_seq_len:
+            raise ArchiFactoryError(
+                f"position {int(positions[-1])} is beyond positional=learned's table of {self.max_seq_len}; "
+                "raise model.max_seq_len or use positional=rope"
+            )
+        return x + self.weight(positions).to(x.dtype)
+
+
+@register_positional("sinusoidal")
+class SinusoidalPositional(PositionalScheme):
+    """Fixed sinusoidal position embeddings added to the token embeddings (Vaswani et al., 2017).
+
+    Options: `base` (the wavelength base, 10000 in the paper).
+    """
+
+    def __init__(self, hidden_size: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__(hidden_size, max_seq_len)
+        self.base = base
+
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        half = self.hidden_size // 2
+        freqs = torch.exp(-math.log(self.base) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # [T, D/2]
+        table = torch.zeros(positions.shape[0], self.hidden_size, device=x.device, dtype=torch.float32)
+        table[:, 0 : 2 * half : 2] = torch.sin(angles)
+        table[:, 1 : 2 * half : 2] = torch.cos(angles)
+        return x + table.to(x.dtype)
+
+
+@register_positional("rope")
+class RotaryPositional(PositionalScheme):
+    """Rotary position embedding (Su et al., "RoFormer", 2021), rotate-half convention (GPT-NeoX/Llama).
+
+    Queries and keys are rotated by position-dependent angles so that q·k depends on the offset only.
+    Options: `theta` (the frequency base, 10000 in the paper, 500000 in Llama 3).
+    """
+
+    def __init__(self, hidden_size: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__(hidden_size, max_seq_len)
+        self.theta = theta
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        dim = x.shape[-1]
+        if dim % 2:
+            raise ArchiFactoryError(f"rope needs an even head dimension, got {dim}; change the head size")
+        inv_freq = self.theta ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[None, :, None, :]  # [1, T, 1, D]
+        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[None, :, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated_half = torch.cat([-x2, x1], dim=-1)
+        return (x.float() * cos + rotated_half * sin).to(x.dtype)
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """Head slopes of ALiBi: a geometric sequence 2^(-8/n), interleaved for non-powers of two."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return torch.tensor(power_of_two_slopes(num_heads))
+    closest = 2 ** math.floor(math.log2(num_heads))
+    extra = power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(power_of_two_slopes(closest) + extra)
+
+
+@register_positional("alibi")
+class AlibiPositional(PositionalScheme):
+    """Attention with Linear Biases (Press et al., "Train Short, Test Long", 2022).
+
+    Adds -slope_h * (i - j) to the attention logit of query i and key j; no embeddings at all.
+    """
+
+    def attention_bias(self, num_heads: int, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        slopes = alibi_slopes(num_heads).to(q_positions.device)  # [H]
+        distance = (q_positions[:, None] - k_positions[None, :]).clamp(min=0).to(torch.float32)  # [Tq, Tk]
+        return -slopes[:, None, None] * distance[None, :, :]  # [H, Tq, Tk]

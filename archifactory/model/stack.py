@@ -1,0 +1,203 @@
+"""StackedMixinForCausalLM: embed -> positional -> N blocks -> final norm -> LM head; loss; accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.block import Block
+from archifactory.model.ffn.base import FeedForward
+from archifactory.model.init import init_weights
+from archifactory.model.loss import lm_cross_entropy
+from archifactory.model.mixins.base import Mixin, MixinState
+from archifactory.model.norms import build_norm
+from archifactory.model.positional import NoPositional, PositionalScheme, PositionContext
+
+# A factory builds one layer's component: factory(layer_idx=i). `functools.partial(Cls, hidden_size=…)`
+# is the usual one.
+ModuleFactory = Callable[..., nn.Module]
+
+
+@dataclass
+class DecodeState:
+    """Per-layer mixin states plus the model-owned position counter."""
+
+    layers: list[MixinState]
+    position: int = 0
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor | None  # [B, T, V]; None when only the loss was asked for
+    loss: Tensor | None  # lm_loss + aux_loss, what the optimiser minimises
+    lm_loss: Tensor | None  # mean next-token cross-entropy over non-ignored targets
+    aux_loss: Tensor | None  # sum of the FFNs' auxiliary losses (MoE balance, z-loss)
+    aux: dict[str, Tensor] = field(default_factory=dict)  # detached metrics, "layers.{i}.{name}"
+    state: DecodeState | None = None
+
+
+class StackedMixinForCausalLM(nn.Module):
+    """A decoder-only LM assembled from swappable parts.
+
+    Args:
+        num_layers, hidden_size, vocab_size: the shape.
+        mixin_module, ffn_module: factories called as `factory(layer_idx=i)` for each block.
+        positional_module: a `PositionalScheme` (default: none).
+        embedding_module, lm_head_module, final_norm_module: pass pretrained modules to reuse them; None
+            builds fresh ones. Passed-in modules are not re-initialised.
+        freeze_lm_modules: freeze the passed-in embedding / head / final norm (fresh ones never are).
+        tie_embeddings: the LM head reuses the embedding matrix.
+        initializer_range: std of the init scheme in `model/init.py`.
+        norm, norm_eps: `rmsnorm` or `layernorm` for the blocks and the final norm.
+        loss_chunk_size: tokens per chunk of the chunked cross-entropy (0 = whole batch at once).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        vocab_size: int,
+        mixin_module: ModuleFactory,
+        ffn_module: ModuleFactory,
+        positional_module: PositionalScheme | None = None,
+        embedding_module: nn.Embedding | None = None,
+        lm_head_module: nn.Linear | None = None,
+        final_norm_module: nn.Module | None = None,
+        freeze_lm_modules: bool = False,
+        tie_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        norm: str = "rmsnorm",
+        norm_eps: float = 1e-5,
+        loss_chunk_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if tie_embeddings and lm_head_module is not None:
+            raise ArchiFactoryError("tie_embeddings=true cannot be combined with a passed-in lm_head_module")
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.tie_embeddings = tie_embeddings
+        self.loss_chunk_size = loss_chunk_size
+
+        self.embedding = embedding_module or nn.Embedding(vocab_size, hidden_size)
+        self.positional = positional_module or NoPositional(hidden_size, max_seq_len=0)
+        self.blocks = nn.ModuleList()
+        for layer_idx in range(num_layers):
+            mixin, ffn = mixin_module(layer_idx=layer_idx), ffn_module(layer_idx=layer_idx)
+            if not isinstance(mixin, Mixin) or not isinstance(ffn, FeedForward):
+                raise TypeError("mixin_module / ffn_module must build Mixin / FeedForward instances")
+            self.blocks.append(Block(mixin, ffn, hidden_size, norm, norm_eps))
+        self.final_norm = final_norm_module or build_norm(norm, hidden_size, norm_eps)
+        self.lm_head = None if tie_embeddings else (lm_head_module or nn.Linear(hidden_size, vocab_size, bias=False))
+        self._check_shapes()
+
+        init_weights(self.blocks, initializer_range, num_layers)
+        init_weights(self.positional, initializer_range, num_layers)
+        if embedding_module is None:
+            init_weights(self.embedding, initializer_range, num_layers)
+        if self.lm_head is not None and lm_head_module is None:
+            init_weights(self.lm_head, initializer_range, num_layers)
+
+        if freeze_lm_modules:
+            for passed in (embedding_module, lm_head_module, final_norm_module):
+                if passed is not None:
+                    passed.requires_grad_(False)
+
+    def _check_shapes(self) -> None:
+        if tuple(self.embedding.weight.shape) != (self.vocab_size, self.hidden_size):
+            raise ArchiFactoryError(
+                f"embedding_module has shape {tuple(self.embedding.weight.shape)}, "
+                f"expected (vocab_size={self.vocab_size}, hidden_size={self.hidden_size})"
+            )
+        if self.lm_head is not None and tuple(self.lm_head.weight.shape) != (self.vocab_size, self.hidden_size):
+            raise ArchiFactoryError(
+                f"lm_head_module has shape {tuple(self.lm_head.weight.shape)}, "
+                f"expected (vocab_size={self.vocab_size}, hidden_size={self.hidden_size})"
+            )
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DecodeState:
+        device = device or self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        return DecodeState([block.mixin.init_state(batch_size, device, dtype) for block in self.blocks], 0)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        state: DecodeState | None = None,
+        return_logits: bool = True,
+    ) -> CausalLMOutput:
+        """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored."""
+        start = 0 if state is None else state.position
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        ctx = PositionContext(self.positional, positions)
+        x = self.positional.embed(self.embedding(input_ids), positions)
+
+        new_layer_states: list[MixinState] = []
+        aux_loss: Tensor | None = None
+        metrics: dict[str, Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x, layer_state, aux = block(x, ctx, None if state is None else state.layers[i])
+            if layer_state is not None:
+                new_layer_states.append(layer_state)
+            for key, value in aux.items():
+                if key == "loss":
+                    aux_loss = value if aux_loss is None else aux_loss + value
+                else:
+                    metrics[f"layers.{i}.{key}"] = value.detach()
+        hidden = self.final_norm(x)
+
+        new_state = None if state is None else DecodeState(new_layer_states, start + input_ids.shape[1])
+        logits = None
+        if targets is None or return_logits:
+            logits = hidden @ self.head_weight.t().to(hidden.dtype)
+        lm_loss = loss = None
+        if targets is not None:
+            flat_hidden = hidden.reshape(-1, self.hidden_size)
+            lm_loss = lm_cross_entropy(flat_hidden, self.head_weight.to(hidden.dtype), targets.reshape(-1), self.loss_chunk_size)
+            loss = lm_loss if aux_loss is None else lm_loss + aux_loss
+        return CausalLMOutput(logits, loss, lm_loss, aux_loss, metrics, new_state)
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter counts by part. `non_embedding` = blocks + final norm (no embedding, positional table
+        or LM head); `active` counts only the FFN parameters a token uses (MoE)."""
+
+        def count(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+        mixin = sum(count(b.mixin) for b in self.blocks)
+        ffn = sum(count(b.ffn) for b in self.blocks)
+        ffn_active = sum(b.ffn.active_parameters() for b in self.blocks)
+        norms = sum(count(b.mixin_norm) + count(b.ffn_norm) for b in self.blocks) + count(self.final_norm)
+        breakdown = {
+            "embedding": count(self.embedding),
+            "positional": count(self.positional),
+            "mixin": mixin,
+            "ffn": ffn,
+            "norms": norms,
+            "head": count(self.lm_head),
+        }
+        breakdown["total"] = sum(breakdown.values())
+        breakdown["non_embedding"] = mixin + ffn + norms
+        breakdown["active"] = breakdown["total"] - ffn + ffn_active
+        breakdown["active_non_embedding"] = mixin + ffn_active + norms
+        return breakdown
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token at context `seq_len`: every block's mixin and FFN plus the LM head.
+        Training costs 3× this (forward + backward)."""
+        blocks = sum(b.mixin.flops_per_token(seq_len) + b.ffn.flops_per_token() for b in self.blocks)
+        return blocks + 2 * self.hidden_size * self.vocab_size
+
+    def decode_state_size(self, seq_len: int) -> int:
+        """Elements of one sequence's decode state after `seq_len` tokens, summed over layers."""
+        return sum(b.mixin.state_size(seq_len) for b in self.blocks)
