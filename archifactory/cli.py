@@ -19,6 +19,7 @@ USAGE = """usage: archifactory <verb> [key=value ...] [-m] [--cfg job] [--help]
 
 verbs:
   train      train one model (or a sweep with -m) and write a run directory
+  data       `data prepare dataset=…`: tokenize and pack a dataset into cached token shards
   list       every option of every config group, with its description
 
 examples:
@@ -105,8 +106,21 @@ def train_task(cfg) -> None:
     train(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
+def prepare_task(cfg) -> None:
+    from archifactory.data import prepare_task as prepare
+
+    prepare(cfg)
+
+
+def data_verb(args: list[str]) -> int:
+    if not args or args[0] != "prepare":
+        raise ArchiFactoryError("usage: archifactory data prepare dataset=<name> [dataset.key=value ...]")
+    return run_hydra(prepare_task, "data prepare", args[1:])
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "train": lambda args: run_hydra(train_task, "train", args),
+    "data": data_verb,
     "list": list_options,
 }
 
