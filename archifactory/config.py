@@ -47,7 +47,12 @@ class TrainerConfig:
     seq_len: int = 256
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
-    max_steps: int = 1000
+    max_steps: int = 1000  # caps any run; with a token budget, the smaller of the two wins
+    total_tokens: Optional[int] = None  # token budget: steps = total_tokens / batch_tokens
+    batch_tokens: Optional[int] = None  # global batch in tokens: sets grad_accum_steps from the micro-batch
+    strategy: str = "auto"  # auto (ddp under torchrun, else single) | single | ddp | fsdp
+    activation_checkpointing: bool = False
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
     optimizer: str = "adamw"  # adamw | muon | ademamix
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
