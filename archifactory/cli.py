@@ -103,7 +103,8 @@ def train_task(cfg) -> None:
 
     from archifactory.train.loop import train
 
-    train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
 
 
 def prepare_task(cfg) -> None:
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     except ArchiFactoryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"interrupted: {stop}" if str(stop) else "interrupted", file=sys.stderr)
         return 130
 
 

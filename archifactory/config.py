@@ -112,6 +112,7 @@ class WandbConfig:
 @dataclass
 class RootConfig:
     seed: int = 0
+    run_name: str = MISSING
     mixin: Any = MISSING
     ffn: Any = MISSING
     positional: Any = MISSING

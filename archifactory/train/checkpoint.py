@@ -1,0 +1,161 @@
+"""Atomic, verifiable checkpoints that resume exactly.
+
+Layout: `<run>/checkpoints/step_000050/` holding
+- `model.safetensors`  — full (gathered) model weights, fp32;
+- `optimizer.pt`       — optimizer + LR-scheduler state (torch.save, loaded with weights_only=True);
+- `rng.pt`             — every RNG: torch CPU, CUDA, numpy, Python;
+- `trainer_state.json` — step, tokens seen, data-loader position, the model's parameter signature, and
+  the sha256 of the three files above.
+A checkpoint is written into `.tmp_step_…` and renamed into place, so a crash mid-write leaves no
+directory a resume would trust; the sha256 check catches a file truncated or altered afterwards.
+Only rank 0 writes; older checkpoints beyond `keep` are deleted after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from archifactory.errors import ArchiFactoryError
+
+PREFIX = "step_"
+
+
+@dataclass
+class TrainerState:
+    step: int  # optimizer steps completed
+    tokens_seen: int
+    loader: dict[str, Any]
+    nonfinite_skipped: int = 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_signature(state_dict: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    return {name: list(tensor.shape) for name, tensor in state_dict.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG as plain tensors/lists, so the file loads with `weights_only=True`."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Completed checkpoints, oldest first (temporary directories are ignored)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def save_checkpoint(
+    directory: Path,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: TrainerState,
+    keep: int,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{PREFIX}{trainer_state.step:07d}"
+    tmp = directory / f".tmp_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in model_state.items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    meta = {
+        "step": trainer_state.step,
+        "tokens_seen": trainer_state.tokens_seen,
+        "loader": trainer_state.loader,
+        "nonfinite_skipped": trainer_state.nonfinite_skipped,
+        "model_signature": model_signature(weights),
+        "sha256": {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")},
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+    for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    rng: dict[str, Any]
+    trainer_state: TrainerState
+
+
+def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> LoadedCheckpoint:
+    """Load and verify a checkpoint; refuse a corrupt or mismatched one with one clear line."""
+    meta_path = path / "trainer_state.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ArchiFactoryError(f"checkpoint {path} is unreadable ({error}); delete it to resume from an earlier one")
+    for name, digest in meta["sha256"].items():
+        file = path / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise ArchiFactoryError(
+                f"checkpoint {path} is corrupt ({name} fails its sha256 check); "
+                "delete that folder to resume from an earlier checkpoint"
+            )
+    if meta["model_signature"] != expected_signature:
+        theirs, ours = set(meta["model_signature"]), set(expected_signature)
+        detail = sorted(theirs ^ ours)[:3] or [
+            n for n in ours if meta["model_signature"][n] != expected_signature[n]
+        ][:3]
+        raise ArchiFactoryError(
+            f"checkpoint {path} belongs to another architecture (differs at {', '.join(detail)}); "
+            "resume with the config that wrote it, or start a fresh run directory"
+        )
+    try:
+        model_state = load_file(str(path / "model.safetensors"))
+    except SafetensorError as error:
+        raise ArchiFactoryError(f"checkpoint {path} has unreadable weights ({error}); delete it") from error
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    trainer_state = TrainerState(meta["step"], meta["tokens_seen"], meta["loader"], meta.get("nonfinite_skipped", 0))
+    return LoadedCheckpoint(path, model_state, optimizer_state, rng, trainer_state)

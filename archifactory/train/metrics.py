@@ -1,0 +1,149 @@
+"""What a run writes for people and programs: `metrics.jsonl`, `summary.json`, and the same numbers to wandb.
+
+`summary.json` is written at the start (`status: running`) and rewritten at every validation and at the
+end, so a crash or a kill leaves `running`/`failed`/`interrupted` — never a run that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = (
+    "status", "mixin", "ffn", "positional", "dataset", "seed", "params_total", "params_non_embedding",
+    "flops_per_token", "steps", "tokens_seen", "train_loss", "val_loss", "val_bpb", "tokens_per_second",
+    "mfu", "peak_memory_mb", "wall_seconds",
+)  # fmt: skip
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """metrics.jsonl + summary.json + wandb, on the main rank only (other ranks get `enabled=False`)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, base_summary: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.summary: dict[str, Any] = {key: None for key in SUMMARY_KEYS} | base_summary
+        self.wandb_run: Any = None
+
+    def start(self, resume_step: int | None) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.metrics_path.write_text("")
+        elif self.metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [
+                line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]  # fmt: skip
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self.update_summary(status="running")
+
+    def attach_wandb(self, cfg: dict[str, Any], wandb_cfg: Any, run_name: str) -> None:
+        if not (self.enabled and wandb_cfg.enabled):
+            return
+        import wandb
+
+        mode = wandb_cfg.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
+        self.wandb_run = wandb.init(
+            project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
+            config=cfg, dir=str(self.run_dir), mode=os.environ.get("WANDB_MODE", mode),
+        )  # fmt: skip
+        log.info("wandb: mode=%s run=%s", self.wandb_run.settings.mode, self.wandb_run.name)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {key: _jsonable(value) for key, value in record.items()}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean["step"])
+
+    def update_summary(self, **values: Any) -> None:
+        if not self.enabled:
+            return
+        self.summary.update({key: _jsonable(value) for key, value in values.items()})
+        write_json_atomic(self.run_dir / "summary.json", self.summary)
+
+    def finish(self, **values: Any) -> None:
+        self.update_summary(**values)
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: v for k, v in self.summary.items() if v is not None})
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last read, excluding paused time (validation, saving)."""
+
+    def __init__(self, train_flops_per_token: float, peak_flops: float | None, world_size: int) -> None:
+        self.train_flops_per_token = train_flops_per_token
+        self.peak_flops = peak_flops
+        self.world_size = world_size
+        self.tokens = 0
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def resume(self) -> None:
+        self._started = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def add_tokens(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> tuple[float, float | None]:
+        """(global tokens/s, MFU or None) since the last read; resets the window."""
+        self.pause()
+        tokens_per_second = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        mfu = None
+        if self.peak_flops:
+            mfu = tokens_per_second * self.train_flops_per_token / (self.peak_flops * self.world_size)
+        self.tokens, self.seconds = 0, 0.0
+        self.resume()
+        return tokens_per_second, mfu
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
