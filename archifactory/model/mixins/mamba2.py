@@ -1,0 +1,145 @@
+"""Mamba2 (state-space duality)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.mixins.base import Mixin, MixinState, resolve_backend
+from archifactory.model.mixins.reference.simple_gla import compute_dtype, fused_available, simple_gla_forward
+from archifactory.model.positional import PositionContext
+from archifactory.registry import register_mixin
+
+
+@register_mixin("mamba2")
+class Mamba2(Mixin):
+    """Mamba2 (Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through
+    Structured State Space Duality", 2024).
+
+    in_proj splits into (z, x, B, C, dt); a causal depthwise conv1d (kernel `conv_kernel`) + SiLU runs over
+    (x, B, C); each head has a scalar decay A = -exp(A_log) and step dt = softplus(dt + dt_bias):
+        h_t = exp(A·dt_t) h_{t-1} + dt_t · B_tᵀ x_t,    y_t = C_t h_t + D ⊙ x_t
+    (SSD, computed chunkwise as simple gated linear attention with q = C, k = B, v = x·dt, g = A·dt).
+    Then a gated RMSNorm, y = RMSNorm(y ⊙ SiLU(z)) (per group), and out_proj. Positional schemes are
+    ignored (order lives in the recurrence and the conv). Decode state: the SSM state
+    [B, H, d_state, head_dim] and the conv buffer [B, conv_dim, conv_kernel - 1] of raw (x, B, C) inputs.
+    Init as in mamba_ssm: A ~ U[1, 16], dt ~ log-U[dt_min, dt_max] (bias = inverse softplus), D = 1.
+
+    Options:
+        d_state: SSM state size N per head; expand: inner width = expand · hidden_size;
+        head_dim: channels P per head (heads = inner width / head_dim);
+        n_groups: groups of heads sharing B and C (1 = all heads share, as in the paper's default);
+        conv_kernel: width of the causal depthwise conv; chunk_size: chunk length of the reference SSD;
+        dt_min / dt_max: range of the initial step size; norm_eps: epsilon of the gated RMSNorm;
+        backend: `auto` (fla's Triton `chunk_simple_gla` on CUDA when fla is installed, else reference),
+            `reference` (plain PyTorch) or `fused`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        d_state: int = 128,
+        expand: int = 2,
+        head_dim: int = 64,
+        n_groups: int = 1,
+        conv_kernel: int = 4,
+        chunk_size: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        norm_eps: float = 1e-5,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        self.inner_dim = expand * hidden_size
+        if min(d_state, expand, head_dim, n_groups, conv_kernel, chunk_size) <= 0:
+            raise ArchiFactoryError("mixin=mamba2: d_state, expand, head_dim, n_groups, conv_kernel, chunk_size must be > 0")
+        if self.inner_dim % head_dim or (self.inner_dim // head_dim) % n_groups:
+            raise ArchiFactoryError(
+                f"mixin=mamba2: inner width expand·hidden_size={self.inner_dim} must be a multiple of head_dim={head_dim} "
+                f"with a head count divisible by n_groups={n_groups}; change mixin.head_dim or mixin.expand"
+            )
+        if not 0 < dt_min <= dt_max:
+            raise ArchiFactoryError(f"mixin=mamba2: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        resolve_backend(backend, True, "mixin=mamba2")  # validates the name; availability is checked per call
+        self.backend = backend
+        self.d_state, self.head_dim, self.n_groups = d_state, head_dim, n_groups
+        self.num_heads = self.inner_dim // head_dim
+        self.conv_kernel, self.chunk_size, self.norm_eps = conv_kernel, chunk_size, norm_eps
+        self.conv_dim = self.inner_dim + 2 * n_groups * d_state
+        self.in_proj = nn.Linear(hidden_size, self.inner_dim + self.conv_dim + self.num_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=True)
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log = nn.Parameter(torch.empty(self.num_heads).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm_weight = nn.Parameter(torch.ones(self.inner_dim))
+        self.out_proj = nn.Linear(self.inner_dim, hidden_size, bias=False)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        dtype = compute_dtype(dtype)
+        return {
+            "ssm": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim, device=device, dtype=dtype),
+            "conv": torch.zeros(batch_size, self.conv_dim, self.conv_kernel - 1, device=device, dtype=dtype),
+        }
+
+    def forward(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
+    ) -> tuple[Tensor, MixinState | None]:
+        batch, seq_len, _ = x.shape
+        heads, groups = self.num_heads, self.n_groups
+        z, xbc, dt = self.in_proj(x).split([self.inner_dim, self.conv_dim, heads], dim=-1)
+        xbc, conv_state = self._conv(xbc, None if state is None else state["conv"])
+        xs, b, c = xbc.split([self.inner_dim, groups * self.d_state, groups * self.d_state], dim=-1)
+        xs = xs.reshape(batch, seq_len, heads, self.head_dim)  # [B, T, H, P]
+        # B and C per group, shared by the heads of the group: [B, T, G, N] -> [B, T, H, N]
+        b = b.reshape(batch, seq_len, groups, self.d_state).repeat_interleave(heads // groups, dim=2)
+        c = c.reshape(batch, seq_len, groups, self.d_state).repeat_interleave(heads // groups, dim=2)
+        dtype = compute_dtype(x.dtype)
+        dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
+        log_decay = -torch.exp(self.A_log.to(dtype)) * dt  # A·dt <= 0
+        backend = resolve_backend(self.backend, fused_available(x), "mixin=mamba2")
+        y, ssm_state = simple_gla_forward(
+            c, b, xs * dt[..., None].to(xs.dtype), log_decay, 1.0,
+            None if state is None else state["ssm"], backend, self.chunk_size,
+        )  # fmt: skip
+        y = y + xs * self.D.to(xs.dtype)[:, None]  # [B, T, H, P]
+        y = self._gated_norm(y.reshape(batch, seq_len, self.inner_dim), z)
+        new_state = None if state is None else {"ssm": ssm_state, "conv": conv_state}
+        return self.out_proj(y.to(x.dtype)), new_state
+
+    def _conv(self, xbc: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Causal depthwise conv + SiLU over xbc [B, T, C]; the past comes from the buffer (zeros at start)."""
+        xt = xbc.transpose(1, 2)  # [B, C, T]
+        width = self.conv_kernel - 1
+        past = xt.new_zeros(xt.shape[0], self.conv_dim, width) if conv_state is None else conv_state.to(xt.dtype)
+        full = torch.cat([past, xt], dim=2)  # [B, C, width + T]
+        out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # [B, C, T]
+        new_state = None if conv_state is None else full[:, :, full.shape[2] - width :].to(conv_state.dtype)
+        return F.silu(out).transpose(1, 2), new_state
+
+    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
+        """RMSNorm(y ⊙ SiLU(z)) per group of channels (mamba_ssm's norm_before_gate=False), in fp32/fp64."""
+        dtype = compute_dtype(y.dtype)
+        gated = (y.to(dtype) * F.silu(z.to(dtype))).unflatten(-1, (self.n_groups, -1))  # [B, T, G, inner/G]
+        normed = gated * torch.rsqrt(gated.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
+        return normed.flatten(-2) * self.norm_weight.to(dtype)
+
+    def backend_name(self) -> str:
+        return resolve_backend(self.backend, fused_available(self.in_proj.weight), "mixin=mamba2")
+
+    def flops_per_token(self, seq_len: int) -> float:
+        projections = 2 * self.hidden_size * (self.in_proj.out_features + self.inner_dim)
+        conv = 2 * self.conv_dim * self.conv_kernel
+        # chunkwise SSD per head and token: C·B scores and scores·x over a full chunk, C·h and the state update
+        chunk = min(self.chunk_size, max(seq_len, 1))
+        ssd = self.num_heads * (2 * chunk * (self.d_state + self.head_dim) + 4 * self.d_state * self.head_dim)
+        return projections + conv + ssd
+
+    def state_size(self, seq_len: int) -> int:
+        return self.num_heads * self.d_state * self.head_dim + self.conv_dim * (self.conv_kernel - 1)
