@@ -12,7 +12,7 @@ call `rotate` / `attention_bias`, recurrent mixins carry order in their state an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,10 @@ class PositionalScheme(nn.Module):
     def embed(self, x: Tensor, positions: Tensor) -> Tensor:
         return x
 
-    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+    def rotation_tables(self, positions: Tensor, dim: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def rotate(self, x: Tensor, positions: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return x
 
     def attention_bias(self, num_heads: int, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
@@ -41,14 +44,24 @@ class PositionalScheme(nn.Module):
 
 @dataclass
 class PositionContext:
-    """What a mixin gets to know about positions: the scheme and the absolute positions of its tokens."""
+    """What a mixin gets to know about positions: the scheme and the absolute positions of its tokens.
+
+    One context is made per model forward and shared by every layer, so rotary tables are computed once
+    per head size and reused (`_tables` is that per-forward cache, never kept across calls).
+    """
 
     scheme: PositionalScheme
     positions: Tensor  # [T] absolute positions of the tokens in this call
+    _tables: dict = field(default_factory=dict, repr=False)
 
     def rotate(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """Rotate x [B, T, H, D] by the positions (rope); identity for other schemes."""
-        return self.scheme.rotate(x, self.positions if positions is None else positions)
+        if positions is not None:
+            return self.scheme.rotate(x, positions)
+        key = (x.shape[-1], x.device)
+        if key not in self._tables:
+            self._tables[key] = self.scheme.rotation_tables(self.positions, x.shape[-1], x.device)
+        return self.scheme.rotate(x, self.positions, self._tables[key])
 
     def attention_bias(self, num_heads: int, k_positions: Tensor) -> Tensor | None:
         """Additive bias [H, Tq, Tk] for queries at `positions` and keys at `k_positions` (alibi)."""
@@ -114,17 +127,22 @@ class RotaryPositional(PositionalScheme):
         super().__init__(hidden_size, max_seq_len)
         self.theta = theta
 
-    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        dim = x.shape[-1]
+    def rotation_tables(self, positions: Tensor, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin [1, T, 1, dim] in fp32 for the rotate-half layout."""
         if dim % 2:
             raise ArchiFactoryError(f"rope needs an even head dimension, got {dim}; change the head size")
-        inv_freq = self.theta ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[None, :, None, :]  # [1, T, 1, D]
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
+        inv_freq = self.theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+        angles = positions.to(device, torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+        angles = torch.cat([angles, angles], dim=-1)[None, :, None, :]  # [1, T, 1, D]
+        return angles.cos(), angles.sin()
+
+    def rotate(self, x: Tensor, positions: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        cos, sin = tables if tables is not None else self.rotation_tables(positions, x.shape[-1], x.device)
+        x1, x2 = x.chunk(2, dim=-1)
         rotated_half = torch.cat([-x2, x1], dim=-1)
-        return (x.float() * cos + rotated_half * sin).to(x.dtype)
+        if x.dtype == torch.float64:
+            return x * cos.double() + rotated_half * sin.double()
+        return (x.float() * cos + rotated_half.float() * sin).to(x.dtype)
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
