@@ -1,0 +1,159 @@
+"""Classic recurrent baselines over the time axis: LSTM and Elman RNN, on torch's fused cuDNN/CPU kernels.
+
+The inner recurrent network runs with `batch_first=True` over [B, T, D], so every sequence in the batch is
+its own recurrence (running it with the default time-first layout on batch-first tensors would recur over
+the batch axis and mix sequences). States are stored batch-first, [B, layers, size], like every other
+mixin's state, and transposed to torch's [layers, B, size] at the call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.mixins.base import Mixin, MixinState
+from archifactory.model.positional import PositionContext
+from archifactory.registry import register_mixin
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+def _check_positive(name: str, **sizes: int) -> None:
+    for key, value in sizes.items():
+        if value < 1:
+            raise ArchiFactoryError(f"mixin={name}: {key}={value} must be a positive integer")
+
+
+class _TorchRecurrentMixin(Mixin):
+    """Shared plumbing: run `self.rnn` batch-first from an explicit state, then `out_proj` to hidden."""
+
+    rnn: nn.RNNBase
+    state_names: tuple[str, ...]
+
+    def _state_sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        return {
+            name: torch.zeros(batch_size, self.rnn.num_layers, size, device=device, dtype=dtype)
+            for name, size in self._state_sizes().items()
+        }
+
+    def forward(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
+    ) -> tuple[Tensor, MixinState | None]:
+        if state is None:
+            out, _ = self.rnn(x)  # zero initial state
+            return self.out_proj(out), None
+        torch_state = tuple(state[name].transpose(0, 1).contiguous() for name in self.state_names)
+        out, final = self.rnn(x, torch_state if len(torch_state) > 1 else torch_state[0])  # out [B, T, size]
+        final = final if isinstance(final, tuple) else (final,)
+        new_state = {name: t.transpose(0, 1) for name, t in zip(self.state_names, final)}  # [B, layers, size]
+        return self.out_proj(out), new_state
+
+    def backend_name(self) -> str:
+        device = self.out_proj.weight.device
+        return "cudnn" if device.type == "cuda" and torch.backends.cudnn.is_available() else "torch"
+
+    def state_size(self, seq_len: int) -> int:
+        return self.rnn.num_layers * sum(self._state_sizes().values())
+
+
+@register_mixin("lstm")
+class LSTMMixin(_TorchRecurrentMixin):
+    """Long short-term memory (Hochreiter & Schmidhuber, "Long Short-Term Memory", 1997), with the forget
+    gate of Gers et al. (2000) as in torch's `nn.LSTM`, run over time per sequence.
+
+    c_t = f ⊙ c_{t-1} + i ⊙ tanh(W_c [x, h]),  h_t = o ⊙ tanh(c_t) (then h_t W_hr with a projection,
+    Sak et al. 2014); y = out_proj(h). Decode state: {h [B, layers, proj or inner], c [B, layers, inner]}.
+    Init: torch's U(-1/sqrt(inner), 1/sqrt(inner)) for the LSTM weights, forget-gate bias 1
+    (Jozefowicz et al. 2015) so that memories persist early in training; `out_proj` per the model scheme.
+
+    Options:
+        inner_size: LSTM cell size (None = hidden size); proj_size: project h to this size (0 = off);
+        rnn_layers: stacked LSTM layers inside this one mixin (1).
+    """
+
+    state_names = ("h", "c")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        inner_size: int | None = None,
+        proj_size: int = 0,
+        rnn_layers: int = 1,
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        self.inner_size = inner_size or hidden_size
+        _check_positive("lstm", inner_size=self.inner_size, rnn_layers=rnn_layers)
+        if not 0 <= proj_size < self.inner_size:
+            raise ArchiFactoryError(
+                f"mixin=lstm: proj_size={proj_size} must be 0 (off) or below inner_size={self.inner_size}"
+            )
+        self.proj_size = proj_size
+        self.rnn = nn.LSTM(hidden_size, self.inner_size, rnn_layers, batch_first=True, proj_size=proj_size)
+        with torch.no_grad():
+            for layer in range(rnn_layers):
+                getattr(self.rnn, f"bias_ih_l{layer}")[self.inner_size : 2 * self.inner_size].fill_(1.0)
+                getattr(self.rnn, f"bias_hh_l{layer}")[self.inner_size : 2 * self.inner_size].zero_()
+        self.out_proj = nn.Linear(proj_size or self.inner_size, hidden_size, bias=False)
+
+    def _state_sizes(self) -> dict[str, int]:
+        return {"h": self.proj_size or self.inner_size, "c": self.inner_size}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        inner, out = self.inner_size, self.proj_size or self.inner_size
+        flops = 0.0
+        for layer in range(self.rnn.num_layers):
+            in_size = self.hidden_size if layer == 0 else out
+            flops += 2 * 4 * inner * (in_size + out) + 8 * inner  # four gates; sigmoid/tanh and products
+            flops += 2 * inner * self.proj_size
+        return flops + 2 * out * self.hidden_size
+
+
+@register_mixin("rnn")
+class ElmanRNNMixin(_TorchRecurrentMixin):
+    """Elman recurrent network (Elman, "Finding Structure in Time", 1990), torch's `nn.RNN`, run over time
+    per sequence: h_t = act(W_ih x_t + W_hh h_{t-1} + b), y = out_proj(h).
+    Decode state: {h [B, layers, inner]}.
+    Init: torch's U(-1/sqrt(inner), 1/sqrt(inner)); `out_proj` per the model scheme.
+
+    Options:
+        inner_size: recurrent state size (None = hidden size); nonlinearity: `tanh` (Elman) or `relu`;
+        rnn_layers: stacked RNN layers inside this one mixin (1).
+    """
+
+    state_names = ("h",)
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        inner_size: int | None = None,
+        nonlinearity: str = "tanh",
+        rnn_layers: int = 1,
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        self.inner_size = inner_size or hidden_size
+        _check_positive("rnn", inner_size=self.inner_size, rnn_layers=rnn_layers)
+        if nonlinearity not in NONLINEARITIES:
+            raise ArchiFactoryError(
+                f"mixin=rnn: nonlinearity={nonlinearity!r} is not one of {', '.join(NONLINEARITIES)}"
+            )
+        self.rnn = nn.RNN(
+            hidden_size, self.inner_size, rnn_layers, nonlinearity=nonlinearity, batch_first=True
+        )
+        self.out_proj = nn.Linear(self.inner_size, hidden_size, bias=False)
+
+    def _state_sizes(self) -> dict[str, int]:
+        return {"h": self.inner_size}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        inner = self.inner_size
+        flops = 0.0
+        for layer in range(self.rnn.num_layers):
+            in_size = self.hidden_size if layer == 0 else inner
+            flops += 2 * inner * (in_size + inner) + 2 * inner  # both matmuls; bias and activation
+        return flops + 2 * inner * self.hidden_size

@@ -1,0 +1,276 @@
+"""RWKV-6 "Finch" time-mix: a linear recurrence with a matrix-valued state and data-dependent decay.
+
+The WKV recurrence per head (r, k, w in R^K, v in R^V, state S in R^{K x V}, log-decay g = log w <= 0):
+
+    o_t = r_t · (S_{t-1} + diag(u) k_tᵀ v_t)          S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t
+
+Two reference implementations of it live here, both in plain PyTorch:
+- `wkv6_chunked`: the training path. Chunks of `chunk_size` tokens; inside a chunk the pairwise decay
+  from token s to token t is the sum of the log-decays strictly between them, computed as a masked
+  matrix product of non-positive terms (never as a difference of two cumulative sums, which cancels
+  catastrophically for strong decays, and never as exp of a positive number); across chunks the state is
+  carried by a loop over chunks. Log-decays and the state are kept in at least fp32.
+- `wkv6_recurrent`: token by token, the decode step (and the oracle for the chunked form).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.mixins.base import BACKENDS, Mixin, MixinState, check_divisible, resolve_backend
+from archifactory.model.positional import PositionContext
+from archifactory.registry import register_mixin
+
+NUM_MIXES = 5  # the ddlerp mixes, in this order: w (decay), k, v, r, g
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least fp32: bf16/fp16 inputs are promoted, fp64 stays fp64 (tests run the math in fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def wkv6_recurrent(
+    r: Tensor, k: Tensor, v: Tensor, g: Tensor, u: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Token-by-token WKV. r/k/g [B, T, H, K], v [B, T, H, V], u [H, K], state [B, H, K, V] (None = 0).
+    Returns (o [B, T, H, V], final state [B, H, K, V]), both in the compute dtype (>= fp32)."""
+    dtype = compute_dtype(v.dtype)
+    r, k, v, g, u = (t.to(dtype) for t in (r, k, v, g, u))
+    batch, seq_len, heads, key_dim = r.shape
+    if state is None:
+        state = r.new_zeros(batch, heads, key_dim, v.shape[-1])
+    state = state.to(dtype)
+    outputs = []
+    for t in range(seq_len):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+        outputs.append((r[:, t, :, :, None] * (state + u[:, :, None] * kv)).sum(-2))  # [B, H, V]
+        state = g[:, t].exp()[..., None] * state + kv
+    return torch.stack(outputs, dim=1), state
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_masks(size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """0/1 masks over positions in a chunk: between [L*L, L] (s < j < t, row t*L+s), strictly before
+    [L, L] (j < t), strictly after [L, L] (j > s), causal [L, L] (s < t)."""
+    idx = torch.arange(size, device=device)
+    t, s, j = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    between = ((s < j) & (j < t)).reshape(size * size, size)
+    before = idx[None, :] < idx[:, None]
+    return between, before, before.t().contiguous(), before
+
+
+def wkv6_chunked(
+    r: Tensor, k: Tensor, v: Tensor, g: Tensor, u: Tensor, state: Tensor | None = None, chunk_size: int = 16
+) -> tuple[Tensor, Tensor]:
+    """Chunked WKV, same contract as `wkv6_recurrent`; one Python iteration per chunk, not per token."""
+    dtype = compute_dtype(v.dtype)
+    batch, seq_len, heads, key_dim = r.shape
+    value_dim = v.shape[-1]
+    size = max(1, min(chunk_size, seq_len))
+    num_chunks = math.ceil(seq_len / size)
+    pad = num_chunks * size - seq_len
+
+    def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, N, L, D]; padding: k=v=r=0, g=0 (no decay)
+        x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
+        return x.transpose(1, 2).reshape(batch, heads, num_chunks, size, x.shape[-1])
+
+    r, k, v, g = chunks(r), chunks(k), chunks(v), chunks(g)
+    between, before, after, causal = (m.to(dtype) for m in _chunk_masks(size, r.device))
+
+    # intra-chunk: decay from s to t is exp(sum_{s<j<t} g_j), a sum of non-positive terms
+    seg = (between @ g).view(batch, heads, num_chunks, size, size, key_dim)  # [B, H, N, Lt, Ls, K]
+    scores = (r[..., :, None, :] * k[..., None, :, :] * seg.exp()).sum(-1) * causal  # [B, H, N, Lt, Ls]
+    bonus = (r * u.to(dtype)[None, :, None, None, :] * k).sum(-1, keepdim=True)  # [B, H, N, L, 1]
+    out = scores @ v + bonus * v  # [B, H, N, L, V]
+
+    # inter-chunk: the state at each chunk start, carried chunk to chunk
+    r_decayed = r * (before @ g).exp()  # decay from the chunk start to just before t
+    k_decayed = k * (after @ g).exp()  # decay from just after s to the chunk end
+    chunk_kv = k_decayed.transpose(-1, -2) @ v  # [B, H, N, K, V]
+    chunk_decay = g.sum(-2).exp()[..., None]  # [B, H, N, K, 1]
+    current = r.new_zeros(batch, heads, key_dim, value_dim) if state is None else state.to(dtype)
+    starts = []
+    for n in range(num_chunks):
+        starts.append(current)
+        current = chunk_decay[:, :, n] * current + chunk_kv[:, :, n]
+    out = out + r_decayed @ torch.stack(starts, dim=2)  # [B, H, N, L, V]
+    out = out.reshape(batch, heads, num_chunks * size, value_dim)[:, :, :seq_len].transpose(1, 2)
+    return out, current
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_available() -> bool:
+    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+
+
+def _fused_chunk_rwkv6():
+    from fla.ops.rwkv6 import chunk_rwkv6  # lazy: importing fla takes seconds and needs triton
+
+    return chunk_rwkv6
+
+
+@register_mixin("rwkv6")
+class RWKV6TimeMix(Mixin):
+    """RWKV-6 "Finch" time-mix (Peng et al., "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic
+    Recurrence", 2024).
+
+    Token shift with data-dependent interpolation (ddlerp): x_prev - x is mixed into x with five per-channel
+    weights (for w, k, v, r, g) offset by a shared low-rank (rank `mix_rank`) tanh projection. The decay is
+    data-dependent per channel, w_t = exp(-exp(d_t)) with d_t = time_decay + tanh(x_w A) B (rank
+    `decay_rank`); u is a learned per-channel bonus for the current token. Per head (size hidden/num_heads,
+    keys = values = head size, scale 1 as in RWKV) the WKV recurrence in the module docstring gives o_t,
+    followed by a per-head group norm, a SiLU gate and `out_proj`. Decode state: the WKV state
+    [B, H, K, V] (kept in >= fp32) and the token-shift buffer [B, D] (the last input token).
+
+    Init (RWKV-6's, at the middle-of-the-stack ratios because a layer does not know the depth): mixes
+    1 - (i/D)^0.5 (v: 1 - ((i/D)^0.5 + 0.15), r/g: 1 - (i/D)^0.25), time_decay -6 + 5 (i/(D-1))^1.35,
+    LoRA down-projections zero and up-projections U(-0.01, 0.01), bonus 0.5 (1 - i/(D-1)) + zigzag 0.1;
+    r/k/v/g/out projections follow the model's scheme.
+
+    Options:
+        num_heads: WKV heads; mix_rank: rank of the ddlerp LoRA (32 in RWKV-6);
+        decay_rank: rank of the decay LoRA (64); norm_eps: group-norm epsilon (RWKV-6: 64e-5);
+        chunk_size: tokens per chunk of the reference chunked form (memory ~ B·T·D·chunk_size);
+        backend: `auto` (fla's `chunk_rwkv6` Triton kernel on CUDA when fla is installed, else reference),
+            `reference` (plain PyTorch, any device), `fused` (fla; refuses to run elsewhere).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        num_heads: int = 4,
+        mix_rank: int = 32,
+        decay_rank: int = 64,
+        norm_eps: float = 64e-5,
+        chunk_size: int = 16,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        self.num_heads = num_heads
+        self.head_dim = check_divisible(hidden_size, num_heads, "mixin=rwkv6")
+        if backend not in BACKENDS:
+            raise ArchiFactoryError(f"mixin=rwkv6: backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        if chunk_size < 1 or mix_rank < 1 or decay_rank < 1:
+            raise ArchiFactoryError(
+                f"mixin=rwkv6: chunk_size={chunk_size}, mix_rank={mix_rank}, decay_rank={decay_rank} "
+                "must all be positive"
+            )
+        self.backend = backend
+        self.mix_rank, self.decay_rank = mix_rank, decay_rank
+        self.norm_eps, self.chunk_size = norm_eps, chunk_size
+
+        dim = hidden_size
+        ratio_0_to_1, ratio_1_to_0 = 0.5, 0.5
+        ddd = torch.arange(dim, dtype=torch.float32) / dim
+        lerp = 1.0 - ddd.pow(ratio_1_to_0)
+        lerp_half = 1.0 - ddd.pow(0.5 * ratio_1_to_0)
+        self.time_maa_x = nn.Parameter(lerp.clone())
+        self.time_maa = nn.Parameter(
+            torch.stack([lerp, lerp, lerp - 0.3 * ratio_0_to_1, lerp_half, lerp_half])
+        )
+        self.time_maa_w1 = nn.Parameter(torch.zeros(dim, NUM_MIXES * mix_rank))
+        self.time_maa_w2 = nn.Parameter(torch.empty(NUM_MIXES, mix_rank, dim).uniform_(-0.01, 0.01))
+        n = torch.arange(dim, dtype=torch.float32) / max(dim - 1, 1)
+        self.time_decay = nn.Parameter(-6.0 + 5.0 * n.pow(0.7 + 1.3 * ratio_0_to_1))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(dim, decay_rank))
+        self.time_decay_w2 = nn.Parameter(torch.empty(decay_rank, dim).uniform_(-0.01, 0.01))
+        zigzag = ((torch.arange(dim) + 1) % 3 - 1).float() * 0.1
+        self.time_faaaa = nn.Parameter((ratio_0_to_1 * (1.0 - n) + zigzag).view(num_heads, self.head_dim))
+
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.norm_weight = nn.Parameter(torch.ones(dim))
+        self.norm_bias = nn.Parameter(torch.zeros(dim))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        wkv = torch.zeros(
+            batch_size,
+            self.num_heads,
+            self.head_dim,
+            self.head_dim,
+            device=device,
+            dtype=compute_dtype(dtype),
+        )
+        return {"wkv": wkv, "shift": torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)}
+
+    def forward(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
+    ) -> tuple[Tensor, MixinState | None]:
+        batch, seq_len, dim = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        prev = x.new_zeros(batch, dim) if state is None else state["shift"].to(x.dtype)
+        delta = torch.cat([prev[:, None], x[:, :-1]], dim=1) - x  # x_{t-1} - x_t, [B, T, D]
+
+        # ddlerp: five data-dependent interpolations between x_t and x_{t-1}
+        lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(
+            batch, seq_len, NUM_MIXES, -1
+        )
+        lora = torch.einsum("btfr,frd->btfd", lora, self.time_maa_w2)  # [B, T, 5, D]
+        mixed = x[:, :, None] + delta[:, :, None] * (self.time_maa + lora)  # [B, T, 5, D]
+        x_w, x_k, x_v, x_r, x_g = mixed.unbind(dim=2)
+
+        log_decay = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
+        log_decay = -log_decay.to(compute_dtype(x.dtype)).exp()  # log w_t = -exp(d_t) <= 0, [B, T, D]
+        shape = (batch, seq_len, heads, head_dim)
+        r, k, v = self.receptance(x_r).view(shape), self.key(x_k).view(shape), self.value(x_v).view(shape)
+        g = log_decay.view(shape)
+
+        wkv_state = None if state is None else state["wkv"]
+        out, final = self._wkv(r, k, v, g, wkv_state)  # [B, T, H, V]
+
+        out = out.to(compute_dtype(x.dtype))  # per-head group norm in >= fp32
+        mean = out.mean(-1, keepdim=True)
+        var = (out - mean).pow(2).mean(-1, keepdim=True)
+        out = ((out - mean) * torch.rsqrt(var + self.norm_eps)).reshape(batch, seq_len, dim)
+        out = (out * self.norm_weight + self.norm_bias).to(x.dtype)
+        y = self.out_proj(out * F.silu(self.gate(x_g)))
+        new_state = None if state is None else {"wkv": final.to(state["wkv"].dtype), "shift": x[:, -1]}
+        return y, new_state
+
+    def _wkv(self, r: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Run the recurrence on the resolved path; single-token decode always takes the recurrent step."""
+        if state is not None and r.shape[1] == 1:
+            return wkv6_recurrent(r, k, v, g, self.time_faaaa, state)
+        if self._resolve(r.device) == "fused":
+            chunk_rwkv6 = _fused_chunk_rwkv6()
+            return chunk_rwkv6(
+                r,
+                k,
+                v,
+                g,
+                self.time_faaaa.to(r.dtype),
+                scale=1.0,
+                initial_state=state,
+                output_final_state=True,
+            )
+        return wkv6_chunked(r, k, v, g, self.time_faaaa, state, self.chunk_size)
+
+    def _resolve(self, device: torch.device) -> str:
+        fused_available = device.type == "cuda" and _fla_available()
+        return resolve_backend(self.backend, fused_available, "mixin=rwkv6")
+
+    def backend_name(self) -> str:
+        return self._resolve(self.out_proj.weight.device)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        dim = self.hidden_size
+        projections = 2 * 5 * dim * dim  # r, k, v, g, out
+        lora = 2 * 2 * NUM_MIXES * dim * self.mix_rank + 2 * 2 * dim * self.decay_rank
+        # recurrent form per head: k v outer product + decay + add (3 K V), readout r·S (2 K V), bonus
+        wkv = 5 * dim * self.head_dim + 4 * dim
+        elementwise = 30 * dim  # shifts, five lerps, decay exp, group norm, gate
+        return projections + lora + wkv + elementwise
+
+    def state_size(self, seq_len: int) -> int:
+        return self.num_heads * self.head_dim * self.head_dim + self.hidden_size
