@@ -81,23 +81,33 @@ class TrainerConfig:
 
 @dataclass
 class DatasetConfig:
+    """Where the text comes from, how it is tokenized and where the token shards are cached.
+
+    See `archifactory/data/__init__.py` for the pipeline and the cache layout.
+    """
+
     name: str = MISSING
     source: str = "text"  # text (local files) | hf (a Hugging Face Hub dataset)
     path: Optional[str] = None  # text: a file, folder or glob; hf: the Hub dataset id
-    hf_config: Optional[str] = None
-    revision: Optional[str] = None
+    hf_config: Optional[str] = None  # the Hub dataset's config (subset) name
+    revision: Optional[str] = None  # a Hub commit/tag to pin; None = the default branch
     train_split: str = "train"
-    val_split: Optional[str] = None  # None: hold out `val_fraction` of the documents
-    text_field: str = "text"
-    streaming: bool = False
-    max_documents: Optional[int] = None
-    max_tokens: Optional[int] = None
-    val_fraction: float = 0.01
-    tokenizer: str = "bpe"  # bpe: train a byte-level BPE on the training split; else a Hub/local tokenizer
-    vocab_size: int = 8192
-    cache_dir: str = "${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}"
-    num_proc: Optional[int] = None
+    val_split: Optional[str] = None  # None: hold out every round(1/val_fraction)-th document
+    text_field: str = "text"  # .jsonl/.parquet/Hub column holding the text
+    doc_separator: Optional[str] = None  # .txt: split each file into documents on this string; None = one per file
+    streaming: bool = False  # hf: stream instead of downloading the whole split first
+    gated: bool = False  # hf: the dataset needs an access token (read from `token_env`)
     token_env: str = "HF_TOKEN"
+    max_documents: Optional[int] = None  # cap on training documents
+    max_tokens: Optional[int] = None  # cap on training tokens (the last document is cut to fit)
+    val_fraction: float = 0.01  # without a validation split: the share of documents held out
+    tokenizer: str = "bpe"  # bpe: train a byte-level BPE on the training split; else a Hub tokenizer name
+    vocab_size: int = 8192  # bpe only
+    tokenizer_train_chars: Optional[int] = 200_000_000  # bpe: characters of training text it learns from
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    cache_dir: str = "${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}"
+    verify_cache: bool = True  # check every shard's checksum when reusing a cache
+    rebuild: bool = False  # ignore an existing token cache and tokenize again
 
 
 @dataclass
