@@ -1,0 +1,166 @@
+"""Training throughput: our gqa + swiglu + rope model vs transformers' LlamaForCausalLM of identical shape.
+
+Both models get the same hidden size, layers, heads, KV heads, intermediate size, vocab, sequence length
+and batch, untied embeddings, SDPA attention, fp32 on CPU (bf16 autocast on CUDA), and the same AdamW
+step. Each measurement times full training steps (forward + backward + optimizer) after warmup steps; the
+two models alternate in rounds so machine noise hits both alike, and the table reports the ratio.
+
+    python scripts/bench_train.py                      # CPU, eager
+    python scripts/bench_train.py --compile            # adds torch.compile rows (slow to compile on CPU)
+    python scripts/bench_train.py --device cuda --preset base125m --batch 16 --seq-len 1024 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from archifactory.model.ffn.swiglu import SwiGLU
+from archifactory.model.mixins.attention import GroupedQueryAttention
+from archifactory.model.positional import RotaryPositional
+from archifactory.model.stack import StackedMixinForCausalLM
+from archifactory.train.runtime import peak_flops
+
+PRESETS = {"tiny": (4, 128, 4), "small": (6, 384, 6), "base125m": (12, 768, 12)}
+
+
+class LlamaAdapter(nn.Module):
+    """Gives transformers' Llama our (input_ids, targets) -> loss calling convention."""
+
+    def __init__(self, llama: nn.Module) -> None:
+        super().__init__()
+        self.llama = llama
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.llama(input_ids=input_ids).logits
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class OursAdapter(nn.Module):
+    def __init__(self, model: StackedMixinForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, targets=targets, return_logits=False).loss
+
+
+def build_pair(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, seq_len: int) -> tuple[nn.Module, nn.Module]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours = StackedMixinForCausalLM(
+        num_layers=layers, hidden_size=hidden, vocab_size=vocab,
+        mixin_module=functools.partial(GroupedQueryAttention, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads),
+        ffn_module=functools.partial(SwiGLU, hidden_size=hidden),
+        positional_module=RotaryPositional(hidden, seq_len, theta=10000.0),
+    )  # fmt: skip
+    intermediate = ours.blocks[0].ffn.intermediate_size
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    llama = LlamaForCausalLM(config)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_llama = sum(p.numel() for p in llama.parameters())
+    assert n_ours == n_llama, f"shapes differ: ours {n_ours:,} vs llama {n_llama:,} parameters"
+    return OursAdapter(ours), LlamaAdapter(llama)
+
+
+def make_step(model: nn.Module, device: torch.device, use_bf16: bool):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        with autocast():
+            loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, inputs, targets, device, steps: int) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(inputs, targets)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: the preset's heads (MHA)")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    use_bf16 = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    layers, hidden, heads = PRESETS[args.preset]
+    torch.manual_seed(0)
+    ours, llama = (m.to(device) for m in build_pair(layers, hidden, heads, args.kv_heads or heads, args.vocab, args.seq_len))
+    flops_per_token = 3 * ours.model.flops_per_token(args.seq_len)
+    variants = {"ours eager": ours, "llama eager": llama}
+    if args.compile:
+        variants |= {"ours compiled": torch.compile(ours), "llama compiled": torch.compile(llama)}
+    inputs = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+    targets = torch.roll(inputs, -1, dims=1)
+    steps = {name: make_step(model, device, use_bf16) for name, model in variants.items()}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step(inputs, targets)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            seconds[name].append(time_steps(step, inputs, targets, device, args.steps))
+    tokens = args.batch * args.seq_len
+    peak = peak_flops(device)
+    base = statistics.median(seconds["llama eager"])
+    rows = []
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        rows.append({
+            "model": name, "tokens_per_second": tokens / median, "vs_llama_eager": base / median,
+            "mfu": (tokens / median * flops_per_token / peak) if peak else None,
+        })  # fmt: skip
+    print(f"device={device} preset={args.preset} batch={args.batch} seq_len={args.seq_len} vocab={args.vocab} "
+          f"params={sum(p.numel() for p in ours.parameters()):,} (identical in both)")  # fmt: skip
+    if args.markdown:
+        print("| model | tokens/s | vs Llama eager | MFU |\n|---|---:|---:|---:|")
+        for r in rows:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            print(f"| {r['model']} | {r['tokens_per_second']:,.0f} | {r['vs_llama_eager']:.2f}× | {mfu} |")
+    else:
+        for r in rows:
+            mfu = f"  mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
+            print(f"{r['model']:<16} {r['tokens_per_second']:>12,.0f} tok/s  {r['vs_llama_eager']:.2f}x llama eager{mfu}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
