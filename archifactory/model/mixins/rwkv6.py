@@ -238,7 +238,9 @@ class RWKV6TimeMix(Mixin):
         new_state = None if state is None else {"wkv": final.to(state["wkv"].dtype), "shift": x[:, -1]}
         return y, new_state
 
-    def _wkv(self, r: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _wkv(
+        self, r: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """Run the recurrence on the resolved path; single-token decode always takes the recurrent step."""
         if state is not None and r.shape[1] == 1:
             return wkv6_recurrent(r, k, v, g, self.time_faaaa, state)
@@ -252,7 +254,7 @@ class RWKV6TimeMix(Mixin):
                 self.time_faaaa.to(r.dtype),
                 scale=1.0,
                 initial_state=state,
-                output_final_state=True,
+                output_final_state=state is not None,
             )
         return wkv6_chunked(r, k, v, g, self.time_faaaa, state, self.chunk_size)
 
