@@ -57,11 +57,14 @@ class Mamba2(Mixin):
         super().__init__(hidden_size, layer_idx)
         self.inner_dim = expand * hidden_size
         if min(d_state, expand, head_dim, n_groups, conv_kernel, chunk_size) <= 0:
-            raise ArchiFactoryError("mixin=mamba2: d_state, expand, head_dim, n_groups, conv_kernel, chunk_size must be > 0")
+            raise ArchiFactoryError(
+                "mixin=mamba2: d_state, expand, head_dim, n_groups, conv_kernel and chunk_size must be > 0"
+            )
         if self.inner_dim % head_dim or (self.inner_dim // head_dim) % n_groups:
             raise ArchiFactoryError(
-                f"mixin=mamba2: inner width expand·hidden_size={self.inner_dim} must be a multiple of head_dim={head_dim} "
-                f"with a head count divisible by n_groups={n_groups}; change mixin.head_dim or mixin.expand"
+                f"mixin=mamba2: inner width expand·hidden_size={self.inner_dim} must be a multiple of "
+                f"head_dim={head_dim} with a head count divisible by n_groups={n_groups}; "
+                "change mixin.head_dim, mixin.expand or mixin.n_groups"
             )
         if not 0 < dt_min <= dt_max:
             raise ArchiFactoryError(f"mixin=mamba2: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
@@ -82,10 +85,12 @@ class Mamba2(Mixin):
         self.out_proj = nn.Linear(self.inner_dim, hidden_size, bias=False)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        ssm_shape = (batch_size, self.num_heads, self.d_state, self.head_dim)
+        conv_shape = (batch_size, self.conv_dim, self.conv_kernel - 1)
         dtype = compute_dtype(dtype)
         return {
-            "ssm": torch.zeros(batch_size, self.num_heads, self.d_state, self.head_dim, device=device, dtype=dtype),
-            "conv": torch.zeros(batch_size, self.conv_dim, self.conv_kernel - 1, device=device, dtype=dtype),
+            "ssm": torch.zeros(ssm_shape, device=device, dtype=dtype),
+            "conv": torch.zeros(conv_shape, device=device, dtype=dtype),
         }
 
     def forward(
@@ -114,10 +119,13 @@ class Mamba2(Mixin):
         return self.out_proj(y.to(x.dtype)), new_state
 
     def _conv(self, xbc: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Causal depthwise conv + SiLU over xbc [B, T, C]; the past comes from the buffer (zeros at start)."""
+        """Causal depthwise conv + SiLU over xbc [B, T, C]; the past is the buffer (zeros at the start)."""
         xt = xbc.transpose(1, 2)  # [B, C, T]
         width = self.conv_kernel - 1
-        past = xt.new_zeros(xt.shape[0], self.conv_dim, width) if conv_state is None else conv_state.to(xt.dtype)
+        if conv_state is None:
+            past = xt.new_zeros(xt.shape[0], self.conv_dim, width)
+        else:
+            past = conv_state.to(xt.dtype)
         full = torch.cat([past, xt], dim=2)  # [B, C, width + T]
         out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # [B, C, T]
         new_state = None if conv_state is None else full[:, :, full.shape[2] - width :].to(conv_state.dtype)
@@ -136,7 +144,7 @@ class Mamba2(Mixin):
     def flops_per_token(self, seq_len: int) -> float:
         projections = 2 * self.hidden_size * (self.in_proj.out_features + self.inner_dim)
         conv = 2 * self.conv_dim * self.conv_kernel
-        # chunkwise SSD per head and token: C·B scores and scores·x over a full chunk, C·h and the state update
+        # chunkwise SSD per head and token: C·B scores and scores·x over a full chunk, C·h, state update
         chunk = min(self.chunk_size, max(seq_len, 1))
         ssd = self.num_heads * (2 * chunk * (self.d_state + self.head_dim) + 4 * self.d_state * self.head_dim)
         return projections + conv + ssd

@@ -68,7 +68,9 @@ class MultiScaleRetention(Mixin):
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         if num_heads <= 0 or chunk_size <= 0:
-            raise ArchiFactoryError(f"mixin=retnet: num_heads={num_heads} and chunk_size={chunk_size} must be > 0")
+            raise ArchiFactoryError(
+                f"mixin=retnet: num_heads={num_heads} and chunk_size={chunk_size} must both be > 0"
+            )
         resolve_backend(backend, True, "mixin=retnet")  # validates the name; availability is checked per call
         self.backend = backend
         self.num_heads = num_heads
@@ -99,11 +101,10 @@ class MultiScaleRetention(Mixin):
         log_decay = retention_log_decay(self.num_heads, x.device, x.dtype)
         g = log_decay.expand(batch, seq_len, self.num_heads)  # [B, T, H]
         backend = resolve_backend(self.backend, fused_available(x), "mixin=retnet")
-        out, new_state = simple_gla_forward(
-            q, k, v, g, self.head_k_dim**-0.5, None if state is None else state["retention"], backend, self.chunk_size
-        )
-        # GroupNorm over [N, C]: one group per head
-        out = self.group_norm(out.reshape(batch * seq_len, self.value_dim)).view(batch, seq_len, self.value_dim)
+        past = None if state is None else state["retention"]
+        out, new_state = simple_gla_forward(q, k, v, g, self.head_k_dim**-0.5, past, backend, self.chunk_size)
+        # GroupNorm over [N, C] with one group per head: [B, T, H, V] -> [B·T, H·V]
+        out = self.group_norm(out.reshape(batch * seq_len, self.value_dim)).view(x.shape[:2] + (-1,))
         y = self.out_proj(F.silu(self.g_proj(x)) * out.to(x.dtype))
         return y, None if new_state is None else {"retention": new_state}
 

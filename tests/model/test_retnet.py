@@ -1,0 +1,148 @@
+"""RetNet: the whole layer against fla's retention oracle, decoding across chunk boundaries, backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.build import build_positional, component_factory
+from archifactory.model.mixins.retnet import MultiScaleRetention, retention_log_decay
+from archifactory.model.positional import PositionContext
+from tests.helpers import compose_config
+
+
+def build(hidden: int = 64, heads: int = 4, positional: str = "rope", overrides=(), dtype=torch.float64):
+    cfg = compose_config(
+        [
+            "mixin=retnet",
+            f"positional={positional}",
+            f"model.hidden_size={hidden}",
+            f"model.num_heads={heads}",
+        ]
+        + list(overrides)
+    )
+    layer = component_factory("mixin", cfg.mixin, hidden)(layer_idx=0).to(dtype)
+    with torch.no_grad():  # move every parameter off its init (GroupNorm affine included)
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    scheme = build_positional(cfg.positional, hidden, max_seq_len=128).to(dtype)
+    return layer, lambda start, length: PositionContext(scheme, torch.arange(start, start + length))
+
+
+def test_decays_are_the_papers() -> None:
+    gammas = retention_log_decay(4, torch.device("cpu"), torch.float64).exp()
+    torch.testing.assert_close(
+        gammas, torch.tensor([31 / 32, 63 / 64, 127 / 128, 255 / 256], dtype=torch.float64)
+    )
+    # 24 heads: the slowest decay 1 - 2^-28 is still < 1 in fp32 log space
+    assert (retention_log_decay(24, torch.device("cpu"), torch.float32) < 0).all()
+
+
+def test_layer_matches_fla_retention_oracle() -> None:
+    """q/k/v projections -> fla's naive_retention -> per-head GroupNorm -> swish gate -> out_proj, by hand."""
+    naive = pytest.importorskip("fla.ops.retention.naive")
+    layer, ctx = build(positional="none", dtype=torch.float32)
+    x = torch.randn(2, 37, 64, requires_grad=True)
+    y, _ = layer(x, ctx(0, 37))
+    grad_out = torch.randn_like(y)
+    (ours,) = torch.autograd.grad((y * grad_out).sum(), x)
+
+    def by_hand(x):
+        heads = lambda t: t.view(2, 37, 4, -1).transpose(1, 2)  # [B, H, T, D]
+        o = naive.naive_retention(heads(layer.q_proj(x)), heads(layer.k_proj(x)), heads(layer.v_proj(x)))
+        o = o.transpose(1, 2).reshape(2 * 37, -1)
+        normed = F.group_norm(o, 4, layer.group_norm.weight, layer.group_norm.bias, layer.group_norm.eps)
+        return layer.out_proj(F.silu(layer.g_proj(x)) * normed.view(2, 37, -1))
+
+    expected = by_hand(x)
+    (theirs,) = torch.autograd.grad((expected * grad_out).sum(), x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefill", [1, 4, 9, 16])
+def test_prefill_and_decode_across_chunk_boundaries(prefill: int) -> None:
+    layer, ctx = build(overrides=["mixin.chunk_size=4"])
+    x = torch.randn(2, 17, 64, dtype=torch.float64)
+    full, _ = layer(x, ctx(0, 17))
+    state = layer.init_state(2, x.device, x.dtype)
+    out, state = layer(x[:, :prefill], ctx(0, prefill), state)
+    pieces = [out]
+    for t in range(prefill, 17):
+        out, state = layer(x[:, t : t + 1], ctx(t, 1), state)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_chunk_size_does_not_change_the_output() -> None:
+    layer, ctx = build()
+    x = torch.randn(1, 29, 64, dtype=torch.float64)
+    outputs = []
+    for size in (1, 5, 64):
+        layer.chunk_size = size
+        outputs.append(layer(x, ctx(0, 29))[0])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outputs[0], outputs[2], rtol=1e-10, atol=1e-12)
+
+
+def test_builds_at_hidden_256_with_paper_sizes() -> None:
+    layer, ctx = build(hidden=256, heads=8, dtype=torch.float32)
+    assert layer.head_k_dim == 32 and layer.head_v_dim == 64
+    assert sum(p.numel() for p in layer.parameters()) == 8 * 256 * 256 + 2 * 512  # 8d² + GroupNorm affine
+    y, _ = layer(torch.randn(2, 70, 256), ctx(0, 70))
+    assert y.shape == (2, 70, 256) and torch.isfinite(y).all()
+    assert layer.state_size(70) == 8 * 32 * 64 and layer.flops_per_token(70) > 2 * 8 * 256 * 256
+
+
+def test_backend_selection_on_cpu() -> None:
+    layer, ctx = build(overrides=["mixin.backend=auto"])
+    assert layer.backend_name() == "reference"
+    layer, ctx = build(overrides=["mixin.backend=fused"])
+    with pytest.raises(ArchiFactoryError, match="backend=fused"):
+        layer(torch.randn(1, 3, 64, dtype=torch.float64), ctx(0, 3))
+    with pytest.raises(ArchiFactoryError, match="not one of"):
+        MultiScaleRetention(64, 0, backend="triton")
+    with pytest.raises(ArchiFactoryError, match="expand_v"):
+        MultiScaleRetention(64, 0, num_heads=4, expand_v=0.3)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_matches_reference_on_gpu() -> None:
+    pytest.importorskip("fla")
+    torch.manual_seed(0)
+    layer = MultiScaleRetention(256, 0, num_heads=4, backend="fused").cuda()
+    scheme = build_positional(compose_config(["positional=rope"]).positional, 256, 512).cuda()
+    ctx = PositionContext(scheme, torch.arange(300, device="cuda"))
+    x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
+    results = {}
+    for backend in ("fused", "reference"):
+        layer.backend = backend
+        layer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = layer(x, ctx)
+        (grad_x,) = torch.autograd.grad(y.float().square().mean(), x)
+        results[backend] = (y, grad_x, layer.q_proj.weight.grad)
+        assert layer.backend_name() == backend
+    y_f, gx_f, _ = results["fused"]
+    y_r, gx_r, _ = results["reference"]
+    assert relative_error(y_f, y_r) < 2e-2 and relative_error(gx_f, gx_r) < 3e-2
+    # fused prefill + decode continues the same sequence
+    layer.backend = "fused"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        full, _ = layer(x, ctx)
+        state = layer.init_state(2, x.device, torch.bfloat16)
+        pre, state = layer(x[:, :257], PositionContext(scheme, ctx.positions[:257]), state)
+        steps = [
+            layer(x[:, t : t + 1], PositionContext(scheme, ctx.positions[t : t + 1]), state) for t in [257]
+        ]
+    assert relative_error(torch.cat([pre, steps[0][0]], 1), full[:, :258]) < 2e-2
+    assert math.isfinite(full.float().sum().item())
