@@ -1,0 +1,1 @@
+"""Training: the loop, optimizers, schedules, checkpoints, distributed wrapping and metrics."""
