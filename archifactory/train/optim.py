@@ -313,6 +313,12 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self._sync_groups()  # load_state_dict replaces the inner group dicts
 
 
+def _is_sharded(param: Tensor) -> bool:
+    """A DTensor split across ranks (FSDP2): each rank holds only a slice of the matrix."""
+    placements = getattr(param, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
+
+
 def _muon_class() -> type[torch.optim.Optimizer]:
     return getattr(torch.optim, "Muon", NewtonSchulzMuon)
 
@@ -356,6 +362,11 @@ def build_optimizer(
             weight_decay=wd,
         )
     # muon: hidden matrices to Muon, the head / tables / vectors to AdamW.
+    if any(_is_sharded(p) for _, p in classes.matrix):
+        raise ArchiFactoryError(
+            "trainer.optimizer=muon orthogonalises whole matrices and cannot step FSDP-sharded parameters; "
+            "use trainer.strategy=ddp, or another optimizer with fsdp"
+        )
     if not classes.matrix:
         return adamw(_decay_groups(classes, wd, include_matrices=True))
     muon = _muon_class()(

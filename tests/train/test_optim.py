@@ -316,3 +316,21 @@ def test_ademamix_reduces_loss_on_regression() -> None:
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.05 * first
+
+
+def test_muon_refuses_fsdp_sharded_matrices() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        mesh = init_device_mesh("cpu", (1,))
+        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ArchiFactoryError, match="optimizer=muon .* FSDP-sharded"):
+            build_optimizer(model, TrainerConfig(optimizer="muon"), "cpu")
+    finally:
+        dist.destroy_process_group()
