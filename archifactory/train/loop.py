@@ -141,7 +141,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wall_start) -> dict[str, Any]:
     trainer = cfg.trainer
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
+    if not info.is_main:  # rank 0 prepares the token cache first; the others then reuse it
+        distributed.barrier(info)
     data = load_data(cfg.dataset, seq_len=trainer.seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    if info.is_main:
+        distributed.barrier(info)
     log.info("data: vocab=%d, %s", data.vocab_size, "reused token cache, no tokenization" if data.reused_cache else "prepared token cache")
     model = build_model(cfg, data.vocab_size).to(device)
     raw_model = model
