@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,13 @@ from tests.helpers import compose_config
 SMALL = ["mixin.d_state=8", "mixin.head_dim=16", "mixin.chunk_size=4"]
 
 
+@functools.cache
+def compose(*overrides: str):  # Hydra composition is the slow part of building; each variant once
+    return compose_config(["mixin=mamba2", "positional=none", *overrides])
+
+
 def build(hidden: int = 32, overrides=(), dtype=torch.float64):
-    cfg = compose_config(["mixin=mamba2", "positional=none", f"model.hidden_size={hidden}"] + list(overrides))
+    cfg = compose(f"model.hidden_size={hidden}", *overrides)
     layer = component_factory("mixin", cfg.mixin, hidden)(layer_idx=0).to(dtype)
     with torch.no_grad():  # move every parameter off its init (D = 1, norm weight = 1, ...)
         for p in layer.parameters():

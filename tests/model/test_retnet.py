@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -15,15 +16,14 @@ from archifactory.model.positional import PositionContext
 from tests.helpers import compose_config
 
 
+@functools.cache
+def compose(*overrides: str):  # Hydra composition is the slow part of building; each variant once
+    return compose_config(["mixin=retnet", *overrides])
+
+
 def build(hidden: int = 64, heads: int = 4, positional: str = "rope", overrides=(), dtype=torch.float64):
-    cfg = compose_config(
-        [
-            "mixin=retnet",
-            f"positional={positional}",
-            f"model.hidden_size={hidden}",
-            f"model.num_heads={heads}",
-        ]
-        + list(overrides)
+    cfg = compose(
+        f"positional={positional}", f"model.hidden_size={hidden}", f"model.num_heads={heads}", *overrides
     )
     layer = component_factory("mixin", cfg.mixin, hidden)(layer_idx=0).to(dtype)
     with torch.no_grad():  # move every parameter off its init (GroupNorm affine included)
