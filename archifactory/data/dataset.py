@@ -87,8 +87,10 @@ def summary_lines(prepared: Prepared) -> list[str]:
     manifest = prepared.manifest
     tok = manifest["tokenizer"]
     lines = [
-        f"dataset   {manifest['name']}: {manifest['source']}" + (f" @ {manifest['revision']}" if manifest.get("revision") else ""),
-        f"tokenizer {tok['name']} ({tok['kind']}, vocab {tok['vocab_size']:,}, eos {tok['eos_id']}, hash {tok['hash']}): {tok['path']}",
+        f"dataset   {manifest['name']}: {manifest['source']}"
+        + (f" @ {manifest['revision']}" if manifest.get("revision") else ""),
+        f"tokenizer {tok['name']} ({tok['kind']}, vocab {tok['vocab_size']:,}, eos {tok['eos_id']}, "
+        f"hash {tok['hash']}): {tok['path']}",
     ]  # fmt: skip
     for split in ("train", "val"):
         info = manifest["splits"][split]

@@ -84,12 +84,15 @@ def hub_errors(what: str, gated_hint: bool = False, env_name: str = "HF_TOKEN") 
         if (
             isinstance(error, (ConnectionError, TimeoutError, socket.gaierror))
             or "offline" in lowered
-            or "connection" in lowered
+            or "connect" in lowered
             or "couldn't reach" in lowered
             or "localentrynotfound" in lowered
         ):
             raise unreachable_error(what) from error
-        if "doesn't exist" in lowered or "not found" in lowered or "notfound" in lowered or "404" in text:
+        if any(
+            m in lowered
+            for m in ("doesn't exist", "not found", "notfound", "404", "not a valid model identifier")
+        ):
             raise ArchiFactoryError(
                 f"{what} was not found on the Hub: check the name (and its access terms)"
             ) from error

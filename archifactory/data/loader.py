@@ -55,14 +55,16 @@ class PackedLoader:
             raise ArchiFactoryError(f"rank {rank} is outside world size {world_size}")
         self.stream, self.seq_len, self.batch_size, self.seed = stream, seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        # Pinned pages let `.to("cuda", non_blocking=True)` overlap the copy; without CUDA there is nothing to pin for.
+        # Pinned pages let `.to("cuda", non_blocking=True)` overlap the copy; without CUDA there is nothing
+        # to pin for (and torch refuses to pin).
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.num_windows = max(stream.total - 1, 0) // seq_len
         self.global_batch = batch_size * world_size
         if self.num_windows < self.global_batch:
             raise ArchiFactoryError(
-                f"the training split has {stream.total:,} tokens: fewer than one batch of {self.global_batch} x "
-                f"{seq_len + 1}; lower trainer.seq_len or trainer.micro_batch_size, or add data"
+                f"the training split has {stream.total:,} tokens: fewer than one batch of "
+                f"{self.global_batch} x {seq_len + 1}; lower trainer.seq_len or trainer.micro_batch_size, "
+                "or add data"
             )
         self.batches_per_epoch = self.num_windows // self.global_batch
         self.epoch = 0
@@ -108,7 +110,8 @@ class PackedLoader:
         for key in ("seed", "seq_len", "num_windows", "tokens"):
             if state.get(key) != mine[key]:
                 raise ArchiFactoryError(
-                    f"the checkpoint's data position is for {key}={state.get(key)}, this run has {mine[key]}; "
+                    f"the checkpoint's data position is for {key}={state.get(key)}, "
+                    f"this run has {mine[key]}; "
                     "resume with the same dataset, seed and trainer.seq_len"
                 )
         self.epoch = int(state["epoch"])

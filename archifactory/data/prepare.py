@@ -152,14 +152,9 @@ def get_tokenizer(cfg: DatasetConfig, source: Source, root: Path) -> Tokenizer:
             log.info("reusing tokenizer %s", target)
             return load_tokenizer(target)
         if cfg.tokenizer != "bpe":
-            if not hub.offline_mode():
-                hub.check_hub(f"tokenizer {cfg.tokenizer!r}")
+            hub.check_hub(f"tokenizer {cfg.tokenizer!r}")
             return fetch_hub_tokenizer(cfg.tokenizer, hub.hub_token(cfg.token_env), target)
-        log.info(
-            "training a byte-level BPE (vocab %d) on the training split of %s",
-            cfg.vocab_size,
-            source.description,
-        )
+        source.preflight()
         counter = {"documents": 0, "chars": 0}
         start = time.perf_counter()
         texts = training_texts(source, cfg, counter)
@@ -168,6 +163,11 @@ def get_tokenizer(cfg: DatasetConfig, source: Source, root: Path) -> Tokenizer:
             raise ArchiFactoryError(
                 f"the corpus is empty: {source.description} has no non-empty training documents"
             )
+        log.info(
+            "training a byte-level BPE (vocab %d) on the training split of %s",
+            cfg.vocab_size,
+            source.description,
+        )
         tokenizer = train_bpe(_chain([first], texts), cfg.vocab_size, target)
         log.info("trained BPE on %d documents (%d chars) in %.1fs: %s",
                  counter["documents"], counter["chars"], time.perf_counter() - start, target)  # fmt: skip
@@ -287,6 +287,7 @@ def prepare(cfg: DatasetConfig) -> Prepared:
             manifest = check_cache(folder, key, tok, cfg.verify_cache)
             log.info("reusing token cache %s (no tokenization)", folder)
             return Prepared(folder, manifest, tok, reused=True)
+        source.preflight()
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
         try:

@@ -81,7 +81,8 @@ def verify_shards(folder: Path, shards: list[dict[str, Any]], dtype: np.dtype, c
         if not path.is_file():
             return f"{shard['file']} is missing"
         if path.stat().st_size != shard["tokens"] * dtype.itemsize:
-            return f"{shard['file']} has {path.stat().st_size} bytes, expected {shard['tokens'] * dtype.itemsize}"
+            expected = shard["tokens"] * dtype.itemsize
+            return f"{shard['file']} has {path.stat().st_size} bytes, expected {expected}"
         if checksums and file_digest(path) != shard["blake2b"]:
             return f"{shard['file']} fails its checksum"
     return None

@@ -41,6 +41,9 @@ class Source:
     def documents(self, split: str) -> Iterator[str]:  # split: "train" or "val"
         raise NotImplementedError
 
+    def preflight(self) -> None:
+        """Fail now, with one line, if reading the documents is bound to fail (no Hub, no token)."""
+
     def revision(self) -> str | None:
         return None
 
@@ -115,7 +118,8 @@ class LocalText(Source):
                 if not isinstance(record, dict) or self.text_field not in record:
                     keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                     raise ArchiFactoryError(
-                        f"{path}:{number} has no field {self.text_field!r} (it has: {keys}); set dataset.text_field="
+                        f"{path}:{number} has no field {self.text_field!r} (it has: {keys}); "
+                        "set dataset.text_field="
                     )
                 yield str(record[self.text_field] or "")
 
@@ -126,7 +130,8 @@ class LocalText(Source):
         names = parquet.schema_arrow.names
         if self.text_field not in names:
             raise ArchiFactoryError(
-                f"{path} has no column {self.text_field!r} (it has: {', '.join(names)}); set dataset.text_field="
+                f"{path} has no column {self.text_field!r} (it has: {', '.join(names)}); "
+                "set dataset.text_field="
             )
         for batch in parquet.iter_batches(columns=[self.text_field], batch_size=4096):
             yield from (text or "" for text in batch.column(0).to_pylist())
@@ -158,6 +163,10 @@ class HubDataset(Source):
             raise hub.gated_error(f"dataset {self.name!r}", self.cfg.token_env)
         return token
 
+    def preflight(self) -> None:
+        self._token()
+        hub.check_hub(f"dataset {self.name!r}")
+
     def documents(self, split: str) -> Iterator[str]:
         cfg = self.cfg
         token = self._token()
@@ -180,7 +189,8 @@ class HubDataset(Source):
             columns = list(next(iter(data)).keys())
         if cfg.text_field not in columns:
             raise ArchiFactoryError(
-                f"{what} has no field {cfg.text_field!r} (it has: {', '.join(columns)}); set dataset.text_field="
+                f"{what} has no field {cfg.text_field!r} (it has: {', '.join(columns)}); "
+                "set dataset.text_field="
             )
         data = data.select_columns([cfg.text_field])
         with hub.hub_errors(what, env_name=cfg.token_env):
