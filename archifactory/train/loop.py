@@ -168,7 +168,7 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             block.compile()
     strategy = distributed.resolve_strategy(trainer.strategy, info)
     model = distributed.wrap_model(model, strategy, device)
-    optimizer = build_optimizer(model, trainer, device.type)
+    optimizer = build_optimizer(model, trainer, device.type, total_steps=total_steps)
     scheduler = build_scheduler(optimizer, trainer, total_steps)
     loader = data.train_loader(trainer.micro_batch_size, pin_memory=device.type == "cuda")
     val_batches = data.val_batches(trainer.micro_batch_size, trainer.eval_tokens)
@@ -257,7 +257,7 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             loss_count = 0
             tokens_per_second, mfu = throughput.read()
             record = {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": train_loss,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "lr": trainer.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0], "grad_norm": float(grad_norm),
                       "tokens_per_second": tokens_per_second, "mfu": mfu,
                       "nonfinite_skipped": state.nonfinite_skipped}  # fmt: skip
             record |= {key: value for key, value in aux_metrics.items()}
