@@ -118,6 +118,17 @@ def test_forward_equals_prefill_plus_decode_across_chunk_boundaries(seq_len: int
     torch.testing.assert_close(state["shift"], x[:, -1])
 
 
+def test_module_at_4096_tokens_with_strong_decays_is_finite() -> None:
+    mixin = RWKV6TimeMix(64, layer_idx=0, num_heads=4)
+    with torch.no_grad():  # half the channels forget within a token (w = exp(-e^5)), half barely decay
+        mixin.time_decay.copy_(torch.where(torch.arange(64) % 2 == 0, 5.0, -8.0))
+    x = torch.randn(1, 4096, 64, requires_grad=True)
+    y = mixin(x, ctx(0, 4096))[0]
+    y.square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in mixin.parameters())
+
+
 def test_builds_from_config_at_hidden_256() -> None:
     cfg = compose_config(["mixin=rwkv6", "model.hidden_size=256", "model.num_heads=4"])
     mixin = component_factory("mixin", cfg.mixin, 256)(layer_idx=0)
