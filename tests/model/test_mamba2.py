@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.build import build_positional, component_factory
 from archifactory.model.mixins.mamba2 import Mamba2
-from archifactory.model.positional import PositionContext
+from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 
 SMALL = ["mixin.d_state=8", "mixin.head_dim=16", "mixin.chunk_size=4"]
@@ -142,7 +142,7 @@ def test_fused_matches_reference_on_gpu() -> None:
     pytest.importorskip("fla")
     torch.manual_seed(0)
     layer = Mamba2(256, 0, backend="fused").cuda()
-    ctx = PositionContext(build_positional(compose_config([]).positional, 256, 512), torch.arange(300))
+    ctx = PositionContext(NoPositional(256, 512), torch.arange(300, device="cuda"))
     x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
     results = {}
     for backend in ("fused", "reference"):

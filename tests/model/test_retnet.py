@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.build import build_positional, component_factory
 from archifactory.model.mixins.retnet import MultiScaleRetention, retention_log_decay
-from archifactory.model.positional import PositionContext
+from archifactory.model.positional import PositionContext, RotaryPositional
 from tests.helpers import compose_config
 
 
@@ -117,32 +117,29 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_matches_reference_on_gpu() -> None:
+    """bf16 autocast: fla's kernel vs the reference, forward and gradients; fused prefill + decode."""
     pytest.importorskip("fla")
-    torch.manual_seed(0)
     layer = MultiScaleRetention(256, 0, num_heads=4, backend="fused").cuda()
-    scheme = build_positional(compose_config(["positional=rope"]).positional, 256, 512).cuda()
-    ctx = PositionContext(scheme, torch.arange(300, device="cuda"))
+    scheme = RotaryPositional(256, 512)
+    ctx = lambda start, length: PositionContext(scheme, torch.arange(start, start + length, device="cuda"))
     x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
+    inputs = [x, layer.q_proj.weight, layer.v_proj.weight, layer.group_norm.weight]
     results = {}
     for backend in ("fused", "reference"):
         layer.backend = backend
-        layer.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y, _ = layer(x, ctx)
-        (grad_x,) = torch.autograd.grad(y.float().square().mean(), x)
-        results[backend] = (y, grad_x, layer.q_proj.weight.grad)
         assert layer.backend_name() == backend
-    y_f, gx_f, _ = results["fused"]
-    y_r, gx_r, _ = results["reference"]
-    assert relative_error(y_f, y_r) < 2e-2 and relative_error(gx_f, gx_r) < 3e-2
-    # fused prefill + decode continues the same sequence
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = layer(x, ctx(0, 300))
+        results[backend] = (y, torch.autograd.grad(y.float().square().mean(), inputs))
+    (y_fused, grads_fused), (y_ref, grads_ref) = results["fused"], results["reference"]
+    assert relative_error(y_fused, y_ref) < 2e-2
+    for fused, ref in zip(grads_fused, grads_ref):
+        assert relative_error(fused, ref) < 5e-2
     layer.backend = "fused"
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        full, _ = layer(x, ctx)
+        full, _ = layer(x, ctx(0, 300))
         state = layer.init_state(2, x.device, torch.bfloat16)
-        pre, state = layer(x[:, :257], PositionContext(scheme, ctx.positions[:257]), state)
-        steps = [
-            layer(x[:, t : t + 1], PositionContext(scheme, ctx.positions[t : t + 1]), state) for t in [257]
-        ]
-    assert relative_error(torch.cat([pre, steps[0][0]], 1), full[:, :258]) < 2e-2
+        prefix, state = layer(x[:, :257], ctx(0, 257), state)
+        step, state = layer(x[:, 257:258], ctx(257, 1), state)
+    assert relative_error(torch.cat([prefix, step], dim=1), full[:, :258]) < 2e-2
     assert math.isfinite(full.float().sum().item())
