@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from archifactory.model.ffn.base import FeedForward, FFNAux
+from dataclasses import dataclass
+
+from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState
 from archifactory.model.mixins.base import Mixin, MixinState
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
+
+
+@dataclass
+class LayerState:
+    """One block's decode state: the mixin's and the FFN's (empty for position-wise FFNs)."""
+
+    mixin: MixinState
+    ffn: FFNState
 
 
 class Block(nn.Module):
@@ -22,17 +33,26 @@ class Block(nn.Module):
         self.ffn = ffn
         self.activation_checkpointing = False  # recompute this block in backward instead of storing activations
 
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LayerState:
+        return LayerState(
+            self.mixin.init_state(batch_size, device, dtype), self.ffn.init_state(batch_size, device, dtype)
+        )
+
     def forward(
-        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
-    ) -> tuple[Tensor, MixinState | None, FFNAux]:
+        self, x: Tensor, ctx: PositionContext, state: LayerState | None = None
+    ) -> tuple[Tensor, LayerState | None, FFNAux]:
         if self.activation_checkpointing and self.training and state is None:
             return checkpoint(self._forward, x, ctx, None, use_reentrant=False)
         return self._forward(x, ctx, state)
 
     def _forward(
-        self, x: Tensor, ctx: PositionContext, state: MixinState | None
-    ) -> tuple[Tensor, MixinState | None, FFNAux]:
-        mixed, state = self.mixin(self.mixin_norm(x), ctx, state)
+        self, x: Tensor, ctx: PositionContext, state: LayerState | None
+    ) -> tuple[Tensor, LayerState | None, FFNAux]:
+        if state is None:
+            x = x + self.mixin(self.mixin_norm(x), ctx)[0]
+            fed, aux = self.ffn(self.ffn_norm(x))
+            return x + fed, None, aux
+        mixed, mixin_state = self.mixin(self.mixin_norm(x), ctx, state.mixin)
         x = x + mixed
-        fed, aux = self.ffn(self.ffn_norm(x))
-        return x + fed, state, aux
+        fed, aux, ffn_state = self.ffn.forward_with_state(self.ffn_norm(x), state.ffn)
+        return x + fed, LayerState(mixin_state, ffn_state), aux

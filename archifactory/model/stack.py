@@ -9,11 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.block import Block
+from archifactory.model.block import Block, LayerState
 from archifactory.model.ffn.base import FeedForward
 from archifactory.model.init import init_weights
 from archifactory.model.loss import lm_cross_entropy
-from archifactory.model.mixins.base import Mixin, MixinState
+from archifactory.model.mixins.base import Mixin
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import NoPositional, PositionalScheme, PositionContext
 
@@ -24,9 +24,9 @@ ModuleFactory = Callable[..., nn.Module]
 
 @dataclass
 class DecodeState:
-    """Per-layer mixin states plus the model-owned position counter."""
+    """Per-layer states (mixin + FFN) plus the model-owned position counter."""
 
-    layers: list[MixinState]
+    layers: list[LayerState]
     position: int = 0
 
 
@@ -127,7 +127,7 @@ class StackedMixinForCausalLM(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DecodeState:
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
-        return DecodeState([block.mixin.init_state(batch_size, device, dtype) for block in self.blocks], 0)
+        return DecodeState([block.init_state(batch_size, device, dtype) for block in self.blocks], 0)
 
     def forward(
         self,
@@ -142,7 +142,7 @@ class StackedMixinForCausalLM(nn.Module):
         ctx = PositionContext(self.positional, positions)
         x = self.positional.embed(self.embedding(input_ids), positions)
 
-        new_layer_states: list[MixinState] = []
+        new_layer_states: list[LayerState] = []
         aux_loss: Tensor | None = None
         metrics: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
@@ -199,5 +199,6 @@ class StackedMixinForCausalLM(nn.Module):
         return blocks + 2 * self.hidden_size * self.vocab_size
 
     def decode_state_size(self, seq_len: int) -> int:
-        """Elements of one sequence's decode state after `seq_len` tokens, summed over layers."""
-        return sum(b.mixin.state_size(seq_len) for b in self.blocks)
+        """Elements of one sequence's decode state after `seq_len` tokens, summed over layers (mixins and
+        stateful FFNs)."""
+        return sum(b.mixin.state_size(seq_len) + b.ffn.state_size() for b in self.blocks)

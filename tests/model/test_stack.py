@@ -15,6 +15,7 @@ from archifactory.model.loss import lm_cross_entropy
 from archifactory.model.mixins.attention import GroupedQueryAttention
 from archifactory.model.positional import RotaryPositional
 from archifactory.model.stack import StackedMixinForCausalLM
+from archifactory.registry import components
 from tests.helpers import compose_config
 
 V, D = 50, 32
@@ -126,3 +127,23 @@ def test_init_scheme_scales_residual_projections() -> None:
     assert block.mixin.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.mixin.out_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
     assert torch.equal(block.mixin_norm.weight, torch.ones(256))
+
+
+@pytest.mark.parametrize("ffn", sorted(components("ffn")))
+def test_model_decode_with_every_ffn(ffn: str) -> None:
+    """Stateful FFNs (token-shift channel-mix) carry their state; position-wise ones need none."""
+    cfg = compose_config([f"ffn={ffn}", "model.hidden_size=64", "model.num_layers=2", "trainer.seq_len=32"])
+    model = build_model(cfg, vocab_size=V).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, V, (2, 9))
+    full = model(ids).logits
+    out = model(ids[:, :3], state=model.init_state(2))
+    pieces = [out.logits]
+    for t in range(3, 9):
+        out = model(ids[:, t : t + 1], state=out.state)
+        pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full)
+    state_elements = sum(t[0].numel() for layer in out.state.layers for t in (*layer.mixin.values(), *layer.ffn.values()))
+    assert state_elements == model.decode_state_size(9)

@@ -4,6 +4,10 @@ An FFN maps [B, T, D] -> [B, T, D] position-wise, never touching the residual or
 returns `(y, aux)`: `aux` is a dict of tensors; the key `"loss"` (a scalar, already weighted) is added to
 the training loss by the model — auxiliary losses are returned, never stashed — and every other key is a
 detached metric for logging (expert load, dropped tokens, ...). Dense FFNs return an empty dict.
+
+Most FFNs are position-wise and keep no decode state. One that reads earlier tokens (RWKV's token-shifted
+channel-mix) overrides `init_state` to return its state and `forward_with_state` to consume and return it,
+so a full forward still equals prefill + token-by-token decoding.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor, nn
 
 FFNAux = dict[str, Tensor]
+FFNState = dict[str, Tensor]
 
 
 class FeedForward(nn.Module, ABC):
@@ -29,6 +35,19 @@ class FeedForward(nn.Module, ABC):
     @abstractmethod
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
         """x [B, T, D] -> (y [B, T, D], aux)."""
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FFNState:
+        """The empty decode state; position-wise FFNs have none (an empty dict)."""
+        return {}
+
+    def forward_with_state(self, x: Tensor, state: FFNState) -> tuple[Tensor, FFNAux, FFNState]:
+        """Decoding: like `forward`, consuming and returning the state (position-wise: unchanged)."""
+        y, aux = self(x)
+        return y, aux, state
+
+    def state_size(self) -> int:
+        """Elements of one sequence's decode state (0 for position-wise FFNs)."""
+        return 0
 
     @abstractmethod
     def flops_per_token(self) -> float:

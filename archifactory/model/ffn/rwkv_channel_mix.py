@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.model.ffn.base import FeedForward, FFNAux, intermediate_size
+from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState, intermediate_size
 from archifactory.registry import register_ffn
 
 
@@ -19,12 +19,9 @@ class RWKVChannelMix(FeedForward):
     k = relu(W_k lerp(x, x', μ_k))², r = sigmoid(W_r lerp(x, x', μ_r)), y = r ⊙ out_proj(k).
     Init: μ_k = μ_r = 1 - (i/D)^0.5 (RWKV-6's middle-layer ratio); projections follow the model's scheme.
 
-    Limitation — not position-wise, and stateless: the token shift reads token t-1 of the *same call*,
-    and the first token of every call sees a zero previous token. The FFN interface `forward(x) -> (y, aux)`
-    carries no decode state, so prefill + token-by-token decoding does NOT reproduce a full forward with
-    this FFN (each decoded token would see a zero shift). Train and score with full-sequence forwards; for
-    generation re-run the full prefix, or use it with a mixin-side state once the FFN contract grows one.
-    It is causal and batch-independent, so training is exact.
+    Not position-wise: the token shift reads the previous token, so decoding carries a state — the last
+    input of the previous call ([B, D]) — through `init_state` / `forward_with_state`, and a full forward
+    equals prefill + token-by-token decoding. A plain `forward` starts from a zero previous token.
 
     Options: `intermediate_multiplier` (3.5 in RWKV-6), `multiple_of` (round the intermediate size up).
     """
@@ -42,10 +39,23 @@ class RWKVChannelMix(FeedForward):
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
-        delta = F.pad(x, (0, 0, 1, -1)) - x  # x_{t-1} - x_t within each sequence, zero before t=0; [B, T, D]
+        return self._mix(x, F.pad(x, (0, 0, 1, -1))), {}  # previous token, zero before t=0; [B, T, D]
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FFNState:
+        return {"shift": torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)}
+
+    def state_size(self) -> int:
+        return self.hidden_size
+
+    def forward_with_state(self, x: Tensor, state: FFNState) -> tuple[Tensor, FFNAux, FFNState]:
+        previous = torch.cat([state["shift"][:, None].to(x.dtype), x[:, :-1]], dim=1)  # [B, T, D]
+        return self._mix(x, previous), {}, {"shift": x[:, -1]}
+
+    def _mix(self, x: Tensor, previous: Tensor) -> Tensor:
+        delta = previous - x
         k = torch.relu(self.key(x + delta * self.time_maa_k)).square()
         r = torch.sigmoid(self.receptance(x + delta * self.time_maa_r))
-        return r * self.out_proj(k), {}
+        return r * self.out_proj(k)
 
     def flops_per_token(self) -> float:
         dim, inner = self.hidden_size, self.intermediate_size
