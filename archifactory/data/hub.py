@@ -28,6 +28,16 @@ def offline_mode() -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connect to the Hub endpoint: answers in milliseconds (DNS failure) or `timeout` seconds."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxy = next(
+        (
+            os.environ[v]
+            for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+            if os.environ.get(v)
+        ),
+        None,
+    )
+    if proxy and url.scheme == "https":  # behind a proxy the Hub is reached through it
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()

@@ -249,19 +249,24 @@ def check_cache(folder: Path, key: str, tok: Tokenizer, checksums: bool) -> dict
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError) as error:
         raise ArchiFactoryError(f"token cache {folder} has no readable manifest ({error}); {fix}") from error
-    if (
-        manifest.get("format") != FORMAT
-        or manifest.get("key") != key
-        or manifest["tokenizer"]["hash"] != tok.hash
-    ):
-        raise ArchiFactoryError(
-            f"token cache {folder} does not match its settings (key or tokenizer differ); {fix}"
-        )
-    dtype = np.dtype(manifest["dtype"])
-    for split in ("train", "val"):
-        problem = verify_shards(folder, manifest["splits"][split]["shards"], dtype, checksums)
-        if problem:
-            raise ArchiFactoryError(f"token cache {folder} is corrupt: {problem}; {fix}")
+    try:
+        if (
+            manifest["format"] != FORMAT
+            or manifest["key"] != key
+            or manifest["tokenizer"]["hash"] != tok.hash
+        ):
+            raise ArchiFactoryError(
+                f"token cache {folder} does not match its settings (key or tokenizer); {fix}"
+            )
+        dtype = np.dtype(manifest["dtype"])
+        problems = [
+            verify_shards(folder, manifest["splits"][s]["shards"], dtype, checksums) for s in ("train", "val")
+        ]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArchiFactoryError(f"token cache {folder} has a corrupt manifest ({error!r}); {fix}") from error
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise ArchiFactoryError(f"token cache {folder} is corrupt: {problem}; {fix}")
     return manifest
 
 

@@ -86,7 +86,10 @@ class LocalText(Source):
             raise ArchiFactoryError("dataset=text needs dataset.path=<file|folder|glob>")
         self.files = resolve_files(cfg.path)
         self.text_field = cfg.text_field
-        self.separator = cfg.doc_separator
+        # a separator typed on the command line arrives with literal backslash escapes ("\\n\\n")
+        self.separator = (
+            cfg.doc_separator.replace("\\n", "\n").replace("\\t", "\t") if cfg.doc_separator else None
+        )
         self.description = f"local files {cfg.path} ({len(self.files)} files)"
         self.size_bytes = sum(f.stat().st_size for f in self.files)
         root = Path(cfg.path).expanduser()

@@ -71,6 +71,14 @@ def test_jsonl_parquet_and_doc_separator(tmp_path, make_cfg) -> None:
     assert train == expected_tokens(data.tokenizer, [d for i, d in enumerate(docs) if i % 4 != 0])
 
 
+def test_doc_separator_typed_with_escapes(tmp_path, make_cfg) -> None:
+    (tmp_path / "stories.txt").write_text("one little story\n\ntwo little story\n\nthree\n\nfour\n")
+    data = load_data(
+        make_cfg(path=str(tmp_path / "stories.txt"), doc_separator="\\n\\n", val_fraction=0.5), 2, 0
+    )
+    assert data.manifest["splits"]["train"]["documents"] + data.manifest["splits"]["val"]["documents"] == 4
+
+
 def test_single_document_is_cut_into_train_head_and_val_tail(tmp_path, make_cfg) -> None:
     text = make_text(1, 200)
     (tmp_path / "one.txt").write_text(text)
@@ -149,7 +157,7 @@ def test_interrupted_prepare_leaves_nothing_trusted(corpus, make_cfg, monkeypatc
     assert not data.reused_cache and data.manifest["splits"]["train"]["tokens"] > 0
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "mismatch"])
 def test_corrupt_cache_is_a_clear_error_and_rebuild_fixes_it(corpus, make_cfg, damage) -> None:
     data = load_data(make_cfg(path=str(corpus)), seq_len=8, seed=0)
     shard = data.cache_dir / data.manifest["splits"]["train"]["shards"][0]["file"]
@@ -159,9 +167,14 @@ def test_corrupt_cache_is_a_clear_error_and_rebuild_fixes_it(corpus, make_cfg, d
         shard.write_bytes(bytes(raw))
     elif damage == "truncate":
         shard.write_bytes(bytes(raw[:-2]))
-    else:
+    elif damage == "manifest":
         (data.cache_dir / "manifest.json").write_text("{not json")
-    with pytest.raises(ArchiFactoryError, match=r"token cache .*(corrupt|manifest).*dataset.rebuild=true"):
+    else:  # a manifest from other settings under this folder's name
+        manifest = json.loads((data.cache_dir / "manifest.json").read_text())
+        (data.cache_dir / "manifest.json").write_text(json.dumps({**manifest, "key": "0" * 16}))
+    with pytest.raises(
+        ArchiFactoryError, match=r"token cache .*(corrupt|manifest|match).*dataset.rebuild=true"
+    ):
         load_data(make_cfg(path=str(corpus)), seq_len=8, seed=0)
     rebuilt = load_data(make_cfg(path=str(corpus), rebuild=True), seq_len=8, seed=0)
     assert not rebuilt.reused_cache and rebuilt.cache_dir == data.cache_dir
