@@ -137,8 +137,10 @@ def main() -> None:
     raw, ours = f"{tokenization['raw_tok_s']:,.0f}", f"{tokenization['ours_tok_s']:,.0f}"
     rows = [
         ("tokenize: `tokenizers` encode_batch_fast (in memory)", raw, "yardstick"),
-        ("tokenize: ArchiFactory prepare (files → uint16 shards)", ours, f"{tok_ratio:.2f}x slower (target ≤ 2x)"),
-        (f"train: model=tiny fwd+bwd+AdamW, batch {shape}", f"{train_tok_s:,.0f}", f"{params / 1e6:.1f}M params"),
+        ("tokenize: ArchiFactory prepare (files → uint16 shards)", ours,
+         f"{tok_ratio:.2f}x slower (target ≤ 2x)"),
+        (f"train: model=tiny fwd+bwd+AdamW, batch {shape}", f"{train_tok_s:,.0f}",
+         f"{params / 1e6:.1f}M params"),
         (f"loader: ready batches {shape}", f"{loader_tok_s:,.0f}",
          f"{loader_tok_s / train_tok_s:,.0f}x training (target ≥ 50x)"),
     ]  # fmt: skip
