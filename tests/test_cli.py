@@ -143,3 +143,23 @@ def test_other_architecture_checkpoint_is_refused(corpus_args: list[str], tmp_pa
     other = cli("train", *corpus_args, "ffn=mlp", "trainer.max_steps=20", f"hydra.run.dir={run_dir}",
                 "trainer.resume=true", cwd=tmp_path)  # fmt: skip
     assert other.returncode == 1 and "another architecture" in other.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_submitit_sweep_runs_each_variant_as_a_job(corpus_args: list[str], tmp_path: Path) -> None:
+    """`hydra/launcher=local_jobs` goes through the same submitit pickling path as `hydra/launcher=slurm`."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = cli("train", "-m", "hydra/launcher=local_jobs", "positional=rope,alibi", *corpus_args,
+                 "trainer.max_steps=2", "trainer.eval_every=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                 cwd=tmp_path, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("summary.json")]
+    assert sorted(s["positional"] for s in summaries) == ["alibi", "rope"]
+    assert all(s["status"] == "completed" for s in summaries)
+
+
+def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = cli("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "submitit_launcher.SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
