@@ -31,7 +31,7 @@ class ModelConfig:
     hidden_size: int = 128
     num_heads: int = 4
     max_seq_len: int = "${trainer.seq_len}"  # type: ignore[assignment]  # interpolation, resolved to int
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    vocab_size: int | None = None  # None: taken from the tokenizer
     initializer_range: float = 0.02
     tie_embeddings: bool = False
     norm: str = "rmsnorm"
@@ -48,8 +48,8 @@ class TrainerConfig:
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     max_steps: int = 1000  # caps any run; with a token budget, the smaller of the two wins
-    total_tokens: Optional[int] = None  # token budget: steps = total_tokens / batch_tokens
-    batch_tokens: Optional[int] = None  # global batch in tokens: sets grad_accum_steps from the micro-batch
+    total_tokens: int | None = None  # token budget: steps = total_tokens / batch_tokens
+    batch_tokens: int | None = None  # global batch in tokens: sets grad_accum_steps from the micro-batch
     strategy: str = "auto"  # auto (ddp under torchrun, else single) | single | ddp | fsdp
     activation_checkpointing: bool = False
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -63,7 +63,7 @@ class TrainerConfig:
     muon_momentum: float = 0.95
     ademamix_alpha: float = 5.0
     ademamix_beta3: float = 0.9999
-    ademamix_warmup_steps: Optional[int] = None  # alpha/beta3 warmup; None = the whole run
+    ademamix_warmup_steps: int | None = None  # alpha/beta3 warmup; None = the whole run
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -76,7 +76,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     compile: bool = False
-    num_threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch's default
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
 
 
 @dataclass
@@ -88,22 +88,24 @@ class DatasetConfig:
 
     name: str = MISSING
     source: str = "text"  # text (local files) | hf (a Hugging Face Hub dataset)
-    path: Optional[str] = None  # text: a file, folder or glob; hf: the Hub dataset id
-    hf_config: Optional[str] = None  # the Hub dataset's config (subset) name
-    revision: Optional[str] = None  # a Hub commit/tag to pin; None = the default branch
+    path: str | None = None  # text: a file, folder or glob; hf: the Hub dataset id
+    hf_config: str | None = None  # the Hub dataset's config (subset) name
+    revision: str | None = None  # a Hub commit/tag to pin; None = the default branch
     train_split: str = "train"
-    val_split: Optional[str] = None  # None: hold out every round(1/val_fraction)-th document
+    val_split: str | None = None  # None: hold out every round(1/val_fraction)-th document
     text_field: str = "text"  # .jsonl/.parquet/Hub column holding the text
-    doc_separator: Optional[str] = None  # .txt: split each file into documents on this string; None = one per file
+    doc_separator: str | None = (
+        None  # .txt: split each file into documents on this string; None = one per file
+    )
     streaming: bool = False  # hf: stream instead of downloading the whole split first
     gated: bool = False  # hf: the dataset needs an access token (read from `token_env`)
     token_env: str = "HF_TOKEN"
-    max_documents: Optional[int] = None  # cap on training documents
-    max_tokens: Optional[int] = None  # cap on training tokens (the last document is cut to fit)
+    max_documents: int | None = None  # cap on training documents
+    max_tokens: int | None = None  # cap on training tokens (the last document is cut to fit)
     val_fraction: float = 0.01  # without a validation split: the share of documents held out
     tokenizer: str = "bpe"  # bpe: train a byte-level BPE on the training split; else a Hub tokenizer name
     vocab_size: int = 8192  # bpe only
-    tokenizer_train_chars: Optional[int] = 200_000_000  # bpe: characters of training text it learns from
+    tokenizer_train_chars: int | None = 200_000_000  # bpe: characters of training text it learns from
     shard_tokens: int = 100_000_000  # tokens per shard file
     cache_dir: str = "${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}"
     verify_cache: bool = True  # check every shard's checksum when reusing a cache
@@ -114,9 +116,9 @@ class DatasetConfig:
 class WandbConfig:
     enabled: bool = False
     project: str = "archifactory"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "auto"  # auto: online with an API key, offline without | online | offline | disabled
-    name: Optional[str] = None
+    name: str | None = None
 
 
 @dataclass
@@ -130,7 +132,7 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    experiment_name: Optional[str] = None
+    experiment_name: str | None = None
 
 
 def _omegaconf_type(annotation: Any) -> Any:
@@ -158,7 +160,13 @@ def component_schema(kind: str, name: str, cls: type) -> type:
         default = MISSING if param.default is inspect.Parameter.empty else param.default
         if isinstance(default, (list, dict)):
             default_value = default
-            fields.append((param.name, _omegaconf_type(hints[param.name]), field(default_factory=lambda v=default_value: v)))
+            fields.append(
+                (
+                    param.name,
+                    _omegaconf_type(hints[param.name]),
+                    field(default_factory=lambda v=default_value: v),
+                )
+            )
         else:
             fields.append((param.name, _omegaconf_type(hints[param.name]), field(default=default)))
     return dataclasses.make_dataclass(f"{kind}_{name}_schema", fields)

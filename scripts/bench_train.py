@@ -51,22 +51,36 @@ class OursAdapter(nn.Module):
         return self.model(input_ids, targets=targets, return_logits=False).loss
 
 
-def build_pair(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, seq_len: int) -> tuple[nn.Module, nn.Module]:
+def build_pair(
+    layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, seq_len: int
+) -> tuple[nn.Module, nn.Module]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ours = StackedMixinForCausalLM(
-        num_layers=layers, hidden_size=hidden, vocab_size=vocab,
-        mixin_module=functools.partial(GroupedQueryAttention, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads),
+        num_layers=layers,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        mixin_module=functools.partial(
+            GroupedQueryAttention, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads
+        ),
         ffn_module=functools.partial(SwiGLU, hidden_size=hidden),
         positional_module=RotaryPositional(hidden, seq_len, theta=10000.0),
-    )  # fmt: skip
+    )
     intermediate = ours.blocks[0].ffn.intermediate_size
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=seq_len,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     llama = LlamaForCausalLM(config)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_llama = sum(p.numel() for p in llama.parameters())
@@ -76,7 +90,9 @@ def build_pair(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, 
 
 def make_step(model: nn.Module, device: torch.device, use_bf16: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    )
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
         with autocast():
@@ -103,7 +119,9 @@ def time_steps(step, inputs, targets, device, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--kv-heads", type=int, default=None, help="default: the preset's heads (MHA)")
     parser.add_argument("--vocab", type=int, default=8192)
@@ -123,7 +141,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = True
     layers, hidden, heads = PRESETS[args.preset]
     torch.manual_seed(0)
-    ours, llama = (m.to(device) for m in build_pair(layers, hidden, heads, args.kv_heads or heads, args.vocab, args.seq_len))
+    ours, llama = (
+        m.to(device)
+        for m in build_pair(layers, hidden, heads, args.kv_heads or heads, args.vocab, args.seq_len)
+    )
     flops_per_token = 3 * ours.model.flops_per_token(args.seq_len)
     variants = {"ours eager": ours, "llama eager": llama}
     if args.compile:
@@ -144,12 +165,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name, times in seconds.items():
         median = statistics.median(times)
-        rows.append({
-            "model": name, "tokens_per_second": tokens / median, "vs_llama_eager": base / median,
-            "mfu": (tokens / median * flops_per_token / peak) if peak else None,
-        })  # fmt: skip
-    print(f"device={device} preset={args.preset} batch={args.batch} seq_len={args.seq_len} vocab={args.vocab} "
-          f"params={sum(p.numel() for p in ours.parameters()):,} (identical in both)")  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "tokens_per_second": tokens / median,
+                "vs_llama_eager": base / median,
+                "mfu": (tokens / median * flops_per_token / peak) if peak else None,
+            }
+        )
+    print(
+        f"device={device} preset={args.preset} batch={args.batch} seq_len={args.seq_len} vocab={args.vocab} "
+        f"params={sum(p.numel() for p in ours.parameters()):,} (identical in both)"
+    )
     if args.markdown:
         print("| model | tokens/s | vs Llama eager | MFU |\n|---|---:|---:|---:|")
         for r in rows:
@@ -158,7 +185,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         for r in rows:
             mfu = f"  mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
-            print(f"{r['model']:<16} {r['tokens_per_second']:>12,.0f} tok/s  {r['vs_llama_eager']:.2f}x llama eager{mfu}")
+            print(
+                f"{r['model']:<16} {r['tokens_per_second']:>12,.0f} tok/s  {r['vs_llama_eager']:.2f}x llama eager{mfu}"
+            )
     return rows
 
 

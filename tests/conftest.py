@@ -10,7 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # Tiny test models run fastest (and reproducibly) on one intra-op thread.
 torch.set_num_threads(1)
 

@@ -17,20 +17,39 @@ from safetensors.torch import load_file
 from archifactory.cli import GROUPS, group_options
 from tests.train.test_loop import write_corpus
 
-ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+ENV = os.environ | {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "archifactory", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "archifactory", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def corpus_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     root = tmp_path_factory.mktemp("cli")
     corpus = write_corpus(root / "corpus")
-    return ["dataset=text", f"dataset.path={corpus}", f"dataset.cache_dir={root / 'cache'}", "dataset.vocab_size=512",
-            "model=tiny", "model.hidden_size=64", "model.num_layers=2", "trainer=smoke"]  # fmt: skip
+    return [
+        "dataset=text",
+        f"dataset.path={corpus}",
+        f"dataset.cache_dir={root / 'cache'}",
+        "dataset.vocab_size=512",
+        "model=tiny",
+        "model.hidden_size=64",
+        "model.num_layers=2",
+        "trainer=smoke",
+    ]
 
 
 def test_list_shows_every_group_and_option(tmp_path: Path) -> None:
@@ -66,8 +85,12 @@ def test_unknown_mixin_is_one_line(tmp_path: Path) -> None:
 def test_bad_input_errors_are_one_line(corpus_args: list[str], tmp_path: Path) -> None:
     bad_heads = cli("train", *corpus_args, "model.hidden_size=100", "model.num_heads=3", cwd=tmp_path)
     assert bad_heads.returncode == 1
-    assert bad_heads.stderr.strip().splitlines()[-1].startswith("error: model.hidden_size=100 is not divisible")
-    missing = cli("train", "dataset=text", f"dataset.path={tmp_path / 'nowhere'}", "trainer=smoke", cwd=tmp_path)
+    assert (
+        bad_heads.stderr.strip().splitlines()[-1].startswith("error: model.hidden_size=100 is not divisible")
+    )
+    missing = cli(
+        "train", "dataset=text", f"dataset.path={tmp_path / 'nowhere'}", "trainer=smoke", cwd=tmp_path
+    )
     assert missing.returncode == 1 and "nowhere" in missing.stderr.strip().splitlines()[-1]
     for summary in (tmp_path / "outputs").rglob("summary.json"):
         assert json.loads(summary.read_text())["status"] == "failed"
@@ -89,8 +112,17 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_multirun_makes_one_run_dir_per_variant(corpus_args: list[str], tmp_path: Path) -> None:
-    result = cli("train", "-m", "positional=rope,alibi", *corpus_args, "trainer.max_steps=2", "trainer.eval_every=2",
-                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600)  # fmt: skip
+    result = cli(
+        "train",
+        "-m",
+        "positional=rope,alibi",
+        *corpus_args,
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
     assert [s["positional"] for s in summaries] == ["rope", "alibi"]
@@ -99,28 +131,42 @@ def test_multirun_makes_one_run_dir_per_variant(corpus_args: list[str], tmp_path
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(corpus_args: list[str], tmp_path: Path) -> None:
-    run = [*corpus_args, "trainer.max_steps=60", "trainer.checkpoint_every=5", "trainer.eval_every=30",
-           "trainer.log_every=5"]  # fmt: skip
+    run = [
+        *corpus_args,
+        "trainer.max_steps=60",
+        "trainer.checkpoint_every=5",
+        "trainer.eval_every=30",
+        "trainer.log_every=5",
+    ]
     full = cli("train", *run, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
 
     killed_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "archifactory", "train", *run, f"hydra.run.dir={killed_dir}"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed_dir / "checkpoints" / "step_0000010").exists() and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert json.loads((killed_dir / "summary.json").read_text())["status"] == "running"  # killed: never completed
+    assert (
+        json.loads((killed_dir / "summary.json").read_text())["status"] == "running"
+    )  # killed: never completed
 
-    resumed = cli("train", *run, f"hydra.run.dir={killed_dir}", "trainer.resume=true", cwd=tmp_path, timeout=600)
+    resumed = cli(
+        "train", *run, f"hydra.run.dir={killed_dir}", "trainer.resume=true", cwd=tmp_path, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "full/checkpoints/step_0000060/model.safetensors"))
     b = load_file(str(killed_dir / "checkpoints/step_0000060/model.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
-    curve = lambda d: [(m["step"], m.get("train_loss")) for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    curve = lambda d: [
+        (m["step"], m.get("train_loss"))
+        for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+    ]  # noqa: E731
     assert [s for s, _ in curve(killed_dir)] == [s for s, _ in curve(tmp_path / "full")]
     for (_, la), (_, lb) in zip(curve(tmp_path / "full"), curve(killed_dir)):
         assert (la is None and lb is None) or abs(la - lb) < 1e-5
@@ -132,16 +178,35 @@ def test_truncated_checkpoint_is_refused(corpus_args: list[str], tmp_path: Path)
     assert first.returncode == 0, first.stderr[-2000:]
     weights = run_dir / "checkpoints" / "step_0000010" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    again = cli("train", *corpus_args, "trainer.max_steps=20", f"hydra.run.dir={run_dir}", "trainer.resume=true", cwd=tmp_path)
+    again = cli(
+        "train",
+        *corpus_args,
+        "trainer.max_steps=20",
+        f"hydra.run.dir={run_dir}",
+        "trainer.resume=true",
+        cwd=tmp_path,
+    )
     assert again.returncode == 1
     assert "corrupt" in again.stderr.strip().splitlines()[-1]
 
 
 def test_other_architecture_checkpoint_is_refused(corpus_args: list[str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert cli("train", *corpus_args, "trainer.max_steps=10", f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
-    other = cli("train", *corpus_args, "ffn=mlp", "trainer.max_steps=20", f"hydra.run.dir={run_dir}",
-                "trainer.resume=true", cwd=tmp_path)  # fmt: skip
+    assert (
+        cli(
+            "train", *corpus_args, "trainer.max_steps=10", f"hydra.run.dir={run_dir}", cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    other = cli(
+        "train",
+        *corpus_args,
+        "ffn=mlp",
+        "trainer.max_steps=20",
+        f"hydra.run.dir={run_dir}",
+        "trainer.resume=true",
+        cwd=tmp_path,
+    )
     assert other.returncode == 1 and "another architecture" in other.stderr.strip().splitlines()[-1]
 
 
@@ -149,9 +214,18 @@ def test_other_architecture_checkpoint_is_refused(corpus_args: list[str], tmp_pa
 def test_submitit_sweep_runs_each_variant_as_a_job(corpus_args: list[str], tmp_path: Path) -> None:
     """`hydra/launcher=local_jobs` goes through the same submitit pickling path as `hydra/launcher=slurm`."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = cli("train", "-m", "hydra/launcher=local_jobs", "positional=rope,alibi", *corpus_args,
-                 "trainer.max_steps=2", "trainer.eval_every=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                 cwd=tmp_path, timeout=600)  # fmt: skip
+    result = cli(
+        "train",
+        "-m",
+        "hydra/launcher=local_jobs",
+        "positional=rope,alibi",
+        *corpus_args,
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("summary.json")]
     assert sorted(s["positional"] for s in summaries) == ["alibi", "rope"]
@@ -160,6 +234,8 @@ def test_submitit_sweep_runs_each_variant_as_a_job(corpus_args: list[str], tmp_p
 
 def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = cli("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", cwd=tmp_path)
+    result = cli(
+        "train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "submitit_launcher.SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout

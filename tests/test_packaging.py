@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_wheel_contains_configs(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("archifactory-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     repo_configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}

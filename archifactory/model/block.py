@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-
-from dataclasses import dataclass
 
 from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState
 from archifactory.model.mixins.base import Mixin, MixinState
@@ -31,7 +31,9 @@ class Block(nn.Module):
         self.mixin = mixin
         self.ffn_norm = build_norm(norm, hidden_size, norm_eps)
         self.ffn = ffn
-        self.activation_checkpointing = False  # recompute this block in backward instead of storing activations
+        self.activation_checkpointing = (
+            False  # recompute this block in backward instead of storing activations
+        )
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LayerState:
         return LayerState(

@@ -32,7 +32,9 @@ class PositionalScheme(nn.Module):
     def embed(self, x: Tensor, positions: Tensor) -> Tensor:
         return x
 
-    def rotation_tables(self, positions: Tensor, dim: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    def rotation_tables(
+        self, positions: Tensor, dim: int, device: torch.device
+    ) -> tuple[Tensor, Tensor] | None:
         return None
 
     def rotate(self, x: Tensor, positions: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -107,7 +109,9 @@ class SinusoidalPositional(PositionalScheme):
 
     def embed(self, x: Tensor, positions: Tensor) -> Tensor:
         half = self.hidden_size // 2
-        freqs = torch.exp(-math.log(self.base) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(self.base) * torch.arange(half, device=x.device, dtype=torch.float32) / half
+        )
         angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # [T, D/2]
         table = torch.zeros(positions.shape[0], self.hidden_size, device=x.device, dtype=torch.float32)
         table[:, 0 : 2 * half : 2] = torch.sin(angles)

@@ -93,7 +93,9 @@ class StackedMixinForCausalLM(nn.Module):
                 raise TypeError("mixin_module / ffn_module must build Mixin / FeedForward instances")
             self.blocks.append(Block(mixin, ffn, hidden_size, norm, norm_eps))
         self.final_norm = final_norm_module or build_norm(norm, hidden_size, norm_eps)
-        self.lm_head = None if tie_embeddings else (lm_head_module or nn.Linear(hidden_size, vocab_size, bias=False))
+        self.lm_head = (
+            None if tie_embeddings else (lm_head_module or nn.Linear(hidden_size, vocab_size, bias=False))
+        )
         self._check_shapes()
 
         init_weights(self.blocks, initializer_range, num_layers)
@@ -114,7 +116,10 @@ class StackedMixinForCausalLM(nn.Module):
                 f"embedding_module has shape {tuple(self.embedding.weight.shape)}, "
                 f"expected (vocab_size={self.vocab_size}, hidden_size={self.hidden_size})"
             )
-        if self.lm_head is not None and tuple(self.lm_head.weight.shape) != (self.vocab_size, self.hidden_size):
+        if self.lm_head is not None and tuple(self.lm_head.weight.shape) != (
+            self.vocab_size,
+            self.hidden_size,
+        ):
             raise ArchiFactoryError(
                 f"lm_head_module has shape {tuple(self.lm_head.weight.shape)}, "
                 f"expected (vocab_size={self.vocab_size}, hidden_size={self.hidden_size})"
@@ -124,7 +129,9 @@ class StackedMixinForCausalLM(nn.Module):
     def head_weight(self) -> Tensor:
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
-    def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DecodeState:
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> DecodeState:
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
         return DecodeState([block.init_state(batch_size, device, dtype) for block in self.blocks], 0)
@@ -163,7 +170,9 @@ class StackedMixinForCausalLM(nn.Module):
         lm_loss = loss = None
         if targets is not None:
             flat_hidden = hidden.reshape(-1, self.hidden_size)
-            lm_loss = lm_cross_entropy(flat_hidden, self.head_weight.to(hidden.dtype), targets.reshape(-1), self.loss_chunk_size)
+            lm_loss = lm_cross_entropy(
+                flat_hidden, self.head_weight.to(hidden.dtype), targets.reshape(-1), self.loss_chunk_size
+            )
             loss = lm_loss if aux_loss is None else lm_loss + aux_loss
         return CausalLMOutput(logits, loss, lm_loss, aux_loss, metrics, new_state)
 

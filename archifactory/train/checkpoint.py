@@ -134,7 +134,9 @@ def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> Loa
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ArchiFactoryError(f"checkpoint {path} is unreadable ({error}); delete it to resume from an earlier one")
+        raise ArchiFactoryError(
+            f"checkpoint {path} is unreadable ({error}); delete it to resume from an earlier one"
+        ) from error
     for name, digest in meta["sha256"].items():
         file = path / name
         if not file.is_file() or _sha256(file) != digest:
@@ -144,9 +146,10 @@ def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> Loa
             )
     if meta["model_signature"] != expected_signature:
         theirs, ours = set(meta["model_signature"]), set(expected_signature)
-        detail = sorted(theirs ^ ours)[:3] or [
-            n for n in ours if meta["model_signature"][n] != expected_signature[n]
-        ][:3]
+        detail = (
+            sorted(theirs ^ ours)[:3]
+            or [n for n in ours if meta["model_signature"][n] != expected_signature[n]][:3]
+        )
         raise ArchiFactoryError(
             f"checkpoint {path} belongs to another architecture (differs at {', '.join(detail)}); "
             "resume with the config that wrote it, or start a fresh run directory"
@@ -157,5 +160,7 @@ def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> Loa
         raise ArchiFactoryError(f"checkpoint {path} has unreadable weights ({error}); delete it") from error
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
-    trainer_state = TrainerState(meta["step"], meta["tokens_seen"], meta["loader"], meta.get("nonfinite_skipped", 0))
+    trainer_state = TrainerState(
+        meta["step"], meta["tokens_seen"], meta["loader"], meta.get("nonfinite_skipped", 0)
+    )
     return LoadedCheckpoint(path, model_state, optimizer_state, rng, trainer_state)

@@ -35,7 +35,9 @@ class DistInfo:
 def setup(device_type: str) -> DistInfo:
     if "RANK" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    )
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
@@ -59,7 +61,9 @@ def resolve_strategy(strategy: str, info: DistInfo) -> str:
             f"trainer.strategy={strategy} needs torchrun: torchrun --nproc_per_node=N -m archifactory train …"
         )
     if strategy == "single" and info.world_size > 1:
-        raise ArchiFactoryError("trainer.strategy=single under torchrun with several processes; use ddp or fsdp")
+        raise ArchiFactoryError(
+            "trainer.strategy=single under torchrun with several processes; use ddp or fsdp"
+        )
     return strategy
 
 
@@ -93,13 +97,19 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
 
 
 def load_full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict, strategy: str
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict,
+    optimizer_state: dict,
+    strategy: str,
 ) -> None:
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options
+        )
         return
     unwrap(model).load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)

@@ -27,10 +27,23 @@ from archifactory.data import load_data
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.build import build_model, describe_backends
 from archifactory.train import distributed
-from archifactory.train.checkpoint import TrainerState, list_checkpoints, load_checkpoint, model_signature, save_checkpoint, set_rng_state
+from archifactory.train.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    model_signature,
+    save_checkpoint,
+    set_rng_state,
+)
 from archifactory.train.metrics import RunRecorder, Throughput, peak_memory_mb
 from archifactory.train.optim import build_optimizer
-from archifactory.train.runtime import autocast_factory, configure_backends, peak_flops, resolve_device, seed_everything
+from archifactory.train.runtime import (
+    autocast_factory,
+    configure_backends,
+    peak_flops,
+    resolve_device,
+    seed_everything,
+)
 from archifactory.train.schedule import build_scheduler, steps_from_token_budget
 
 log = logging.getLogger(__name__)
@@ -64,7 +77,11 @@ def plan_steps(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     accum = trainer.grad_accum_steps
     steps = trainer.max_steps
     if trainer.batch_tokens is not None:
-        budget = trainer.total_tokens if trainer.total_tokens is not None else trainer.batch_tokens * trainer.max_steps
+        budget = (
+            trainer.total_tokens
+            if trainer.total_tokens is not None
+            else trainer.batch_tokens * trainer.max_steps
+        )
         budget_steps, accum = steps_from_token_budget(
             budget, trainer.batch_tokens, trainer.micro_batch_size, trainer.seq_len, world_size
         )
@@ -76,7 +93,9 @@ def plan_steps(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list, device: torch.device, autocast: Any, bytes_per_token: float) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: list, device: torch.device, autocast: Any, bytes_per_token: float
+) -> dict[str, float]:
     """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -112,14 +131,24 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path, overrides: list[str], is_main:
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     trainer = cfg.trainer
     claim_run_dir(cfg, run_dir, overrides or [], int(os.environ.get("RANK", "0")) == 0)
-    info = distributed.setup("cuda" if torch.cuda.is_available() and trainer.device in ("auto", "cuda") else "cpu")
+    info = distributed.setup(
+        "cuda" if torch.cuda.is_available() and trainer.device in ("auto", "cuda") else "cpu"
+    )
     device = resolve_device(trainer.device, info.local_rank)
     configure_backends(device, trainer.num_threads)
     autocast = autocast_factory(trainer.precision, device)
-    recorder = RunRecorder(run_dir, info.is_main, {
-        "mixin": cfg.mixin.name, "ffn": cfg.ffn.name, "positional": cfg.positional.name,
-        "dataset": cfg.dataset.name, "seed": cfg.seed, "run_dir": str(run_dir),
-    })  # fmt: skip
+    recorder = RunRecorder(
+        run_dir,
+        info.is_main,
+        {
+            "mixin": cfg.mixin.name,
+            "ffn": cfg.ffn.name,
+            "positional": cfg.positional.name,
+            "dataset": cfg.dataset.name,
+            "seed": cfg.seed,
+            "run_dir": str(run_dir),
+        },
+    )
     ckpt_dir = run_dir / "checkpoints"
     resume_from = list_checkpoints(ckpt_dir)[-1] if trainer.resume and list_checkpoints(ckpt_dir) else None
     if trainer.resume and resume_from is None and info.is_main:
@@ -131,8 +160,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             return _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wall_start)
     except BaseException as error:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        recorder.finish(status=status, error=str(error) or type(error).__name__,
-                        wall_seconds=time.perf_counter() - wall_start)  # fmt: skip
+        recorder.finish(
+            status=status,
+            error=str(error) or type(error).__name__,
+            wall_seconds=time.perf_counter() - wall_start,
+        )
         raise
     finally:
         distributed.teardown()
@@ -143,10 +175,16 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
     if not info.is_main:  # rank 0 prepares the token cache first; the others then reuse it
         distributed.barrier(info)
-    data = load_data(cfg.dataset, seq_len=trainer.seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    data = load_data(
+        cfg.dataset, seq_len=trainer.seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size
+    )
     if info.is_main:
         distributed.barrier(info)
-    log.info("data: vocab=%d, %s", data.vocab_size, "reused token cache, no tokenization" if data.reused_cache else "prepared token cache")
+    log.info(
+        "data: vocab=%d, %s",
+        data.vocab_size,
+        "reused token cache, no tokenization" if data.reused_cache else "prepared token cache",
+    )
     model = build_model(cfg, data.vocab_size).to(device)
     raw_model = model
     breakdown = model.parameter_breakdown()
@@ -157,9 +195,16 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
         log.info("model: %s", ", ".join(f"{k}={v:,}" for k, v in breakdown.items()))
         for line in describe_backends(model):
             log.info("compute path: %s", line)
-        log.info("plan: %d optimizer steps x %d tokens (micro-batch %d x seq %d x accum %d x world %d) = %s tokens",
-                 total_steps, tokens_per_step, trainer.micro_batch_size, trainer.seq_len, accum, info.world_size,
-                 f"{total_steps * tokens_per_step:,}")  # fmt: skip
+        log.info(
+            "plan: %d optimizer steps x %d tokens (micro-batch %d x seq %d x accum %d x world %d) = %s tokens",
+            total_steps,
+            tokens_per_step,
+            trainer.micro_batch_size,
+            trainer.seq_len,
+            accum,
+            info.world_size,
+            f"{total_steps * tokens_per_step:,}",
+        )
     if trainer.activation_checkpointing:
         for block in model.blocks:
             block.activation_checkpointing = True
@@ -177,7 +222,9 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
 
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, signature)
-        distributed.load_full_state(model, optimizer, ckpt.model_state, ckpt.optimizer_state["optimizer"], strategy)
+        distributed.load_full_state(
+            model, optimizer, ckpt.model_state, ckpt.optimizer_state["optimizer"], strategy
+        )
         scheduler.load_state_dict(ckpt.optimizer_state["scheduler"])
         loader.load_state_dict(ckpt.trainer_state.loader)
         set_rng_state(ckpt.rng)
@@ -188,22 +235,35 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
         state.loader = loader.state_dict()
         model_state, optim_state = distributed.full_state(model, optimizer, strategy)
         if info.is_main:
-            path = save_checkpoint(run_dir / "checkpoints", model_state,
-                                   {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
-                                   state, trainer.keep_checkpoints)  # fmt: skip
+            path = save_checkpoint(
+                run_dir / "checkpoints",
+                model_state,
+                {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
+                state,
+                trainer.keep_checkpoints,
+            )
             log.info("checkpoint: %s", path)
         distributed.barrier(info)
 
-    recorder.attach_wandb(OmegaConf.to_container(cfg, resolve=True), cfg.wandb,
-                          f"{cfg.mixin.name}-{cfg.ffn.name}-{cfg.positional.name}-s{cfg.seed}")  # fmt: skip
+    recorder.attach_wandb(
+        OmegaConf.to_container(cfg, resolve=True),
+        cfg.wandb,
+        f"{cfg.mixin.name}-{cfg.ffn.name}-{cfg.positional.name}-s{cfg.seed}",
+    )
     recorder.update_summary(
-        params_total=breakdown["total"], params_non_embedding=breakdown["non_embedding"],
-        params_active=breakdown["active"], flops_per_token=flops_per_token, steps=state.step,
-        decode_state_size=raw_model.decode_state_size(trainer.seq_len), total_steps=total_steps,
-    )  # fmt: skip
+        params_total=breakdown["total"],
+        params_non_embedding=breakdown["non_embedding"],
+        params_active=breakdown["active"],
+        flops_per_token=flops_per_token,
+        steps=state.step,
+        decode_state_size=raw_model.decode_state_size(trainer.seq_len),
+        total_steps=total_steps,
+    )
     throughput = Throughput(3 * flops_per_token, peak_flops(device), info.world_size)
     stepper = [m for m in raw_model.modules() if hasattr(m, "after_optimizer_step")]
-    progress = tqdm(total=total_steps, initial=state.step, disable=not info.is_main, desc="train", dynamic_ncols=True)
+    progress = tqdm(
+        total=total_steps, initial=state.step, disable=not info.is_main, desc="train", dynamic_ncols=True
+    )
     loss_sum = torch.zeros((), device=device)
     loss_count, nonfinite_in_a_row = 0, 0
     last: dict[str, Any] = {}
@@ -214,7 +274,9 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
         if stop.requested:
             throughput.pause()
             checkpoint()
-            raise KeyboardInterrupt(f"stopped by {stop.requested} at step {state.step}; resume with trainer.resume=true")
+            raise KeyboardInterrupt(
+                f"stopped by {stop.requested} at step {state.step}; resume with trainer.resume=true"
+            )
         aux_metrics: dict[str, torch.Tensor] = {}
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
@@ -230,7 +292,11 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             optimizer.zero_grad(set_to_none=True)
             state.nonfinite_skipped += 1
             nonfinite_in_a_row += 1
-            log.warning("non-finite loss/gradient at step %d: step skipped (%d in a row)", state.step, nonfinite_in_a_row)
+            log.warning(
+                "non-finite loss/gradient at step %d: step skipped (%d in a row)",
+                state.step,
+                nonfinite_in_a_row,
+            )
             if nonfinite_in_a_row >= trainer.max_nonfinite_steps:
                 raise ArchiFactoryError(
                     f"{nonfinite_in_a_row} non-finite steps in a row at step {state.step}; stopped. The last good "
@@ -256,10 +322,16 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             loss_sum.zero_()
             loss_count = 0
             tokens_per_second, mfu = throughput.read()
-            record = {"step": state.step, "tokens_seen": state.tokens_seen, "train_loss": train_loss,
-                      "lr": trainer.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0], "grad_norm": float(grad_norm),
-                      "tokens_per_second": tokens_per_second, "mfu": mfu,
-                      "nonfinite_skipped": state.nonfinite_skipped}  # fmt: skip
+            record = {
+                "step": state.step,
+                "tokens_seen": state.tokens_seen,
+                "train_loss": train_loss,
+                "lr": trainer.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_second": tokens_per_second,
+                "mfu": mfu,
+                "nonfinite_skipped": state.nonfinite_skipped,
+            }
             record |= {key: value for key, value in aux_metrics.items()}
             imbalance = [float(v) for k, v in aux_metrics.items() if k.endswith(".imbalance")]
             postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_second:,.0f}"}
@@ -274,16 +346,26 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             recorder.log({"step": state.step, "tokens_seen": state.tokens_seen, **val})
             progress.write(f"step {state.step}: val_loss {val['val_loss']:.4f}  val_bpb {val['val_bpb']:.4f}")
             last.update(val)
-            recorder.update_summary(steps=state.step, tokens_seen=state.tokens_seen, **last,
-                                    peak_memory_mb=peak_memory_mb(device),
-                                    wall_seconds=time.perf_counter() - wall_start)  # fmt: skip
+            recorder.update_summary(
+                steps=state.step,
+                tokens_seen=state.tokens_seen,
+                **last,
+                peak_memory_mb=peak_memory_mb(device),
+                wall_seconds=time.perf_counter() - wall_start,
+            )
             throughput.resume()
         if state.step % trainer.checkpoint_every == 0 or is_last:
             throughput.pause()
             checkpoint()
             throughput.resume()
     progress.close()
-    recorder.finish(status="completed", steps=state.step, tokens_seen=state.tokens_seen, **last,
-                    nonfinite_skipped=state.nonfinite_skipped, peak_memory_mb=peak_memory_mb(device),
-                    wall_seconds=time.perf_counter() - wall_start)  # fmt: skip
+    recorder.finish(
+        status="completed",
+        steps=state.step,
+        tokens_seen=state.tokens_seen,
+        **last,
+        nonfinite_skipped=state.nonfinite_skipped,
+        peak_memory_mb=peak_memory_mb(device),
+        wall_seconds=time.perf_counter() - wall_start,
+    )
     return recorder.summary

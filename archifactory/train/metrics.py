@@ -19,10 +19,25 @@ import torch
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = (
-    "status", "mixin", "ffn", "positional", "dataset", "seed", "params_total", "params_non_embedding",
-    "flops_per_token", "steps", "tokens_seen", "train_loss", "val_loss", "val_bpb", "tokens_per_second",
-    "mfu", "peak_memory_mb", "wall_seconds",
-)  # fmt: skip
+    "status",
+    "mixin",
+    "ffn",
+    "positional",
+    "dataset",
+    "seed",
+    "params_total",
+    "params_non_embedding",
+    "flops_per_token",
+    "steps",
+    "tokens_seen",
+    "train_loss",
+    "val_loss",
+    "val_bpb",
+    "tokens_per_second",
+    "mfu",
+    "peak_memory_mb",
+    "wall_seconds",
+)
 
 
 def _jsonable(value: Any) -> Any:
@@ -58,9 +73,10 @@ class RunRecorder:
             self.metrics_path.write_text("")
         elif self.metrics_path.exists():  # drop lines logged after the checkpoint we resume from
             kept = [
-                line for line in self.metrics_path.read_text().splitlines()
+                line
+                for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]  # fmt: skip
+            ]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         self.update_summary(status="running")
 
@@ -73,9 +89,13 @@ class RunRecorder:
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb() else "offline"
         self.wandb_run = wandb.init(
-            project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name or run_name,
-            config=cfg, dir=str(self.run_dir), mode=os.environ.get("WANDB_MODE", mode),
-        )  # fmt: skip
+            project=wandb_cfg.project,
+            entity=wandb_cfg.entity,
+            name=wandb_cfg.name or run_name,
+            config=cfg,
+            dir=str(self.run_dir),
+            mode=os.environ.get("WANDB_MODE", mode),
+        )
         log.info("wandb: mode=%s run=%s", self.wandb_run.settings.mode, self.wandb_run.name)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -85,7 +105,9 @@ class RunRecorder:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean["step"])
+            self.wandb_run.log(
+                {k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean["step"]
+            )
 
     def update_summary(self, **values: Any) -> None:
         if not self.enabled:

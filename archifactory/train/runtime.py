@@ -19,7 +19,9 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArchiFactoryError(f"trainer.device={requested} but no CUDA device is visible; use trainer.device=cpu")
+        raise ArchiFactoryError(
+            f"trainer.device={requested} but no CUDA device is visible; use trainer.device=cpu"
+        )
     return device
 
 

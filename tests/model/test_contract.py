@@ -27,8 +27,12 @@ def perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
             p.add_(scale * torch.randn_like(p))
 
 
-def build(kind: str, name: str, positional: str = "rope", layer_idx: int = 1) -> tuple[torch.nn.Module, PositionContext]:
-    cfg = compose_config([f"{kind}={name}", f"positional={positional}", f"model.hidden_size={HIDDEN}", "model.num_heads=4"])
+def build(
+    kind: str, name: str, positional: str = "rope", layer_idx: int = 1
+) -> tuple[torch.nn.Module, PositionContext]:
+    cfg = compose_config(
+        [f"{kind}={name}", f"positional={positional}", f"model.hidden_size={HIDDEN}", "model.num_heads=4"]
+    )
     module = component_factory(kind, cfg[kind], HIDDEN)(layer_idx=layer_idx).double()
     perturb(module)
     scheme = build_positional(cfg.positional, HIDDEN, max_seq_len=64).double()
@@ -44,7 +48,9 @@ def run_mixin(mixin, ctx, x, state=None, start=0):
 
 
 def test_every_component_has_a_config() -> None:
-    assert set(MIXINS) <= set(group_options("mixin")), "every registered mixin needs configs/mixin/<name>.yaml"
+    assert set(MIXINS) <= set(group_options("mixin")), (
+        "every registered mixin needs configs/mixin/<name>.yaml"
+    )
     assert set(FFNS) <= set(group_options("ffn")), "every registered FFN needs configs/ffn/<name>.yaml"
     assert set(components("positional")) == set(group_options("positional"))
 
@@ -97,7 +103,9 @@ def test_mixin_batch_independent(name: str) -> None:
 @pytest.mark.parametrize("positional", ["none", "learned", "sinusoidal", "rope", "alibi"])
 @pytest.mark.parametrize("name", MIXINS)
 @pytest.mark.parametrize("seq_len,prefill", [(13, 5), (16, 8), (7, 0)])
-def test_mixin_forward_equals_prefill_plus_decode(name: str, positional: str, seq_len: int, prefill: int) -> None:
+def test_mixin_forward_equals_prefill_plus_decode(
+    name: str, positional: str, seq_len: int, prefill: int
+) -> None:
     mixin, ctx = build("mixin", name, positional)
     x = torch.randn(2, seq_len, HIDDEN, dtype=torch.float64)
     full = run_mixin(mixin, ctx, x)[0]
@@ -131,7 +139,7 @@ def test_ffn_contract(name: str) -> None:
     x = torch.randn(2, 9, HIDDEN, dtype=torch.float64, requires_grad=True)
     y, aux = ffn(x)
     assert y.shape == x.shape and y.dtype == x.dtype
-    loss = y.pow(2).sum() + (aux["loss"] if "loss" in aux else 0)
+    loss = y.pow(2).sum() + aux.get("loss", 0)
     loss.backward()
     for pname, p in ffn.named_parameters():
         assert p.grad is not None, f"{name}: no gradient reaches {pname}"
@@ -141,4 +149,6 @@ def test_ffn_contract(name: str) -> None:
     x2[1, 4] += 1.0
     y2 = ffn(x2)[0]
     torch.testing.assert_close(y2[0], y[0].detach(), rtol=1e-9, atol=1e-10)
-    assert ffn.flops_per_token() > 0 and 0 < ffn.active_parameters() <= sum(p.numel() for p in ffn.parameters())
+    assert ffn.flops_per_token() > 0 and 0 < ffn.active_parameters() <= sum(
+        p.numel() for p in ffn.parameters()
+    )

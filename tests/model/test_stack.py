@@ -23,11 +23,14 @@ V, D = 50, 32
 
 def make(**kwargs) -> StackedMixinForCausalLM:
     return StackedMixinForCausalLM(
-        num_layers=2, hidden_size=D, vocab_size=V,
+        num_layers=2,
+        hidden_size=D,
+        vocab_size=V,
         mixin_module=functools.partial(GroupedQueryAttention, hidden_size=D, num_heads=4, num_kv_heads=2),
         ffn_module=functools.partial(SwiGLU, hidden_size=D),
-        positional_module=RotaryPositional(D, 64), **kwargs,
-    )  # fmt: skip
+        positional_module=RotaryPositional(D, 64),
+        **kwargs,
+    )
 
 
 def test_loss_ignores_padding_targets() -> None:
@@ -60,7 +63,9 @@ def test_freeze_only_passed_in_modules() -> None:
     assert not model.embedding.weight.requires_grad
     assert model.lm_head.weight.requires_grad, "a fresh head is never frozen"
     assert model.final_norm.weight.requires_grad
-    assert torch.equal(model.embedding.weight, pretrained_embedding.weight), "passed-in weights are not re-initialised"
+    assert torch.equal(model.embedding.weight, pretrained_embedding.weight), (
+        "passed-in weights are not re-initialised"
+    )
 
 
 def test_tied_embeddings_share_one_matrix() -> None:
@@ -103,7 +108,9 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
 
 @pytest.mark.parametrize("positional", ["none", "learned", "sinusoidal", "rope", "alibi"])
 def test_model_forward_equals_prefill_plus_decode(positional: str) -> None:
-    cfg = compose_config([f"positional={positional}", "model.hidden_size=32", "model.num_layers=2", "trainer.seq_len=32"])
+    cfg = compose_config(
+        [f"positional={positional}", "model.hidden_size=32", "model.num_layers=2", "trainer.seq_len=32"]
+    )
     model = build_model(cfg, vocab_size=V).double()
     ids = torch.randint(0, V, (2, 11))
     full = model(ids).logits
@@ -119,10 +126,13 @@ def test_model_forward_equals_prefill_plus_decode(positional: str) -> None:
 
 def test_init_scheme_scales_residual_projections() -> None:
     model = StackedMixinForCausalLM(
-        num_layers=8, hidden_size=256, vocab_size=V,
+        num_layers=8,
+        hidden_size=256,
+        vocab_size=V,
         mixin_module=functools.partial(GroupedQueryAttention, hidden_size=256, num_heads=4),
-        ffn_module=functools.partial(SwiGLU, hidden_size=256), initializer_range=0.02,
-    )  # fmt: skip
+        ffn_module=functools.partial(SwiGLU, hidden_size=256),
+        initializer_range=0.02,
+    )
     block = model.blocks[0]
     assert block.mixin.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.mixin.out_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
@@ -145,5 +155,7 @@ def test_model_decode_with_every_ffn(ffn: str) -> None:
         out = model(ids[:, t : t + 1], state=out.state)
         pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full)
-    state_elements = sum(t[0].numel() for layer in out.state.layers for t in (*layer.mixin.values(), *layer.ffn.values()))
+    state_elements = sum(
+        t[0].numel() for layer in out.state.layers for t in (*layer.mixin.values(), *layer.ffn.values())
+    )
     assert state_elements == model.decode_state_size(9)

@@ -16,10 +16,19 @@ from tests.helpers import compose_config
 from tests.train.test_loop import write_corpus
 
 COMMON = [
-    "dataset=text", "dataset.vocab_size=512", "model=tiny", "model.hidden_size=64", "model.num_layers=2",
-    "trainer=smoke", "trainer.max_steps=8", "trainer.log_every=1", "trainer.eval_every=8",
-    "trainer.checkpoint_every=8", "trainer.micro_batch_size=2", "trainer.lr=1e-2",
-]  # fmt: skip
+    "dataset=text",
+    "dataset.vocab_size=512",
+    "model=tiny",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "trainer=smoke",
+    "trainer.max_steps=8",
+    "trainer.log_every=1",
+    "trainer.eval_every=8",
+    "trainer.checkpoint_every=8",
+    "trainer.micro_batch_size=2",
+    "trainer.lr=1e-2",
+]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -42,7 +51,9 @@ def test_two_process_run_matches_single_process(strategy: str, tmp_path: Path) -
     single_dir = tmp_path / "single"
     train(compose_config([*COMMON, *data, "trainer.grad_accum_steps=2"]), single_dir)
 
-    result = torchrun([*COMMON, *data, f"trainer.strategy={strategy}", f"hydra.run.dir={tmp_path / 'dist'}"], tmp_path)
+    result = torchrun(
+        [*COMMON, *data, f"trainer.strategy={strategy}", f"hydra.run.dir={tmp_path / 'dist'}"], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["tokens_seen"] == 8 * 2 * 2 * 64

@@ -14,8 +14,10 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.train.loop import train
 from tests.helpers import compose_config
 
-WORDS = ("the cat dog sat ran on a mat hat big small red blue king queen said to her him and then "
-         "over under green house tree bird sang sweetly loudly").split()  # fmt: skip
+WORDS = (
+    "the cat dog sat ran on a mat hat big small red blue king queen said to her him and then "
+    "over under green house tree bird sang sweetly loudly"
+).split()
 
 
 def write_corpus(folder: Path, documents: int = 300, seed: int = 0) -> Path:
@@ -26,7 +28,8 @@ def write_corpus(folder: Path, documents: int = 300, seed: int = 0) -> Path:
         stories = []
         for _ in range(50):
             sentences = [
-                f"the {rng.choice(WORDS)} {rng.choice(WORDS)} on the {rng.choice(WORDS)}." for _ in range(rng.randint(3, 8))
+                f"the {rng.choice(WORDS)} {rng.choice(WORDS)} on the {rng.choice(WORDS)}."
+                for _ in range(rng.randint(3, 8))
             ]
             stories.append(" ".join(sentences))
         (folder / f"part{i}.txt").write_text("\n\n".join(stories))
@@ -39,10 +42,20 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def smoke_config(corpus: Path, cache: Path, *extra: str):
-    return compose_config([
-        "dataset=text", f"dataset.path={corpus}", f"dataset.cache_dir={cache}", "dataset.vocab_size=512",
-        "model=tiny", "model.hidden_size=64", "model.num_layers=2", "trainer=smoke", "trainer.lr=1e-2", *extra,
-    ])  # fmt: skip
+    return compose_config(
+        [
+            "dataset=text",
+            f"dataset.path={corpus}",
+            f"dataset.cache_dir={cache}",
+            "dataset.vocab_size=512",
+            "model=tiny",
+            "model.hidden_size=64",
+            "model.num_layers=2",
+            "trainer=smoke",
+            "trainer.lr=1e-2",
+            *extra,
+        ]
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -55,9 +68,26 @@ def test_smoke_run_writes_the_run_directory(corpus: Path, tmp_path: Path) -> Non
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == summary
-    for key in ("status", "mixin", "ffn", "positional", "dataset", "seed", "params_total", "params_non_embedding",
-                "flops_per_token", "steps", "tokens_seen", "train_loss", "val_loss", "val_bpb",
-                "tokens_per_second", "mfu", "peak_memory_mb", "wall_seconds"):  # fmt: skip
+    for key in (
+        "status",
+        "mixin",
+        "ffn",
+        "positional",
+        "dataset",
+        "seed",
+        "params_total",
+        "params_non_embedding",
+        "flops_per_token",
+        "steps",
+        "tokens_seen",
+        "train_loss",
+        "val_loss",
+        "val_bpb",
+        "tokens_per_second",
+        "mfu",
+        "peak_memory_mb",
+        "wall_seconds",
+    ):
         assert key in on_disk
     assert on_disk["status"] == "completed" and on_disk["steps"] == 20
     assert on_disk["tokens_seen"] == 20 * 4 * 64
@@ -94,8 +124,9 @@ def test_resume_matches_uninterrupted(corpus: Path, tmp_path: Path, monkeypatch:
         train(smoke_config(corpus, cache, "trainer.checkpoint_every=5"), crashed)
     train(smoke_config(corpus, cache, "trainer.checkpoint_every=5", "trainer.resume=true"), crashed)
 
-    a, b = load_file(str(full / "checkpoints/step_0000020/model.safetensors")), load_file(
-        str(crashed / "checkpoints/step_0000020/model.safetensors")
+    a, b = (
+        load_file(str(full / "checkpoints/step_0000020/model.safetensors")),
+        load_file(str(crashed / "checkpoints/step_0000020/model.safetensors")),
     )
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
@@ -115,7 +146,9 @@ def test_bad_hidden_size_fails_cleanly(corpus: Path, tmp_path: Path) -> None:
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
 
 
-def test_nonfinite_steps_are_skipped_then_stop(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nonfinite_steps_are_skipped_then_stop(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from archifactory.model import stack
 
     real_forward = stack.StackedMixinForCausalLM.forward

@@ -64,7 +64,9 @@ class GroupedQueryAttention(Mixin):
                 "pick num_kv_heads among the divisors of num_heads"
             )
         if backend not in ATTENTION_BACKENDS:
-            raise ArchiFactoryError(f"mixin=gqa: backend={backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+            raise ArchiFactoryError(
+                f"mixin=gqa: backend={backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         self.backend = "sdpa" if backend in ("auto", "fused") else backend
         kv_size = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
@@ -112,7 +114,9 @@ class GroupedQueryAttention(Mixin):
             return attention_reference(q, k, v, mask, bias)
         if bias is None and past == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(
+            ~mask, float("-inf")
+        )
         if bias is not None:
             float_mask = float_mask + bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask)
