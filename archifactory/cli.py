@@ -116,7 +116,8 @@ def prepare_task(cfg) -> None:
 def data_verb(args: list[str]) -> int:
     if not args or args[0] != "prepare":
         raise ArchiFactoryError("usage: archifactory data prepare dataset=<name> [dataset.key=value ...]")
-    return run_hydra(prepare_task, "data prepare", args[1:])
+    # preparing data is not a run: its log goes to the cache, not to an outputs/<run_name>/ directory
+    return run_hydra(prepare_task, "data prepare", ["hydra.run.dir=${dataset.cache_dir}/logs", *args[1:]])
 
 
 VERBS: dict[str, Callable[[list[str]], int]] = {
