@@ -8,7 +8,10 @@
 - parameters that are not Linear/Embedding weights (decays, gates, A_log, dt_bias, ...) keep the init
   their component gave them in its constructor, which its docstring documents;
 - a Linear or Embedding with the attribute `skip_reinit = True` keeps its constructor init (e.g. the
-  zero-initialised up-projection of a low-rank adapter).
+  zero-initialised up-projection of a low-rank adapter);
+- a module holding stacked expert weights as plain parameters (MoE: [E, D, F]) defines
+  `reset_experts(std, out_std)` and gets the same two stds: input-side N(0, initializer_range²),
+  output-side (back into the residual stream) the depth-scaled one.
 """
 
 from __future__ import annotations
@@ -31,3 +34,5 @@ def init_weights(module: nn.Module, initializer_range: float, num_layers: int) -
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
             nn.init.normal_(sub.weight, mean=0.0, std=initializer_range)
+        if hasattr(sub, "reset_experts"):
+            sub.reset_experts(initializer_range, residual_std)

@@ -159,3 +159,11 @@ def test_model_decode_with_every_ffn(ffn: str) -> None:
         t[0].numel() for layer in out.state.layers for t in (*layer.mixin.values(), *layer.ffn.values())
     )
     assert state_elements == model.decode_state_size(9)
+
+
+def test_init_scheme_reaches_stacked_expert_weights() -> None:
+    cfg = compose_config(["ffn=moe", "model.hidden_size=256", "model.num_layers=8", "ffn.dispatch=loop"])
+    model = build_model(cfg, vocab_size=V)
+    moe = model.blocks[0].ffn
+    assert moe.w_in.std().item() == pytest.approx(0.02, rel=0.05)
+    assert moe.w_out.std().item() == pytest.approx(0.02 / 4, rel=0.05)
