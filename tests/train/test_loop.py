@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from archifactory.errors import ArchiFactoryError
+from archifactory.registry import components
 from archifactory.train.loop import train
 from tests.helpers import compose_config
 
@@ -169,3 +170,30 @@ def test_nonfinite_steps_are_skipped_then_stop(
     assert summary["status"] == "failed"
     logged = read_metrics(run_dir)
     assert any(m.get("nonfinite_skipped") == 1 for m in logged), "the single NaN step was skipped and counted"
+
+
+def _first_and_last_val(run_dir: Path) -> tuple[float, float]:
+    vals = [m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m]
+    return vals[0], vals[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixin", sorted(components("mixin")))
+def test_every_mixin_trains(mixin: str, corpus: Path, tmp_path: Path) -> None:
+    train(smoke_config(corpus, tmp_path / "cache", f"mixin={mixin}"), tmp_path / "run")
+    first, last = _first_and_last_val(tmp_path / "run")
+    assert last < first, f"{mixin}: validation loss did not fall ({first:.3f} -> {last:.3f})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ffn", sorted(components("ffn")))
+def test_every_ffn_trains(ffn: str, corpus: Path, tmp_path: Path) -> None:
+    summary = train(smoke_config(corpus, tmp_path / "cache", f"ffn={ffn}"), tmp_path / "run")
+    first, last = _first_and_last_val(tmp_path / "run")
+    assert last < first, f"{ffn}: validation loss did not fall ({first:.3f} -> {last:.3f})"
+    assert summary["params_active"] <= summary["params_total"]
+    if ffn in ("moe", "hyper_moe", "dora_moe"):
+        logged = [m for m in read_metrics(tmp_path / "run") if "train_loss" in m][-1]
+        loads = [value for key, value in logged.items() if key.endswith(".load")]
+        assert loads and all(abs(sum(load) - 1.0) < 1e-4 for load in loads), "expert load is logged per layer"
+        assert any(key.endswith(".imbalance") for key in logged)
