@@ -26,3 +26,34 @@ def test_wheel_contains_configs(tmp_path: Path) -> None:
     for config in repo_configs:
         assert f"archifactory/{config}" in names, f"{config} missing from the wheel"
     assert "archifactory/cli.py" in names
+
+
+@pytest.mark.slow
+def test_plain_install_composes_from_the_packaged_configs(tmp_path: Path) -> None:
+    """A non-editable install (the wheel unpacked elsewhere) finds its configs without the repository."""
+    wheel_dir, target, elsewhere = tmp_path / "wheel", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(wheel_dir), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(wheel_dir.glob("archifactory-*.whl"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    probe = "import archifactory.cli as c; print(c.config_dir())"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert where.stdout.strip() == str(target / "archifactory" / "configs")
+    composed = subprocess.run(
+        [sys.executable, "-m", "archifactory", "train", "mixin=gqa", "ffn=mlp", "--cfg", "job"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert composed.returncode == 0, composed.stderr[-2000:]
+    assert "name: mlp" in composed.stdout
