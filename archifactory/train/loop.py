@@ -37,6 +37,7 @@ from archifactory.train.checkpoint import (
 )
 from archifactory.train.metrics import RunRecorder, Throughput, peak_memory_mb
 from archifactory.train.optim import build_optimizer
+from archifactory.train.plot import plot_loss_curves
 from archifactory.train.runtime import (
     autocast_factory,
     configure_backends,
@@ -359,6 +360,8 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             checkpoint()
             throughput.resume()
     progress.close()
+    if info.is_main:
+        plot_loss_curves(run_dir, f"{cfg.run_name}: {breakdown['total']:,} parameters")
     recorder.finish(
         status="completed",
         steps=state.step,

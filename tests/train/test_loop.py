@@ -95,6 +95,7 @@ def test_smoke_run_writes_the_run_directory(corpus: Path, tmp_path: Path) -> Non
     vals = [m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m]
     assert len(vals) == 2 and vals[-1] < vals[0]
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step_0000010", "step_0000020"]
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_matches_uninterrupted(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
