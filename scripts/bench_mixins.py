@@ -58,7 +58,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument(
-        "--backend", default=None, help="mixin backend; default reference on CPU, auto on CUDA"
+        "--backend",
+        default=None,
+        help="mixin backend; default reference on CPU, auto on CUDA",
+    )
+    parser.add_argument(
+        "--baseline-backend",
+        default="auto",
+        help="gqa's backend: auto (SDPA, what a run uses) or reference (materialised softmax)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
@@ -259,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {}
         for seq_len in seq_lens:
             start = time.perf_counter()
-            result = measure({**common, "mixin": name, "seq_len": seq_len}, args.timeout)
+            backend = args.baseline_backend if name == BASELINE else args.backend
+            result = measure({**common, "mixin": name, "seq_len": seq_len, "backend": backend}, args.timeout)
             results[name][seq_len] = result
             outcome = (
                 result.get("error") or f"{result['tokens_per_s']:,.0f} tok/s, {result['peak_mb']:,.0f} MB"
