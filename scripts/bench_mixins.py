@@ -13,9 +13,11 @@ figure is its own:
   without /proc it falls back to ru_maxrss (a lifetime peak, so an over-estimate for small runs);
 - peak MB, CUDA: torch.cuda.max_memory_allocated() over memory_allocated() at the same point.
 
-The CPU default uses every mixin's `reference` backend (the materialised-softmax oracle for attention),
-so the T=4096 attention figures are those of explicit attention, not of a flash kernel; on a GPU use
-`--device cuda --backend fused` (bf16 autocast). Usage:
+Every mixin runs at `backend=auto`, the path a training run takes: on CPU that is SDPA for gqa/mla and
+the plain-PyTorch chunked reference for retnet/rwkv6/mamba2 (lstm/rnn use torch's fused kernels). The
+baseline is gqa at that backend; a `gqa/reference` row (explicit fp32 softmax) is added for context. On a
+GPU use `--device cuda` (auto = fused kernels, bf16 autocast), or `--backend reference` to compare the
+references. An entry `name/backend` in `--mixins` forces one mixin's backend. Usage:
 
     python scripts/bench_mixins.py                       # T=512 and T=4096, hidden 256, 4 layers, batch 8
     python scripts/bench_mixins.py --quick               # T=128, batch 2: a minute or two
@@ -60,12 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backend",
         default=None,
-        help="mixin backend; default reference on CPU, auto on CUDA",
-    )
-    parser.add_argument(
-        "--baseline-backend",
-        default="auto",
-        help="gqa's backend: auto (SDPA, what a run uses) or reference (materialised softmax)",
+        help="mixin backend for every entry (default auto: what a training run uses)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
@@ -76,20 +73,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.seq_lens, args.batch = "128", 2
     if args.backend is None:
-        args.backend = "reference" if args.device == "cpu" else "auto"
+        args.backend = "auto"
     return args
 
 
 def select_mixins(requested: str | None) -> list[str]:
-    """The baseline first, then every registered mixin (or the requested ones) in name order."""
+    """The baseline first (gqa at its run-time backend), then gqa's materialised-softmax reference for
+    context, then every registered mixin (or the requested ones) in name order. An entry `name/backend`
+    forces that mixin's backend."""
     from archifactory.registry import components
 
     registered = sorted(components("mixin"))
     names = registered if requested is None else [n.strip() for n in requested.split(",") if n.strip()]
-    unknown = [n for n in names if n not in registered]
+    unknown = [n for n in names if n.split("/")[0] not in registered]
     if unknown:
         raise SystemExit(f"unknown mixin(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
-    return [BASELINE] + [n for n in names if n != BASELINE]
+    rest = [n for n in names if n != BASELINE]
+    context = [f"{BASELINE}/reference"] if requested is None else []
+    return [BASELINE, *context, *rest]
 
 
 def compose(spec: dict[str, Any]) -> Any:
@@ -266,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {}
         for seq_len in seq_lens:
             start = time.perf_counter()
-            backend = args.baseline_backend if name == BASELINE else args.backend
-            result = measure({**common, "mixin": name, "seq_len": seq_len, "backend": backend}, args.timeout)
+            mixin, _, forced = name.partition("/")
+            result = measure(
+                {**common, "mixin": mixin, "seq_len": seq_len, "backend": forced or args.backend},
+                args.timeout,
+            )
             results[name][seq_len] = result
             outcome = (
                 result.get("error") or f"{result['tokens_per_s']:,.0f} tok/s, {result['peak_mb']:,.0f} MB"

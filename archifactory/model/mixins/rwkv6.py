@@ -97,9 +97,10 @@ def wkv6_chunked(
     chunk_decay = g.sum(-2).exp()[..., None]  # [B, H, N, K, 1]
     current = r.new_zeros(batch, heads, key_dim, value_dim) if state is None else state.to(dtype)
     starts = []
-    for n in range(num_chunks):
+    # unbind, not chunk_kv[:, :, n]: indexed slices in a loop cost a full-size zero gradient per chunk
+    for kv_n, decay_n in zip(chunk_kv.unbind(2), chunk_decay.unbind(2)):
         starts.append(current)
-        current = chunk_decay[:, :, n] * current + chunk_kv[:, :, n]
+        current = decay_n * current + kv_n
     out = out + r_decayed @ torch.stack(starts, dim=2)  # [B, H, N, L, V]
     out = out.reshape(batch, heads, num_chunks * size, value_dim)[:, :, :seq_len].transpose(1, 2)
     return out, current

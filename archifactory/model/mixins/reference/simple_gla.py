@@ -75,9 +75,11 @@ def chunk_simple_gla(
         else initial_state.to(dtype)
     )
     states_before = []
-    for n in range(b.shape[2]):
+    # unbind, not chunk_kv[:, :, n]: indexing in a loop makes autograd build a full-size zero gradient per
+    # chunk (quadratic in the number of chunks); unbind's backward stacks the per-chunk gradients once
+    for kv_n, decay_n in zip(chunk_kv.unbind(2), chunk_decay.unbind(2)):
         states_before.append(state)
-        state = state * chunk_decay[:, :, n] + chunk_kv[:, :, n]
+        state = state * decay_n + kv_n
     # inter-chunk: the state entering the chunk, decayed to each position (exp(b_i) <= 1)
     out = out + (qc * b.exp()[..., None]) @ torch.stack(states_before, dim=2)
     out = out.reshape(batch, heads, -1, value_dim)[:, :, :seq_len].transpose(1, 2).to(q.dtype)
