@@ -134,7 +134,7 @@ def test_init_scheme_scales_residual_projections() -> None:
         initializer_range=0.02,
     )
     block = model.blocks[0]
-    assert block.mixin.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.mixin.qkv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.mixin.out_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
     assert torch.equal(block.mixin_norm.weight, torch.ones(256))
 

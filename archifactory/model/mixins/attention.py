@@ -69,9 +69,9 @@ class GroupedQueryAttention(Mixin):
             )
         self.backend = "sdpa" if backend in ("auto", "fused") else backend
         kv_size = self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, kv_size, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, kv_size, bias=bias)
+        # q, k and v in one matmul (one GEMM instead of three; the same parameters as separate projections)
+        self.qkv_proj = nn.Linear(hidden_size, hidden_size + 2 * kv_size, bias=bias)
+        self.kv_size = kv_size
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
@@ -84,9 +84,10 @@ class GroupedQueryAttention(Mixin):
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.hidden_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(batch, seq_len, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.rotate(q), ctx.rotate(k)
@@ -100,26 +101,28 @@ class GroupedQueryAttention(Mixin):
         past = k.shape[2] - seq_len
         k_positions = torch.arange(ctx.positions[0] - past, ctx.positions[-1] + 1, device=x.device)
         bias = ctx.attention_bias(self.num_heads, k_positions)  # [H, Tq, Tk] or None
-        groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, D]
         y = self._attend(q, k, v, past, bias)
         y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(y), new_state
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None) -> Tensor:
+        """q [B, H, Tq, D], k/v [B, H_kv, Tk, D] -> [B, H, Tq, D]."""
         seq_len, total = q.shape[2], k.shape[2]
+        grouped = self.num_kv_heads != self.num_heads
         # query i (absolute past + i) may see keys j <= past + i
         mask = torch.ones(seq_len, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
         if self.backend == "reference":
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, D]
             return attention_reference(q, k, v, mask, bias)
-        if bias is None and past == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if bias is None and past == 0:  # SDPA shares each K/V head across its group (no copies)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
         float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(
             ~mask, float("-inf")
         )
         if bias is not None:
             float_mask = float_mask + bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, enable_gqa=grouped)
 
     def backend_name(self) -> str:
         return self.backend

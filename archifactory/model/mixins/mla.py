@@ -182,14 +182,18 @@ class MultiHeadLatentAttention(Mixin):
         if self.backend == "reference":
             # attention_reference divides by sqrt(q's width); pre-scale q so the net scale is `scale`
             return attention_reference(q * (scale * math.sqrt(q.shape[-1])), k, v, mask, bias)
+        # SDPA's flash kernels want one head width for q, k and v: pad v with zeros and slice the output
+        # (exact: the padded columns only produce zero outputs); otherwise it falls back to the math kernel
+        value_dim = v.shape[-1]
+        v = F.pad(v, (0, max(q.shape[-1] - value_dim, 0)))
         if bias is None and past == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :value_dim]
         float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(
             ~mask, float("-inf")
         )
         if bias is not None:
             float_mask = float_mask + bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, scale=scale)[..., :value_dim]
 
     def backend_name(self) -> str:
         return self.backend
