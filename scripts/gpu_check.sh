@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The prepared run for a CUDA machine: fused-vs-reference parity tests (forward and gradients, bf16
+# tolerances), then the GPU benchmarks. Each result is printed and saved under $OUT (the device tool's
+# output folder) or benchmarks/gpu/. Needs: CUDA torch and `pip install -e ".[test,fla]"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/gpu}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.txt"
+python scripts/bench_mixins.py --device cuda --steps 10 --markdown 2>&1 | tee "$out/bench_mixins_cuda.md"
+python scripts/bench_ffn.py --device cuda --dtype bf16 --markdown 2>&1 | tee "$out/bench_ffn_cuda.md"
+python scripts/bench_train.py --device cuda --preset base125m --batch 16 --seq-len 1024 --vocab 32768 \
+    --compile --markdown 2>&1 | tee "$out/bench_train_cuda.md"
