@@ -103,12 +103,12 @@ def test_tied_linear_head_counts_once_as_table() -> None:
 def test_frozen_parameters_are_excluded() -> None:
     model = tiny_lm()
     model.embedding.requires_grad_(False)
-    model.blocks[0].mixin.q_proj.requires_grad_(False)
+    model.blocks[0].mixin.qkv_proj.requires_grad_(False)
     for name in ("adamw", "muon", "ademamix"):
         opt = build_optimizer(model, TrainerConfig(optimizer=name), "cpu", total_steps=10)
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
         assert id(model.embedding.weight) not in in_opt
-        assert id(model.blocks[0].mixin.q_proj.weight) not in in_opt
+        assert id(model.blocks[0].mixin.qkv_proj.weight) not in in_opt
         assert len(in_opt) == sum(p.requires_grad for p in model.parameters())
 
 
