@@ -131,7 +131,10 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path, overrides: list[str], is_main:
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     trainer = cfg.trainer
-    claim_run_dir(cfg, run_dir, overrides or [], int(os.environ.get("RANK", "0")) == 0)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    claim_run_dir(cfg, run_dir, overrides or [], is_main)
+    if not is_main:  # rank-0-only logging: the other ranks report warnings and errors only
+        logging.getLogger("archifactory").setLevel(logging.WARNING)
     info = distributed.setup(
         "cuda" if torch.cuda.is_available() and trainer.device in ("auto", "cuda") else "cpu"
     )
@@ -270,6 +273,7 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
     last: dict[str, Any] = {}
     model.train()
     throughput.resume()
+    first_step = state.step + 1  # excluded from throughput: compilation and warm-up
 
     while state.step < total_steps:
         if stop.requested:
@@ -313,6 +317,8 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
         state.step += 1
         state.tokens_seen += tokens_per_step
         throughput.add_tokens(tokens_per_step)
+        if state.step == first_step:
+            throughput.restart()
         loss_sum += step_loss
         loss_count += 1
         progress.update(1)
@@ -335,12 +341,15 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             }
             record |= {key: value for key, value in aux_metrics.items()}
             imbalance = [float(v) for k, v in aux_metrics.items() if k.endswith(".imbalance")]
-            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_second:,.0f}"}
+            postfix = {"loss": f"{train_loss:.3f}"}
+            if tokens_per_second is not None:
+                postfix["tok/s"] = f"{tokens_per_second:,.0f}"
             if imbalance:
                 postfix["imb"] = f"{max(imbalance):.2f}"
             progress.set_postfix(postfix)
             recorder.log(record)
-            last.update(train_loss=train_loss, tokens_per_second=tokens_per_second, mfu=mfu)
+            run_tokens_per_second, run_mfu = throughput.run_average()
+            last.update(train_loss=train_loss, tokens_per_second=run_tokens_per_second, mfu=run_mfu)
         if state.step % trainer.eval_every == 0 or is_last:
             throughput.pause()
             val = evaluate(model, val_batches, device, autocast, data.val_bytes_per_token)

@@ -137,6 +137,8 @@ class Throughput:
         self.world_size = world_size
         self.tokens = 0
         self.seconds = 0.0
+        self.run_tokens = 0  # every read window of the run, for the summary
+        self.run_seconds = 0.0
         self._started: float | None = None
 
     def resume(self) -> None:
@@ -150,16 +152,35 @@ class Throughput:
     def add_tokens(self, tokens: int) -> None:
         self.tokens += tokens
 
-    def read(self) -> tuple[float, float | None]:
-        """(global tokens/s, MFU or None) since the last read; resets the window."""
+    def run_average(self) -> tuple[float | None, float | None]:
+        """(tokens/s, MFU) over every window read so far: the figure `summary.json` reports."""
+        if self.run_seconds <= 0:
+            return None, None
+        tokens_per_second = self.run_tokens / self.run_seconds
+        return tokens_per_second, self._mfu(tokens_per_second)
+
+    def _mfu(self, tokens_per_second: float) -> float | None:
+        if not self.peak_flops:
+            return None
+        return tokens_per_second * self.train_flops_per_token / (self.peak_flops * self.world_size)
+
+    def restart(self) -> None:
+        """Drop the window so far (the first step: torch.compile and allocator warm-up are not throughput)."""
+        self.tokens, self.seconds = 0, 0.0
+        self._started = time.perf_counter()
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(global tokens/s, MFU), each None when the window is empty; resets the window."""
         self.pause()
-        tokens_per_second = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        mfu = None
-        if self.peak_flops:
-            mfu = tokens_per_second * self.train_flops_per_token / (self.peak_flops * self.world_size)
+        if self.tokens == 0 or self.seconds <= 0:
+            self.resume()
+            return None, None
+        tokens_per_second = self.tokens / self.seconds
+        self.run_tokens += self.tokens
+        self.run_seconds += self.seconds
         self.tokens, self.seconds = 0, 0.0
         self.resume()
-        return tokens_per_second, mfu
+        return tokens_per_second, self._mfu(tokens_per_second)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -42,3 +42,27 @@ def test_wandb_offline_gets_the_same_numbers(tmp_path: Path, monkeypatch: pytest
         for key, value in ours.items():
             if isinstance(value, (int, float)):
                 assert theirs[key] == pytest.approx(value), key
+
+
+def test_throughput_excludes_paused_time_and_reports_mfu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from archifactory.train import metrics
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock["now"])
+    meter = metrics.Throughput(train_flops_per_token=1e6, peak_flops=1e9, world_size=1)
+    meter.resume()
+    clock["now"] = 5.0  # the first step, compilation included: dropped
+    meter.add_tokens(100)
+    meter.restart()
+    clock["now"] += 2.0  # two timed seconds ...
+    meter.add_tokens(400)
+    meter.pause()
+    clock["now"] += 30.0  # ... then validation, which does not count
+    meter.resume()
+    clock["now"] += 2.0
+    meter.add_tokens(400)
+    tokens_per_second, mfu = meter.read()
+    assert tokens_per_second == pytest.approx(200.0)
+    assert mfu == pytest.approx(200.0 * 1e6 / 1e9)
+    assert meter.read() == (None, None)  # an empty window says so instead of reporting zero
+    assert meter.run_average()[0] == pytest.approx(200.0)
