@@ -52,6 +52,22 @@ def test_chunk_size_does_not_change_the_result() -> None:
         )
 
 
+@pytest.mark.parametrize("chunk_size,sub_chunk_size", [(16, 4), (32, 8), (12, 5), (8, 3), (64, 16)])
+def test_sub_chunking_equals_recurrent(chunk_size: int, sub_chunk_size: int) -> None:
+    inputs = wkv_inputs(2, 45, 3, 5, requires_grad=True, decay_scale=2.0)
+    state = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    o_chunk, s_chunk = wkv6_chunked(*inputs, state, chunk_size=chunk_size, sub_chunk_size=sub_chunk_size)
+    o_loop, s_loop = wkv6_recurrent(*inputs, state)
+    torch.testing.assert_close(o_chunk, o_loop, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(s_chunk, s_loop, rtol=1e-10, atol=1e-11)
+    weight = torch.randn_like(o_loop)
+    leaves = (*inputs, state)
+    for a, b in zip(
+        grads(o_chunk + s_chunk.sum(), leaves, weight), grads(o_loop + s_loop.sum(), leaves, weight)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_reference_matches_fla_naive_recurrent_oracle() -> None:
     """fla's `naive_recurrent_rwkv6` takes [B, H, T, D], log-space decays w (it applies exp(w)), computes in
     fp32, and scales r by `scale` (RWKV uses 1). Outputs, final state and input gradients must agree."""
@@ -81,11 +97,14 @@ def test_long_sequence_with_strong_decays_is_accurate_in_fp32() -> None:
     inputs = wkv_inputs(1, 4096, 2, 8, dtype=torch.float64, decay_scale=3.0)
     expected = wkv6_recurrent(*inputs)[0]
     r, k, v, g, u = (t.float().requires_grad_() for t in inputs)
-    out, state = wkv6_chunked(r, k, v, g, u, chunk_size=16)
-    assert torch.isfinite(out).all() and torch.isfinite(state).all()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3)
-    out.square().mean().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (r, k, v, g, u))
+    for chunk_size, sub_chunk_size in ((16, 16), (32, 8), (64, 8)):
+        for t in (r, k, v, g, u):
+            t.grad = None
+        out, state = wkv6_chunked(r, k, v, g, u, chunk_size=chunk_size, sub_chunk_size=sub_chunk_size)
+        assert torch.isfinite(out).all() and torch.isfinite(state).all()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3)
+        out.square().mean().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (r, k, v, g, u))
 
 
 def build(hidden: int = 64, heads: int = 4, **options) -> RWKV6TimeMix:

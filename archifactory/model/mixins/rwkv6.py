@@ -5,11 +5,13 @@ The WKV recurrence per head (r, k, w in R^K, v in R^V, state S in R^{K x V}, log
     o_t = r_t · (S_{t-1} + diag(u) k_tᵀ v_t)          S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t
 
 Two reference implementations of it live here, both in plain PyTorch:
-- `wkv6_chunked`: the training path. Chunks of `chunk_size` tokens; inside a chunk the pairwise decay
-  from token s to token t is the sum of the log-decays strictly between them, computed as a masked
-  matrix product of non-positive terms (never as a difference of two cumulative sums, which cancels
-  catastrophically for strong decays, and never as exp of a positive number); across chunks the state is
-  carried by a loop over chunks. Log-decays and the state are kept in at least fp32.
+- `wkv6_chunked`: the training path. Chunks of `chunk_size` tokens, split into sub-chunks of
+  `sub_chunk_size`; the log-decay from token s to token t is the sum of the log-decays strictly between
+  them, always computed from sums of non-positive terms local to a sub-chunk (or whole sub-chunk totals),
+  via masked matrix products (never as a difference of two cumulative sums, which cancels
+  catastrophically for strong decays, and never as exp of a positive number). Only pairs inside one
+  sub-chunk need a pairwise [S, S, K] decay; pairs across sub-chunks are matrix products of decayed r and
+  k; across chunks the state is carried by a loop over chunks. Log-decays and the state are kept in at least fp32.
 - `wkv6_recurrent`: token by token, the decode step (and the oracle for the chunked form).
 """
 
@@ -57,7 +59,7 @@ def wkv6_recurrent(
 
 @functools.lru_cache(maxsize=8)
 def _chunk_masks(size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """0/1 masks over positions in a chunk: between [L*L, L] (s < j < t, row t*L+s), strictly before
+    """0/1 masks over positions in a block: between [L*L, L] (s < j < t, row t*L+s), strictly before
     [L, L] (j < t), strictly after [L, L] (j > s), causal [L, L] (s < t)."""
     idx = torch.arange(size, device=device)
     t, s, j = idx[:, None, None], idx[None, :, None], idx[None, None, :]
@@ -67,34 +69,66 @@ def _chunk_masks(size: int, device: torch.device) -> tuple[Tensor, Tensor, Tenso
 
 
 def wkv6_chunked(
-    r: Tensor, k: Tensor, v: Tensor, g: Tensor, u: Tensor, state: Tensor | None = None, chunk_size: int = 16
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    u: Tensor,
+    state: Tensor | None = None,
+    chunk_size: int = 32,
+    sub_chunk_size: int = 8,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked WKV, same contract as `wkv6_recurrent`; one Python iteration per chunk, not per token."""
+    """Chunked WKV, same contract as `wkv6_recurrent`; one Python iteration per chunk, not per token.
+
+    Each chunk is split into sub-chunks of `sub_chunk_size` tokens. For s in an earlier sub-chunk than t,
+    with p the first token of t's sub-chunk and q the first token after s's sub-chunk, the decay splits as
+    exp(sum_{p<=j<t} g) · exp(sum over whole sub-chunks between) · exp(sum_{s<j<q} g): three sums of
+    non-positive terms, each local, so the off-diagonal sub-blocks are plain matrix products of decayed r
+    and k. Only the diagonal sub-blocks use the pairwise [S, S, K] decay."""
     dtype = compute_dtype(v.dtype)
     batch, seq_len, heads, key_dim = r.shape
     value_dim = v.shape[-1]
-    size = max(1, min(chunk_size, seq_len))
+    sub = max(1, min(sub_chunk_size, chunk_size, seq_len))
+    size = math.ceil(max(1, min(chunk_size, seq_len)) / sub) * sub  # a multiple of the sub-chunk
+    num_sub = size // sub
     num_chunks = math.ceil(seq_len / size)
     pad = num_chunks * size - seq_len
+    shape = (batch, heads, num_chunks, num_sub, sub)
 
-    def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, N, L, D]; padding: k=v=r=0, g=0 (no decay)
+    def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, N, n, S, D]; padding: k=v=r=0, g=0 (no decay)
         x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
-        return x.transpose(1, 2).reshape(batch, heads, num_chunks, size, x.shape[-1])
+        return x.transpose(1, 2).reshape(*shape, x.shape[-1])
 
     r, k, v, g = chunks(r), chunks(k), chunks(v), chunks(g)
-    between, before, after, causal = (m.to(dtype) for m in _chunk_masks(size, r.device))
+    between, before, after, causal = (m.to(dtype) for m in _chunk_masks(sub, r.device))
+    sub_between, sub_before, sub_after, sub_causal = (m.to(dtype) for m in _chunk_masks(num_sub, r.device))
 
-    # intra-chunk: decay from s to t is exp(sum_{s<j<t} g_j), a sum of non-positive terms
-    seg = (between @ g).view(batch, heads, num_chunks, size, size, key_dim)  # [B, H, N, Lt, Ls, K]
-    scores = (r[..., :, None, :] * k[..., None, :, :] * seg.exp()).sum(-1) * causal  # [B, H, N, Lt, Ls]
-    bonus = (r * u.to(dtype)[None, :, None, None, :] * k).sum(-1, keepdim=True)  # [B, H, N, L, 1]
-    out = scores @ v + bonus * v  # [B, H, N, L, V]
+    # diagonal sub-blocks: decay from s to t is exp(sum_{s<j<t} g_j), a sum of non-positive terms
+    seg = (between @ g).view(*shape, sub, key_dim)  # [B, H, N, n, St, Ss, K]
+    diag = (r[..., :, None, :] * k[..., None, :, :] * seg.exp()).sum(-1) * causal  # [B, H, N, n, St, Ss]
+
+    # off-diagonal sub-blocks: r decayed from its sub-chunk start, k to its sub-chunk end, and the whole
+    # sub-chunks strictly between them (zero above and on the diagonal)
+    r_sub = r * (before @ g).exp()  # [B, H, N, n, S, K]
+    k_sub = k * (after @ g).exp()
+    totals = g.sum(-2)  # [B, H, N, n, K]
+    middle = (sub_between @ totals).view(batch, heads, num_chunks, num_sub, num_sub, key_dim)
+    middle = middle.exp() * sub_causal[..., None]  # [B, H, N, ni, nj, K]
+    blocks = (r_sub[..., :, None, :, :] * middle[..., None, :]) @ k_sub[..., None, :, :, :].transpose(-1, -2)
+    eye = torch.eye(num_sub, dtype=dtype, device=r.device)[:, :, None, None]
+    blocks = blocks + eye * diag[..., :, None, :, :]  # [B, H, N, ni, nj, St, Ss]
+    scores = blocks.transpose(-3, -2).reshape(batch, heads, num_chunks, size, size)
+    v = v.reshape(batch, heads, num_chunks, size, value_dim)
+    bonus = (r * u.to(dtype)[None, :, None, None, None, :] * k).sum(-1)  # [B, H, N, n, S]
+    out = scores @ v + bonus.reshape(batch, heads, num_chunks, size, 1) * v  # [B, H, N, L, V]
 
     # inter-chunk: the state at each chunk start, carried chunk to chunk
-    r_decayed = r * (before @ g).exp()  # decay from the chunk start to just before t
-    k_decayed = k * (after @ g).exp()  # decay from just after s to the chunk end
+    r_decayed = r_sub * (sub_before @ totals).exp()[..., None, :]  # decay from the chunk start to before t
+    k_decayed = k_sub * (sub_after @ totals).exp()[..., None, :]  # decay from after s to the chunk end
+    r_decayed = r_decayed.reshape(batch, heads, num_chunks, size, key_dim)
+    k_decayed = k_decayed.reshape(batch, heads, num_chunks, size, key_dim)
     chunk_kv = k_decayed.transpose(-1, -2) @ v  # [B, H, N, K, V]
-    chunk_decay = g.sum(-2).exp()[..., None]  # [B, H, N, K, 1]
+    chunk_decay = totals.sum(-2).exp()[..., None]  # [B, H, N, K, 1]
     current = r.new_zeros(batch, heads, key_dim, value_dim) if state is None else state.to(dtype)
     starts = []
     # unbind, not chunk_kv[:, :, n]: indexed slices in a loop cost a full-size zero gradient per chunk
@@ -138,7 +172,9 @@ class RWKV6TimeMix(Mixin):
     Options:
         num_heads: WKV heads; mix_rank: rank of the ddlerp LoRA (32 in RWKV-6);
         decay_rank: rank of the decay LoRA (64); norm_eps: group-norm epsilon (RWKV-6: 64e-5);
-        chunk_size: tokens per chunk of the reference chunked form (memory ~ B·T·D·chunk_size);
+        chunk_size: tokens per chunk of the reference chunked form (one Python step per chunk);
+        sub_chunk_size: tokens per sub-chunk inside a chunk (memory ~ B·T·D·(sub_chunk_size +
+            chunk_size/sub_chunk_size); about sqrt(chunk_size) is best);
         backend: `auto` (fla's `chunk_rwkv6` Triton kernel on CUDA when fla is installed, else reference),
             `reference` (plain PyTorch, any device), `fused` (fla; refuses to run elsewhere).
     """
@@ -151,7 +187,8 @@ class RWKV6TimeMix(Mixin):
         mix_rank: int = 32,
         decay_rank: int = 64,
         norm_eps: float = 64e-5,
-        chunk_size: int = 16,
+        chunk_size: int = 32,
+        sub_chunk_size: int = 8,
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)
@@ -159,14 +196,14 @@ class RWKV6TimeMix(Mixin):
         self.head_dim = check_divisible(hidden_size, num_heads, "mixin=rwkv6")
         if backend not in BACKENDS:
             raise ArchiFactoryError(f"mixin=rwkv6: backend={backend!r} is not one of {', '.join(BACKENDS)}")
-        if chunk_size < 1 or mix_rank < 1 or decay_rank < 1:
+        if chunk_size < 1 or sub_chunk_size < 1 or mix_rank < 1 or decay_rank < 1:
             raise ArchiFactoryError(
-                f"mixin=rwkv6: chunk_size={chunk_size}, mix_rank={mix_rank}, decay_rank={decay_rank} "
-                "must all be positive"
+                f"mixin=rwkv6: chunk_size={chunk_size}, sub_chunk_size={sub_chunk_size}, mix_rank={mix_rank}, "
+                f"decay_rank={decay_rank} must all be positive"
             )
         self.backend = backend
         self.mix_rank, self.decay_rank = mix_rank, decay_rank
-        self.norm_eps, self.chunk_size = norm_eps, chunk_size
+        self.norm_eps, self.chunk_size, self.sub_chunk_size = norm_eps, chunk_size, sub_chunk_size
 
         dim = hidden_size
         ratio_0_to_1, ratio_1_to_0 = 0.5, 0.5
@@ -257,7 +294,7 @@ class RWKV6TimeMix(Mixin):
                 initial_state=state,
                 output_final_state=state is not None,
             )
-        return wkv6_chunked(r, k, v, g, self.time_faaaa, state, self.chunk_size)
+        return wkv6_chunked(r, k, v, g, self.time_faaaa, state, self.chunk_size, self.sub_chunk_size)
 
     def _resolve(self, device: torch.device) -> str:
         fused_available = device.type == "cuda" and _fla_available()
