@@ -156,3 +156,30 @@ def test_fused_kernel_matches_reference_on_gpu() -> None:
     ):
         error = ((fused.float() - ref.float()).norm() / ref.float().norm()).item()
         assert error < 3e-2, f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("seq_len,chunk_size", [(1, 4), (9, 4), (16, 8), (13, 16)])
+def test_grouped_qk_equals_expanded(seq_len: int, chunk_size: int) -> None:
+    """q/k with G heads shared by H / G heads each (Mamba2's groups) == the same q/k repeated per head."""
+    groups, heads = 2, 6
+    q, k, _, _ = inputs(seq_len=seq_len, heads=groups)
+    _, _, v, g = inputs(seq_len=seq_len, heads=heads)
+    state0 = torch.randn(2, heads, 8, 6, dtype=torch.float64)
+
+    def run(q, k, v, g, s, expand):
+        if expand:
+            q, k = q.repeat_interleave(heads // groups, dim=2), k.repeat_interleave(heads // groups, dim=2)
+        out, final = chunk_simple_gla(q, k, v, g, None, s, True, chunk_size)
+        return torch.cat([out.flatten(), final.flatten()])
+
+    ours, our_grads = _grads(lambda *t: run(*t, expand=False), (q, k, v, g, state0))
+    theirs, their_grads = _grads(lambda *t: run(*t, expand=True), (q, k, v, g, state0))
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # a decode step takes grouped q/k too
+    out, new = simple_gla_forward(q[:, :1], k[:, :1], v[:, :1], g[:, :1], 0.5, state0, "reference", 4)
+    q1, k1 = (t[:, 0].repeat_interleave(heads // groups, dim=1) for t in (q, k))
+    ref_out, ref_new = simple_gla_step(q1, k1, v[:, 0], g[:, 0], state0, 0.5)
+    torch.testing.assert_close(out[:, 0], ref_out)
+    torch.testing.assert_close(new, ref_new)

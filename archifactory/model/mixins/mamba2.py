@@ -102,9 +102,10 @@ class Mamba2(Mixin):
         xbc, conv_state = self._conv(xbc, None if state is None else state["conv"])
         xs, b, c = xbc.split([self.inner_dim, groups * self.d_state, groups * self.d_state], dim=-1)
         xs = xs.reshape(batch, seq_len, heads, self.head_dim)  # [B, T, H, P]
-        # B and C per group, shared by the heads of the group: [B, T, G, N] -> [B, T, H, N]
-        b = b.reshape(batch, seq_len, groups, self.d_state).repeat_interleave(heads // groups, dim=2)
-        c = c.reshape(batch, seq_len, groups, self.d_state).repeat_interleave(heads // groups, dim=2)
+        # B and C per group [B, T, G, N], shared by the heads of the group: simple GLA takes grouped q/k
+        # (scores once per group, the per-head decays applied after)
+        b = b.reshape(batch, seq_len, groups, self.d_state)
+        c = c.reshape(batch, seq_len, groups, self.d_state)
         dtype = compute_dtype(x.dtype)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
         log_decay = -torch.exp(self.A_log.to(dtype)) * dt  # A·dt <= 0
