@@ -17,15 +17,47 @@ from archifactory.registry import register_mixin
 ATTENTION_BACKENDS = ("auto", "sdpa", "fused", "reference")
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None) -> Tensor:
-    """Plain softmax attention. q [B, H, Tq, D], k/v [B, H, Tk, D], mask [Tq, Tk] bool (True = attend),
-    bias [H, Tq, Tk] additive. Logits in fp32."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, Tq, Tk]
+def attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float | None = None
+) -> Tensor:
+    """Plain softmax attention. q [B, H, Tq, E], k [B, H, Tk, E], v [B, H, Tk, Ev], mask [Tq, Tk] bool
+    (True = attend), bias [H, Tq, Tk] additive, logits scaled by `scale` (default 1/sqrt(E)), in fp32."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
     if bias is not None:
         scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None, backend: str, scale: float | None = None
+) -> Tensor:
+    """Causal softmax attention shared by the attention mixins. q [B, H, Tq, E]; k [B, H_kv, Tk, E] and
+    v [B, H_kv, Tk, Ev] with H_kv dividing H (grouped K/V); the queries are the last Tq of the Tk
+    positions (`past` = Tk - Tq earlier ones are cached). `backend` is `reference` (explicit fp32 softmax,
+    the oracle) or `sdpa`. Returns [B, H, Tq, Ev]."""
+    seq_len, total, value_dim = q.shape[2], k.shape[2], v.shape[-1]
+    grouped = k.shape[1] != q.shape[1]
+    # query i (absolute past + i) may see keys j <= past + i
+    mask = torch.ones(seq_len, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    if backend == "reference":
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, E]
+        return attention_reference(q, k, v, mask, bias, scale)
+    # SDPA's flash kernels want one head width for q, k and v: pad v with zeros and slice the output
+    # (exact: the padded columns only produce zero outputs); otherwise it falls back to the math kernel
+    if q.shape[-1] > value_dim:
+        v = F.pad(v, (0, q.shape[-1] - value_dim))
+    if bias is None and past == 0:  # SDPA shares each K/V head across its group (no copies)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=grouped)
+        return y[..., :value_dim]
+    float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        float_mask = float_mask + bias.to(q.dtype)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, scale=scale, enable_gqa=grouped)
+    return y[..., :value_dim]
 
 
 @register_mixin("gqa")
@@ -101,28 +133,9 @@ class GroupedQueryAttention(Mixin):
         past = k.shape[2] - seq_len
         k_positions = torch.arange(ctx.positions[0] - past, ctx.positions[-1] + 1, device=x.device)
         bias = ctx.attention_bias(self.num_heads, k_positions)  # [H, Tq, Tk] or None
-        y = self._attend(q, k, v, past, bias)
+        y = causal_attention(q, k, v, past, bias, self.backend)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(y), new_state
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None) -> Tensor:
-        """q [B, H, Tq, D], k/v [B, H_kv, Tk, D] -> [B, H, Tq, D]."""
-        seq_len, total = q.shape[2], k.shape[2]
-        grouped = self.num_kv_heads != self.num_heads
-        # query i (absolute past + i) may see keys j <= past + i
-        mask = torch.ones(seq_len, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        if self.backend == "reference":
-            groups = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, D]
-            return attention_reference(q, k, v, mask, bias)
-        if bias is None and past == 0:  # SDPA shares each K/V head across its group (no copies)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
-        float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(
-            ~mask, float("-inf")
-        )
-        if bias is not None:
-            float_mask = float_mask + bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, enable_gqa=grouped)
 
     def backend_name(self) -> str:
         return self.backend

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.attention import ATTENTION_BACKENDS, attention_reference
+from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
 from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext, RotaryPositional
@@ -173,27 +172,8 @@ class MultiHeadLatentAttention(Mixin):
         return torch.einsum("bhtr,hvr->bthv", y_latent, w_uv)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None) -> Tensor:
-        """Causal softmax attention with logits scaled by 1/sqrt(d_nope + d_r) whatever q's width (the
-        absorbed form's q is wider). q/k [B, H, T(k), E], v [B, H, Tk, Ev] -> [B, H, T, Ev]."""
-        seq_len, total = q.shape[2], k.shape[2]
-        scale = 1.0 / math.sqrt(self.qk_dim)
-        # query i (absolute past + i) may see keys j <= past + i
-        mask = torch.ones(seq_len, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        if self.backend == "reference":
-            # attention_reference divides by sqrt(q's width); pre-scale q so the net scale is `scale`
-            return attention_reference(q * (scale * math.sqrt(q.shape[-1])), k, v, mask, bias)
-        # SDPA's flash kernels want one head width for q, k and v: pad v with zeros and slice the output
-        # (exact: the padded columns only produce zero outputs); otherwise it falls back to the math kernel
-        value_dim = v.shape[-1]
-        v = F.pad(v, (0, max(q.shape[-1] - value_dim, 0)))
-        if bias is None and past == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :value_dim]
-        float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(
-            ~mask, float("-inf")
-        )
-        if bias is not None:
-            float_mask = float_mask + bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, scale=scale)[..., :value_dim]
+        """Logits scaled by 1/sqrt(d_nope + d_r) whatever q's width (the absorbed form's q is wider)."""
+        return causal_attention(q, k, v, past, bias, self.backend, scale=1.0 / math.sqrt(self.qk_dim))
 
     def backend_name(self) -> str:
         return self.backend
