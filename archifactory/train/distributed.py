@@ -10,6 +10,7 @@ any strategy and world size that keeps the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -130,8 +131,6 @@ def barrier(info: DistInfo) -> None:
 
 def gradient_sync(model: nn.Module, strategy: str, enabled: bool) -> Any:
     """Context/flag so that only the last micro-batch of an accumulation all-reduces gradients."""
-    import contextlib
-
     if strategy == "ddp" and not enabled:
         return model.no_sync()
     if strategy == "fsdp":
