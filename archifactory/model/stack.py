@@ -176,6 +176,12 @@ class StackedMixinForCausalLM(nn.Module):
             loss = lm_loss if aux_loss is None else lm_loss + aux_loss
         return CausalLMOutput(logits, loss, lm_loss, aux_loss, metrics, new_state)
 
+    def after_optimizer_step(self) -> None:
+        """The per-step hook of every component (the training loop calls it after each optimizer step)."""
+        for block in self.blocks:
+            block.mixin.after_optimizer_step()
+            block.ffn.after_optimizer_step()
+
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter counts by part. `non_embedding` = blocks + final norm (no embedding, positional table
         or LM head); `active` counts only the FFN parameters a token uses (MoE)."""

@@ -1,10 +1,14 @@
-"""The training loop: one function to read top to bottom (`train`), with its sync points named.
+"""The training loop: `train` sets up a run, `_train` is the loop to read top to bottom.
 
+The loop is three typed pieces over one `RunContext` (everything a run holds: model, optimizer,
+schedule, data, recorder, counters): `train_step` (micro-batches, clipping, the non-finite guard, the
+optimizer step), `log_step` (the log-step record and the progress line) and `validate` / `checkpoint`.
 Host syncs (`.item()` / `float(tensor)`) happen only on log, validation and checkpoint steps, plus one
 scalar per step for the non-finite guard (the gradient norm decides whether the step is taken).
 Everything else is one call into its own module: data (`archifactory.data`), model
 (`archifactory.model.build`), optimizer and schedule (`optim`, `schedule`), checkpoints, distributed
-wrapping, metrics.
+wrapping, metrics. The loop knows no component by name: per-step component hooks go through
+`model.after_optimizer_step()`, component metrics through `metrics.progress_fields`.
 """
 
 from __future__ import annotations
@@ -15,17 +19,22 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from tqdm import tqdm
+from torch import Tensor, nn
 
 from archifactory.data import load_data
+from archifactory.data.dataset import TokenData
+from archifactory.data.loader import PackedLoader
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.build import build_model, describe_backends
+from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.train import distributed
 from archifactory.train.checkpoint import (
     TrainerState,
@@ -35,7 +44,7 @@ from archifactory.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from archifactory.train.metrics import RunRecorder, Throughput, peak_memory_mb
+from archifactory.train.metrics import Progress, RunRecorder, Throughput, peak_memory_mb
 from archifactory.train.optim import build_optimizer
 from archifactory.train.plot import plot_loss_curves
 from archifactory.train.runtime import (
@@ -48,6 +57,8 @@ from archifactory.train.runtime import (
 from archifactory.train.schedule import build_scheduler, steps_from_token_budget
 
 log = logging.getLogger(__name__)
+
+Autocast = Callable[[], AbstractContextManager]
 
 
 class StopRequest:
@@ -95,7 +106,7 @@ def plan_steps(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list, device: torch.device, autocast: Any, bytes_per_token: float
+    model: nn.Module, batches: list, device: torch.device, autocast: Autocast, bytes_per_token: float
 ) -> dict[str, float]:
     """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches."""
     model.eval()
@@ -129,6 +140,44 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path, overrides: list[str], is_main:
         OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
 
 
+@dataclass
+class RunContext:
+    """Everything one run holds, built once by `setup_run` and passed to the loop's pieces."""
+
+    cfg: DictConfig
+    run_dir: Path
+    info: distributed.DistInfo
+    device: torch.device
+    autocast: Autocast
+    recorder: RunRecorder
+    data: TokenData
+    raw_model: StackedMixinForCausalLM  # the unwrapped model: accounting, hooks, checkpoint signature
+    model: nn.Module  # what the step runs: the raw model, or its DDP/FSDP wrapping
+    strategy: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: PackedLoader
+    val_batches: list
+    state: TrainerState
+    total_steps: int
+    accum: int
+    tokens_per_step: int
+    wall_start: float
+    breakdown: dict[str, int]
+    flops_per_token: float
+    nonfinite_in_a_row: int = 0
+    last: dict[str, Any] = field(default_factory=dict)  # latest train/val figures for summary.json
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's outputs, still on the device (read back only on log steps)."""
+
+    loss: Tensor  # mean lm loss over the micro-batches
+    grad_norm: Tensor
+    aux: dict[str, Tensor]  # the last micro-batch's component metrics
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     trainer = cfg.trainer
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -140,7 +189,6 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     )
     device = resolve_device(trainer.device, info.local_rank)
     configure_backends(device, trainer.num_threads)
-    autocast = autocast_factory(trainer.precision, device)
     recorder = RunRecorder(
         run_dir,
         info.is_main,
@@ -161,7 +209,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     wall_start = time.perf_counter()
     try:
         with StopRequest() as stop:
-            return _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wall_start)
+            run = setup_run(cfg, run_dir, info, device, recorder, resume_from, wall_start)
+            return _train(run, stop)
     except BaseException as error:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         recorder.finish(
@@ -174,7 +223,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         distributed.teardown()
 
 
-def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wall_start) -> dict[str, Any]:
+def setup_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    info: distributed.DistInfo,
+    device: torch.device,
+    recorder: RunRecorder,
+    resume_from: Path | None,
+    wall_start: float,
+) -> RunContext:
+    """Data, model, optimizer, schedule and loader for this rank; resumed from `resume_from` if given."""
     trainer = cfg.trainer
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
     if not info.is_main:  # rank 0 prepares the token cache first; the others then reuse it
@@ -189,15 +247,13 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
         data.vocab_size,
         "reused token cache, no tokenization" if data.reused_cache else "prepared token cache",
     )
-    model = build_model(cfg, data.vocab_size).to(device)
-    raw_model = model
-    breakdown = model.parameter_breakdown()
-    flops_per_token = model.flops_per_token(trainer.seq_len)
+    raw_model = build_model(cfg, data.vocab_size).to(device)
     total_steps, accum = plan_steps(cfg, info.world_size)
     tokens_per_step = trainer.micro_batch_size * trainer.seq_len * accum * info.world_size
+    breakdown = raw_model.parameter_breakdown()
     if info.is_main:
         log.info("model: %s", ", ".join(f"{k}={v:,}" for k, v in breakdown.items()))
-        for line in describe_backends(model):
+        for line in describe_backends(raw_model):
             log.info("compute path: %s", line)
         log.info(
             "plan: %d optimizer steps x %d tokens (micro-batch %d x seq %d x accum %d x world %d) = %s tokens",
@@ -209,23 +265,18 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
             info.world_size,
             f"{total_steps * tokens_per_step:,}",
         )
-    if trainer.activation_checkpointing:
-        for block in model.blocks:
-            block.activation_checkpointing = True
-    if trainer.compile:
-        for block in model.blocks:
+    for block in raw_model.blocks:
+        block.activation_checkpointing = trainer.activation_checkpointing
+        if trainer.compile:
             block.compile()
     strategy = distributed.resolve_strategy(trainer.strategy, info)
-    model = distributed.wrap_model(model, strategy, device)
+    model = distributed.wrap_model(raw_model, strategy, device)
     optimizer = build_optimizer(model, trainer, device.type, total_steps=total_steps)
     scheduler = build_scheduler(optimizer, trainer, total_steps)
     loader = data.train_loader(trainer.micro_batch_size, pin_memory=device.type == "cuda")
-    val_batches = data.val_batches(trainer.micro_batch_size, trainer.eval_tokens)
     state = TrainerState(step=0, tokens_seen=0, loader=loader.state_dict())
-    signature = model_signature(raw_model.state_dict())
-
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, signature)
+        ckpt = load_checkpoint(resume_from, model_signature(raw_model.state_dict()))
         distributed.load_full_state(
             model, optimizer, ckpt.model_state, ckpt.optimizer_state["optimizer"], strategy
         )
@@ -234,150 +285,191 @@ def _train(cfg, run_dir, info, device, autocast, recorder, resume_from, stop, wa
         set_rng_state(ckpt.rng)
         state = ckpt.trainer_state
         log.info("resumed from %s (step %d)", resume_from, state.step)
+    return RunContext(
+        cfg=cfg,
+        run_dir=run_dir,
+        info=info,
+        device=device,
+        autocast=autocast_factory(trainer.precision, device),
+        recorder=recorder,
+        data=data,
+        raw_model=raw_model,
+        model=model,
+        strategy=strategy,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        val_batches=data.val_batches(trainer.micro_batch_size, trainer.eval_tokens),
+        state=state,
+        total_steps=total_steps,
+        accum=accum,
+        tokens_per_step=tokens_per_step,
+        wall_start=wall_start,
+        breakdown=breakdown,
+        flops_per_token=raw_model.flops_per_token(trainer.seq_len),
+    )
 
-    def checkpoint() -> None:
-        state.loader = loader.state_dict()
-        model_state, optim_state = distributed.full_state(model, optimizer, strategy)
-        if info.is_main:
-            path = save_checkpoint(
-                run_dir / "checkpoints",
-                model_state,
-                {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
-                state,
-                trainer.keep_checkpoints,
+
+def train_step(run: RunContext) -> StepResult | None:
+    """One optimizer step over `accum` micro-batches; None when a non-finite gradient skipped it."""
+    trainer = run.cfg.trainer
+    aux: dict[str, Tensor] = {}
+    step_loss = torch.zeros((), device=run.device)
+    for micro in range(run.accum):
+        inputs, targets = next(run.loader)
+        inputs = inputs.to(run.device, non_blocking=True)
+        targets = targets.to(run.device, non_blocking=True)
+        with distributed.gradient_sync(run.model, run.strategy, enabled=micro == run.accum - 1):
+            with run.autocast():  # the forward only: backward runs in the dtypes autocast chose
+                out = run.model(inputs, targets=targets, return_logits=False)
+            (out.loss / run.accum).backward()
+        step_loss += out.lm_loss.detach() / run.accum
+        aux = out.aux
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), trainer.grad_clip or float("inf"))
+    if not torch.isfinite(grad_norm):  # the one per-step sync: skip a non-finite step
+        run.optimizer.zero_grad(set_to_none=True)
+        run.state.nonfinite_skipped += 1
+        run.nonfinite_in_a_row += 1
+        log.warning(
+            "non-finite loss/gradient at step %d: step skipped (%d in a row)",
+            run.state.step,
+            run.nonfinite_in_a_row,
+        )
+        if run.nonfinite_in_a_row >= trainer.max_nonfinite_steps:
+            raise ArchiFactoryError(
+                f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.state.step}; stopped. The last "
+                f"good checkpoint is in {run.run_dir / 'checkpoints'}: lower trainer.lr or raise trainer.warmup_steps"
             )
-            log.info("checkpoint: %s", path)
-        distributed.barrier(info)
+        return None
+    run.nonfinite_in_a_row = 0
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.raw_model.after_optimizer_step()  # per-step component hooks (e.g. MoE bias balancing)
+    run.state.step += 1
+    run.state.tokens_seen += run.tokens_per_step
+    return StepResult(step_loss, grad_norm, aux)
 
-    recorder.attach_wandb(
+
+def log_step(
+    run: RunContext, result: StepResult, train_loss: float, throughput: Throughput, progress: Progress
+) -> None:
+    """The log-step record (metrics.jsonl, wandb) and the progress line; `train_loss` is already synced."""
+    tokens_per_second, mfu = throughput.read()
+    scheduler = run.scheduler
+    record = {
+        "step": run.state.step,
+        "tokens_seen": run.state.tokens_seen,
+        "train_loss": train_loss,
+        "lr": run.cfg.trainer.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0],
+        "grad_norm": float(result.grad_norm),
+        "tokens_per_second": tokens_per_second,
+        "mfu": mfu,
+        "nonfinite_skipped": run.state.nonfinite_skipped,
+    }
+    record |= result.aux
+    progress.report(run.state.step, train_loss, tokens_per_second, result.aux)
+    run.recorder.log(record)
+    run_tokens_per_second, run_mfu = throughput.run_average()
+    run.last.update(train_loss=train_loss, tokens_per_second=run_tokens_per_second, mfu=run_mfu)
+
+
+def validate(run: RunContext, progress: Progress) -> None:
+    """Validation loss and bits per byte: logged, shown, and written to summary.json."""
+    val = evaluate(run.model, run.val_batches, run.device, run.autocast, run.data.val_bytes_per_token)
+    run.recorder.log({"step": run.state.step, "tokens_seen": run.state.tokens_seen, **val})
+    progress.write(f"step {run.state.step}: val_loss {val['val_loss']:.4f}  val_bpb {val['val_bpb']:.4f}")
+    run.last.update(val)
+    run.recorder.update_summary(
+        steps=run.state.step,
+        tokens_seen=run.state.tokens_seen,
+        **run.last,
+        peak_memory_mb=peak_memory_mb(run.device),
+        wall_seconds=time.perf_counter() - run.wall_start,
+    )
+
+
+def checkpoint(run: RunContext) -> None:
+    """Save model, optimizer, schedule, data position and RNG (gathered on every rank, written by rank 0)."""
+    run.state.loader = run.loader.state_dict()
+    model_state, optim_state = distributed.full_state(run.model, run.optimizer, run.strategy)
+    if run.info.is_main:
+        path = save_checkpoint(
+            run.run_dir / "checkpoints",
+            model_state,
+            {"optimizer": optim_state, "scheduler": run.scheduler.state_dict()},
+            run.state,
+            run.cfg.trainer.keep_checkpoints,
+        )
+        log.info("checkpoint: %s", path)
+    distributed.barrier(run.info)
+
+
+def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
+    cfg, trainer, state = run.cfg, run.cfg.trainer, run.state
+    run.recorder.attach_wandb(
         OmegaConf.to_container(cfg, resolve=True),
         cfg.wandb,
         f"{cfg.mixin.name}-{cfg.ffn.name}-{cfg.positional.name}-s{cfg.seed}",
     )
-    recorder.update_summary(
-        params_total=breakdown["total"],
-        params_non_embedding=breakdown["non_embedding"],
-        params_active=breakdown["active"],
-        flops_per_token=flops_per_token,
+    run.recorder.update_summary(
+        params_total=run.breakdown["total"],
+        params_non_embedding=run.breakdown["non_embedding"],
+        params_active=run.breakdown["active"],
+        flops_per_token=run.flops_per_token,
         steps=state.step,
-        decode_state_size=raw_model.decode_state_size(trainer.seq_len),
-        total_steps=total_steps,
+        decode_state_size=run.raw_model.decode_state_size(trainer.seq_len),
+        total_steps=run.total_steps,
     )
-    throughput = Throughput(3 * flops_per_token, peak_flops(device), info.world_size)
-    stepper = [m for m in raw_model.modules() if hasattr(m, "after_optimizer_step")]
-    progress = tqdm(
-        total=total_steps, initial=state.step, disable=not info.is_main, desc="train", dynamic_ncols=True
-    )
-    loss_sum = torch.zeros((), device=device)
-    loss_count, nonfinite_in_a_row = 0, 0
-    last: dict[str, Any] = {}
-    model.train()
+    throughput = Throughput(3 * run.flops_per_token, peak_flops(run.device), run.info.world_size)
+    progress = Progress(run.total_steps, state.step, enabled=run.info.is_main)
+    loss_sum = torch.zeros((), device=run.device)
+    loss_count = 0
+    run.model.train()
     throughput.resume()
     first_step = state.step + 1  # excluded from throughput: compilation and warm-up
 
-    while state.step < total_steps:
+    while state.step < run.total_steps:
         if stop.requested:
             throughput.pause()
-            checkpoint()
+            checkpoint(run)
             raise KeyboardInterrupt(
                 f"stopped by {stop.requested} at step {state.step}; resume with trainer.resume=true"
             )
-        aux_metrics: dict[str, torch.Tensor] = {}
-        step_loss = torch.zeros((), device=device)
-        for micro in range(accum):
-            inputs, targets = next(loader)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with distributed.gradient_sync(model, strategy, enabled=micro == accum - 1), autocast():
-                out = model(inputs, targets=targets, return_logits=False)
-                (out.loss / accum).backward()
-            step_loss += out.lm_loss.detach() / accum
-            aux_metrics = out.aux
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm):  # the one per-step sync: skip a non-finite step
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_skipped += 1
-            nonfinite_in_a_row += 1
-            log.warning(
-                "non-finite loss/gradient at step %d: step skipped (%d in a row)",
-                state.step,
-                nonfinite_in_a_row,
-            )
-            if nonfinite_in_a_row >= trainer.max_nonfinite_steps:
-                raise ArchiFactoryError(
-                    f"{nonfinite_in_a_row} non-finite steps in a row at step {state.step}; stopped. The last good "
-                    f"checkpoint is in {run_dir / 'checkpoints'}: lower trainer.lr or raise trainer.warmup_steps"
-                )
+        result = train_step(run)
+        if result is None:
             continue
-        nonfinite_in_a_row = 0
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for module in stepper:
-            module.after_optimizer_step()
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        throughput.add_tokens(tokens_per_step)
+        throughput.add_tokens(run.tokens_per_step)
         if state.step == first_step:
             throughput.restart()
-        loss_sum += step_loss
+        loss_sum += result.loss
         loss_count += 1
-        progress.update(1)
+        progress.advance()
 
-        is_last = state.step == total_steps
+        is_last = state.step == run.total_steps
         if state.step % trainer.log_every == 0 or is_last:
-            train_loss = float(distributed.all_reduce_mean(loss_sum / loss_count, info))  # sync: log step
+            train_loss = float(distributed.all_reduce_mean(loss_sum / loss_count, run.info))  # sync: log step
             loss_sum.zero_()
             loss_count = 0
-            tokens_per_second, mfu = throughput.read()
-            record = {
-                "step": state.step,
-                "tokens_seen": state.tokens_seen,
-                "train_loss": train_loss,
-                "lr": trainer.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": tokens_per_second,
-                "mfu": mfu,
-                "nonfinite_skipped": state.nonfinite_skipped,
-            }
-            record |= {key: value for key, value in aux_metrics.items()}
-            imbalance = [float(v) for k, v in aux_metrics.items() if k.endswith(".imbalance")]
-            postfix = {"loss": f"{train_loss:.3f}"}
-            if tokens_per_second is not None:
-                postfix["tok/s"] = f"{tokens_per_second:,.0f}"
-            if imbalance:
-                postfix["imb"] = f"{max(imbalance):.2f}"
-            progress.set_postfix(postfix)
-            recorder.log(record)
-            run_tokens_per_second, run_mfu = throughput.run_average()
-            last.update(train_loss=train_loss, tokens_per_second=run_tokens_per_second, mfu=run_mfu)
+            log_step(run, result, train_loss, throughput, progress)
         if state.step % trainer.eval_every == 0 or is_last:
             throughput.pause()
-            val = evaluate(model, val_batches, device, autocast, data.val_bytes_per_token)
-            recorder.log({"step": state.step, "tokens_seen": state.tokens_seen, **val})
-            progress.write(f"step {state.step}: val_loss {val['val_loss']:.4f}  val_bpb {val['val_bpb']:.4f}")
-            last.update(val)
-            recorder.update_summary(
-                steps=state.step,
-                tokens_seen=state.tokens_seen,
-                **last,
-                peak_memory_mb=peak_memory_mb(device),
-                wall_seconds=time.perf_counter() - wall_start,
-            )
+            validate(run, progress)
             throughput.resume()
         if state.step % trainer.checkpoint_every == 0 or is_last:
             throughput.pause()
-            checkpoint()
+            checkpoint(run)
             throughput.resume()
     progress.close()
-    if info.is_main:
-        plot_loss_curves(run_dir, f"{cfg.run_name}: {breakdown['total']:,} parameters")
-    recorder.finish(
+    if run.info.is_main:
+        plot_loss_curves(run.run_dir, f"{cfg.run_name}: {run.breakdown['total']:,} parameters")
+    run.recorder.finish(
         status="completed",
         steps=state.step,
         tokens_seen=state.tokens_seen,
-        **last,
+        **run.last,
         nonfinite_skipped=state.nonfinite_skipped,
-        peak_memory_mb=peak_memory_mb(device),
-        wall_seconds=time.perf_counter() - wall_start,
+        peak_memory_mb=peak_memory_mb(run.device),
+        wall_seconds=time.perf_counter() - run.wall_start,
     )
-    return recorder.summary
+    return run.recorder.summary

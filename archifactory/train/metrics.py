@@ -1,4 +1,5 @@
-"""What a run writes for people and programs: `metrics.jsonl`, `summary.json`, and the same numbers to wandb.
+"""What a run writes for people and programs: `metrics.jsonl`, `summary.json`, the same numbers to wandb,
+and the progress display (a tqdm bar on a terminal, plain log lines off one).
 
 `summary.json` is written at the start (`status: running`) and rewritten at every validation and at the
 end, so a crash or a kill leaves `running`/`failed`/`interrupted` — never a run that looks complete.
@@ -10,11 +11,13 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +193,61 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def progress_fields(
+    train_loss: float, tokens_per_second: float | None, aux: dict[str, torch.Tensor]
+) -> dict[str, str]:
+    """The short figures of the progress display: loss, tokens/s and, for routed FFNs, the worst layer's
+    expert imbalance (max/mean load) among the per-layer `*.imbalance` metrics."""
+    fields = {"loss": f"{train_loss:.3f}"}
+    if tokens_per_second is not None:
+        fields["tok/s"] = f"{tokens_per_second:,.0f}"
+    imbalance = [float(value) for key, value in aux.items() if key.endswith(".imbalance")]
+    if imbalance:
+        fields["imb"] = f"{max(imbalance):.2f}"
+    return fields
+
+
+class Progress:
+    """A tqdm bar when stderr is a terminal; otherwise (a log file, a batch job) one log line per log step
+    instead of thousands of carriage-return frames. Disabled on non-main ranks."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, interactive: bool | None = None) -> None:
+        self.total = total
+        self.enabled = enabled
+        interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.bar = (
+            tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+            if enabled and interactive
+            else None
+        )
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(
+        self, step: int, train_loss: float, tokens_per_second: float | None, aux: dict[str, torch.Tensor]
+    ) -> None:
+        """A log step's figures: the bar's postfix, or one `step N/M: key value …` log line."""
+        if not self.enabled:
+            return
+        fields = progress_fields(train_loss, tokens_per_second, aux)
+        if self.bar is not None:
+            self.bar.set_postfix(fields)
+        else:
+            log.info("step %d/%d: %s", step, self.total, "  ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def write(self, message: str) -> None:
+        """A line that must not break the bar (validation results)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            log.info(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

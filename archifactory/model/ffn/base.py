@@ -53,6 +53,10 @@ class FeedForward(nn.Module, ABC):
     def flops_per_token(self) -> float:
         """Forward FLOPs per token (multiply-add = 2), counting only the experts a token uses."""
 
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop (through the model) once per optimizer step; a no-op unless the FFN
+        keeps non-gradient training state (MoE's aux-loss-free routing bias)."""
+
     def active_parameters(self) -> int:
         """Parameters one token touches; equals all parameters for a dense FFN."""
         return sum(p.numel() for p in self.parameters())

@@ -55,6 +55,10 @@ class Mixin(nn.Module, ABC):
     def state_size(self, seq_len: int) -> int:
         """Number of elements of one sequence's decode state after `seq_len` tokens."""
 
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop (through the model) once per optimizer step; a no-op unless the
+        mixin keeps non-gradient training state."""
+
     def backend_name(self) -> str:
         """The compute path this layer uses; the run log prints it once per layer."""
         return "reference"
