@@ -140,13 +140,17 @@ def training_texts(source: Source, cfg: DatasetConfig, counter: dict[str, int]) 
         yield text
 
 
-def get_tokenizer(cfg: DatasetConfig, source: Source, root: Path) -> Tokenizer:
-    """The cached tokenizer for these settings, trained (bpe) or downloaded (Hub name) on first use."""
+def tokenizer_folder(cfg: DatasetConfig, source: Source, root: Path) -> Path:
+    """Where the tokenizer for these settings is cached (keyed by what determines it)."""
     if cfg.tokenizer == "bpe":
         key = short_hash([document_settings(cfg, source), cfg.vocab_size, cfg.tokenizer_train_chars])
-        target = root / "tokenizers" / f"bpe{cfg.vocab_size}-{key}"
-    else:
-        target = root / "tokenizers" / f"hub-{slug(cfg.tokenizer)}-{short_hash(cfg.tokenizer)}"
+        return root / "tokenizers" / f"bpe{cfg.vocab_size}-{key}"
+    return root / "tokenizers" / f"hub-{slug(cfg.tokenizer)}-{short_hash(cfg.tokenizer)}"
+
+
+def get_tokenizer(cfg: DatasetConfig, source: Source, root: Path) -> Tokenizer:
+    """The cached tokenizer for these settings, trained (bpe) or downloaded (Hub name) on first use."""
+    target = tokenizer_folder(cfg, source, root)
     with file_lock(target.parent / f"{target.name}.lock"):
         if (target / "tokenizer.json").is_file():
             log.info("reusing tokenizer %s", target)

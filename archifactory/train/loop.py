@@ -35,6 +35,7 @@ from archifactory.data.loader import PackedLoader
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.build import build_model, describe_backends
 from archifactory.model.stack import StackedMixinForCausalLM
+from archifactory.runs import save_run_tokenizer
 from archifactory.train import distributed
 from archifactory.train.checkpoint import (
     TrainerState,
@@ -241,6 +242,7 @@ def setup_run(
         cfg.dataset, seq_len=trainer.seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size
     )
     if info.is_main:
+        save_run_tokenizer(run_dir, data.tokenizer)  # generate/eval/export load it from the run dir
         distributed.barrier(info)
     log.info(
         "data: vocab=%d, %s",
