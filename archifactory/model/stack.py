@@ -31,6 +31,17 @@ class DecodeState:
 
 
 @dataclass
+class BackboneOutput:
+    """What the blocks compute before the LM head: callers that need logits at a few positions only
+    (the eval adapter scores continuation tokens, generation the last position) project these themselves."""
+
+    hidden: Tensor  # [B, T, D] after the final norm
+    aux_loss: Tensor | None  # sum of the FFNs' auxiliary losses
+    aux: dict[str, Tensor] = field(default_factory=dict)  # detached metrics, "layers.{i}.{name}"
+    state: DecodeState | None = None
+
+
+@dataclass
 class CausalLMOutput:
     logits: Tensor | None  # [B, T, V]; None when only the loss was asked for
     loss: Tensor | None  # lm_loss + aux_loss, what the optimiser minimises
@@ -136,14 +147,8 @@ class StackedMixinForCausalLM(nn.Module):
         dtype = dtype or self.embedding.weight.dtype
         return DecodeState([block.init_state(batch_size, device, dtype) for block in self.blocks], 0)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        targets: Tensor | None = None,
-        state: DecodeState | None = None,
-        return_logits: bool = True,
-    ) -> CausalLMOutput:
-        """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored."""
+    def backbone(self, input_ids: Tensor, state: DecodeState | None = None) -> BackboneOutput:
+        """Embedding, positional scheme, blocks and final norm: hidden states [B, T, D], no LM head."""
         start = 0 if state is None else state.position
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         ctx = PositionContext(self.positional, positions)
@@ -161,9 +166,19 @@ class StackedMixinForCausalLM(nn.Module):
                     aux_loss = value if aux_loss is None else aux_loss + value
                 else:
                     metrics[f"layers.{i}.{key}"] = value.detach()
-        hidden = self.final_norm(x)
-
         new_state = None if state is None else DecodeState(new_layer_states, start + input_ids.shape[1])
+        return BackboneOutput(self.final_norm(x), aux_loss, metrics, new_state)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        state: DecodeState | None = None,
+        return_logits: bool = True,
+    ) -> CausalLMOutput:
+        """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored."""
+        out = self.backbone(input_ids, state)
+        hidden = out.hidden
         logits = None
         if targets is None or return_logits:
             logits = hidden @ self.head_weight.t().to(hidden.dtype)
@@ -173,8 +188,8 @@ class StackedMixinForCausalLM(nn.Module):
             lm_loss = lm_cross_entropy(
                 flat_hidden, self.head_weight.to(hidden.dtype), targets.reshape(-1), self.loss_chunk_size
             )
-            loss = lm_loss if aux_loss is None else lm_loss + aux_loss
-        return CausalLMOutput(logits, loss, lm_loss, aux_loss, metrics, new_state)
+            loss = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
+        return CausalLMOutput(logits, loss, lm_loss, out.aux_loss, out.aux, out.state)
 
     def after_optimizer_step(self) -> None:
         """The per-step hook of every component (the training loop calls it after each optimizer step)."""
