@@ -132,8 +132,10 @@ def score_continuations(
         scored = hidden[torch.tensor(batch_idx, device=device), torch.tensor(positions, device=device)]
         logprob, greedy = _score_tokens(scored.float(), weight, tgt)
         who = torch.tensor(owner, device=device)
-        sums = torch.zeros(len(owners), device=device, dtype=torch.float64).index_add_(0, who, logprob.double())
-        misses = torch.zeros(len(owners), device=device, dtype=torch.long).index_add_(0, who, (~greedy).long())
+        sums = torch.zeros(len(owners), device=device, dtype=torch.float64)
+        sums.index_add_(0, who, logprob.double())
+        misses = torch.zeros(len(owners), device=device, dtype=torch.long)
+        misses.index_add_(0, who, (~greedy).long())
         for index, total, miss in zip(owners, sums.tolist(), misses.tolist()):  # one host sync per batch
             results[index] = (total, miss == 0)
         if progress is not None:

@@ -15,14 +15,14 @@ from archifactory.model.mixins.attention import GroupedQueryAttention
 from archifactory.model.positional import RotaryPositional
 from archifactory.model.stack import StackedMixinForCausalLM
 
-WORDS = "the cat dog sat ran on a mat big small red king queen said to her and then over tree bird sang".split()
+WORDS = (
+    "the cat dog sat ran on a mat big small red king queen said to her and then over tree bird sang".split()
+)
 
 
 def sentences(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [
-        f"the {rng.choice(WORDS)} {rng.choice(WORDS)} on the {rng.choice(WORDS)}." for _ in range(count)
-    ]
+    return [f"the {rng.choice(WORDS)} {rng.choice(WORDS)} on the {rng.choice(WORDS)}." for _ in range(count)]
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +51,7 @@ def write_corpus(folder: Path, documents: int = 60, seed: int = 0) -> Path:
     texts = sentences(documents * 6, seed)
     for part in range(documents // 20):
         chunk = texts[part * 120 : (part + 1) * 120]
-        (folder / f"part{part}.txt").write_text("\n\n".join(" ".join(chunk[i : i + 6]) for i in range(0, 120, 6)))
+        (folder / f"part{part}.txt").write_text(
+            "\n\n".join(" ".join(chunk[i : i + 6]) for i in range(0, 120, 6))
+        )
     return folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,5 +151,3 @@ def test_continuation_longer_than_the_model_is_refused(tokenizer) -> None:
     model = tiny_model(tokenizer.vocab_size)
     with pytest.raises(ArchiFactoryError, match="max_seq_len"):
         score_continuations(model, [([0], list(range(1, 20)))], 8, batch_size=1)
-
-
