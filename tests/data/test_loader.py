@@ -82,6 +82,26 @@ def test_resume_refuses_a_different_dataset_or_seq_len(data, corpus, make_cfg) -
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("seed", "seed=3, this run has 4"),
+        ("dataset", "num_windows=124|tokens=1000"),
+        ("seq_len", "seq_len=8"),
+    ],
+)
+def test_resume_guard_checks_seed_dataset_and_seq_len(tmp_path, arange_stream, change, message) -> None:
+    """Each of the three differs alone here, and each alone must be refused."""
+    state = PackedLoader(arange_stream, SEQ, 2, seed=3).state_dict()
+    (tmp_path / "other").mkdir()
+    writer = ShardWriter(tmp_path / "other", "train", np.dtype(np.uint16), 61)
+    writer.write(np.arange(1001 if change == "dataset" else 1000))  # one token more: another dataset
+    other_stream = TokenStream(tmp_path / "other", writer.close(), np.dtype(np.uint16))
+    seq_len, seed = (SEQ * 2 if change == "seq_len" else SEQ), (4 if change == "seed" else 3)
+    with pytest.raises(ArchiFactoryError, match=message):
+        PackedLoader(other_stream, seq_len, 2, seed=seed).load_state_dict(state)
+
+
 def test_ranks_read_disjoint_slices_of_the_same_global_order(arange_stream) -> None:
     single = PackedLoader(arange_stream, SEQ, batch_size=4, seed=0)
     ranks = [PackedLoader(arange_stream, SEQ, batch_size=2, seed=0, rank=r, world_size=2) for r in range(2)]

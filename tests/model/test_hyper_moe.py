@@ -84,3 +84,19 @@ def test_accounting_adds_the_hypernetwork_to_the_base_moe() -> None:
     assert hyper == (32 * 16 + 16) + 2 * (16 * 64 * 16 + 64 * 16)
     assert layer.active_parameters() == base.active_parameters() + 6 * 32 + hyper
     assert layer.flops_per_token() > base.flops_per_token()
+
+
+def test_model_init_keeps_the_generator_zero_so_the_layer_starts_as_its_base_moe() -> None:
+    """Through the model's init pass (`model/init.py`), not just the constructor: `skip_reinit` must hold."""
+    from archifactory.model.build import build_model
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["ffn=hyper_moe", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4"])
+    model = build_model(cfg, vocab_size=64)
+    for block in model.blocks:
+        layer = block.ffn
+        assert isinstance(layer, HyperMoE)
+        assert torch.count_nonzero(layer.gen_up.weight) == 0 and torch.count_nonzero(layer.gen_up.bias) == 0
+        assert layer.gen_down.weight.std() < 0.05, "the other generator Linear does get the init scheme"
+        x = torch.randn(2, 5, 32)
+        assert torch.count_nonzero(layer.hyper_expert(x.view(-1, 32), torch.tensor([[0, 1]] * 10))) == 0

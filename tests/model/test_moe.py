@@ -188,6 +188,22 @@ def test_grouped_mm_is_used_where_supported() -> None:
     assert resolve_mode("auto", torch.zeros(3, 16, dtype=torch.float64), w.double()) == "batched"
 
 
+def test_auto_dispatch_takes_the_grouped_path_in_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dispatch: auto` (the configs' default) must reach `torch._grouped_mm` where it is supported."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    moe = perturbed(MoE(32, 0, num_experts=4, top_k=2, dispatch="auto"), dtype=torch.float32)
+    x = torch.randn(2, 5, 32)
+    y, _ = moe(x)
+    assert len(calls) == 2, "one grouped matmul in, one out"
+    moe.dispatch = "loop"
+    torch.testing.assert_close(y, moe(x)[0], rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2, "the loop path does not use it"
+
+
 def test_capacity_drops_and_counts() -> None:
     torch.manual_seed(3)
     moe = perturbed(MoE(16, 0, num_experts=4, top_k=2, capacity_factor=0.5, renormalize=False, multiple_of=8))

@@ -58,14 +58,14 @@ def test_chunked_cross_entropy_equals_full() -> None:
 
 
 def test_freeze_only_passed_in_modules() -> None:
-    pretrained_embedding = nn.Embedding(V, D)
+    pretrained_embedding = nn.Embedding(V, D)  # N(0, 1): far from the init scheme's N(0, 0.02^2)
+    pretrained = pretrained_embedding.weight.detach().clone()  # a copy: the model holds the same object
     model = make(embedding_module=pretrained_embedding, freeze_lm_modules=True)
+    assert model.embedding is pretrained_embedding
     assert not model.embedding.weight.requires_grad
     assert model.lm_head.weight.requires_grad, "a fresh head is never frozen"
     assert model.final_norm.weight.requires_grad
-    assert torch.equal(model.embedding.weight, pretrained_embedding.weight), (
-        "passed-in weights are not re-initialised"
-    )
+    assert torch.equal(model.embedding.weight, pretrained), "passed-in weights are not re-initialised"
 
 
 def test_tied_embeddings_share_one_matrix() -> None:
