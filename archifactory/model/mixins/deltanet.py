@@ -1,0 +1,345 @@
+"""The delta-rule mixers: DeltaNet, Gated DeltaNet and Kimi Delta Attention.
+
+They share one layer shape (fla's): a fused q/k/v projection, a short causal depthwise conv + SiLU on
+q, k and v, L2-normalised q and k per head, β = sigmoid(b_proj x), the chunked delta rule of
+`reference/delta_rule.py` (fla's Triton kernel on CUDA), a per-head RMSNorm (gated when the layer has an
+output gate) and `out_proj`. They differ only in the decay: none, one scalar per head, one per channel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.mixins.base import Mixin, MixinState, check_divisible, resolve_backend
+from archifactory.model.mixins.reference.delta_rule import (
+    chunk_delta_rule,
+    compute_dtype,
+    delta_rule_step,
+    fla_op,
+    l2_normalize,
+)
+from archifactory.model.mixins.short_conv import ShortConvolution
+from archifactory.model.positional import PositionContext
+from archifactory.registry import register_mixin
+
+GATE_ACTIVATIONS = {"swish": F.silu, "sigmoid": torch.sigmoid}
+
+
+def inverse_softplus_dt(size: int, dt_min: float = 0.001, dt_max: float = 0.1) -> Tensor:
+    """Mamba's dt_bias init: dt ~ log-U[dt_min, dt_max], stored as softplus⁻¹(dt)."""
+    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
+        min=1e-4
+    )
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class DeltaRuleMixin(Mixin):
+    """Shared body of the delta-rule mixers (not registered itself); subclasses define `log_decay`."""
+
+    fused_kernel: tuple[str, str] = ("delta_rule", "chunk_delta_rule")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        num_heads: int,
+        expand_v: float,
+        use_short_conv: bool,
+        conv_size: int,
+        use_gate: bool,
+        allow_neg_eigval: bool,
+        norm_eps: float,
+        chunk_size: int,
+        backend: str,
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        name = f"mixin={self.registry_name}"
+        self.head_k_dim = check_divisible(hidden_size, num_heads, name)
+        head_v_dim = self.head_k_dim * expand_v
+        if not float(head_v_dim).is_integer() or head_v_dim < 1:
+            raise ArchiFactoryError(
+                f"{name}: expand_v={expand_v} gives a value head of {head_v_dim} channels; "
+                "pick expand_v so that (hidden_size / num_heads) · expand_v is a whole number"
+            )
+        if chunk_size < 1 or (use_short_conv and conv_size < 2):
+            raise ArchiFactoryError(
+                f"{name}: need chunk_size >= 1 and conv_size >= 2, got {chunk_size}, {conv_size}"
+            )
+        resolve_backend(backend, True, name)  # validates the name; availability is checked per call
+        self.backend, self.chunk_size, self.norm_eps = backend, chunk_size, norm_eps
+        self.num_heads, self.head_v_dim = num_heads, int(head_v_dim)
+        self.key_dim, self.value_dim = hidden_size, num_heads * self.head_v_dim
+        self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate
+        self.qkv_proj = nn.Linear(hidden_size, 2 * self.key_dim + self.value_dim, bias=False)
+        self.conv = ShortConvolution(2 * self.key_dim + self.value_dim, conv_size) if use_short_conv else None
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def log_decay(self, x: Tensor) -> Tensor | None:
+        """log D_t: None (no decay), [B, T, H] or [B, T, H, K], in the compute dtype."""
+        return None
+
+    def output_gate(self, x: Tensor) -> Tensor | None:
+        """The output gate's pre-activation [B, T, value_dim], or None without a gate."""
+        return None
+
+    gate_activation: str = "swish"
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        dtype = compute_dtype(dtype)
+        state = {
+            "recurrent": torch.zeros(
+                batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype
+            )
+        }
+        if self.conv is not None:
+            state["conv"] = torch.zeros(
+                batch_size, self.conv.channels, self.conv.kernel_size - 1, device=device, dtype=dtype
+            )
+        return state
+
+    def forward(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
+    ) -> tuple[Tensor, MixinState | None]:
+        batch, seq_len, _ = x.shape
+        qkv = self.qkv_proj(x)
+        conv_state = None
+        if self.conv is not None:
+            qkv, conv_state = self.conv(qkv, None if state is None else state["conv"])
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))  # [B, T, H, K]
+        k = l2_normalize(k.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
+        v = v.reshape(batch, seq_len, self.num_heads, self.head_v_dim)  # [B, T, H, V]
+        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype)))  # [B, T, H]
+        if self.allow_neg_eigval:  # β in (0, 2): eigenvalues of I - β k kᵀ in (-1, 1)
+            beta = 2 * beta
+        g = self.log_decay(x)
+        past = None if state is None else state["recurrent"]
+        out, new_state = self._delta_rule(q, k, v, beta, g, past)
+        out = self._norm(out, self.output_gate(x))  # [B, T, value_dim]
+        y = self.out_proj(out.to(x.dtype))
+        if state is None:
+            return y, None
+        new = {"recurrent": new_state}
+        if conv_state is not None:
+            new["conv"] = conv_state
+        return y, new
+
+    def _delta_rule(
+        self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, past: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        if past is not None and q.shape[1] == 1:
+            out, new_state = delta_rule_step(
+                q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0], past
+            )
+            return out[:, None], new_state
+        if self.backend_name() == "fused":
+            return self._fused(q, k, v, beta, g, past)
+        return chunk_delta_rule(q, k, v, beta, g, None, past, past is not None, self.chunk_size)
+
+    def _fused(
+        self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, past: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        kernel = fla_op(*self.fused_kernel)
+        assert kernel is not None, "backend resolved to fused without fla"
+        extra = {} if g is None else {"g": g.float().contiguous()}
+        out, new_state = kernel(
+            q=q, k=k, v=v, beta=beta.to(q.dtype), **extra,
+            initial_state=None if past is None else past.float(), output_final_state=past is not None,
+        )  # fmt: skip
+        return out, None if past is None else new_state.to(past.dtype)
+
+    def _norm(self, out: Tensor, gate: Tensor | None) -> Tensor:
+        """Per-head RMSNorm of out [B, T, H, V] (fp32), times act(gate) when the layer has a gate."""
+        dtype = compute_dtype(out.dtype)
+        out = out.to(dtype)
+        out = (
+            out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(dtype)
+        )
+        out = out.flatten(-2)  # [B, T, H·V]
+        if gate is not None:
+            out = out * GATE_ACTIVATIONS[self.gate_activation](gate.to(dtype))
+        return out
+
+    def backend_name(self) -> str:
+        device_ok = self.qkv_proj.weight.is_cuda and fla_op(*self.fused_kernel) is not None
+        return resolve_backend(self.backend, device_ok, f"mixin={self.registry_name}")
+
+    def flops_per_token(self, seq_len: int) -> float:
+        projections = sum(
+            2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
+        )
+        conv = 0 if self.conv is None else 2 * self.conv.channels * self.conv.kernel_size
+        # chunked delta rule per head and token: k·k and q·k scores, the (I + A)⁻¹ solve (C³/3 per chunk),
+        # W_v and W_k, and per token the u = W_v − W_k S, q·S, and state-update products
+        chunk = min(self.chunk_size, max(seq_len, 1))
+        k_dim, v_dim = self.head_k_dim, self.head_v_dim
+        rule = self.num_heads * (
+            6 * chunk * k_dim + 4 * chunk * v_dim + 2 * chunk * chunk / 3 + 6 * k_dim * v_dim
+        )
+        return projections + conv + rule
+
+    def state_size(self, seq_len: int) -> int:
+        conv = 0 if self.conv is None else self.conv.state_size()
+        return self.num_heads * self.head_k_dim * self.head_v_dim + conv
+
+
+@register_mixin("deltanet")
+class DeltaNet(DeltaRuleMixin):
+    """DeltaNet (Yang et al., "Parallelizing Linear Transformers with the Delta Rule over Sequence
+    Length", 2024; the delta rule of Schlag et al., 2021).
+
+    Per head, with L2-normalised q/k (after a short causal conv + SiLU) and β_t = sigmoid(b_proj x_t):
+        S_t = S_{t-1} + β_t k_t (v_t − S_{t-1}ᵀ k_t)ᵀ,      o_t = S_tᵀ q_t / sqrt(d_k)
+    — the state is corrected toward each new key-value pair instead of only accumulating. Computed in the
+    chunked WY form (one triangular solve per chunk). Then a per-head RMSNorm (gated by SiLU(g_proj x)
+    with `use_gate`) and out_proj. Positional schemes are ignored. Decode state: S [B, H, d_k, d_v] and
+    the conv buffer. Parameters: 2d·d + 2d·d_v + d·H (+ d·d_v with the gate) + conv.
+
+    Options:
+        num_heads: heads (d_k = hidden / num_heads); expand_v: d_v = d_k · expand_v;
+        use_short_conv / conv_size: the causal depthwise conv on q, k, v (kernel 4 in the paper);
+        use_gate: SiLU output gate; allow_neg_eigval: β ∈ (0, 2) (Grazzi et al., 2025);
+        norm_eps: RMSNorm epsilon; chunk_size: chunk length of the reference;
+        backend: `auto` (fla's `chunk_delta_rule` on CUDA), `reference` or `fused`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        num_heads: int = 4,
+        expand_v: float = 1.0,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        use_gate: bool = False,
+        allow_neg_eigval: bool = False,
+        norm_eps: float = 1e-5,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            hidden_size, layer_idx, num_heads, expand_v, use_short_conv, conv_size, use_gate,
+            allow_neg_eigval, norm_eps, chunk_size, backend,
+        )  # fmt: skip
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
+
+    def output_gate(self, x: Tensor) -> Tensor | None:
+        return None if self.g_proj is None else self.g_proj(x)
+
+
+@register_mixin("gated_deltanet")
+class GatedDeltaNet(DeltaRuleMixin):
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta
+    Rule", 2025).
+
+    DeltaNet with a per-head scalar decay α_t = exp(g_t), Mamba2-parameterised:
+        g_t = −exp(A_log) · softplus(a_proj x_t + dt_bias),
+        S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t / sqrt(d_k)
+    (gating lets the state forget quickly, the delta rule overwrite precisely). Output: per-head RMSNorm
+    gated by SiLU(g_proj x), then out_proj. Init: A ~ U[1, 16], dt ~ log-U[0.001, 0.1] (stored as
+    softplus⁻¹). Decode state: S [B, H, d_k, d_v] and the conv buffer.
+
+    Options: as DeltaNet (expand_v 2 and use_gate true by default, as in the paper's layer), backend
+    `auto` takes fla's `chunk_gated_delta_rule` on CUDA.
+    """
+
+    fused_kernel = ("gated_delta_rule", "chunk_gated_delta_rule")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        num_heads: int = 4,
+        expand_v: float = 2.0,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        use_gate: bool = True,
+        allow_neg_eigval: bool = False,
+        norm_eps: float = 1e-5,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            hidden_size, layer_idx, num_heads, expand_v, use_short_conv, conv_size, use_gate,
+            allow_neg_eigval, norm_eps, chunk_size, backend,
+        )  # fmt: skip
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
+
+    def log_decay(self, x: Tensor) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
+        return -torch.exp(self.A_log.to(dtype)) * dt
+
+    def output_gate(self, x: Tensor) -> Tensor | None:
+        return None if self.g_proj is None else self.g_proj(x)
+
+
+@register_mixin("kda")
+class KimiDeltaAttention(DeltaRuleMixin):
+    """Kimi Delta Attention (Moonshot AI, "Kimi Linear: An Expressive, Efficient Attention
+    Architecture", 2025).
+
+    Gated DeltaNet with a per-channel (diagonal) decay: g_t ∈ R^{d_k} per head,
+        g_t = −exp(A_log) · softplus(f_proj x_t + dt_bias)   (f_proj low-rank: d → d_v → d_k·H),
+        S_t = (I − β_t k_t k_tᵀ) diag(exp g_t) S_{t-1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t / sqrt(d_k).
+    Output: per-head RMSNorm gated by sigmoid(g_proj x) (g_proj low-rank d → d_v → value width, with a
+    bias), then out_proj. Init: A ~ U[1, 16] per head, dt ~ log-U[0.001, 0.1] per channel. The pairwise
+    per-channel decay inside a chunk costs C·d_k memory per token, hence the smaller default chunk.
+    Decode state: S [B, H, d_k, d_v] and the conv buffer.
+
+    Options: as DeltaNet (use_gate true: KDA always gates its output); backend `auto` takes fla's
+    `chunk_kda` on CUDA.
+    """
+
+    fused_kernel = ("kda", "chunk_kda")
+    gate_activation = "sigmoid"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        num_heads: int = 4,
+        expand_v: float = 1.0,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        allow_neg_eigval: bool = False,
+        norm_eps: float = 1e-5,
+        chunk_size: int = 16,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            hidden_size, layer_idx, num_heads, expand_v, use_short_conv, conv_size, True,
+            allow_neg_eigval, norm_eps, chunk_size, backend,
+        )  # fmt: skip
+        self.f_proj = nn.Sequential(
+            nn.Linear(hidden_size, self.head_v_dim, bias=False),
+            nn.Linear(self.head_v_dim, self.key_dim, bias=False),
+        )
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.key_dim))
+        self.g_proj = nn.Sequential(
+            nn.Linear(hidden_size, self.head_v_dim, bias=False),
+            nn.Linear(self.head_v_dim, self.value_dim, bias=True),
+        )
+
+    def log_decay(self, x: Tensor) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        batch, seq_len, _ = x.shape
+        dt = F.softplus(self.f_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H·K]
+        dt = dt.view(batch, seq_len, self.num_heads, self.head_k_dim)
+        return -torch.exp(self.A_log.to(dtype))[:, None] * dt  # [B, T, H, K]
+
+    def output_gate(self, x: Tensor) -> Tensor:
+        return self.g_proj(x)

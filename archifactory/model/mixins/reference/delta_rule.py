@@ -1,0 +1,248 @@
+"""The delta-rule family in plain PyTorch: chunked (WY / UT-transform) training forms and decode steps.
+
+Per head, with state S [K, V], log-decay g_t <= 0 (None: no decay; one scalar per head: Gated DeltaNet;
+one per key channel: Kimi Delta Attention) and D_t = diag(exp g_t):
+
+    delta rule:   S_t = (I - β_t k_t k_tᵀ) D_t S_{t-1} + β_t k_t v_tᵀ        o_t = scale · S_tᵀ q_t
+    DPLR (RWKV-7): S_t = D_t S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ          o_t = scale · S_tᵀ q_t
+
+Layout follows fla: q/k/a/b [B, T, H, K], v [B, T, H, V], β [B, T, H], g [B, T, H] or [B, T, H, K],
+state [B, H, K, V].
+
+Chunked form. Inside a chunk of C tokens entered with state S₀, let B_t = Σ_{j<=t} g_j (chunk-local) and
+write every state as S_t = Γ_t S₀ + Σ_{s<=t} (Γ_t / Γ_s) k_s x_sᵀ for some per-token rows x_s. For the
+delta rule x_s = u_s = β_s (v_s − (D_s S_{s-1})ᵀ k_s), which unrolls to a unit lower-triangular system
+
+    (I + A) U = diag(β) (V − K̃ S₀),   A_ts = β_t Σ_c k_t[c] k_s[c] exp(B_t[c] − B_s[c])  (s < t),
+    K̃_t = exp(B_t) ⊙ k_t,
+
+solved once per chunk (the UT transform: U = W_v − W_k S₀ with W = (I + A)⁻¹ diag(β) [V, K̃]), so the
+loop over chunks is two matrix products. RWKV-7's DPLR rule does the same with h_t = S_{t-1}ᵀ a_t in place
+of u_t (`chunk_dplr`). Only differences B_t − B_s with s <= t (or B_t itself) are exponentiated, after
+masking, so every exponent is <= 0: nothing overflows however long the sequence or strong the decay.
+Per-channel decays need a pairwise [C, C, K] decay tensor inside each chunk (so their default chunk is
+smaller); scalar decays a [C, C] one. Everything runs in fp32 (fp64 when the inputs are fp64).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (tests), everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(Σx² + eps) over the last dim (fla's `l2norm`, which its kernels apply to q and k)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class _Chunker:
+    """Pads [B, T, H, ...] tensors to whole chunks and lays them out as [B, H, N, C, ...]."""
+
+    def __init__(self, seq_len: int, chunk_size: int, dtype: torch.dtype) -> None:
+        self.seq_len = seq_len
+        self.size = max(1, min(chunk_size, seq_len))
+        self.pad = (-seq_len) % self.size
+        self.chunks = (seq_len + self.pad) // self.size
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.to(self.dtype)
+        if x.dim() == 3:  # [B, T, H] -> [B, T, H, 1]
+            x = x[..., None]
+        if self.pad:  # zero padding: k = v = β = 0 and g = 0 leave the final state exact
+            x = F.pad(x, (0, 0, 0, 0, 0, self.pad))
+        batch, _, heads, width = x.shape
+        return x.transpose(1, 2).reshape(batch, heads, self.chunks, self.size, width)
+
+    def unchunk(self, o: Tensor) -> Tensor:
+        """[B, H, N, C, V] -> [B, T, H, V] (padding dropped)."""
+        batch, heads = o.shape[:2]
+        return o.reshape(batch, heads, self.chunks * self.size, -1)[:, :, : self.seq_len].transpose(1, 2)
+
+
+def _pair_decay(rows: Tensor, cols: Tensor, strict: bool) -> Tensor:
+    """exp(rows_t − cols_s) for s <= t (s < t if strict), 0 elsewhere. rows/cols [..., C, W] with W = 1
+    (scalar decay) or K (per channel) -> [..., C, C, W]. The mask is applied before exp."""
+    size = rows.shape[-2]
+    keep = torch.ones(size, size, dtype=torch.bool, device=rows.device).tril(-1 if strict else 0)
+    diff = rows[..., :, None, :] - cols[..., None, :, :]
+    return diff.masked_fill(~keep[..., None], float("-inf")).exp()
+
+
+def _decayed_scores(x: Tensor, y: Tensor, decay: Tensor) -> Tensor:
+    """Σ_c x_t[c] y_s[c] decay[t, s, c]: x/y [..., C, K], decay [..., C, C, 1 or K] -> [..., C, C]."""
+    if decay.shape[-1] == 1:
+        return (x @ y.transpose(-1, -2)) * decay[..., 0]
+    return torch.einsum("...tc,...sc,...tsc->...ts", x, y, decay)
+
+
+def _unit_lower_inverse(a: Tensor) -> Tensor:
+    """(I + a)⁻¹ for strictly lower-triangular a [..., C, C], by a triangular solve."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve_triangular(a + eye, eye.expand_as(a), upper=False, unitriangular=True)
+
+
+def _initial_state(q: Tensor, value_dim: int, state: Tensor | None, dtype: torch.dtype) -> Tensor:
+    batch, _, heads, key_dim = q.shape
+    if state is None:
+        return q.new_zeros(batch, heads, key_dim, value_dim, dtype=dtype)
+    return state.to(dtype)
+
+
+def chunk_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked (gated) delta rule; see the module docstring. g: None, [B, T, H] or [B, T, H, K].
+    Returns o [B, T, H, V] in q's dtype and, if asked, the final state [B, H, K, V] (compute dtype)."""
+    dtype = compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chunk = _Chunker(q.shape[1], chunk_size, dtype)
+    qc, kc, vc, bc = chunk(q) * scale, chunk(k), chunk(v), chunk(beta)  # [B, H, N, C, *]; bc [.., C, 1]
+    gc = chunk(g) if g is not None else torch.zeros_like(bc)
+    cum = gc.cumsum(-2)  # [B, H, N, C, W], non-increasing down the chunk
+    inclusive = _pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
+    kk = _decayed_scores(kc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
+    qk = _decayed_scores(qc, kc, inclusive)  # lower, diagonal included
+    solve = _unit_lower_inverse(bc * kk)  # (I + A)⁻¹, A_ts = β_t kk_ts
+    w_v = solve @ (bc * vc)  # [B, H, N, C, V]
+    w_k = solve @ (bc * kc * cum.exp())  # [B, H, N, C, K]
+    q_start = qc * cum.exp()  # decayed from the chunk start through t
+    last = cum[..., -1:, :]  # [B, H, N, 1, W]
+    k_end = kc * (last - cum).exp()  # decayed from after s to the chunk end
+    chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, W, 1]: scales the rows of S
+    state = _initial_state(q, v.shape[-1], initial_state, dtype)
+    entering, updates = [], []
+    # unbind, not [:, :, n]: indexing in a loop makes autograd build a full-size zero gradient per chunk
+    for w_v_n, w_k_n, k_end_n, decay_n in zip(
+        w_v.unbind(2), w_k.unbind(2), k_end.unbind(2), chunk_decay.unbind(2)
+    ):
+        entering.append(state)
+        u = w_v_n - w_k_n @ state  # [B, H, C, V]
+        updates.append(u)
+        state = decay_n * state + k_end_n.transpose(-1, -2) @ u
+    out = q_start @ torch.stack(entering, dim=2) + qk @ torch.stack(updates, dim=2)  # [B, H, N, C, V]
+    out = chunk.unchunk(out).to(q.dtype)
+    return out, state if output_final_state else None
+
+
+def delta_rule_step(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: Tensor, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """One decode step. q/k [B, H, K], v [B, H, V], β [B, H], g None/[B, H]/[B, H, K], state [B, H, K, V]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = state.dtype
+    q, k, v, beta = q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype)
+    if g is not None:
+        decay = g.to(dtype).exp()
+        state = state * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
+    u = beta[..., None] * (v - (k[..., None, :] @ state).squeeze(-2))  # [B, H, V]
+    state = state + k[..., :, None] * u[..., None, :]
+    out = scale * (q[..., None, :] @ state).squeeze(-2)
+    return out, state
+
+
+def chunk_dplr(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    g: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 32,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked diagonal-plus-low-rank rule S_t = D_t S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ (RWKV-7's
+    generalised delta rule; fla's `dplr_recurrence` convention: the low-rank term reads the undecayed
+    S_{t-1}). g [B, T, H, K]. With h_t = S_{t-1}ᵀ a_t, every S_t = Γ_t S₀ + Σ_s (Γ_t/Γ_s)(b_s h_sᵀ + k_s v_sᵀ),
+    and the h of a chunk solve (I − A_ab) H = Ã S₀ + A_ak V with A_xy[t, s] = Σ a_t y_s exp(B_{t−1} − B_s)."""
+    dtype = compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chunk = _Chunker(q.shape[1], chunk_size, dtype)
+    qc, kc, vc, ac, bc, gc = (chunk(t) for t in (q, k, v, a, b, g))
+    qc = qc * scale
+    cum = gc.cumsum(-2)  # B_t
+    before = cum - gc  # B_{t-1} (exclusive)
+    inclusive = _pair_decay(cum, cum, strict=False)  # exp(B_t − B_s), s <= t
+    exclusive = _pair_decay(before, cum, strict=True)  # exp(B_{t−1} − B_s), s < t
+    solve = _unit_lower_inverse(-_decayed_scores(ac, bc, exclusive))  # (I − A_ab)⁻¹
+    w_state = solve @ (ac * before.exp())  # H = w_state S₀ + w_values
+    w_values = solve @ (_decayed_scores(ac, kc, exclusive) @ vc)
+    qb, qk = _decayed_scores(qc, bc, inclusive), _decayed_scores(qc, kc, inclusive)
+    last = cum[..., -1:, :]
+    to_end = (last - cum).exp()
+    b_end = bc * to_end
+    chunk_kv = (kc * to_end).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, K, 1]
+    state = _initial_state(q, v.shape[-1], initial_state, dtype)
+    entering, lowrank = [], []
+    for w_s, w_v, b_n, kv_n, decay_n in zip(
+        w_state.unbind(2), w_values.unbind(2), b_end.unbind(2), chunk_kv.unbind(2), chunk_decay.unbind(2)
+    ):
+        entering.append(state)
+        h = w_s @ state + w_v  # [B, H, C, V]
+        lowrank.append(h)
+        state = decay_n * state + b_n.transpose(-1, -2) @ h + kv_n
+    out = (
+        (qc * cum.exp()) @ torch.stack(entering, dim=2) + qb @ torch.stack(lowrank, dim=2) + qk @ vc
+    )  # [B, H, N, C, V]
+    return chunk.unchunk(out).to(q.dtype), state if output_final_state else None
+
+
+def dplr_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    g: Tensor,
+    state: Tensor,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DPLR decode step. q/k/a/b/g [B, H, K], v [B, H, V], state [B, H, K, V]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = state.dtype
+    q, k, v, a, b, g = (t.to(dtype) for t in (q, k, v, a, b, g))
+    lowrank = (a[..., None, :] @ state).squeeze(-2)  # aᵀ S_{t-1}: [B, H, V]
+    state = (
+        g.exp()[..., None] * state
+        + b[..., :, None] * lowrank[..., None, :]
+        + k[..., :, None] * v[..., None, :]
+    )
+    return scale * (q[..., None, :] @ state).squeeze(-2), state
+
+
+def recurrent(step: Callable, *args: Tensor | None, state: Tensor, scale: float | None = None):
+    """Run a `*_step` token by token over [B, T, ...] inputs (a Python loop: tests only)."""
+    outputs = []
+    for t in range(args[0].shape[1]):
+        out, state = step(*(None if x is None else x[:, t] for x in args), state, scale)
+        outputs.append(out)
+    return torch.stack(outputs, dim=1), state
+
+
+@functools.cache
+def fla_op(module: str, name: str) -> Callable | None:
+    """fla's Triton kernel `fla.ops.<module>.<name>`, or None when fla/triton is missing (lazy import)."""
+    try:
+        return getattr(__import__(f"fla.ops.{module}", fromlist=[name]), name)
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
