@@ -435,6 +435,8 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
         if stop.requested:
             throughput.pause()
             checkpoint(run)
+            # the summary's figures are otherwise those of the last validation: say where the run stopped
+            run.recorder.update_summary(steps=state.step, tokens_seen=state.tokens_seen)
             raise KeyboardInterrupt(
                 f"stopped by {stop.requested} at step {state.step}; resume with trainer.resume=true"
             )
