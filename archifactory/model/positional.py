@@ -29,6 +29,10 @@ class PositionalScheme(nn.Module):
         self.hidden_size = hidden_size
         self.max_seq_len = max_seq_len
 
+    def check_length(self, end: int) -> None:
+        """Refuse positions up to `end` (exclusive) the scheme cannot represent. Called by the model with
+        Python ints before the forward, so the hot path never reads a position back from the device."""
+
     def embed(self, x: Tensor, positions: Tensor) -> Tensor:
         return x
 
@@ -46,28 +50,41 @@ class PositionalScheme(nn.Module):
 
 @dataclass
 class PositionContext:
-    """What a mixin gets to know about positions: the scheme and the absolute positions of its tokens.
+    """What a mixin gets to know about positions: the scheme and where this call's tokens sit.
 
-    One context is made per model forward and shared by every layer, so rotary tables are computed once
-    per head size and reused (`_tables` is that per-forward cache, never kept across calls).
+    `start` and `length` are Python ints, never tensors read back to the host: under torch.compile a
+    `tensor.item()` or a tensor-valued `torch.arange` bound is a graph break and a host sync per layer.
+    One context is made per model forward and shared by every layer, so the position tensor and the
+    rotary tables are computed once per head size and reused (`_cache`, never kept across calls).
     """
 
     scheme: PositionalScheme
-    positions: Tensor  # [T] absolute positions of the tokens in this call
-    _tables: dict = field(default_factory=dict, repr=False)
+    start: int  # absolute position of the first token of this call (the model's decode counter)
+    length: int  # tokens in this call
+    device: torch.device | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
 
-    def rotate(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Rotate x [B, T, H, D] by the positions (rope); identity for other schemes."""
-        if positions is not None:
-            return self.scheme.rotate(x, positions)
+    @property
+    def positions(self) -> Tensor:
+        """[T] absolute positions of this call's tokens."""
+        if "positions" not in self._cache:
+            self._cache["positions"] = torch.arange(self.start, self.start + self.length, device=self.device)
+        return self._cache["positions"]
+
+    def key_positions(self, past: int) -> Tensor:
+        """[past + T] absolute positions of the keys: `past` cached tokens, then this call's."""
+        return torch.arange(self.start - past, self.start + self.length, device=self.device)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """Rotate x [B, T, H, D] by this call's positions (rope); identity for other schemes."""
         key = (x.shape[-1], x.device)
-        if key not in self._tables:
-            self._tables[key] = self.scheme.rotation_tables(self.positions, x.shape[-1], x.device)
-        return self.scheme.rotate(x, self.positions, self._tables[key])
+        if key not in self._cache:
+            self._cache[key] = self.scheme.rotation_tables(self.positions, x.shape[-1], x.device)
+        return self.scheme.rotate(x, self.positions, self._cache[key])
 
-    def attention_bias(self, num_heads: int, k_positions: Tensor) -> Tensor | None:
-        """Additive bias [H, Tq, Tk] for queries at `positions` and keys at `k_positions` (alibi)."""
-        return self.scheme.attention_bias(num_heads, self.positions, k_positions)
+    def attention_bias(self, num_heads: int, past: int) -> Tensor | None:
+        """Additive bias [H, T, past + T] for this call's queries over `past` cached keys and its own (alibi)."""
+        return self.scheme.attention_bias(num_heads, self.positions, self.key_positions(past))
 
 
 @register_positional("none")
@@ -87,12 +104,14 @@ class LearnedPositional(PositionalScheme):
         super().__init__(hidden_size, max_seq_len)
         self.weight = nn.Embedding(max_seq_len, hidden_size)
 
-    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
-        if int(positions[-1]) >= self.max_seq_len:
+    def check_length(self, end: int) -> None:
+        if end > self.max_seq_len:
             raise ArchiFactoryError(
-                f"position {int(positions[-1])} is beyond positional=learned's table of {self.max_seq_len}; "
+                f"position {end - 1} is beyond positional=learned's table of {self.max_seq_len}; "
                 "raise model.max_seq_len or use positional=rope"
             )
+
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
         return x + self.weight(positions).to(x.dtype)
 
 

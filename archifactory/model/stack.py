@@ -149,10 +149,10 @@ class StackedMixinForCausalLM(nn.Module):
 
     def backbone(self, input_ids: Tensor, state: DecodeState | None = None) -> BackboneOutput:
         """Embedding, positional scheme, blocks and final norm: hidden states [B, T, D], no LM head."""
-        start = 0 if state is None else state.position
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        ctx = PositionContext(self.positional, positions)
-        x = self.positional.embed(self.embedding(input_ids), positions)
+        start = 0 if state is None else state.position  # a Python int: no host sync under compile
+        self.positional.check_length(start + input_ids.shape[1])
+        ctx = PositionContext(self.positional, start, input_ids.shape[1], input_ids.device)
+        x = self.positional.embed(self.embedding(input_ids), ctx.positions)
 
         new_layer_states: list[LayerState] = []
         aux_loss: Tensor | None = None

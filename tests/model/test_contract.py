@@ -36,11 +36,11 @@ def build(
     module = component_factory(kind, cfg[kind], HIDDEN)(layer_idx=layer_idx).double()
     perturb(module)
     scheme = build_positional(cfg.positional, HIDDEN, max_seq_len=64).double()
-    return module, PositionContext(scheme, torch.arange(0))
+    return module, PositionContext(scheme, 0, 0)
 
 
 def ctx_for(ctx: PositionContext, start: int, length: int) -> PositionContext:
-    return PositionContext(ctx.scheme, torch.arange(start, start + length))
+    return PositionContext(ctx.scheme, start, length)
 
 
 def run_mixin(mixin, ctx, x, state=None, start=0):

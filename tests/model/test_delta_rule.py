@@ -178,7 +178,7 @@ def test_rwkv7_decay_stays_in_its_bounded_range() -> None:
     layer = RWKV7TimeMix(32, 0, num_heads=4, decay_rank=8, a_rank=8, gate_rank=8).double()
     with torch.no_grad():
         layer.w0.add_(50 * torch.randn_like(layer.w0))
-    ctx = PositionContext(NoPositional(32, 64), torch.arange(9))
+    ctx = PositionContext(NoPositional(32, 64), 0, 9)
     y, _ = layer(torch.randn(2, 9, 32, dtype=torch.float64), ctx)
     assert torch.isfinite(y).all()
 
@@ -193,7 +193,7 @@ def _fused_vs_reference(cls, **options) -> None:
     reference.load_state_dict(fused.state_dict())
     assert fused.backend_name() == "fused" and reference.backend_name() == "reference"
     x = torch.randn(2, 200, 256, device="cuda")
-    ctx = PositionContext(NoPositional(256, 256), torch.arange(200, device="cuda"))
+    ctx = PositionContext(NoPositional(256, 256), 0, 200, torch.device("cuda"))
     outputs, input_grads = [], []
     for module in (fused, reference):
         xi = x.clone().requires_grad_()

@@ -61,7 +61,7 @@ def test_rope_scores_depend_only_on_the_offset() -> None:
 def test_position_context_uses_the_cached_tables_for_the_same_rotation() -> None:
     rope = RotaryPositional(hidden_size=8, max_seq_len=16)
     x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
-    ctx = PositionContext(rope, torch.arange(4, 9))
+    ctx = PositionContext(rope, 4, 5)
     torch.testing.assert_close(ctx.rotate(x), rope.rotate(x, torch.arange(4, 9)))
     torch.testing.assert_close(ctx.rotate(x), rope.rotate(x, torch.arange(4, 9)))  # second call: cached
 
@@ -171,7 +171,7 @@ def test_gqa_equals_attention_written_out_by_hand(
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(2, 6, 32, dtype=torch.float64)
     start = 3  # a non-zero offset: positions are absolute
-    ctx = PositionContext(SCHEMES[scheme](32, 64), torch.arange(start, start + 6))
+    ctx = PositionContext(SCHEMES[scheme](32, 64), start, 6)
     y, _ = layer(x, ctx)
     torch.testing.assert_close(y, gqa_by_hand(layer, x, scheme, start), rtol=1e-6, atol=1e-6)
 
@@ -183,6 +183,6 @@ def test_gqa_decode_with_grouped_kv_equals_attention_by_hand(scheme: str) -> Non
     x = torch.randn(1, 5, 32, dtype=torch.float64)
     positional = SCHEMES[scheme](32, 64)
     state = layer.init_state(1, torch.device("cpu"), torch.float64)
-    _, state = layer(x[:, :3], PositionContext(positional, torch.arange(0, 3)), state)
-    y, _ = layer(x[:, 3:], PositionContext(positional, torch.arange(3, 5)), state)
+    _, state = layer(x[:, :3], PositionContext(positional, 0, 3), state)
+    y, _ = layer(x[:, 3:], PositionContext(positional, 3, 2), state)
     torch.testing.assert_close(y, gqa_by_hand(layer, x, scheme, 0)[:, 3:], rtol=1e-6, atol=1e-6)

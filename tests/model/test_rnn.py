@@ -16,7 +16,7 @@ HIDDEN = 32
 
 
 def ctx(start: int, length: int) -> PositionContext:
-    return PositionContext(NoPositional(HIDDEN, 0), torch.arange(start, start + length))
+    return PositionContext(NoPositional(HIDDEN, 0), start, length)
 
 
 def perturbed(module: torch.nn.Module) -> torch.nn.Module:

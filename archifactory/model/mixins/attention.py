@@ -131,8 +131,7 @@ class GroupedQueryAttention(Mixin):
             v = torch.cat([state["v"], v], dim=2)
             new_state = {"k": k, "v": v}
         past = k.shape[2] - seq_len
-        k_positions = torch.arange(ctx.positions[0] - past, ctx.positions[-1] + 1, device=x.device)
-        bias = ctx.attention_bias(self.num_heads, k_positions)  # [H, Tq, Tk] or None
+        bias = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
         y = causal_attention(q, k, v, past, bias, self.backend)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(y), new_state

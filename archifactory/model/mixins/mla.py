@@ -128,8 +128,7 @@ class MultiHeadLatentAttention(Mixin):
             k_rope = torch.cat([state["k_rope"], k_rope], dim=1)
             new_state = {"c_kv": c_kv, "k_rope": k_rope}
         past = c_kv.shape[1] - seq_len
-        k_positions = torch.arange(ctx.positions[0] - past, ctx.positions[-1] + 1, device=x.device)
-        bias = ctx.attention_bias(self.num_heads, k_positions)  # [H, Tq, Tk] or None
+        bias = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
         if state is None:
             y = self._expanded(q_nope, q_rope, c_kv, k_rope, past, bias)
         else:

@@ -57,10 +57,10 @@ def wkv6_recurrent(
     return torch.stack(outputs, dim=1), state
 
 
-@functools.lru_cache(maxsize=8)
 def _chunk_masks(size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """0/1 masks over positions in a block: between [L*L, L] (s < j < t, row t*L+s), strictly before
-    [L, L] (j < t), strictly after [L, L] (j > s), causal [L, L] (s < t)."""
+    [L, L] (j < t), strictly after [L, L] (j > s), causal [L, L] (s < t). Built per call, not cached:
+    they are tiny, and torch.compile folds them into constants (it ignores an lru_cache anyway)."""
     idx = torch.arange(size, device=device)
     t, s, j = idx[:, None, None], idx[None, :, None], idx[None, None, :]
     between = ((s < j) & (j < t)).reshape(size * size, size)
