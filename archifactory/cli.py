@@ -60,19 +60,59 @@ def list_options(_: list[str]) -> int:
     return 0
 
 
-def check_group_choices(overrides: list[str]) -> None:
-    """Refuse `group=unknown` before Hydra, with one line naming the valid choices."""
-    for arg in overrides:
-        key, sep, value = arg.partition("=")
-        group = key.lstrip("+~").split("@")[0]
-        if not sep or group not in GROUPS or value in ("", "null"):
+def group_choices(override) -> list[str]:
+    """The option names a parsed group override asks for: one, a sweep's list (`a,b`, `choice(a,b)`), or
+    the options a `glob(...)` matches (one line naming the glob when it matches none)."""
+    from hydra.core.override_parser.types import ChoiceSweep, Glob
+
+    group, value = override.key_or_group, override.value()
+    if isinstance(value, Glob):
+        matched = value.filter(list(group_options(group)))
+        if not matched:
+            raise ArchiFactoryError(
+                f"{override.input_line} matches no {group}; choose among: {', '.join(group_options(group))}"
+            )
+        return matched
+    values = value.list if isinstance(value, ChoiceSweep) else [value]
+    # interpolations and other sweep kinds (range, interval) are left to Hydra
+    return [v for v in values if isinstance(v, str) and not v.startswith("${")]
+
+
+def check_group_choices(args: list[str]) -> list[str]:
+    """Refuse `group=unknown` before Hydra, with one line naming the valid choices; return the arguments
+    for Hydra with every group `glob(…)` replaced by the options it matches.
+
+    Arguments are read with Hydra's own override parser, so sweep syntax (`a,b`, `choice(…)`, `glob(…)`,
+    `range(…)`) reaches Hydra intact; what the parser rejects is left to Hydra's own message. Globs are
+    expanded here because Hydra would match them against the ConfigStore too, whose `_schema_*` entries
+    share each group with the YAML options and are not runnable choices."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    checked: list[str] = []
+    for arg in args:
+        checked.append(arg)
+        if arg.startswith("-") or "=" not in arg:
+            continue  # flags (-m, --cfg job, …) and their values
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except HydraException:
+            continue
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete() or override.value() is None:
             continue
         options = group_options(group)
-        for choice in value.split(","):
+        choices = group_choices(override)
+        for choice in choices:
             if choice not in options:
                 raise ArchiFactoryError(
                     f"unknown {group} {choice!r}; choose one of: {', '.join(options)} (see `archifactory list`)"
                 )
+        if isinstance(override.value(), Glob):
+            checked[-1] = f"{override.get_key_element()}={','.join(choices)}"
+    return checked
 
 
 def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
@@ -81,7 +121,7 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
 
     from archifactory.config import register_configs
 
-    check_group_choices(args)
+    args = check_group_choices(args)
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
