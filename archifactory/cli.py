@@ -20,6 +20,7 @@ USAGE = """usage: archifactory <verb> [key=value ...] [-m] [--cfg job] [--help]
 verbs:
   train      train one model (or a sweep with -m) and write a run directory
   data       `data prepare dataset=…`: tokenize and pack a dataset into cached token shards
+  eval       `eval <task>[,<task>…] [run=…]`: lm-eval tasks (mmlu, …) and perplexity/bits per byte of a run
   list       every option of every config group, with its description
 
 examples:
@@ -160,10 +161,17 @@ def data_verb(args: list[str]) -> int:
     return run_hydra(prepare_task, "data prepare", ["hydra.run.dir=${dataset.cache_dir}/logs", *args[1:]])
 
 
+def eval_verb(args: list[str]) -> int:
+    from archifactory.eval.cli import eval_main  # lm-eval and the models load only for this verb
+
+    return eval_main(args)
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "train": lambda args: run_hydra(train_task, "train", args),
     "data": data_verb,
     "list": list_options,
+    "eval": eval_verb,
 }
 
 

@@ -1,0 +1,146 @@
+"""`archifactory eval perplexity [dataset=…]`: loss, perplexity and bits per byte on a validation split.
+
+The figures are computed exactly as the training loop's validation (`train.loop.evaluate`): the split is
+one token stream (EOS after every document), cut into consecutive windows of the run's `seq_len + 1`
+tokens, and the loss is the token-weighted mean next-token cross-entropy over them (nats).
+perplexity = exp(loss); bits per byte = loss / ln 2 / (UTF-8 bytes of the split's text / its tokens),
+which compares variants with different tokenizers fairly.
+
+- No `dataset` override: the run's own validation split from its token cache (the same windows its
+  `val_loss` used when `trainer.eval_tokens` covered the split). Reported as `perplexity`.
+- `dataset.<key>=…` alone changes keys of the run's dataset (e.g. `dataset.val_split=test`);
+  `dataset=<option> [dataset.<key>=…]` picks another corpus (`dataset=text dataset.path=…`). Either way
+  its validation documents are read and tokenized with the *run's* tokenizer, in memory (nothing is
+  cached). Reported as `perplexity_<dataset name>`.
+- `eval.max_tokens` caps the tokens read (default: the whole split).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from archifactory.config import DatasetConfig
+from archifactory.errors import ArchiFactoryError
+from archifactory.eval.job import EvalJob, TaskResult
+
+
+def dataset_config(job: EvalJob) -> tuple[DatasetConfig, bool]:
+    """(the dataset to evaluate on, whether it is the run's own) from the run's config and `job.extra`."""
+    from archifactory.data.dataset import as_dataset_config
+
+    own = as_dataset_config(job.run.config.dataset)
+    if not job.extra:
+        return own, True
+    if any(arg.split("=", 1)[0] == "dataset" for arg in job.extra):
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from archifactory.cli import config_dir
+        from archifactory.config import register_configs
+
+        register_configs()
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                node = compose(config_name="config", overrides=list(job.extra)).dataset
+        except (HydraException, OmegaConfBaseException) as error:
+            raise ArchiFactoryError(f"perplexity: {str(error).splitlines()[0]}") from error
+        other = as_dataset_config(node)
+    else:
+        try:
+            keys = OmegaConf.from_dotlist([arg.removeprefix("dataset.") for arg in job.extra])
+            merged = OmegaConf.merge(OmegaConf.structured(own), keys)
+        except Exception as error:  # OmegaConf's validation errors: one line naming the key
+            raise ArchiFactoryError(f"perplexity: {str(error).splitlines()[0]}") from error
+        other = as_dataset_config(merged)
+    return other, other == own
+
+
+def own_split(job: EvalJob, seq_len: int, max_tokens: int | None) -> tuple[list, float, int]:
+    """(validation batches, bytes per token, tokens in the split) from the run's own token cache."""
+    from archifactory.data import load_data
+
+    cfg = job.run.config
+    data = load_data(cfg.dataset, seq_len=seq_len, seed=cfg.seed)
+    if data.tokenizer.hash != job.run.tokenizer.hash:
+        raise ArchiFactoryError(
+            f"the token cache of {cfg.dataset.name} was made with another tokenizer than run "
+            f"{job.run.name}'s; pass dataset.rebuild=true to tokenize it again with the run's settings"
+        )
+    total = data.manifest["splits"]["val"]["tokens"]
+    batches = data.val_batches(job.options.batch_size, max_tokens or total)
+    return batches, data.val_bytes_per_token, total
+
+
+def other_split(
+    job: EvalJob, dataset: DatasetConfig, seq_len: int, max_tokens: int | None
+) -> tuple[list, float, int]:
+    """Validation documents of another dataset, tokenized with the run's tokenizer, in windows."""
+    from archifactory.data.prepare import routed_parts
+    from archifactory.data.sources import make_source
+
+    source = make_source(dataset)
+    source.preflight()
+    tokenizer = job.run.tokenizer
+    ids: list[int] = []
+    nbytes = 0
+    # The last part is the validation stream when the source has a validation split (its training
+    # documents are never read), else the one routed stream that holds documents out.
+    for split, text in routed_parts(source, dataset)[-1]:
+        if split != "val":
+            continue
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_id)
+        nbytes += len(text.encode("utf-8"))
+        if max_tokens is not None and len(ids) > max_tokens:
+            break
+    count = (len(ids) - 1) // seq_len
+    if max_tokens is not None:
+        count = min(count, max_tokens // seq_len)
+    if count < 1:
+        raise ArchiFactoryError(
+            f"the validation split of {source.description} has {len(ids):,} tokens with the run's tokenizer, "
+            f"fewer than one window of {seq_len + 1}"
+        )
+    stream = torch.tensor(ids[: count * seq_len + 1], dtype=torch.long)
+    windows = stream[:-1].view(count, seq_len), stream[1:].view(count, seq_len)
+    batch = job.options.batch_size
+    batches = [(windows[0][i : i + batch], windows[1][i : i + batch]) for i in range(0, count, batch)]
+    return batches, nbytes / max(len(ids), 1), len(ids)
+
+
+def run_perplexity(job: EvalJob) -> list[TaskResult]:
+    from archifactory.train.loop import evaluate
+
+    if job.names != ["perplexity"]:
+        raise ArchiFactoryError(f"the perplexity runner evaluates `perplexity`, not {job.names}")
+    seq_len = int(job.run.config.trainer.seq_len)
+    dataset, own = dataset_config(job)
+    max_tokens = job.options.max_tokens
+    if own:
+        batches, bytes_per_token, split_tokens = own_split(job, seq_len, max_tokens)
+    else:
+        batches, bytes_per_token, split_tokens = other_split(job, dataset, seq_len, max_tokens)
+    model = job.run.model
+    figures = evaluate(model, batches, job.device, job.autocast, bytes_per_token)
+    model.eval()  # `evaluate` hands the model back in training mode
+    loss = figures["val_loss"]
+    tokens = sum(int(targets.numel()) for _, targets in batches)
+    details: dict[str, Any] = {
+        "dataset": OmegaConf.to_container(OmegaConf.structured(dataset)),
+        "own_dataset": own,
+        "seq_len": seq_len,
+        "tokens": tokens,
+        "split_tokens": split_tokens,
+        "bytes_per_token": bytes_per_token,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": figures["val_bpb"],
+    }
+    name = "perplexity" if own else f"perplexity_{dataset.name}"
+    extra = {"loss": loss, "bits_per_byte": figures["val_bpb"], "tokens": tokens, "dataset": dataset.name}
+    return [TaskResult(name, "perplexity", math.exp(loss), None, details, extra)]

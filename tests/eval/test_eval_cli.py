@@ -1,0 +1,121 @@
+"""`archifactory eval` on a CPU-trained run: perplexity == exp(val_loss), a local MMLU-format task through
+lm-eval, results files and the summary's `eval` section, sweeps, one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from archifactory.eval.cli import eval_main
+from tests.eval.mmlu_fixture import write_mmlu_tasks
+from tests.run_helpers import train_tiny_run, write_small_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny run whose validation covered the whole split (trainer.eval_tokens ≥ its tokens)."""
+    root = tmp_path_factory.mktemp("evalrun")
+    corpus = write_small_corpus(root / "corpus")
+    run_dir = root / "outputs" / "tiny"
+    summary = train_tiny_run(run_dir, corpus, root / "cache", "trainer.eval_tokens=10000000")
+    return {"root": root, "run_dir": run_dir, "corpus": corpus, "summary": summary}
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "archifactory", *args], cwd=cwd, env=env or ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_perplexity_equals_exp_val_loss_and_lands_in_summary(trained: dict, capsys) -> None:
+    run_dir = trained["run_dir"]
+    assert eval_main(["perplexity", f"run={run_dir}", "eval.show_progress=false"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    entry = summary["eval"]["perplexity"]
+    assert entry["metric"] == "perplexity" and entry["stderr"] is None
+    assert entry["value"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-5)
+    assert entry["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert entry["bits_per_byte"] == pytest.approx(summary["val_bpb"], rel=1e-5)
+    assert entry["step"] == summary["steps"]
+    assert summary["status"] == "completed" and summary["val_loss"] == trained["summary"]["val_loss"]
+    saved = json.loads((run_dir / "eval" / "perplexity.json").read_text())
+    assert saved["model"]["run_name"] == "tiny" and saved["model"]["step"] == summary["steps"]
+    assert saved["model"]["params_total"] == summary["params_total"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"evaluating {run_dir}"
+    assert "perplexity" in out.splitlines()[-1]
+
+
+def test_perplexity_on_a_dataset_given_by_path_reads_the_same_split(trained: dict) -> None:
+    """`dataset=text dataset.path=<the training corpus>`: tokenized in memory with the run's tokenizer, it
+    is the same validation text as the run's cache, so the figures agree; `dataset.*` alone edits the
+    run's dataset (another held-out share: other documents, another figure)."""
+    run_dir = trained["run_dir"]
+    common = [f"run={run_dir}", "eval.show_progress=false"]
+    assert eval_main(["perplexity", *common, "dataset=text", f"dataset.path={trained['corpus']}"]) == 0
+    assert eval_main(["perplexity", *common, "dataset.val_fraction=0.2"]) == 0
+    section = json.loads((run_dir / "summary.json").read_text())["eval"]
+    assert section["perplexity_text"]["value"] == pytest.approx(section["perplexity"]["value"], rel=1e-5)
+    assert section["perplexity_text"]["dataset"] == "text"
+    assert (run_dir / "eval" / "perplexity_text.json").is_file()
+
+
+def test_cli_local_mmlu_and_perplexity_on_a_sweep_folder(trained: dict, tmp_path: Path) -> None:
+    """The command a user runs: two runs of a sweep folder, a local MMLU-format group and perplexity."""
+    sweep = tmp_path / "multirun" / "day"
+    for name in ("0_a", "1_b"):
+        shutil.copytree(trained["run_dir"], sweep / name)
+    tasks = write_mmlu_tasks(tmp_path / "tasks", {"anatomy": 4, "virology": 3})
+    result = cli("eval", "local_mmlu,perplexity", f"run={sweep}", f"eval.include_path={tmp_path / 'tasks'}",
+                 "eval.num_fewshot=1", "eval.batch_size=4", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"evaluating {sweep / '0_a'}"
+    for name in ("0_a", "1_b"):
+        summary = json.loads((sweep / name / "summary.json").read_text())
+        acc = summary["eval"]["local_mmlu"]
+        assert acc["metric"] == "acc" and 0 <= acc["value"] <= 1 and acc["num_fewshot"] == 1
+        saved = json.loads((sweep / name / "eval" / "local_mmlu.json").read_text())
+        subjects = saved["results"]["results"]
+        assert set(subjects) == {"local_mmlu", "local_mmlu_anatomy", "local_mmlu_virology"}
+        hand = sum(subjects[f"local_mmlu_{s}"]["acc,none"] * len(docs) for s, docs in tasks.items()) / 7
+        assert acc["value"] == pytest.approx(hand)
+        assert saved["results"]["n-shot"]["local_mmlu_anatomy"] == 1
+        assert summary["eval"]["perplexity"]["value"] > 1
+    table = result.stdout[result.stdout.rindex("run ") :]
+    assert table.count("local_mmlu") == 2 and table.count("perplexity") == 4
+
+
+def test_refusals_are_one_line(trained: dict, tmp_path: Path) -> None:
+    unfinished = tmp_path / "outputs" / "unfinished"
+    shutil.copytree(trained["run_dir"] / ".hydra", unfinished / ".hydra")
+    result = cli("eval", "perplexity", f"run={unfinished}", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: ") and "checkpoint" in result.stderr
+
+    result = cli("eval", "perplexity", cwd=tmp_path / "outputs")  # no outputs/ under this folder
+    assert result.returncode == 1 and "no completed run" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_hub_task_offline_fails_fast_naming_include_path(trained: dict, tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1 and a built-in task whose dataset is not cached: lm-eval indexes its tasks, the
+    dataset load fails at once, and the user gets one line naming eval.include_path."""
+    start = time.perf_counter()
+    result = cli("eval", "arc_easy", f"run={trained['run_dir']}", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "eval.include_path" in errors[0] and "Traceback" not in result.stderr
+    assert elapsed < 120
