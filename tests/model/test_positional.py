@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.attention import GroupedQueryAttention
 from archifactory.model.positional import (
     AlibiPositional,
@@ -109,6 +110,32 @@ def test_learned_positions_add_their_table_rows() -> None:
     scheme = LearnedPositional(hidden_size=4, max_seq_len=8)
     x = torch.randn(2, 3, 4)
     torch.testing.assert_close(scheme.embed(x, torch.tensor([5, 6, 7])), x + scheme.weight.weight[5:8])
+
+
+def test_learned_positions_refuse_the_first_position_past_the_table() -> None:
+    scheme = LearnedPositional(hidden_size=4, max_seq_len=8)
+    scheme.check_length(8)  # positions 0..7: the whole table
+    with pytest.raises(ArchiFactoryError, match=r"position 8 is beyond .* table of 8.*model.max_seq_len"):
+        scheme.check_length(9)
+
+
+@pytest.mark.parametrize(
+    "scheme", [LearnedPositional(8, 16), SinusoidalPositional(8, 16), NoPositional(8, 16)]
+)
+def test_additive_schemes_keep_the_activation_dtype(scheme) -> None:
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    y = scheme.embed(x, torch.arange(5))
+    assert y.dtype == torch.bfloat16
+
+
+def test_rope_keeps_the_activation_dtype_and_computes_in_fp32() -> None:
+    rope = RotaryPositional(hidden_size=8, max_seq_len=4096)
+    x = torch.randn(1, 3, 2, 8, dtype=torch.float64)
+    positions = torch.tensor([0, 1000, 4000])
+    y = rope.rotate(x.to(torch.bfloat16), positions)
+    assert y.dtype == torch.bfloat16
+    # one bf16 rounding of the result, not bf16 angles (4000 rad in bf16 is off by up to 8 rad)
+    torch.testing.assert_close(y.double(), rope.rotate(x, positions), rtol=0.02, atol=0.02)
 
 
 def rms(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

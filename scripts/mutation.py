@@ -1,0 +1,171 @@
+"""Mutation testing of the modules where a silent bug would corrupt comparisons (mutmut 3).
+
+    python scripts/mutation.py positional            # one target: its modules x its test subset
+    python scripts/mutation.py all --max-children 1  # every target in turn
+    python scripts/mutation.py --list
+
+Each target is a few source modules and the tests that claim to check them. The run happens in a scratch
+copy of the repository (`--workdir`, default `$TMPDIR/archifactory-mutation/<target>`) holding a
+`pyproject.toml` whose `[tool.mutmut]` names that target, so the repository is untouched and each target
+keeps its own mutmut cache (a rerun only retests mutants whose function changed). mutmut runs only the
+tests that cover a mutated function, one mutant per worker process (`--max-children`; threads pinned to
+1). The summary line per target is the mutation score: killed / (killed + survived), with mutants no
+selected test reaches ("no tests") and timeouts listed apart. Not run by CI (see
+`benchmarks/mutation.md` for the figures and the survivors judged equivalent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    modules: tuple[str, ...]  # files mutated
+    tests: tuple[str, ...]  # the pytest selection (paths or node ids) that checks them
+    why: str
+
+
+TARGETS: dict[str, Target] = {
+    "positional": Target(
+        ("archifactory/model/positional.py",),
+        ("tests/model/test_positional.py", "tests/model/test_stack.py"),
+        "rope / alibi / sinusoidal / learned: positions every attention variant reads",
+    ),
+    "attention": Target(
+        ("archifactory/model/mixins/attention.py",),
+        ("tests/model/test_positional.py", "tests/model/test_accounting.py", "tests/model/test_mla.py"),
+        "gqa and the shared causal attention (mask, grouped K/V, SDPA vs reference), its FLOPs",
+    ),
+    "loss": Target(
+        ("archifactory/model/loss.py", "archifactory/train/loop.py"),
+        ("tests/model/test_stack.py", "tests/train/test_evaluate.py"),
+        "cross-entropy (chunked and not), validation loss and bits per byte (only `evaluate` in loop.py "
+        "is reached by these tests; the rest of the loop counts as 'no tests')",
+    ),
+    "flops": Target(
+        (
+            "archifactory/model/ffn/swiglu.py",
+            "archifactory/model/ffn/mlp.py",
+            "archifactory/model/ffn/base.py",
+            "archifactory/train/metrics.py",
+        ),
+        ("tests/model/test_accounting.py", "tests/train/test_metrics.py"),
+        "FLOPs per token of the default FFNs, the intermediate-size rule, tokens/s and MFU",
+    ),
+    "checkpoint": Target(
+        ("archifactory/train/checkpoint.py", "archifactory/data/loader.py"),
+        (
+            "tests/train/test_checkpoint.py",
+            "tests/train/test_run_promises.py::test_checkpoint_restores_every_rng",
+            "tests/train/test_run_promises.py::test_keep_checkpoints_prunes_the_oldest",
+            "tests/data/test_loader.py",
+        ),
+        "atomic checkpoints, sha256 and signature checks, every RNG, the loader's resumable position",
+    ),
+}
+
+
+def prepare_workdir(name: str, target: Target, workdir: Path) -> None:
+    """Copy the package, configs and tests into `workdir` with a `[tool.mutmut]` for this target."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for folder in ("archifactory", "configs", "tests"):
+        dest = workdir / folder
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(ROOT / folder, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    base = (ROOT / "pyproject.toml").read_text()
+    config = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["archifactory/"]',
+            f"only_mutate = {json.dumps(list(target.modules))}",
+            f"pytest_add_cli_args_test_selection = {json.dumps(list(target.tests))}",
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]',
+            'also_copy = ["configs/"]',
+            # torch is not fork-safe after it has run a test: fork each mutant from a clean server
+            'process_isolation = "forkserver"',
+            "use_git_change_detection = false",
+            "",
+        ]
+    )
+    (workdir / "pyproject.toml").write_text(base + config)
+
+
+def summarize(workdir: Path) -> dict[str, object]:
+    """Per-status counts (mutmut's own exit-code mapping) and the surviving mutants, from its meta files."""
+    from mutmut.stats import status_by_exit_code
+
+    counts: dict[str, int] = {}
+    survivors: list[str] = []
+    for meta in sorted((workdir / "mutants").rglob("*.meta")):
+        data = json.loads(meta.read_text())
+        for key, code in data.get("exit_code_by_key", {}).items():
+            status = status_by_exit_code[code]
+            counts[status] = counts.get(status, 0) + 1
+            if status == "survived":
+                survivors.append(key)
+    tested = counts.get("killed", 0) + counts.get("survived", 0)
+    score = counts.get("killed", 0) / tested if tested else 0.0
+    return {"counts": counts, "score": score, "survivors": survivors}
+
+
+def run_target(name: str, workdir: Path, max_children: int) -> dict[str, object]:
+    target = TARGETS[name]
+    prepare_workdir(name, target, workdir)
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+    }
+    env.pop("PYTHONPATH", None)  # mutmut puts its mutants/ copy first; nothing may shadow it
+    mutmut = shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
+    subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=workdir, env=env, check=False)
+    result = summarize(workdir)
+    (workdir / "summary.json").write_text(json.dumps(result, indent=1))
+    counts = result["counts"]
+    print(
+        f"{name}: score {result['score']:.1%} (killed {counts.get('killed', 0)}, survived "
+        f"{counts.get('survived', 0)}, no tests {counts.get('no tests', 0)}, timeout "
+        f"{counts.get('timeout', 0)}); survivors: {workdir / 'summary.json'} and `mutmut show <name>` "
+        f"in {workdir}"
+    )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("target", nargs="?", choices=[*TARGETS, "all"])
+    parser.add_argument("--list", action="store_true", help="print the targets and exit")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested in parallel")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "archifactory-mutation")
+    args = parser.parse_args()
+    if args.list or args.target is None:
+        for name, target in TARGETS.items():
+            print(f"{name:<11} {', '.join(target.modules)}\n{'':<11} tests: {' '.join(target.tests)}")
+            print(f"{'':<11} {target.why}")
+        return 0
+    names = list(TARGETS) if args.target == "all" else [args.target]
+    for name in names:
+        run_target(name, args.workdir / name, args.max_children)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
