@@ -21,14 +21,16 @@ def attention_reference(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float | None = None
 ) -> Tensor:
     """Plain softmax attention. q [B, H, Tq, E], k [B, H, Tk, E], v [B, H, Tk, Ev], mask [Tq, Tk] bool
-    (True = attend), bias [H, Tq, Tk] additive, logits scaled by `scale` (default 1/sqrt(E)), in fp32."""
+    (True = attend), bias [H, Tq, Tk] additive, logits scaled by `scale` (default 1/sqrt(E)), in fp32
+    (fp64 for fp64 inputs)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
     if bias is not None:
-        scores = scores + bias
+        scores = scores + bias.to(dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    return (scores.softmax(dim=-1) @ v.to(dtype)).to(q.dtype)
 
 
 def causal_attention(

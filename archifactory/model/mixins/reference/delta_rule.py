@@ -44,7 +44,7 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-class _Chunker:
+class Chunker:
     """Pads [B, T, H, ...] tensors to whole chunks and lays them out as [B, H, N, C, ...]."""
 
     def __init__(self, seq_len: int, chunk_size: int, dtype: torch.dtype) -> None:
@@ -69,7 +69,7 @@ class _Chunker:
         return o.reshape(batch, heads, self.chunks * self.size, -1)[:, :, : self.seq_len].transpose(1, 2)
 
 
-def _pair_decay(rows: Tensor, cols: Tensor, strict: bool) -> Tensor:
+def pair_decay(rows: Tensor, cols: Tensor, strict: bool) -> Tensor:
     """exp(rows_t − cols_s) for s <= t (s < t if strict), 0 elsewhere. rows/cols [..., C, W] with W = 1
     (scalar decay) or K (per channel) -> [..., C, C, W]. The mask is applied before exp."""
     size = rows.shape[-2]
@@ -78,7 +78,7 @@ def _pair_decay(rows: Tensor, cols: Tensor, strict: bool) -> Tensor:
     return diff.masked_fill(~keep[..., None], float("-inf")).exp()
 
 
-def _decayed_scores(x: Tensor, y: Tensor, decay: Tensor) -> Tensor:
+def decayed_scores(x: Tensor, y: Tensor, decay: Tensor) -> Tensor:
     """Σ_c x_t[c] y_s[c] decay[t, s, c]: x/y [..., C, K], decay [..., C, C, 1 or K] -> [..., C, C]."""
     if decay.shape[-1] == 1:
         return (x @ y.transpose(-1, -2)) * decay[..., 0]
@@ -91,7 +91,7 @@ def _unit_lower_inverse(a: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(a + eye, eye.expand_as(a), upper=False, unitriangular=True)
 
 
-def _initial_state(q: Tensor, value_dim: int, state: Tensor | None, dtype: torch.dtype) -> Tensor:
+def initial_state_or_zeros(q: Tensor, value_dim: int, state: Tensor | None, dtype: torch.dtype) -> Tensor:
     batch, _, heads, key_dim = q.shape
     if state is None:
         return q.new_zeros(batch, heads, key_dim, value_dim, dtype=dtype)
@@ -113,13 +113,13 @@ def chunk_delta_rule(
     Returns o [B, T, H, V] in q's dtype and, if asked, the final state [B, H, K, V] (compute dtype)."""
     dtype = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chunk = _Chunker(q.shape[1], chunk_size, dtype)
+    chunk = Chunker(q.shape[1], chunk_size, dtype)
     qc, kc, vc, bc = chunk(q) * scale, chunk(k), chunk(v), chunk(beta)  # [B, H, N, C, *]; bc [.., C, 1]
     gc = chunk(g) if g is not None else torch.zeros_like(bc)
     cum = gc.cumsum(-2)  # [B, H, N, C, W], non-increasing down the chunk
-    inclusive = _pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
-    kk = _decayed_scores(kc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
-    qk = _decayed_scores(qc, kc, inclusive)  # lower, diagonal included
+    inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
+    kk = decayed_scores(kc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
+    qk = decayed_scores(qc, kc, inclusive)  # lower, diagonal included
     solve = _unit_lower_inverse(bc * kk)  # (I + A)⁻¹, A_ts = β_t kk_ts
     w_v = solve @ (bc * vc)  # [B, H, N, C, V]
     w_k = solve @ (bc * kc * cum.exp())  # [B, H, N, C, K]
@@ -127,7 +127,7 @@ def chunk_delta_rule(
     last = cum[..., -1:, :]  # [B, H, N, 1, W]
     k_end = kc * (last - cum).exp()  # decayed from after s to the chunk end
     chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, W, 1]: scales the rows of S
-    state = _initial_state(q, v.shape[-1], initial_state, dtype)
+    state = initial_state_or_zeros(q, v.shape[-1], initial_state, dtype)
     entering, updates = [], []
     # unbind, not [:, :, n]: indexing in a loop makes autograd build a full-size zero gradient per chunk
     for w_v_n, w_k_n, k_end_n, decay_n in zip(
@@ -176,23 +176,23 @@ def chunk_dplr(
     and the h of a chunk solve (I − A_ab) H = Ã S₀ + A_ak V with A_xy[t, s] = Σ a_t y_s exp(B_{t−1} − B_s)."""
     dtype = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chunk = _Chunker(q.shape[1], chunk_size, dtype)
+    chunk = Chunker(q.shape[1], chunk_size, dtype)
     qc, kc, vc, ac, bc, gc = (chunk(t) for t in (q, k, v, a, b, g))
     qc = qc * scale
     cum = gc.cumsum(-2)  # B_t
     before = cum - gc  # B_{t-1} (exclusive)
-    inclusive = _pair_decay(cum, cum, strict=False)  # exp(B_t − B_s), s <= t
-    exclusive = _pair_decay(before, cum, strict=True)  # exp(B_{t−1} − B_s), s < t
-    solve = _unit_lower_inverse(-_decayed_scores(ac, bc, exclusive))  # (I − A_ab)⁻¹
+    inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t − B_s), s <= t
+    exclusive = pair_decay(before, cum, strict=True)  # exp(B_{t−1} − B_s), s < t
+    solve = _unit_lower_inverse(-decayed_scores(ac, bc, exclusive))  # (I − A_ab)⁻¹
     w_state = solve @ (ac * before.exp())  # H = w_state S₀ + w_values
-    w_values = solve @ (_decayed_scores(ac, kc, exclusive) @ vc)
-    qb, qk = _decayed_scores(qc, bc, inclusive), _decayed_scores(qc, kc, inclusive)
+    w_values = solve @ (decayed_scores(ac, kc, exclusive) @ vc)
+    qb, qk = decayed_scores(qc, bc, inclusive), decayed_scores(qc, kc, inclusive)
     last = cum[..., -1:, :]
     to_end = (last - cum).exp()
     b_end = bc * to_end
     chunk_kv = (kc * to_end).transpose(-1, -2) @ vc  # [B, H, N, K, V]
     chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, K, 1]
-    state = _initial_state(q, v.shape[-1], initial_state, dtype)
+    state = initial_state_or_zeros(q, v.shape[-1], initial_state, dtype)
     entering, lowrank = [], []
     for w_s, w_v, b_n, kv_n, decay_n in zip(
         w_state.unbind(2), w_values.unbind(2), b_end.unbind(2), chunk_kv.unbind(2), chunk_decay.unbind(2)

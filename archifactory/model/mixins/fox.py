@@ -1,0 +1,137 @@
+"""Forgetting Transformer: softmax attention with a data-dependent forget gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
+from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
+from archifactory.model.mixins.reference.delta_rule import compute_dtype, fla_op
+from archifactory.model.positional import PositionContext
+from archifactory.registry import register_mixin
+
+
+@register_mixin("fox")
+class ForgettingAttention(Mixin):
+    """Forgetting Transformer (Lin et al., "Forgetting Transformer: Softmax Attention with a Forget Gate",
+    2025).
+
+    Causal softmax attention whose logits get the cumulative log forget gate as a bias: per head, with
+    f_t = sigmoid(f_proj x_t) and c_t = Σ_{l<=t} log f_l,
+        o_i = Σ_{j<=i} softmax_j(q_i·k_j / sqrt(d) + c_i − c_j) v_j
+    (the forget gates of steps j+1..i down-weight key j; the diagonal is undecayed). It carries order by
+    itself, so it also serves as a positional ablation (`positional=none` with it); other schemes still
+    apply (rope rotates q/k, alibi adds its bias). Optional SiLU output gate and grouped K/V heads.
+    Decode state: the KV cache [B, H_kv, T, d] and each cached key's c_j [B, H, T]; c of the newest token
+    is the last entry. The reference materialises the [B, H, T, T] bias (SDPA with an additive mask, or
+    the explicit fp32 softmax); fla's `parallel_forgetting_attn` is the fused path on CUDA.
+
+    Options:
+        num_heads; num_kv_heads (null = num_heads); use_output_gate: SiLU(g_proj x) on the output;
+        backend: `auto` (fla on CUDA, else SDPA), `sdpa`, `fused` or `reference` (explicit fp32 softmax).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layer_idx: int,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        use_output_gate: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = check_divisible(hidden_size, num_heads, "mixin=fox")
+        if self.num_heads % self.num_kv_heads:
+            raise ArchiFactoryError(
+                f"mixin=fox: num_heads={num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
+                "pick num_kv_heads among the divisors of num_heads"
+            )
+        if backend not in ATTENTION_BACKENDS:
+            raise ArchiFactoryError(
+                f"mixin=fox: backend={backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        self.backend = backend
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(hidden_size, hidden_size + 2 * self.kv_size, bias=False)
+        self.f_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_output_gate else None
+        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
+        empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        gates = torch.zeros(batch_size, self.num_heads, 0, device=device, dtype=compute_dtype(dtype))
+        return {"k": empty, "v": empty.clone(), "gate": gates}
+
+    def forward(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
+    ) -> tuple[Tensor, MixinState | None]:
+        batch, seq_len, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.hidden_size, self.kv_size, self.kv_size], dim=-1)
+        q = ctx.rotate(q.view(batch, seq_len, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
+        k = ctx.rotate(k.view(batch, seq_len, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        log_f = F.logsigmoid(self.f_proj(x).to(compute_dtype(x.dtype))).transpose(1, 2)  # [B, H, T]
+        gate = log_f.cumsum(-1)  # c_t within this call
+        new_state = None
+        if state is not None:
+            past_gate = state["gate"]
+            if past_gate.shape[-1]:  # continue the running sum from the newest cached token
+                gate = gate + past_gate[..., -1:]
+            k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
+            gate_keys = torch.cat([past_gate, gate], dim=-1)
+            new_state = {"k": k, "v": v, "gate": gate_keys}
+        else:
+            gate_keys = gate
+        past = k.shape[2] - seq_len
+        alibi = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
+        if self.backend_name() == "fused" and state is None and alibi is None:
+            y = self._fused(q, k, v, log_f)
+        else:
+            bias = gate[..., :, None] - gate_keys[..., None, :]  # c_i − c_j [B, H, Tq, Tk]
+            bias = bias if alibi is None else bias + alibi
+            backend = "reference" if self.backend == "reference" else "sdpa"
+            y = causal_attention(q, k, v, past, bias.to(q.dtype), backend)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
+        if self.g_proj is not None:
+            y = y * F.silu(self.g_proj(x))
+        return self.out_proj(y), new_state
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, log_f: Tensor) -> Tensor:
+        kernel = fla_op("forgetting_attn", "parallel_forgetting_attn")
+        out = kernel(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            log_f.transpose(1, 2),
+            scale=self.head_dim**-0.5,
+        )  # [B, T, H, D]
+        return out.transpose(1, 2)
+
+    def backend_name(self) -> str:
+        if self.backend in ("sdpa", "reference"):
+            return self.backend
+        fused_ok = (
+            self.qkv_proj.weight.is_cuda and fla_op("forgetting_attn", "parallel_forgetting_attn") is not None
+        )
+        if self.backend == "fused" and not fused_ok:
+            raise ArchiFactoryError(
+                "mixin=fox: backend=fused needs CUDA and fla (pip install 'archifactory[fla]'); use mixin.backend=sdpa"
+            )
+        return "fused" if fused_ok else "sdpa"
+
+    def flops_per_token(self, seq_len: int) -> float:
+        projections = sum(
+            2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
+        )
+        # q·k and p·v over the causal prefix (on average (seq_len + 1) / 2 keys), plus the gate bias
+        attention = 2 * 2 * self.hidden_size * (seq_len + 1) / 2 + self.num_heads * (seq_len + 1) / 2
+        return projections + attention
+
+    def state_size(self, seq_len: int) -> int:
+        return (2 * self.kv_size + self.num_heads) * seq_len
