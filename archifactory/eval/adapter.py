@@ -127,6 +127,9 @@ class ArchiFactoryLM(TemplateLM):
                 progress=bar.update,
             )
 
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list:
         """requests: [((context, continuation), context_ids, continuation_ids)] from `loglikelihood`."""
         pairs = [(context_ids, continuation_ids) for _, context_ids, continuation_ids in requests]

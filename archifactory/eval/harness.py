@@ -59,11 +59,10 @@ def task_manager(names: list[str], include_path: str | None) -> Any:
         local = TaskManager(include_path=str(folder.resolve()), include_defaults=False)
         if all(name in local.all_tasks for name in names):
             return local
-    missing = [name for name in names if not Path(name).is_file()]
     if not hub.offline_mode() and not hub.hub_reachable():
-        raise hub_error(missing, "no network")
+        raise hub_error(names, "no network")
     manager = TaskManager(include_path=None if include_path is None else str(Path(include_path).resolve()))
-    unknown = [name for name in missing if name not in manager.all_tasks]
+    unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -171,10 +170,9 @@ def run_lm_eval(job: EvalJob) -> list[TaskResult]:
         if output.get("groups"):
             print(make_table(output, "groups"))
     results = []
-    for name in job.names:
-        key = name if name in output["results"] else Path(name).stem
+    for key in job.names:
         if key not in output["results"]:
-            raise ArchiFactoryError(f"lm-eval returned no result for {name!r}")
+            raise ArchiFactoryError(f"lm-eval returned no result for {key!r}")
         metric, value, stderr = headline(output["results"][key])
         details = restrict(output, subtasks(output, key))
         details["archifactory"] = {

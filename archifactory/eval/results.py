@@ -57,7 +57,7 @@ def write_results(run: LoadedRun, results: list[TaskResult], options: EvalConfig
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "results": result.details,
         }
-        path = folder / f"{safe_name(result.name)}.json"
+        path = folder / f"{result.name.replace('/', '_')}.json"
         write_json_atomic(path, payload)
         written.append(path)
     summary_path = run.run_dir / "summary.json"
@@ -77,11 +77,6 @@ def write_results(run: LoadedRun, results: list[TaskResult], options: EvalConfig
     summary["eval"] = section
     write_json_atomic(summary_path, summary)
     return written
-
-
-def safe_name(name: str) -> str:
-    """A task name as a file name (a YAML path given as a task becomes its stem)."""
-    return Path(name).stem if "/" in name else name
 
 
 def format_table(rows: list[tuple[str, TaskResult]]) -> str:
