@@ -1,38 +1,54 @@
-"""The init scheme, in one function.
+"""The init scheme, in one function, driven by the roles each component declares (`model/roles.py`).
 
 - every `nn.Linear` and `nn.Embedding` weight ~ N(0, initializer_range²), biases zero (GPT-2 / Llama);
-- a Linear named `out_proj` (by convention: the projection that writes back into the residual stream,
-  in every mixin and FFN) gets std initializer_range / sqrt(2 · num_layers), so the residual stream's
-  variance does not grow with depth (GPT-2, Radford et al. 2019);
-- norms keep weight 1 (and bias 0);
-- parameters that are not Linear/Embedding weights (decays, gates, A_log, dt_bias, ...) keep the init
-  their component gave them in its constructor, which its docstring documents;
-- a Linear or Embedding with the attribute `skip_reinit = True` keeps its constructor init (e.g. the
-  zero-initialised up-projection of a low-rank adapter);
-- a module holding stacked expert weights as plain parameters (MoE: [E, D, F]) defines
-  `reset_experts(std, out_std)` and gets the same two stds: input-side N(0, initializer_range²),
-  output-side (back into the residual stream) the depth-scaled one.
+- what a component declares `residual` (the projections that write back into the residual stream, and
+  stacked expert output weights) gets std initializer_range / sqrt(2 · num_layers), so the residual
+  stream's variance does not grow with depth (GPT-2, Radford et al. 2019);
+- what it declares `matrices` (plain stacked weights, e.g. MoE expert inputs) gets N(0, initializer_range²);
+- what it declares `keep` keeps its constructor init, which the component's docstring documents
+  (decays, gates, LoRA factors, convolutions, torch RNNs, zero-initialised adapter outputs);
+- norms keep weight 1 (and bias 0).
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
+from archifactory.model.ffn.base import FeedForward
+from archifactory.model.mixins.base import Mixin
+from archifactory.model.roles import parameter_ids
 
+
+@torch.no_grad()
 def init_weights(module: nn.Module, initializer_range: float, num_layers: int) -> None:
     """Apply the scheme above to every submodule of `module`, in place."""
     residual_std = initializer_range / math.sqrt(2 * num_layers)
-    for name, sub in module.named_modules():
-        if getattr(sub, "skip_reinit", False):
-            continue
-        if isinstance(sub, nn.Linear):
-            std = residual_std if name.split(".")[-1] == "out_proj" else initializer_range
+    keep: set[int] = set()
+    residual: set[int] = set()
+    matrices: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, (Mixin, FeedForward)):
+            roles = sub.init_roles()
+            keep |= parameter_ids(roles.keep)
+            residual |= parameter_ids(roles.residual)
+            matrices |= parameter_ids(roles.matrices)
+    layer_params: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            layer_params |= parameter_ids([sub])
+            if id(sub.weight) in keep:
+                continue
+            std = residual_std if id(sub.weight) in residual else initializer_range
             nn.init.normal_(sub.weight, mean=0.0, std=std)
-            if sub.bias is not None:
+            if isinstance(sub, nn.Linear) and sub.bias is not None and id(sub.bias) not in keep:
                 nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, mean=0.0, std=initializer_range)
-        if hasattr(sub, "reset_experts"):
-            sub.reset_experts(initializer_range, residual_std)
+    for param in module.parameters():
+        if id(param) in keep or id(param) in layer_params:
+            continue
+        if id(param) in residual:
+            nn.init.normal_(param, mean=0.0, std=residual_std)
+        elif id(param) in matrices:
+            nn.init.normal_(param, mean=0.0, std=initializer_range)

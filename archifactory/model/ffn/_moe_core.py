@@ -130,8 +130,8 @@ class RoutedFeedForward(FeedForward):
 
 class GatedMLP(nn.Module):
     """silu(x W_gate) ⊙ (x W_up) → W_out with an explicit intermediate width. Used for shared experts, the
-    dense layers of an interleaved MoE, and the base of `dora_moe`. The names match `swiglu`, so the init
-    scheme depth-scales `out_proj`."""
+    dense layers of an interleaved MoE, and the base of `dora_moe`. Its owner declares `out_proj` as a
+    residual projection in its `init_roles`."""
 
     def __init__(self, hidden_size: int, intermediate: int) -> None:
         super().__init__()

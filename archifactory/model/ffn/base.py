@@ -5,6 +5,9 @@ returns `(y, aux)`: `aux` is a dict of tensors; the key `"loss"` (a scalar, alre
 the training loss by the model — auxiliary losses are returned, never stashed — and every other key is a
 detached metric for logging (expert load, dropped tokens, ...). Dense FFNs return an empty dict.
 
+Every component declares its init roles (`init_roles`, `model/roles.py`): which projections write into
+the residual stream (depth-scaled init) and which parameters it initialises itself.
+
 Most FFNs are position-wise and keep no decode state. One that reads earlier tokens (RWKV's token-shifted
 channel-mix) overrides `init_state` to return its state and `forward_with_state` to consume and return it,
 so a full forward still equals prefill + token-by-token decoding.
@@ -17,6 +20,8 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
+
+from archifactory.model.roles import InitRoles
 
 FFNAux = dict[str, Tensor]
 FFNState = dict[str, Tensor]
@@ -52,6 +57,12 @@ class FeedForward(nn.Module, ABC):
     @abstractmethod
     def flops_per_token(self) -> float:
         """Forward FLOPs per token (multiply-add = 2), counting only the experts a token uses."""
+
+    @abstractmethod
+    def init_roles(self) -> InitRoles:
+        """What the model's init scheme must know: the projections that write into the residual stream
+        (depth-scaled), plain stacked matrices, and what this component initialises itself (`keep`).
+        See `model/roles.py`."""
 
     def after_optimizer_step(self) -> None:
         """Called by the training loop (through the model) once per optimizer step; a no-op unless the FFN

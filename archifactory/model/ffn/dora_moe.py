@@ -13,6 +13,7 @@ from archifactory.model.ffn._moe_core import GatedMLP, RoutedFeedForward, TopKRo
 from archifactory.model.ffn._moe_dispatch import DISPATCH_MODES, combine, expert_matmul, sort_by_expert
 from archifactory.model.ffn.base import FFNAux, intermediate_size
 from archifactory.model.ffn.moe import compute_dtype
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
 
@@ -81,6 +82,12 @@ class DoRAMoE(RoutedFeedForward):
         with torch.no_grad():
             bound = 1 / math.sqrt(hidden_size)
             self.lora_a.uniform_(-bound, bound)
+
+    def init_roles(self) -> InitRoles:
+        # LoRA A ~ U(±1/√D), B = 0 and the magnitude offsets = 0 are drawn above
+        return InitRoles(
+            residual=(self.base.out_proj,), keep=(self.lora_a, self.lora_b, self.magnitude_delta)
+        )
 
     def dora_scales(self, p: int) -> Tensor:
         """[E, F] per-expert, per-feature DoRA factor m / ‖W + BA‖ for projection p (0 gate, 1 up)."""

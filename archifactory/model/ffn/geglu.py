@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.ffn.base import FeedForward, FFNAux, intermediate_size
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
 
@@ -37,6 +38,9 @@ class GeGLU(FeedForward):
         self.gate_proj = nn.Linear(hidden_size, self.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, self.intermediate_size, bias=bias)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=bias)
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
         gate = F.gelu(self.gate_proj(x), approximate=self.approximate)

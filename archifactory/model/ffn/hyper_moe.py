@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.ffn._moe_core import Routing
 from archifactory.model.ffn.moe import MoE
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
 
@@ -36,7 +37,7 @@ class HyperMoE(MoE):
     D_tᵀ x = Σ_j h_j (G_down,j)ᵀ x is computed as (x · G_down) contracted with h, and likewise for U_t, so
     memory is O(tokens · b · H) rather than O(tokens · D · b).
 
-    Init: expert embeddings ~ N(0, 1); `gen_up` is zero (kept by the init scheme via `skip_reinit`), so the
+    Init: expert embeddings ~ N(0, 1); `gen_up` is zero (declared `keep` in `init_roles`), so the
     HyperExpert starts at 0 and the layer starts equal to its base MoE (like LoRA's zero B).
 
     Options: every `moe` option except granularity / moe_every (see `moe`), plus `adapter_dim` (b),
@@ -80,7 +81,12 @@ class HyperMoE(MoE):
         self.gen_up = nn.Linear(hypernet_dim, adapter_dim * hidden_size)  # rows ordered [b, D]
         nn.init.zeros_(self.gen_up.weight)
         nn.init.zeros_(self.gen_up.bias)
-        self.gen_up.skip_reinit = True
+
+    def init_roles(self) -> InitRoles:
+        # gen_up writes the adapter output into the residual stream, but starts at zero (kept)
+        base = super().init_roles()
+        keep = (self.gen_up, self.expert_embedding)
+        return InitRoles(residual=(*base.residual, self.gen_up), matrices=base.matrices, keep=keep)
 
     def extra(self, flat: Tensor, routing: Routing) -> Tensor | float:
         return super().extra(flat, routing) + self.hyper_expert(flat, routing.indices)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.model.ffn.base import FeedForward, FFNAux, intermediate_size
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
 
@@ -29,6 +30,9 @@ class MLP(FeedForward):
         self.intermediate_size = intermediate_size(hidden_size, intermediate_multiplier, multiple_of)
         self.in_proj = nn.Linear(hidden_size, self.intermediate_size, bias=bias)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=bias)
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
         return self.out_proj(F.gelu(self.in_proj(x))), {}

@@ -18,6 +18,7 @@ from archifactory.model.ffn._moe_dispatch import (
     sort_by_expert,
 )
 from archifactory.model.ffn.base import FFNAux, intermediate_size
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
 
@@ -65,8 +66,10 @@ class MoE(RoutedFeedForward):
     aux: "loss" (weighted sum to add), "aux_loss", "z_loss" (unweighted), "load" ([E] fraction of routed
     assignments per expert), "imbalance" (max/mean load), "dropped" (assignments over capacity).
 
-    Init: the stacked expert weights are N(0, 0.02) from the constructor (the model's init scheme only
-    re-draws nn.Linear weights); router, shared experts and dense layers follow the scheme.
+    Init (declared through `init_roles`): the stacked expert input weights `w_in` are drawn like Linear
+    weights, N(0, initializer_range²); the expert output weights `w_out` write into the residual stream
+    and get the depth-scaled std, as do the shared experts' and dense layers' `out_proj`; the router
+    follows the scheme.
     """
 
     def __init__(
@@ -117,17 +120,17 @@ class MoE(RoutedFeedForward):
             hidden_size, self.num_experts, self.top_k, score_func, renormalize, bias_update_rate
         )
         # [E, D, 2F]: gate and up fused, so a token's input half is one grouped matmul; [E, F, D] back.
-        self.w_in = nn.Parameter(torch.empty(self.num_experts, hidden_size, 2 * width))
-        self.w_out = nn.Parameter(torch.empty(self.num_experts, width, hidden_size))
-        self.reset_experts(0.02, 0.02)
+        # N(0, 0.02²) here; the model's init scheme re-draws both (w_in as `matrices`, w_out as `residual`)
+        self.w_in = nn.Parameter(torch.randn(self.num_experts, hidden_size, 2 * width) * 0.02)
+        self.w_out = nn.Parameter(torch.randn(self.num_experts, width, hidden_size) * 0.02)
         if num_shared_experts:
             self.shared = GatedMLP(hidden_size, num_shared_experts * width)
 
-    @torch.no_grad()
-    def reset_experts(self, std: float, out_std: float) -> None:
-        """Re-draw the stacked expert weights: N(0, std²) in, N(0, out_std²) out."""
-        nn.init.normal_(self.w_in, std=std)
-        nn.init.normal_(self.w_out, std=out_std)
+    def init_roles(self) -> InitRoles:
+        if self.dense is not None:
+            return InitRoles(residual=(self.dense.out_proj,))
+        shared = () if self.shared is None else (self.shared.out_proj,)
+        return InitRoles(residual=(self.w_out, *shared), matrices=(self.w_in,))
 
     def extra_repr(self) -> str:
         kind = f"moe experts={self.num_experts} top_k={self.top_k}" if self.is_moe else "dense"

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState, intermediate_size
+from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_ffn
 
 
@@ -37,6 +38,10 @@ class RWKVChannelMix(FeedForward):
         self.key = nn.Linear(hidden_size, self.intermediate_size, bias=False)
         self.receptance = nn.Linear(hidden_size, hidden_size, bias=False)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        # the token-shift mixes are drawn above
+        return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
         return self._mix(x, F.pad(x, (0, 0, 1, -1))), {}  # previous token, zero before t=0; [B, T, D]

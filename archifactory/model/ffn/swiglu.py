@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.model.ffn.base import FeedForward, FFNAux, intermediate_size
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
 
@@ -30,6 +31,9 @@ class SwiGLU(FeedForward):
         self.gate_proj = nn.Linear(hidden_size, self.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, self.intermediate_size, bias=bias)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=bias)
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
         return self.out_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), {}

@@ -12,6 +12,7 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "fused", "reference")
@@ -109,6 +110,9 @@ class GroupedQueryAttention(Mixin):
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)

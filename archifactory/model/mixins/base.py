@@ -6,6 +6,9 @@ made by `init_state` and returned, updated, by `forward`; the layer keeps nothin
 `forward(x, ctx)` with no state is the training path; `forward(x, ctx, state)` consumes and returns the
 state, so a full forward equals a prefill followed by token-by-token decoding.
 
+Every component declares its init roles (`init_roles`, `model/roles.py`): which projections write into
+the residual stream (depth-scaled init) and which parameters it initialises itself.
+
 Constructors take `hidden_size`, `layer_idx` and their own typed keyword options only, so an unknown
 option fails loudly. Options whose name is `backend` choose between the plain-PyTorch reference path and
 a fused kernel: `auto` (fused when available on CUDA), `reference`, `fused`.
@@ -21,6 +24,7 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 
 MixinState = dict[str, Tensor]
 BACKENDS = ("auto", "reference", "fused")
@@ -54,6 +58,12 @@ class Mixin(nn.Module, ABC):
     @abstractmethod
     def state_size(self, seq_len: int) -> int:
         """Number of elements of one sequence's decode state after `seq_len` tokens."""
+
+    @abstractmethod
+    def init_roles(self) -> InitRoles:
+        """What the model's init scheme must know: the projections that write into the residual stream
+        (depth-scaled), plain stacked matrices, and what this component initialises itself (`keep`).
+        See `model/roles.py`."""
 
     def after_optimizer_step(self) -> None:
         """Called by the training loop (through the model) once per optimizer step; a no-op unless the

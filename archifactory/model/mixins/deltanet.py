@@ -25,6 +25,7 @@ from archifactory.model.mixins.reference.delta_rule import (
 )
 from archifactory.model.mixins.short_conv import ShortConvolution
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
 
 GATE_ACTIVATIONS = {"swish": F.silu, "sigmoid": torch.sigmoid}
@@ -90,6 +91,11 @@ class DeltaRuleMixin(Mixin):
         return None
 
     gate_activation: str = "swish"
+
+    def init_roles(self) -> InitRoles:
+        # the output-norm gain and the decay parameters (A_log, dt_bias) are drawn in the constructors;
+        # the short conv keeps its own init
+        return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), self.conv))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         dtype = compute_dtype(dtype)

@@ -12,6 +12,7 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState, resolve_backend
 from archifactory.model.mixins.reference.simple_gla import compute_dtype, fused_available, simple_gla_forward
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
 
 
@@ -83,6 +84,10 @@ class Mamba2(Mixin):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm_weight = nn.Parameter(torch.ones(self.inner_dim))
         self.out_proj = nn.Linear(self.inner_dim, hidden_size, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        # A_log, dt_bias, D and the gated-norm gain are drawn above; the conv keeps torch's init
+        return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), self.conv1d))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         ssm_shape = (batch_size, self.num_heads, self.d_state, self.head_dim)

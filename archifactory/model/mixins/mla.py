@@ -12,6 +12,7 @@ from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_atten
 from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext, RotaryPositional
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
 
 
@@ -102,6 +103,9 @@ class MultiHeadLatentAttention(Mixin):
         self.kv_up = nn.Linear(self.kv_lora_rank, num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.out_proj = nn.Linear(num_heads * self.v_dim, hidden_size, bias=False)
         self.own_rope = RotaryPositional(hidden_size, max_seq_len=0, theta=rope_theta)  # no parameters
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         return {

@@ -10,6 +10,7 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState, resolve_backend
 from archifactory.model.mixins.reference.simple_gla import compute_dtype, fused_available, simple_gla_forward
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
 
 
@@ -85,6 +86,9 @@ class MultiScaleRetention(Mixin):
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.group_norm = nn.GroupNorm(num_heads, self.value_dim, eps=norm_eps)
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         shape = (batch_size, self.num_heads, self.head_k_dim, self.head_v_dim)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
 
 NONLINEARITIES = ("tanh", "relu")
@@ -33,6 +34,10 @@ class _TorchRecurrentMixin(Mixin):
 
     def _state_sizes(self) -> dict[str, int]:
         raise NotImplementedError
+
+    def init_roles(self) -> InitRoles:
+        # torch's RNN init (plus the LSTM's forget-gate bias of 1) is kept
+        return InitRoles(residual=(self.out_proj,), keep=(self.rnn,))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         return {

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import BACKENDS, Mixin, MixinState, check_divisible, resolve_backend
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
 
 NUM_MIXES = 5  # the ddlerp mixes, in this order: w (decay), k, v, r, g
@@ -230,6 +231,10 @@ class RWKV6TimeMix(Mixin):
         self.norm_weight = nn.Parameter(torch.ones(dim))
         self.norm_bias = nn.Parameter(torch.zeros(dim))
         self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        # every raw parameter (mixes, decays, LoRA factors, bonus, group-norm affine) is drawn above
+        return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         wkv = torch.zeros(

@@ -10,6 +10,7 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState, check_divisible, resolve_backend
 from archifactory.model.mixins.reference.delta_rule import chunk_dplr, compute_dtype, dplr_step, fla_op
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
 
 NUM_MIXES = 6  # token-shift lerps, in this order: r, w, k, v, a, g
@@ -103,6 +104,10 @@ class RWKV7TimeMix(Mixin):
         self.norm_weight = nn.Parameter(torch.ones(dim))
         self.norm_bias = nn.Parameter(torch.zeros(dim))
         self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        # every raw parameter (mixes, decays, LoRA factors, bonus, group-norm affine) is drawn above
+        return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         shape = (batch_size, self.num_heads, self.head_dim, self.head_dim)
