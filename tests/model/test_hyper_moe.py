@@ -87,7 +87,7 @@ def test_accounting_adds_the_hypernetwork_to_the_base_moe() -> None:
 
 
 def test_model_init_keeps_the_generator_zero_so_the_layer_starts_as_its_base_moe() -> None:
-    """Through the model's init pass (`model/init.py`), not just the constructor: `skip_reinit` must hold."""
+    """Through the model's init pass (`model/init.py`), not just the constructor: the declared `keep` must hold."""
     from archifactory.model.build import build_model
     from tests.helpers import compose_config
 

@@ -11,6 +11,7 @@ from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_atten
 from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
 from archifactory.model.mixins.reference.delta_rule import compute_dtype, fla_op
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
 
 
@@ -62,6 +63,9 @@ class ForgettingAttention(Mixin):
         self.f_proj = nn.Linear(hidden_size, num_heads, bias=True)
         self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_output_gate else None
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)

@@ -19,6 +19,7 @@ from archifactory.model.mixins.reference.delta_rule import compute_dtype, fla_op
 from archifactory.model.mixins.reference.gla import chunk_gla, gla_step
 from archifactory.model.mixins.short_conv import ShortConvolution
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
 
 
@@ -168,6 +169,11 @@ class GatedLinearAttention(GLAFamily):
         self.norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
+    def init_roles(self) -> InitRoles:
+        # the output-norm gain is drawn in the constructor; the optional short conv keeps its own init
+        conv = () if self.conv is None else (self.conv,)
+        return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), *conv))
+
     def projections(
         self, x: Tensor, conv_state: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -239,6 +245,10 @@ class HGRN2(GLAFamily):
         self.i_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(hidden_size))
         self.out_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        # the output-norm gain is drawn in the constructor
+        return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
     def projections(
         self, x: Tensor, conv_state: Tensor | None

@@ -11,6 +11,7 @@ from archifactory.model.mixins.base import Mixin, MixinState, resolve_backend
 from archifactory.model.mixins.gla import scaled_width
 from archifactory.model.mixins.reference.simple_gla import compute_dtype, fused_available, simple_gla_forward
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
 
 FEATURE_MAPS = {"elu": lambda x: F.elu(x) + 1, "relu": F.relu, "identity": lambda x: x}
@@ -65,6 +66,9 @@ class LinearAttention(Mixin):
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.qkv_proj = nn.Linear(hidden_size, 2 * self.key_dim + self.value_dim, bias=False)
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         width = self.head_v_dim + int(self.normalize)
