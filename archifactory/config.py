@@ -37,6 +37,10 @@ class ModelConfig:
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     loss_chunk_size: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = all at once
+    # hybrids (model/hybrid.py): per-layer mixins, repeated to the depth; entries are names or {name: …, options}
+    layer_pattern: Optional[list[Any]] = None
+    attention_every: int = 0  # shorthand: every k-th layer is `attention_mixin`, the rest `mixin=`; 0 = off
+    attention_mixin: str = "gqa"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from torch import nn
 
 from archifactory.config import component_options
 from archifactory.errors import ArchiFactoryError
+from archifactory.model.hybrid import cfg_variant_label, layer_mixin_configs
 from archifactory.model.positional import PositionalScheme
 from archifactory.model.stack import ModuleFactory, StackedMixinForCausalLM
 from archifactory.registry import get_component
@@ -18,6 +19,17 @@ def component_factory(kind: str, cfg: Any, hidden_size: int) -> ModuleFactory:
     """A factory `(layer_idx=i) -> module` for the mixin or FFN named in `cfg`."""
     cls = get_component(kind, cfg.name)
     return functools.partial(cls, hidden_size=hidden_size, **component_options(cfg))
+
+
+def layer_mixin_factory(cfg: Any, hidden_size: int) -> ModuleFactory:
+    """A factory `(layer_idx=i) -> mixin` giving each layer the mixin of the hybrid pattern (or `cfg.mixin`
+    everywhere): see `model/hybrid.py`."""
+    factories = [component_factory("mixin", layer_cfg, hidden_size) for layer_cfg in layer_mixin_configs(cfg)]
+
+    def build_layer(layer_idx: int) -> nn.Module:
+        return factories[layer_idx](layer_idx=layer_idx)
+
+    return build_layer
 
 
 def build_positional(cfg: Any, hidden_size: int, max_seq_len: int) -> PositionalScheme:
@@ -39,7 +51,7 @@ def build_model(cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
             num_layers=model_cfg.num_layers,
             hidden_size=model_cfg.hidden_size,
             vocab_size=vocab_size,
-            mixin_module=component_factory("mixin", cfg.mixin, model_cfg.hidden_size),
+            mixin_module=layer_mixin_factory(cfg, model_cfg.hidden_size),
             ffn_module=component_factory("ffn", cfg.ffn, model_cfg.hidden_size),
             positional_module=build_positional(cfg.positional, model_cfg.hidden_size, model_cfg.max_seq_len),
             tie_embeddings=model_cfg.tie_embeddings,
@@ -49,7 +61,7 @@ def build_model(cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
             loss_chunk_size=model_cfg.loss_chunk_size,
         )
     except TypeError as error:  # a constructor refused an option: name it in one line
-        raise ArchiFactoryError(f"cannot build {cfg.mixin.name}/{cfg.ffn.name}: {error}") from error
+        raise ArchiFactoryError(f"cannot build {cfg_variant_label(cfg)}/{cfg.ffn.name}: {error}") from error
     return model
 
 

@@ -217,6 +217,9 @@ class StackedMixinForCausalLM(nn.Module):
             "head": count(self.lm_head),
         }
         breakdown["total"] = sum(breakdown.values())
+        for block in self.blocks:  # per mixin kind (a hybrid has several): "mixin.<name>"
+            key = f"mixin.{block.mixin.registry_name}"
+            breakdown[key] = breakdown.get(key, 0) + count(block.mixin)
         breakdown["non_embedding"] = mixin + ffn + norms
         breakdown["active"] = breakdown["total"] - ffn + ffn_active
         breakdown["active_non_embedding"] = mixin + ffn_active + norms

@@ -34,6 +34,7 @@ from archifactory.data.dataset import TokenData
 from archifactory.data.loader import PackedLoader
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.build import build_model, describe_backends
+from archifactory.model.hybrid import cfg_variant_label
 from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.runs import save_run_tokenizer
 from archifactory.train import distributed
@@ -194,7 +195,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         run_dir,
         info.is_main,
         {
-            "mixin": cfg.mixin.name,
+            "mixin": cfg_variant_label(cfg),  # a hybrid's pattern, e.g. gated_deltanet3+gqa
             "ffn": cfg.ffn.name,
             "positional": cfg.positional.name,
             "dataset": cfg.dataset.name,
