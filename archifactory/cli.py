@@ -14,7 +14,7 @@ from pathlib import Path
 
 from archifactory.errors import ArchiFactoryError
 
-GROUPS = ("mixin", "ffn", "positional", "dataset", "trainer", "model", "experiment")
+GROUPS = ("mixin", "ffn", "positional", "dataset", "task", "mqar_cell", "trainer", "model", "experiment")
 USAGE = """usage: archifactory <verb> [key=value ...] [-m] [--cfg job] [--help]
 
 verbs:

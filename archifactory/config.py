@@ -117,6 +117,34 @@ class DatasetConfig:
 
 
 @dataclass
+class ProbeDatasetConfig:
+    """A synthetic probe (`archifactory/data/synthetic/`): generated on the fly, no download, no cache."""
+
+    name: str = MISSING
+    source: str = "synthetic"
+    task: str = MISSING  # mqar | a MAD task (set with task=<name>)
+    vocab_size: int = 8192
+    train_examples: int | None = None  # None: fresh examples every step; N: a fixed pool cycled per epoch
+    val_examples: int = 1000  # the fixed, seeded validation set
+
+
+@dataclass
+class MQARDatasetConfig(ProbeDatasetConfig):
+    num_kv_pairs: int = 8
+    power_a: float = 0.01  # query gaps ∝ a·g^(a−1): Zoology's power law
+    random_non_queries: bool = True  # fill empty slots with random tokens instead of 0
+
+
+@dataclass
+class MADDatasetConfig(ProbeDatasetConfig):
+    noise_vocab_size: int = 0  # noisy_in_context_recall: the top ids are noise tokens
+    frac_noise: float = 0.0
+    k_motif_size: int = 1  # fuzzy_in_context_recall: keys/values of 1..motif tokens
+    v_motif_size: int = 1
+    num_tokens_to_copy: int = 16  # selective_copying
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "archifactory"
@@ -134,7 +162,7 @@ class RootConfig:
     positional: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: Any = MISSING  # each dataset YAML names its schema: `_schema` (text/Hub) or `_schema_mqar`/`_schema_mad`
     wandb: WandbConfig = field(default_factory=WandbConfig)
     experiment_name: str | None = None
 
@@ -188,6 +216,8 @@ def register_configs() -> None:
     store.store(group="model", name="_schema", node=ModelConfig)
     store.store(group="trainer", name="_schema", node=TrainerConfig)
     store.store(group="dataset", name="_schema", node=DatasetConfig)
+    store.store(group="dataset", name="_schema_mqar", node=MQARDatasetConfig)
+    store.store(group="dataset", name="_schema_mad", node=MADDatasetConfig)
     for kind in ("mixin", "ffn", "positional"):
         for name, cls in components(kind).items():
             store.store(group=kind, name=f"_schema_{name}", node=component_schema(kind, name, cls))

@@ -16,6 +16,7 @@ from archifactory.config import DatasetConfig
 from archifactory.data.loader import Batch, PackedLoader, val_batches
 from archifactory.data.prepare import Prepared, prepare
 from archifactory.data.shards import TokenStream
+from archifactory.data.synthetic import SyntheticData
 from archifactory.errors import ArchiFactoryError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class TokenData:
         self.cache_dir: Path = prepared.folder
         self.manifest: dict[str, Any] = {**prepared.manifest, "cache_dir": str(prepared.folder)}
         self.reused_cache: bool = prepared.reused
+        self.description = "reused token cache, no tokenization" if prepared.reused else "prepared token cache"
+        self.marks_answers = False  # every position is a target: no answer accuracy, bits per byte instead
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
         dtype = np.dtype(self.manifest["dtype"])
         splits = self.manifest["splits"]
@@ -78,8 +81,13 @@ class TokenData:
         return val_batches(self.val_stream, self.seq_len, batch_size, max_tokens)
 
 
-def load_data(cfg: Any, seq_len: int, seed: int, rank: int = 0, world_size: int = 1) -> TokenData:
-    """Prepare (or reuse) the token cache for `cfg` (the `dataset` config node) and open it."""
+def load_data(
+    cfg: Any, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+) -> TokenData | SyntheticData:
+    """Prepare (or reuse) the token cache for `cfg` (the `dataset` config node) and open it; a synthetic
+    probe (`source: synthetic`) is generated instead, with the same interface."""
+    if cfg.get("source") == "synthetic":
+        return SyntheticData(cfg, seq_len, seed, rank, world_size)
     return TokenData(prepare(as_dataset_config(cfg)), seq_len, seed, rank, world_size)
 
 
@@ -105,5 +113,8 @@ def summary_lines(prepared: Prepared) -> list[str]:
 
 def prepare_task(cfg: DictConfig) -> None:
     """`archifactory data prepare dataset=…`: build (or check) the token cache and print a summary."""
+    if cfg.dataset.get("source") == "synthetic":
+        print(f"dataset {cfg.dataset.name}: synthetic, generated during training; nothing to prepare")
+        return
     prepared = prepare(as_dataset_config(cfg.dataset))
     print("\n".join(summary_lines(prepared)))

@@ -9,6 +9,7 @@ Modules:
 - `scoring`    — batched continuation log-likelihoods (logits only where scored).
 - `generation` — lm-eval's `generate_until` through `archifactory.generate`.
 - `perplexity` — loss, perplexity and bits per byte on a validation split.
+- `probe`      — accuracy on answer positions for the synthetic probes (MQAR, MAD): `probe_metrics`.
 - `results`    — `<run>/eval/<name>.json`, the `eval` section of `summary.json`, the terminal table.
 - `humaneval`, `sandbox`, `sandbox_launcher` — HumanEval completions executed in a bubblewrap sandbox.
 """

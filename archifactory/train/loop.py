@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from archifactory.data import load_data
 from archifactory.data.dataset import TokenData
 from archifactory.data.loader import PackedLoader
+from archifactory.data.synthetic import SyntheticData, SyntheticLoader
 from archifactory.errors import ArchiFactoryError
+from archifactory.eval.probe import probe_metrics
 from archifactory.model.build import build_model, describe_backends
 from archifactory.model.hybrid import cfg_variant_label
 from archifactory.model.stack import StackedMixinForCausalLM
@@ -108,9 +110,12 @@ def plan_steps(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list, device: torch.device, autocast: Autocast, bytes_per_token: float
+    model: nn.Module, batches: list, device: torch.device, autocast: Autocast, bytes_per_token: float | None
 ) -> dict[str, float]:
-    """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches."""
+    """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches; for a
+    dataset without bytes (a synthetic probe, `bytes_per_token` None): loss and accuracy on its answers."""
+    if bytes_per_token is None:
+        return probe_metrics(model, batches, device, autocast)
     model.eval()
     total, count = torch.zeros((), device=device), 0
     for inputs, targets in batches:
@@ -152,13 +157,13 @@ class RunContext:
     device: torch.device
     autocast: Autocast
     recorder: RunRecorder
-    data: TokenData
+    data: TokenData | SyntheticData
     raw_model: StackedMixinForCausalLM  # the unwrapped model: accounting, hooks, checkpoint signature
     model: nn.Module  # what the step runs: the raw model, or its DDP/FSDP wrapping
     strategy: str
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: PackedLoader
+    loader: PackedLoader | SyntheticLoader
     val_batches: list
     state: TrainerState
     total_steps: int
@@ -243,12 +248,13 @@ def setup_run(
         cfg.dataset, seq_len=trainer.seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size
     )
     if info.is_main:
-        save_run_tokenizer(run_dir, data.tokenizer)  # generate/eval/export load it from the run dir
+        if data.tokenizer is not None:  # a synthetic probe has none
+            save_run_tokenizer(run_dir, data.tokenizer)  # generate/eval/export load it from the run dir
         distributed.barrier(info)
     log.info(
         "data: vocab=%d, %s",
         data.vocab_size,
-        "reused token cache, no tokenization" if data.reused_cache else "prepared token cache",
+        data.description,
     )
     raw_model = build_model(cfg, data.vocab_size).to(device)
     total_steps, accum = plan_steps(cfg, info.world_size)
@@ -378,10 +384,10 @@ def log_step(
 
 
 def validate(run: RunContext, progress: Progress) -> None:
-    """Validation loss and bits per byte: logged, shown, and written to summary.json."""
+    """Validation loss and bits per byte (a probe: accuracy on answers): logged, shown, in summary.json."""
     val = evaluate(run.model, run.val_batches, run.device, run.autocast, run.data.val_bytes_per_token)
     run.recorder.log({"step": run.state.step, "tokens_seen": run.state.tokens_seen, **val})
-    progress.write(f"step {run.state.step}: val_loss {val['val_loss']:.4f}  val_bpb {val['val_bpb']:.4f}")
+    progress.write(f"step {run.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
     run.last.update(val)
     run.recorder.update_summary(
         steps=run.state.step,
