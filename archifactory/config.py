@@ -61,7 +61,7 @@ class TrainerConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: str = "cosine"  # cosine | wsd | wsd_sqrt | constant
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
     muon_lr: float = 0.02  # muon: learning rate of the matrix parameters (AdamW at `lr` for the rest)
     muon_momentum: float = 0.95
@@ -162,7 +162,9 @@ class RootConfig:
     positional: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    dataset: Any = MISSING  # each dataset YAML names its schema: `_schema` (text/Hub) or `_schema_mqar`/`_schema_mad`
+    dataset: Any = (
+        MISSING  # each dataset YAML names its schema: `_schema` (text/Hub) or `_schema_mqar`/`_schema_mad`
+    )
     wandb: WandbConfig = field(default_factory=WandbConfig)
     experiment_name: str | None = None
 

@@ -60,7 +60,9 @@ class TokenData:
         self.cache_dir: Path = prepared.folder
         self.manifest: dict[str, Any] = {**prepared.manifest, "cache_dir": str(prepared.folder)}
         self.reused_cache: bool = prepared.reused
-        self.description = "reused token cache, no tokenization" if prepared.reused else "prepared token cache"
+        self.description = (
+            "reused token cache, no tokenization" if prepared.reused else "prepared token cache"
+        )
         self.marks_answers = False  # every position is a target: no answer accuracy, bits per byte instead
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
         dtype = np.dtype(self.manifest["dtype"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from torch import nn
@@ -15,16 +16,30 @@ from archifactory.model.stack import ModuleFactory, StackedMixinForCausalLM
 from archifactory.registry import get_component
 
 
-def component_factory(kind: str, cfg: Any, hidden_size: int) -> ModuleFactory:
-    """A factory `(layer_idx=i) -> module` for the mixin or FFN named in `cfg`."""
+def component_factory(
+    kind: str, cfg: Any, hidden_size: int, num_layers: int | None = None, max_seq_len: int | None = None
+) -> ModuleFactory:
+    """A factory `(layer_idx=i) -> module` for the mixin or FFN named in `cfg`. `num_layers` and
+    `max_seq_len` (model settings, never component options) reach the constructors that declare them."""
     cls = get_component(kind, cfg.name)
-    return functools.partial(cls, hidden_size=hidden_size, **component_options(cfg))
+    declared = inspect.signature(cls.__init__).parameters
+    supplied = {
+        key: value
+        for key, value in (("num_layers", num_layers), ("max_seq_len", max_seq_len))
+        if key in declared and value is not None
+    }
+    return functools.partial(cls, hidden_size=hidden_size, **supplied, **component_options(cfg))
 
 
-def layer_mixin_factory(cfg: Any, hidden_size: int) -> ModuleFactory:
+def layer_mixin_factory(
+    cfg: Any, hidden_size: int, num_layers: int | None = None, max_seq_len: int | None = None
+) -> ModuleFactory:
     """A factory `(layer_idx=i) -> mixin` giving each layer the mixin of the hybrid pattern (or `cfg.mixin`
     everywhere): see `model/hybrid.py`."""
-    factories = [component_factory("mixin", layer_cfg, hidden_size) for layer_cfg in layer_mixin_configs(cfg)]
+    factories = [
+        component_factory("mixin", layer_cfg, hidden_size, num_layers, max_seq_len)
+        for layer_cfg in layer_mixin_configs(cfg)
+    ]
 
     def build_layer(layer_idx: int) -> nn.Module:
         return factories[layer_idx](layer_idx=layer_idx)
@@ -46,13 +61,14 @@ def build_model(cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
             f"model.hidden_size={model_cfg.hidden_size} is not divisible by model.num_heads={model_cfg.num_heads}; "
             "choose a hidden size that is a multiple of the head count"
         )
+    shape = (model_cfg.hidden_size, model_cfg.num_layers, model_cfg.max_seq_len)
     try:
         model = StackedMixinForCausalLM(
             num_layers=model_cfg.num_layers,
             hidden_size=model_cfg.hidden_size,
             vocab_size=vocab_size,
-            mixin_module=layer_mixin_factory(cfg, model_cfg.hidden_size),
-            ffn_module=component_factory("ffn", cfg.ffn, model_cfg.hidden_size),
+            mixin_module=layer_mixin_factory(cfg, *shape),
+            ffn_module=component_factory("ffn", cfg.ffn, *shape),
             positional_module=build_positional(cfg.positional, model_cfg.hidden_size, model_cfg.max_seq_len),
             tie_embeddings=model_cfg.tie_embeddings,
             initializer_range=model_cfg.initializer_range,

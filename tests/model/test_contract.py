@@ -145,11 +145,15 @@ def test_ffn_contract(name: str) -> None:
     for pname, p in ffn.named_parameters():
         assert p.grad is not None, f"{name}: no gradient reaches {pname}"
         assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient in {pname}"
-    # position-wise: perturbing one token changes no other token's output (of the same routing group)
+    # perturb token 4 of sequence 1: the other sequence (batch independence) and the earlier tokens of
+    # the same sequence (causality) are unchanged. Not "every other token": rwkv_cmix's token shift feeds
+    # token 4 into token 5.
     x2 = x.detach().clone()
     x2[1, 4] += 1.0
     y2 = ffn(x2)[0]
     torch.testing.assert_close(y2[0], y[0].detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y2[1, :4], y[1, :4].detach(), rtol=1e-9, atol=1e-10)
+    assert not torch.allclose(y2[1, 4], y[1, 4].detach())
     assert ffn.flops_per_token() > 0 and 0 < ffn.active_parameters() <= sum(
         p.numel() for p in ffn.parameters()
     )

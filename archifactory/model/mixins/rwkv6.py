@@ -39,6 +39,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def depth_ratios(layer_idx: int, num_layers: int | None) -> tuple[float, float]:
+    """RWKV's depth-dependent init ratios (ratio_0_to_1 = l / (L - 1), ratio_1_to_0 = 1 - l / L); a layer
+    built outside a model (num_layers None) takes the middle of the stack, (0.5, 0.5)."""
+    if num_layers is None:
+        return 0.5, 0.5
+    return layer_idx / max(num_layers - 1, 1), 1.0 - layer_idx / num_layers
+
+
 def wkv6_recurrent(
     r: Tensor, k: Tensor, v: Tensor, g: Tensor, u: Tensor, state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -165,10 +173,11 @@ class RWKV6TimeMix(Mixin):
     followed by a per-head group norm, a SiLU gate and `out_proj`. Decode state: the WKV state
     [B, H, K, V] (kept in >= fp32) and the token-shift buffer [B, D] (the last input token).
 
-    Init (RWKV-6's, at the middle-of-the-stack ratios because a layer does not know the depth): mixes
-    1 - (i/D)^0.5 (v: 1 - ((i/D)^0.5 + 0.15), r/g: 1 - (i/D)^0.25), time_decay -6 + 5 (i/(D-1))^1.35,
-    LoRA down-projections zero and up-projections U(-0.01, 0.01), bonus 0.5 (1 - i/(D-1)) + zigzag 0.1;
-    r/k/v/g/out projections follow the model's scheme.
+    Init (RWKV-6's, depth-dependent through a = l/(L-1), b = 1 - l/L for layer l of the model's L layers,
+    `num_layers` being supplied by the model): mixes 1 - (i/D)^b (v: 1 - (i/D)^b - 0.3a, r/g:
+    1 - (i/D)^(b/2)), time_decay -6 + 5 (i/(D-1))^(0.7 + 1.3a), LoRA down-projections zero and
+    up-projections U(-0.01, 0.01), bonus a (1 - i/(D-1)) + zigzag 0.1; r/k/v/g/out projections follow the
+    model's scheme.
 
     Options:
         num_heads: WKV heads; mix_rank: rank of the ddlerp LoRA (32 in RWKV-6);
@@ -191,6 +200,7 @@ class RWKV6TimeMix(Mixin):
         chunk_size: int = 32,
         sub_chunk_size: int = 8,
         backend: str = "auto",
+        num_layers: int | None = None,
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         self.num_heads = num_heads
@@ -207,7 +217,7 @@ class RWKV6TimeMix(Mixin):
         self.norm_eps, self.chunk_size, self.sub_chunk_size = norm_eps, chunk_size, sub_chunk_size
 
         dim = hidden_size
-        ratio_0_to_1, ratio_1_to_0 = 0.5, 0.5
+        ratio_0_to_1, ratio_1_to_0 = depth_ratios(layer_idx, num_layers)
         ddd = torch.arange(dim, dtype=torch.float32) / dim
         lerp = 1.0 - ddd.pow(ratio_1_to_0)
         lerp_half = 1.0 - ddd.pow(0.5 * ratio_1_to_0)

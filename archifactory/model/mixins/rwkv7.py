@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState, check_divisible, resolve_backend
 from archifactory.model.mixins.reference.delta_rule import chunk_dplr, compute_dtype, dplr_step, fla_op
+from archifactory.model.mixins.rwkv6 import depth_ratios
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
@@ -42,9 +43,10 @@ class RWKV7TimeMix(Mixin):
     its own layer's input (ARCHITECTURE.md §4); every layer uses its own v. Decode state: S [B, H, K, V]
     (>= fp32) and the token-shift buffer [B, D].
 
-    Init (RWKV-7's, at the middle-of-the-stack ratio 0.5 since a layer does not know the depth): lerps
-    μ = 1 − (i/D)^{0.5·e}, e = 0.2, 0.9, 0.7, 0.7, 0.9, 0.2 for r, w, k, v, a, g; decay bias
-    −6 + 6 (i/(D−1))^{1+0.5^{0.3}} + 0.5 + 2.5·zigzag, a bias
+    Init (RWKV-7's, depth-dependent through a = l/(L−1), b = 1 − l/L for layer l of the model's L layers;
+    `num_layers` is supplied by the model, a layer built alone uses a = b = 0.5): lerps
+    μ = 1 − (i/D)^{b·e}, e = 0.2, 0.9, 0.7, 0.7, 0.9, 0.2 for r, w, k, v, a, g; decay bias
+    −6 + 6 (i/(D−1))^{1+a^{0.3}} + 0.5 + 2.5·zigzag, a bias
     −0.19 + 0.3·zigzag + 0.4·linear, k_k 0.71 − 0.1·linear, k_a 1.02, r_k −0.04; LoRA down-projections zero,
     up-projections orthogonal × 0.1; r/k/v/out projections follow the model's scheme.
 
@@ -66,6 +68,7 @@ class RWKV7TimeMix(Mixin):
         norm_eps: float = 1e-5,
         chunk_size: int = 16,
         backend: str = "auto",
+        num_layers: int | None = None,
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         self.head_dim = check_divisible(hidden_size, num_heads, "mixin=rwkv7")
@@ -78,7 +81,7 @@ class RWKV7TimeMix(Mixin):
         self.num_heads, self.backend, self.chunk_size = num_heads, backend, chunk_size
         self.norm_eps = norm_eps * self.head_dim
         dim = hidden_size
-        ratio_0_to_1, ratio_1_to_0 = 0.5, 0.5
+        ratio_0_to_1, ratio_1_to_0 = depth_ratios(layer_idx, num_layers)
         ddd = torch.arange(dim, dtype=torch.float32) / dim
         linear = torch.arange(dim, dtype=torch.float32) / max(dim - 1, 1) - 0.5
         pos = torch.arange(dim) % self.head_dim
