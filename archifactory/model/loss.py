@@ -20,6 +20,12 @@ def _chunk_loss_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def logits_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy (in fp32) from logits the caller already has. logits [N, V], targets [N]."""
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / count
+
+
 def lm_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 0) -> Tensor:
     """Mean cross-entropy over targets != IGNORE_INDEX. hidden [N, D], weight [V, D], targets [N]."""
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)

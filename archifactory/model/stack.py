@@ -12,7 +12,7 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.model.block import Block, LayerState
 from archifactory.model.ffn.base import FeedForward
 from archifactory.model.init import init_weights
-from archifactory.model.loss import lm_cross_entropy
+from archifactory.model.loss import lm_cross_entropy, logits_cross_entropy
 from archifactory.model.mixins.base import Mixin
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import NoPositional, PositionalScheme, PositionContext
@@ -179,15 +179,17 @@ class StackedMixinForCausalLM(nn.Module):
         """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored."""
         out = self.backbone(input_ids, state)
         hidden = out.hidden
-        logits = None
-        if targets is None or return_logits:
+        logits = lm_loss = loss = None
+        if targets is None or return_logits:  # one head matmul; the loss (if any) reuses these logits
             logits = hidden @ self.head_weight.t().to(hidden.dtype)
-        lm_loss = loss = None
         if targets is not None:
-            flat_hidden = hidden.reshape(-1, self.hidden_size)
-            lm_loss = lm_cross_entropy(
-                flat_hidden, self.head_weight.to(hidden.dtype), targets.reshape(-1), self.loss_chunk_size
-            )
+            if logits is not None:
+                lm_loss = logits_cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1))
+            else:  # chunked: never materialises the full logits (model.loss_chunk_size)
+                flat_hidden = hidden.reshape(-1, self.hidden_size)
+                lm_loss = lm_cross_entropy(
+                    flat_hidden, self.head_weight.to(hidden.dtype), targets.reshape(-1), self.loss_chunk_size
+                )
             loss = lm_loss if out.aux_loss is None else lm_loss + out.aux_loss
         return CausalLMOutput(logits, loss, lm_loss, out.aux_loss, out.aux, out.state)
 
