@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from archifactory.model.documents import DocumentLayout
 from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState
 from archifactory.model.mixins.base import Mixin, MixinState
 from archifactory.model.norms import build_norm
@@ -41,15 +42,33 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, ctx: PositionContext, state: LayerState | None = None
+        self,
+        x: Tensor,
+        ctx: PositionContext,
+        state: LayerState | None = None,
+        documents: DocumentLayout | None = None,
     ) -> tuple[Tensor, LayerState | None, FFNAux]:
+        """With `documents` (document-aware packing, `model/documents.py`) the mixin, and an FFN that reads
+        earlier tokens, run on each document alone; `ctx` then holds the per-document positions."""
         if self.activation_checkpointing and self.training and state is None:
-            return checkpoint(self._forward, x, ctx, None, use_reentrant=False)
-        return self._forward(x, ctx, state)
+            return checkpoint(self._forward, x, ctx, None, documents, use_reentrant=False)
+        return self._forward(x, ctx, state, documents)
 
     def _forward(
-        self, x: Tensor, ctx: PositionContext, state: LayerState | None
+        self,
+        x: Tensor,
+        ctx: PositionContext,
+        state: LayerState | None,
+        documents: DocumentLayout | None = None,
     ) -> tuple[Tensor, LayerState | None, FFNAux]:
+        if documents is not None:
+            normed = documents.unpack(self.mixin_norm(x))  # [N, L, D]
+            x = x + documents.pack(self.mixin(normed, ctx)[0], x)
+            if self.ffn.state_size() == 0:  # position-wise: packed as it is
+                fed, aux = self.ffn(self.ffn_norm(x))
+                return x + fed, None, aux
+            fed, aux = self.ffn(documents.unpack(self.ffn_norm(x)))
+            return x + documents.pack(fed, x), None, aux
         if state is None:
             x = x + self.mixin(self.mixin_norm(x), ctx)[0]
             fed, aux = self.ffn(self.ffn_norm(x))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.block import Block, LayerState
+from archifactory.model.documents import DocumentLayout
 from archifactory.model.ffn.base import FeedForward
 from archifactory.model.init import init_weights
 from archifactory.model.loss import lm_cross_entropy, logits_cross_entropy
@@ -147,18 +148,28 @@ class StackedMixinForCausalLM(nn.Module):
         dtype = dtype or self.embedding.weight.dtype
         return DecodeState([block.init_state(batch_size, device, dtype) for block in self.blocks], 0)
 
-    def backbone(self, input_ids: Tensor, state: DecodeState | None = None) -> BackboneOutput:
-        """Embedding, positional scheme, blocks and final norm: hidden states [B, T, D], no LM head."""
-        start = 0 if state is None else state.position  # a Python int: no host sync under compile
-        self.positional.check_length(start + input_ids.shape[1])
-        ctx = PositionContext(self.positional, start, input_ids.shape[1], input_ids.device)
-        x = self.positional.embed(self.embedding(input_ids), ctx.positions)
+    def backbone(
+        self, input_ids: Tensor, state: DecodeState | None = None, documents: DocumentLayout | None = None
+    ) -> BackboneOutput:
+        """Embedding, positional scheme, blocks and final norm: hidden states [B, T, D], no LM head.
+        `documents`: keep the packed documents of each row apart (`model/documents.py`; no decoding)."""
+        if documents is not None:
+            if state is not None:
+                raise ArchiFactoryError(
+                    "document masking applies to full forwards, not to decoding with a state"
+                )
+            x, ctx = self._embed_documents(input_ids, documents)
+        else:
+            start = 0 if state is None else state.position  # a Python int: no host sync under compile
+            self.positional.check_length(start + input_ids.shape[1])
+            ctx = PositionContext(self.positional, start, input_ids.shape[1], input_ids.device)
+            x = self.positional.embed(self.embedding(input_ids), ctx.positions)
 
         new_layer_states: list[LayerState] = []
         aux_loss: Tensor | None = None
         metrics: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
-            x, layer_state, aux = block(x, ctx, None if state is None else state.layers[i])
+            x, layer_state, aux = block(x, ctx, None if state is None else state.layers[i], documents)
             if layer_state is not None:
                 new_layer_states.append(layer_state)
             for key, value in aux.items():
@@ -169,15 +180,28 @@ class StackedMixinForCausalLM(nn.Module):
         new_state = None if state is None else DecodeState(new_layer_states, start + input_ids.shape[1])
         return BackboneOutput(self.final_norm(x), aux_loss, metrics, new_state)
 
+    def _embed_documents(
+        self, input_ids: Tensor, documents: DocumentLayout
+    ) -> tuple[Tensor, PositionContext]:
+        """Token embeddings plus additive position embeddings at each token's offset in its document, and
+        the per-document position context the blocks' mixers use."""
+        self.positional.check_length(documents.length)
+        ctx = PositionContext(self.positional, 0, documents.length, input_ids.device)
+        tokens = self.embedding(input_ids)
+        table = self.positional.embed(tokens.new_zeros(1, documents.length, self.hidden_size), ctx.positions)
+        return tokens + table[0][documents.offsets], ctx  # embed() of zeros is the table, [1, L, D]
+
     def forward(
         self,
         input_ids: Tensor,
         targets: Tensor | None = None,
         state: DecodeState | None = None,
         return_logits: bool = True,
+        documents: DocumentLayout | None = None,
     ) -> CausalLMOutput:
-        """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored."""
-        out = self.backbone(input_ids, state)
+        """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored;
+        `documents`: the packed rows' document layout when documents must not see each other."""
+        out = self.backbone(input_ids, state, documents)
         hidden = out.hidden
         logits = lm_loss = loss = None
         if targets is None or return_logits:  # one head matmul; the loss (if any) reuses these logits
