@@ -114,6 +114,7 @@ class DatasetConfig:
     cache_dir: str = "${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}"
     verify_cache: bool = True  # check every shard's checksum when reusing a cache
     rebuild: bool = False  # ignore an existing token cache and tokenize again
+    document_mask: bool = False  # keep packed documents apart: each is mixed on its own (model/documents.py)
 
 
 @dataclass

@@ -76,3 +76,10 @@ class DocumentLayout:
     def pack(self, y: Tensor, like: Tensor) -> Tensor:
         """Per-document y [N, L, D] -> packed [B, T, D] shaped like `like`."""
         return y.reshape(-1, y.shape[-1]).index_select(0, self.scatter).view(like.shape[:-1] + (-1,))
+
+
+def documents_for(input_ids: Tensor, eos_id: int | None, device: torch.device) -> DocumentLayout | None:
+    """The layout of a host batch, moved to `device`; None when documents may see each other (eos_id None)."""
+    if eos_id is None:
+        return None
+    return DocumentLayout.from_ids(input_ids, eos_id).to(device)

@@ -36,6 +36,7 @@ from archifactory.data.synthetic import SyntheticData, SyntheticLoader
 from archifactory.errors import ArchiFactoryError
 from archifactory.eval.probe import probe_metrics
 from archifactory.model.build import build_model, describe_backends
+from archifactory.model.documents import documents_for
 from archifactory.model.hybrid import cfg_variant_label
 from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.runs import save_run_tokenizer
@@ -110,7 +111,12 @@ def plan_steps(cfg: DictConfig, world_size: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list, device: torch.device, autocast: Autocast, bytes_per_token: float | None
+    model: nn.Module,
+    batches: list,
+    device: torch.device,
+    autocast: Autocast,
+    bytes_per_token: float | None,
+    document_eos: int | None = None,
 ) -> dict[str, float]:
     """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches; for a
     dataset without bytes (a synthetic probe, `bytes_per_token` None): loss and accuracy on its answers."""
@@ -119,9 +125,10 @@ def evaluate(
     model.eval()
     total, count = torch.zeros((), device=device), 0
     for inputs, targets in batches:
+        documents = documents_for(inputs, document_eos, device)
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast():
-            out = model(inputs, targets=targets, return_logits=False)
+            out = model(inputs, targets=targets, return_logits=False, documents=documents)
         tokens = int((targets != -100).sum())
         total += out.lm_loss.float() * tokens
         count += tokens
@@ -172,6 +179,7 @@ class RunContext:
     wall_start: float
     breakdown: dict[str, int]
     flops_per_token: float
+    document_eos: int | None = None  # dataset.document_mask: the EOS that separates packed documents
     nonfinite_in_a_row: int = 0
     last: dict[str, Any] = field(default_factory=dict)  # latest train/val figures for summary.json
 
@@ -204,6 +212,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             "ffn": cfg.ffn.name,
             "positional": cfg.positional.name,
             "dataset": cfg.dataset.name,
+            "document_mask": bool(cfg.dataset.get("document_mask", False)),
             "seed": cfg.seed,
             "run_dir": str(run_dir),
         },
@@ -316,6 +325,7 @@ def setup_run(
         wall_start=wall_start,
         breakdown=breakdown,
         flops_per_token=raw_model.flops_per_token(trainer.seq_len),
+        document_eos=data.eos_id if cfg.dataset.get("document_mask", False) else None,
     )
 
 
@@ -326,11 +336,12 @@ def train_step(run: RunContext) -> StepResult | None:
     step_loss = torch.zeros((), device=run.device)
     for micro in range(run.accum):
         inputs, targets = next(run.loader)
+        documents = documents_for(inputs, run.document_eos, run.device)  # on the host: no sync
         inputs = inputs.to(run.device, non_blocking=True)
         targets = targets.to(run.device, non_blocking=True)
         with distributed.gradient_sync(run.model, run.strategy, enabled=micro == run.accum - 1):
             with run.autocast():  # the forward only: backward runs in the dtypes autocast chose
-                out = run.model(inputs, targets=targets, return_logits=False)
+                out = run.model(inputs, targets=targets, return_logits=False, documents=documents)
             (out.loss / run.accum).backward()
         step_loss += out.lm_loss.detach() / run.accum
         aux = out.aux
@@ -385,7 +396,9 @@ def log_step(
 
 def validate(run: RunContext, progress: Progress) -> None:
     """Validation loss and bits per byte (a probe: accuracy on answers): logged, shown, in summary.json."""
-    val = evaluate(run.model, run.val_batches, run.device, run.autocast, run.data.val_bytes_per_token)
+    val = evaluate(
+        run.model, run.val_batches, run.device, run.autocast, run.data.val_bytes_per_token, run.document_eos
+    )
     run.recorder.log({"step": run.state.step, "tokens_seen": run.state.tokens_seen, **val})
     progress.write(f"step {run.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
     run.last.update(val)
