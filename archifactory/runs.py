@@ -13,7 +13,6 @@ only the newest finished checkpoint's `model.safetensors`, checked against its s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from yaml import YAMLError
 
 from archifactory.data.tokenizer import Tokenizer, load_tokenizer
 from archifactory.errors import ArchiFactoryError
+from archifactory.hashing import file_digest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -154,14 +154,6 @@ def pick_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     raise ArchiFactoryError(f"run {run_dir} has no checkpoint at step {step}; it has: {steps}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:
     """(model weights, step) of one checkpoint folder, verified against its recorded sha256."""
     from safetensors import SafetensorError
@@ -176,7 +168,7 @@ def load_checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], 
             f"checkpoint {checkpoint} has no readable trainer_state.json ({error}); {fix}"
         ) from error
     weights = checkpoint / "model.safetensors"
-    if not weights.is_file() or _sha256(weights) != digest:
+    if not weights.is_file() or file_digest(weights) != digest:
         raise ArchiFactoryError(
             f"checkpoint {checkpoint} is damaged (model.safetensors fails its sha256); {fix}"
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from archifactory import hashing
 from archifactory.errors import ArchiFactoryError
 
 
@@ -67,11 +68,8 @@ class ShardWriter:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
+    """The shards' checksum (blake2b, 16 bytes; the same as `ShardWriter` computes while writing)."""
+    return hashing.file_digest(path, "blake2b", digest_size=16)
 
 
 def verify_shards(folder: Path, shards: list[dict[str, Any]], dtype: np.dtype, checksums: bool) -> str | None:

@@ -13,7 +13,6 @@ Only rank 0 writes; older checkpoints beyond `keep` are deleted after the new on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from archifactory.errors import ArchiFactoryError
+from archifactory.hashing import file_digest
 
 PREFIX = "step_"
 
@@ -38,14 +38,6 @@ class TrainerState:
     tokens_seen: int
     loader: dict[str, Any]
     nonfinite_skipped: int = 0
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_signature(state_dict: dict[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -105,7 +97,7 @@ def save_checkpoint(
         "loader": trainer_state.loader,
         "nonfinite_skipped": trainer_state.nonfinite_skipped,
         "model_signature": model_signature(weights),
-        "sha256": {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")},
+        "sha256": {name: file_digest(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")},
     }
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
     for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
@@ -139,7 +131,7 @@ def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> Loa
         ) from error
     for name, digest in meta["sha256"].items():
         file = path / name
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or file_digest(file) != digest:
             raise ArchiFactoryError(
                 f"checkpoint {path} is corrupt ({name} fails its sha256 check); "
                 "delete that folder to resume from an earlier checkpoint"

@@ -12,7 +12,7 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.model.ffn._moe_core import GatedMLP, RoutedFeedForward, TopKRouter, router_aux
 from archifactory.model.ffn._moe_dispatch import DISPATCH_MODES, combine, expert_matmul, sort_by_expert
 from archifactory.model.ffn.base import FFNAux, intermediate_size
-from archifactory.model.ffn.moe import compute_dtype
+from archifactory.model.ffn.moe import matmul_dtype
 from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
@@ -104,7 +104,7 @@ class DoRAMoE(RoutedFeedForward):
         flat = x.reshape(-1, self.hidden_size)  # [N, D]
         routing = self.router(flat)
         dispatch = sort_by_expert(routing.indices, routing.weights, self.num_experts, None)
-        dtype = compute_dtype(flat)
+        dtype = matmul_dtype(flat)
         xs = flat[dispatch.token_idx].to(dtype)  # [M, D], grouped by expert
         projected = []
         for p, proj in enumerate((self.base.gate_proj, self.base.up_proj)):

@@ -22,7 +22,7 @@ from archifactory.model.roles import InitRoles
 from archifactory.registry import register_ffn
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
+def matmul_dtype(x: Tensor) -> torch.dtype:
     """The dtype the expert matmuls run in: autocast's when it is on (raw parameters are not autocast)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -145,7 +145,7 @@ class MoE(RoutedFeedForward):
         routing = self.router(flat)
         capacity = expert_capacity(self.capacity_factor, flat.shape[0], self.top_k, self.num_experts)
         dispatch = sort_by_expert(routing.indices, routing.weights, self.num_experts, capacity)
-        dtype = compute_dtype(flat)
+        dtype = matmul_dtype(flat)
         xs = flat[dispatch.token_idx].to(dtype)  # [M, D], grouped by expert
         gate, up = expert_matmul(xs, self.w_in.to(dtype), dispatch.counts, self.dispatch).chunk(2, dim=-1)
         out = expert_matmul(F.silu(gate) * up, self.w_out.to(dtype), dispatch.counts, self.dispatch)  # [M, D]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
@@ -98,10 +98,7 @@ class GroupedQueryAttention(Mixin):
                 f"mixin=gqa: num_heads={num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
                 "pick num_kv_heads among the divisors of num_heads"
             )
-        if backend not in ATTENTION_BACKENDS:
-            raise ArchiFactoryError(
-                f"mixin=gqa: backend={backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
-            )
+        check_backend(backend, "mixin=gqa", ATTENTION_BACKENDS)
         self.backend = "sdpa" if backend in ("auto", "fused") else backend
         kv_size = self.num_kv_heads * self.head_dim
         # q, k and v in one matmul (one GEMM instead of three; the same parameters as separate projections)

@@ -74,10 +74,17 @@ class Mixin(nn.Module, ABC):
         return "reference"
 
 
+def check_backend(requested: str, name: str, choices: tuple[str, ...] = BACKENDS) -> str:
+    """`requested` when it is one of `choices`, else one line naming them: every mixin's constructor
+    validates its `backend` option through this; `resolve_backend` then picks the path per call."""
+    if requested not in choices:
+        raise ArchiFactoryError(f"{name}: backend={requested!r} is not one of {', '.join(choices)}")
+    return requested
+
+
 def resolve_backend(requested: str, fused_available: bool, name: str) -> str:
     """Turn `auto|reference|fused` into the path actually taken, refusing an unavailable fused path."""
-    if requested not in BACKENDS:
-        raise ArchiFactoryError(f"{name}: backend={requested!r} is not one of {', '.join(BACKENDS)}")
+    check_backend(requested, name)
     if requested == "fused" and not fused_available:
         raise ArchiFactoryError(
             f"{name}: backend=fused needs CUDA and its kernel library (pip install 'archifactory[fla]'); "

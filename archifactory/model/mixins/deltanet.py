@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, check_divisible, resolve_backend
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, resolve_backend
 from archifactory.model.mixins.reference.delta_rule import (
     chunk_delta_rule,
     compute_dtype,
@@ -71,8 +71,8 @@ class DeltaRuleMixin(Mixin):
             raise ArchiFactoryError(
                 f"{name}: need chunk_size >= 1 and conv_size >= 2, got {chunk_size}, {conv_size}"
             )
-        resolve_backend(backend, True, name)  # validates the name; availability is checked per call
-        self.backend, self.chunk_size, self.norm_eps = backend, chunk_size, norm_eps
+        self.backend = check_backend(backend, name)  # availability is checked per call
+        self.chunk_size, self.norm_eps = chunk_size, norm_eps
         self.num_heads, self.head_v_dim = num_heads, int(head_v_dim)
         self.key_dim, self.value_dim = hidden_size, num_heads * self.head_v_dim
         self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate

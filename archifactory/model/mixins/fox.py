@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
-from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
-from archifactory.model.mixins.reference.delta_rule import compute_dtype, fla_op
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.delta_rule import fla_op
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
@@ -53,11 +54,7 @@ class ForgettingAttention(Mixin):
                 f"mixin=fox: num_heads={num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
                 "pick num_kv_heads among the divisors of num_heads"
             )
-        if backend not in ATTENTION_BACKENDS:
-            raise ArchiFactoryError(
-                f"mixin=fox: backend={backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
-            )
-        self.backend = backend
+        self.backend = check_backend(backend, "mixin=fox", ATTENTION_BACKENDS)
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(hidden_size, hidden_size + 2 * self.kv_size, bias=False)
         self.f_proj = nn.Linear(hidden_size, num_heads, bias=True)

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, check_divisible, resolve_backend
-from archifactory.model.mixins.reference.delta_rule import compute_dtype, fla_op
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, resolve_backend
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.delta_rule import fla_op
 from archifactory.model.mixins.reference.gla import chunk_gla, gla_step
 from archifactory.model.mixins.short_conv import ShortConvolution
 from archifactory.model.positional import PositionContext
@@ -153,8 +154,8 @@ class GatedLinearAttention(GLAFamily):
             raise ArchiFactoryError(
                 f"{name}: num_heads, gate_low_rank_dim and chunk_size must be >= 1 and gate_logit_normalizer > 0"
             )
-        resolve_backend(backend, True, name)
-        self.backend, self.chunk_size, self.norm_eps = backend, chunk_size, norm_eps
+        self.backend = check_backend(backend, name)  # availability is checked per call
+        self.chunk_size, self.norm_eps = chunk_size, norm_eps
         self.num_heads, self.normalizer = num_heads, gate_logit_normalizer
         self.key_dim = scaled_width(hidden_size, expand_k, num_heads, name, "expand_k")
         self.value_dim = scaled_width(hidden_size, expand_v, num_heads, name, "expand_v")
@@ -238,7 +239,8 @@ class HGRN2(GLAFamily):
                 f"{expand_ratio}, {chunk_size}, {lower_bound}"
             )
         resolve_backend(backend, True, name)
-        self.backend, self.chunk_size, self.norm_eps = backend, chunk_size, norm_eps
+        self.backend = check_backend(backend, name)  # availability is checked per call
+        self.chunk_size, self.norm_eps = chunk_size, norm_eps
         self.num_heads, self.lower_bound = num_heads, lower_bound
         self.forget_dim = num_heads * self.head_k_dim
         self.qf_proj = nn.Linear(hidden_size, 2 * self.forget_dim, bias=False)

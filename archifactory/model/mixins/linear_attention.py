@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, resolve_backend
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, resolve_backend
 from archifactory.model.mixins.gla import scaled_width
-from archifactory.model.mixins.reference.simple_gla import compute_dtype, fused_available, simple_gla_forward
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.simple_gla import fused_available, simple_gla_forward
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
@@ -58,8 +59,8 @@ class LinearAttention(Mixin):
             )
         if num_heads < 1 or chunk_size < 1:
             raise ArchiFactoryError(f"{name}: num_heads={num_heads} and chunk_size={chunk_size} must be >= 1")
-        resolve_backend(backend, True, name)
-        self.backend, self.chunk_size = backend, chunk_size
+        self.backend = check_backend(backend, name)  # availability is checked per call
+        self.chunk_size = chunk_size
         self.num_heads, self.feature_map, self.normalize = num_heads, feature_map, normalize
         self.key_dim = scaled_width(hidden_size, expand_k, num_heads, name, "expand_k")
         self.value_dim = scaled_width(hidden_size, expand_v, num_heads, name, "expand_v")

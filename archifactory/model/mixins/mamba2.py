@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, resolve_backend
-from archifactory.model.mixins.reference.simple_gla import compute_dtype, fused_available, simple_gla_forward
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, resolve_backend
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.simple_gla import fused_available, simple_gla_forward
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
@@ -69,8 +70,7 @@ class Mamba2(Mixin):
             )
         if not 0 < dt_min <= dt_max:
             raise ArchiFactoryError(f"mixin=mamba2: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
-        resolve_backend(backend, True, "mixin=mamba2")  # validates the name; availability is checked per call
-        self.backend = backend
+        self.backend = check_backend(backend, "mixin=mamba2")  # availability is checked per call
         self.d_state, self.head_dim, self.n_groups = d_state, head_dim, n_groups
         self.num_heads = self.inner_dim // head_dim
         self.conv_kernel, self.chunk_size, self.norm_eps = conv_kernel, chunk_size, norm_eps

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
-from archifactory.model.mixins.base import Mixin, MixinState, check_divisible
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext, RotaryPositional
 from archifactory.model.roles import InitRoles
@@ -83,10 +83,7 @@ class MultiHeadLatentAttention(Mixin):
             raise ArchiFactoryError(
                 "mixin=mla: ranks and head dimensions must be positive (q_lora_rank >= 0)"
             )
-        if backend not in ATTENTION_BACKENDS:
-            raise ArchiFactoryError(
-                f"mixin=mla: backend={backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
-            )
+        check_backend(backend, "mixin=mla", ATTENTION_BACKENDS)
         self.backend = "sdpa" if backend in ("auto", "fused") else backend
 
         q_size = num_heads * self.qk_dim

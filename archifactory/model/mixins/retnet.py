@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, resolve_backend
-from archifactory.model.mixins.reference.simple_gla import compute_dtype, fused_available, simple_gla_forward
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, resolve_backend
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.simple_gla import fused_available, simple_gla_forward
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
 from archifactory.registry import register_mixin
@@ -72,8 +73,7 @@ class MultiScaleRetention(Mixin):
             raise ArchiFactoryError(
                 f"mixin=retnet: num_heads={num_heads} and chunk_size={chunk_size} must both be > 0"
             )
-        resolve_backend(backend, True, "mixin=retnet")  # validates the name; availability is checked per call
-        self.backend = backend
+        self.backend = check_backend(backend, "mixin=retnet")  # availability is checked per call
         self.num_heads = num_heads
         self.chunk_size = chunk_size
         self.key_dim = scaled_dim(hidden_size, expand_k, num_heads, "expand_k")

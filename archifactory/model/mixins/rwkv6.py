@@ -26,17 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import BACKENDS, Mixin, MixinState, check_divisible, resolve_backend
+from archifactory.model.mixins.base import (
+    Mixin,
+    MixinState,
+    check_backend,
+    check_divisible,
+    resolve_backend,
+)
+from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.registry import register_mixin
 
 NUM_MIXES = 5  # the ddlerp mixes, in this order: w (decay), k, v, r, g
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least fp32: bf16/fp16 inputs are promoted, fp64 stays fp64 (tests run the math in fp64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def depth_ratios(layer_idx: int, num_layers: int | None) -> tuple[float, float]:
@@ -139,12 +141,8 @@ def wkv6_chunked(
     chunk_kv = k_decayed.transpose(-1, -2) @ v  # [B, H, N, K, V]
     chunk_decay = totals.sum(-2).exp()[..., None]  # [B, H, N, K, 1]
     current = r.new_zeros(batch, heads, key_dim, value_dim) if state is None else state.to(dtype)
-    starts = []
-    # unbind, not chunk_kv[:, :, n]: indexed slices in a loop cost a full-size zero gradient per chunk
-    for kv_n, decay_n in zip(chunk_kv.unbind(2), chunk_decay.unbind(2)):
-        starts.append(current)
-        current = decay_n * current + kv_n
-    out = out + r_decayed @ torch.stack(starts, dim=2)  # [B, H, N, L, V]
+    starts, current = carry_chunks(current, chunk_kv, chunk_decay)
+    out = out + r_decayed @ starts  # [B, H, N, L, V]
     out = out.reshape(batch, heads, num_chunks * size, value_dim)[:, :, :seq_len].transpose(1, 2)
     return out, current
 
@@ -205,8 +203,7 @@ class RWKV6TimeMix(Mixin):
         super().__init__(hidden_size, layer_idx)
         self.num_heads = num_heads
         self.head_dim = check_divisible(hidden_size, num_heads, "mixin=rwkv6")
-        if backend not in BACKENDS:
-            raise ArchiFactoryError(f"mixin=rwkv6: backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        check_backend(backend, "mixin=rwkv6")
         if chunk_size < 1 or sub_chunk_size < 1 or mix_rank < 1 or decay_rank < 1:
             raise ArchiFactoryError(
                 f"mixin=rwkv6: chunk_size={chunk_size}, sub_chunk_size={sub_chunk_size}, mix_rank={mix_rank}, "

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, check_divisible, resolve_backend
-from archifactory.model.mixins.reference.delta_rule import chunk_dplr, compute_dtype, dplr_step, fla_op
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, resolve_backend
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step, fla_op
 from archifactory.model.mixins.rwkv6 import depth_ratios
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
@@ -77,8 +78,8 @@ class RWKV7TimeMix(Mixin):
                 f"mixin=rwkv7: decay_rank={decay_rank}, a_rank={a_rank}, gate_rank={gate_rank} and "
                 f"chunk_size={chunk_size} must all be >= 1"
             )
-        resolve_backend(backend, True, "mixin=rwkv7")  # validates the name; availability is checked per call
-        self.num_heads, self.backend, self.chunk_size = num_heads, backend, chunk_size
+        self.backend = check_backend(backend, "mixin=rwkv7")  # availability is checked per call
+        self.num_heads, self.chunk_size = num_heads, chunk_size
         self.norm_eps = norm_eps * self.head_dim
         dim = hidden_size
         ratio_0_to_1, ratio_1_to_0 = depth_ratios(layer_idx, num_layers)

@@ -33,10 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64 (tests), everything else accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from archifactory.model.mixins.reference.common import compute_dtype
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:

@@ -12,12 +12,11 @@ Layout as fla: q/k/g [B, T, H, K], v [B, T, H, V], state [B, H, K, V].
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 from archifactory.model.mixins.reference.delta_rule import (
     Chunker,
-    compute_dtype,
     decayed_scores,
     initial_state_or_zeros,
     pair_decay,
@@ -45,12 +44,8 @@ def chunk_gla(
     chunk_kv = (kc * (last - cum).exp()).transpose(-1, -2) @ vc  # [B, H, N, K, V]
     chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, K, 1]
     state = initial_state_or_zeros(q, v.shape[-1], initial_state, dtype)
-    entering = []
-    # unbind, not [:, :, n]: indexing in a loop makes autograd build a full-size zero gradient per chunk
-    for kv_n, decay_n in zip(chunk_kv.unbind(2), chunk_decay.unbind(2)):
-        entering.append(state)
-        state = decay_n * state + kv_n
-    out = (qc * cum.exp()) @ torch.stack(entering, dim=2) + intra
+    entering, state = carry_chunks(state, chunk_kv, chunk_decay)
+    out = (qc * cum.exp()) @ entering + intra
     return chunk.unchunk(out).to(q.dtype), state if output_final_state else None
 
 

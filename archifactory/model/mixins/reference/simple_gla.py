@@ -27,10 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64 (tests), everything else accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 
 
 def chunk_simple_gla(
@@ -99,13 +96,8 @@ def chunk_simple_gla(
         state = q.new_zeros(batch, groups, key_dim, rep, value_dim, dtype=dtype)
     else:  # [B, H, K, V] -> [B, G, K, r, V]
         state = initial_state.to(dtype).reshape(batch, groups, rep, key_dim, value_dim).transpose(2, 3)
-    states_before = []
-    # unbind, not chunk_kv[:, :, n]: indexing in a loop makes autograd build a full-size zero gradient per
-    # chunk (quadratic in the number of chunks); unbind's backward stacks the per-chunk gradients once
-    for kv_n, decay_n in zip(chunk_kv.unbind(2), chunk_decay.unbind(2)):
-        states_before.append(state)
-        state = state * decay_n + kv_n
-    entering = torch.stack(states_before, dim=2).reshape(batch, groups, chunks, key_dim, rep * value_dim)
+    entering, state = carry_chunks(state, chunk_kv, chunk_decay)
+    entering = entering.reshape(batch, groups, chunks, key_dim, rep * value_dim)
     # inter-chunk: the state entering the chunk, decayed to each position (exp(b_i) <= 1)
     if rep == 1:
         inter = ((qc * b_cols[..., 0].exp()) @ entering).unflatten(-1, (1, value_dim))
