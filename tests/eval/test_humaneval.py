@@ -134,3 +134,26 @@ def test_bad_completion_files(tmp_path):
             read_completions(bad, problems)
     with pytest.raises(ArchiFactoryError, match="not found"):
         read_completions(tmp_path / "missing.jsonl", problems)
+
+
+def test_generate_completions_from_a_tiny_model(tokenizer):
+    from archifactory.eval.humaneval_run import context_budget, generate_completions
+    from tests.eval.conftest import tiny_model
+
+    problems = load_problems(limit=3)
+    model = tiny_model(tokenizer.vocab_size, max_seq_len=64)
+    new, kept = context_budget(64, None)
+    assert (new, kept) == (32, 32)
+
+    def sample(seed: int, batch_size: int) -> tuple[list, int]:
+        return generate_completions(model, tokenizer, problems, 2, new, kept, 0.8, 0.95, seed, batch_size)
+
+    samples, truncated = sample(0, 4)
+    assert [(task, index) for task, index, _ in samples] == [(t, i) for t in problems for i in (0, 1)]
+    assert truncated == 3  # every HumanEval prompt is longer than 32 tokens of a 400-token BPE
+    for _, _, completion in samples:
+        assert truncate(completion) == completion
+    assert sample(0, 4)[0] == samples  # reproducible
+    assert sample(1, 4)[0] != samples
+    with pytest.raises(ArchiFactoryError, match="max_new_tokens"):
+        context_budget(64, 64)

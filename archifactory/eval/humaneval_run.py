@@ -1,0 +1,103 @@
+"""`archifactory eval humaneval`: sample completions from a trained run, execute them in the sandbox.
+
+    archifactory eval humaneval [run=…] [eval.n_samples=20 eval.temperature=0.8 eval.top_p=0.95]
+    archifactory eval humaneval completions=samples.jsonl      # no model: score a file of completions
+
+For each problem the prompt (signature + docstring) is encoded with the run's tokenizer, left-truncated so
+that prompt + `max_new_tokens` fit the model's context (counted as `truncated_prompts`), and continued
+`n_samples` times through `archifactory.generate.generate`, stopping at EOS or a HumanEval stop sequence.
+Completions then run in the sandbox (`archifactory.eval.sandbox`); per-sample outcomes go to
+`<run dir>/eval/humaneval.jsonl` and pass@k to `summary.json` (through the eval dispatcher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.eval.humaneval import STOP_SEQUENCES, truncate
+
+log = logging.getLogger(__name__)
+
+
+def context_budget(max_seq_len: int, max_new_tokens: int | None) -> tuple[int, int]:
+    """(new tokens, prompt tokens kept): None new tokens means min(512, half the model's context)."""
+    new = min(512, max_seq_len // 2) if max_new_tokens is None else max_new_tokens
+    if not 1 <= new < max_seq_len:
+        raise ArchiFactoryError(
+            f"eval.max_new_tokens={new} must be between 1 and the model's context minus one ({max_seq_len - 1})"
+        )
+    return new, max_seq_len - new
+
+
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
+    problems: dict[str, dict[str, Any]],
+    n_samples: int,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    seed: int,
+    batch_size: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_problem: Callable[[str], None] | None = None,
+) -> tuple[list[tuple[str, int, str]], int]:
+    """`n_samples` completions per problem as `(task_id, sample, completion)`; also the truncated prompts.
+
+    Problems go to `generate` a few at a time (up to `batch_size` sequences per call). Each call gets its
+    own seed from (`seed`, its first problem's index), so samples are reproducible for a given batch size.
+    """
+    from archifactory.generate import generate
+
+    if n_samples < 1:
+        raise ArchiFactoryError(f"eval.n_samples={n_samples} must be >= 1")
+    per_call = max(1, batch_size // n_samples)
+    tasks = list(problems)
+    samples: list[tuple[str, int, str]] = []
+    truncated = 0
+    for start in range(0, len(tasks), per_call):
+        chunk = tasks[start : start + per_call]
+        prompts = []
+        for task in chunk:
+            ids = tokenizer.encode(problems[task]["prompt"])
+            truncated += len(ids) > max_prompt_tokens
+            prompts.extend([ids[-max_prompt_tokens:]] * n_samples)
+        with torch.no_grad(), autocast():
+            outputs = generate(
+                model,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p if temperature > 0 else None,
+                stop_token_ids=[tokenizer.eos_id],
+                stop_strings=STOP_SEQUENCES,
+                tokenizer=tokenizer,
+                seed=seed * 1_000_003 + start,
+            )
+        for position, output in enumerate(outputs):
+            task = chunk[position // n_samples]
+            # generate cuts at a stop string already; truncate again so decoding quirks cannot keep one
+            samples.append((task, position % n_samples, truncate(output.text or "")))
+            if on_problem is not None and position % n_samples == n_samples - 1:
+                on_problem(task)
+    return samples, truncated
+
+
+def check_sampling(n_samples: int, temperature: float, top_p: float | None, ks: Sequence[int]) -> None:
+    if temperature < 0:
+        raise ArchiFactoryError(f"eval.temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ArchiFactoryError(f"eval.top_p={top_p} must be in (0, 1]")
+    if n_samples > 1 and temperature == 0:
+        log.warning(
+            "humaneval: %d greedy samples per problem are identical; set eval.temperature > 0", n_samples
+        )
+    if max(ks) > n_samples:
+        log.info("humaneval: pass@k reported for k <= eval.n_samples=%d only", n_samples)
