@@ -139,6 +139,9 @@ def score(results: Iterable[SampleResult], ks: Sequence[int]) -> dict[str, Any]:
         if k <= n_min:
             estimates = [pass_at_k(len(p), sum(p), k) for p in per_task.values()]
             scores[f"pass@{k}"] = float(np.mean(estimates))
+            # standard error of the mean over problems (what lm-eval reports as stderr)
+            spread = float(np.std(estimates, ddof=1)) if len(estimates) > 1 else 0.0
+            scores[f"pass@{k}_stderr"] = spread / math.sqrt(len(estimates))
     scores.update(
         problems=len(per_task),
         samples=sum(len(p) for p in per_task.values()),
@@ -201,7 +204,7 @@ class ExecutionSettings:
     allow_unsandboxed: bool = False
     workers: int = 0  # 0: one per CPU core
     timeout: float = 10.0  # wall-clock seconds per program
-    memory_mb: int = 2048
+    memory_mb: int = 1024  # address space per process
     ks: tuple[int, ...] = (1, 10, 100)
 
 
@@ -239,18 +242,24 @@ def evaluate_samples(
 
 
 def score_completions(
-    path: Path, settings: ExecutionSettings, out_dir: Path | None = None, limit: int | None = None
+    path: Path, settings: ExecutionSettings, results_path: Path | None = None, limit: int | None = None
 ) -> tuple[dict[str, Any], Path]:
     """`completions=<file.jsonl>`: score another model's samples (or audit the sandbox) without a model.
 
-    Results go to `out_dir/humaneval.jsonl` (default: `<file>_humaneval.jsonl` next to the file).
+    Per-sample results go to `results_path` (default: `<file>_humaneval.jsonl` next to the file). Only
+    the problems the file has completions for are scored (`problems` in the scores says how many).
     """
     problems = load_problems(limit)
     samples = read_completions(path, load_problems())
     samples = [s for s in samples if s[0] in problems]
     if not samples:
         raise ArchiFactoryError(f"{path} has no completion for the first {limit} problems")
-    results_path = out_dir / "humaneval.jsonl" if out_dir else path.with_name(f"{path.stem}_humaneval.jsonl")
-    scores = evaluate_samples(problems, samples, settings, results_path)
+    results_path = results_path or path.with_name(f"{path.stem}_humaneval.jsonl")
+    scores = evaluate_samples(
+        {t: p for t, p in problems.items() if any(s[0] == t for s in samples)},
+        samples,
+        settings,
+        results_path,
+    )
     scores["completions"] = str(path)
     return scores, results_path

@@ -14,13 +14,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.eval.humaneval import STOP_SEQUENCES, truncate
+from archifactory.eval.humaneval import (
+    STOP_SEQUENCES,
+    ExecutionSettings,
+    evaluate_samples,
+    load_problems,
+    score_completions,
+    truncate,
+)
+
+if TYPE_CHECKING:
+    from archifactory.eval.job import EvalJob, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +114,82 @@ def check_sampling(n_samples: int, temperature: float, top_p: float | None, ks: 
         )
     if max(ks) > n_samples:
         log.info("humaneval: pass@k reported for k <= eval.n_samples=%d only", n_samples)
+
+
+def problem_limit(limit: float | None, total: int = 164) -> int | None:
+    """eval.limit as the dispatcher takes it: >= 1 a count of problems, < 1 a fraction of them."""
+    if limit is None:
+        return None
+    return int(limit) if limit >= 1 else max(1, math.ceil(limit * total))
+
+
+def execution_settings(options: Any) -> ExecutionSettings:
+    return ExecutionSettings(
+        sandbox=options.sandbox,
+        allow_unsandboxed=options.allow_unsandboxed,
+        workers=options.workers,
+        timeout=options.timeout,
+        memory_mb=options.memory_mb,
+    )
+
+
+def completions_path(extra: Sequence[str]) -> Path | None:
+    """The `completions=<file.jsonl>` argument among the runner's extra keys, if given."""
+    for arg in extra:
+        key, _, value = arg.partition("=")
+        if key == "completions":
+            if not value:
+                raise ArchiFactoryError("completions= needs a file: completions=<file.jsonl>")
+            return Path(value).expanduser()
+    return None
+
+
+def run_humaneval(job: EvalJob) -> list[TaskResult]:
+    """The `humaneval` runner of `archifactory eval`: sample from `job.run` or score `completions=`.
+
+    Without a run (`job.run` None, only with `completions=`), the per-sample file goes next to the
+    completions file; with one, to `<run dir>/eval/humaneval.jsonl`.
+    """
+    from archifactory.eval.job import TaskResult
+
+    options = job.options
+    settings = execution_settings(options)
+    limit = problem_limit(options.limit)
+    completions = completions_path(job.extra)
+    results_path = job.run.run_dir / "eval" / "humaneval.jsonl" if job.run is not None else None
+    if completions is not None:
+        scores, results_path = score_completions(completions, settings, results_path, limit)
+    elif job.run is None:
+        raise ArchiFactoryError("humaneval needs a run (run=…) or a file of completions (completions=…)")
+    else:
+        check_sampling(options.n_samples, options.temperature, options.top_p, settings.ks)
+        problems = load_problems(limit)
+        new, kept = context_budget(int(job.run.config.model.max_seq_len), options.max_new_tokens)
+        progress = tqdm(total=len(problems), desc="humaneval: sampling", disable=not options.show_progress)
+        samples, truncated = generate_completions(
+            job.run.model,
+            job.run.tokenizer,
+            problems,
+            options.n_samples,
+            new,
+            kept,
+            options.temperature,
+            options.top_p,
+            options.seed,
+            options.batch_size,
+            job.autocast,
+            on_problem=lambda _: progress.update(),
+        )
+        progress.close()
+        scores = evaluate_samples(problems, samples, settings, results_path)
+        scores.update(
+            temperature=options.temperature,
+            top_p=options.top_p,
+            max_new_tokens=new,
+            truncated_prompts=truncated,
+        )
+    scores["results_file"] = str(results_path)
+    log.info("humaneval: %s", {k: v for k, v in scores.items() if k.startswith("pass@") or k == "outcomes"})
+    extra = {k: v for k, v in scores.items() if k.startswith("pass@") and not k.endswith("_stderr")}
+    extra.update(sandbox=scores["sandbox"], problems=scores["problems"], samples=scores["samples"])
+    return [TaskResult("humaneval", "pass@1", scores["pass@1"], scores["pass@1_stderr"], scores, extra)]

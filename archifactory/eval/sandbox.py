@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -58,9 +59,10 @@ class Limits:
 
     wall_seconds: float = 10.0
     cpu_seconds: int = 10
-    memory_bytes: int = 2 << 30  # address space (RLIMIT_AS)
+    # memory_bytes x processes bounds what one sandbox can make resident (address space is per process)
+    memory_bytes: int = 1 << 30  # address space (RLIMIT_AS)
     file_bytes: int = 16 << 20  # largest file it may write (RLIMIT_FSIZE)
-    processes: int = 32  # processes and threads of the sandbox user (RLIMIT_NPROC)
+    processes: int = 8  # processes and threads of the sandbox user (RLIMIT_NPROC)
     tmpfs_bytes: int = 64 << 20  # size of its writable tmpfs
     output_bytes: int = 16 << 10  # stdout + stderr kept; the rest is read and dropped
 
@@ -257,6 +259,12 @@ class Sandbox:
                 start_new_session=True,
                 cwd=host_dir or "/",
             )
+        except BaseException:
+            for fd in (program_write, result_read):
+                os.close(fd)
+            if host_dir is not None:
+                shutil.rmtree(host_dir, ignore_errors=True)
+            raise
         finally:
             os.close(program_read)
             os.close(result_write)
@@ -265,11 +273,8 @@ class Sandbox:
             writer = threading.Thread(target=_write_all, args=(program_write, source.encode()), daemon=True)
             writer.start()
             output = _Drain(process.stdout, limits.output_bytes)
-            timed_out = False
             try:
-                process.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                timed_out = not _wait_unreaped(process, limits.wall_seconds)
             finally:
                 _kill_group(process)
             seconds = time.perf_counter() - start
@@ -310,8 +315,34 @@ class _Drain:
         return self.kept.decode(errors="replace")
 
 
+def _wait_unreaped(process: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to `timeout` s for the process to end, leaving it a zombie; True if it ended.
+
+    Not reaping it keeps its pid, and so its process group id, from being reused before `_kill_group`.
+    A pidfd becomes readable when the process ends; without one (old kernels), poll with WNOWAIT.
+    """
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            return bool(poller.poll(timeout * 1000))
+        finally:
+            os.close(pidfd)
+    deadline, delay = time.monotonic() + timeout, 0.001
+    while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(2 * delay, 0.02)
+    return True
+
+
 def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the process group; in bwrap/unshare the PID namespace takes every descendant with it."""
+    """SIGKILL the process group, then reap; in bwrap/unshare the PID namespace takes every descendant."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -36,7 +36,7 @@ PROBLEM = {
     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
     "entry_point": "add",
 }
-LIMITS = Limits(wall_seconds=2.5, cpu_seconds=1, memory_bytes=1 << 30, processes=32, tmpfs_bytes=32 << 20)
+LIMITS = Limits(wall_seconds=2.5, cpu_seconds=1, memory_bytes=1 << 30, processes=8, tmpfs_bytes=32 << 20)
 
 
 def mode_params() -> list:
@@ -135,6 +135,28 @@ def test_fork_bomb(sandbox):
     )
     assert result.outcome in (TIMED_OUT, KILLED)
     assert sandbox.run(program(PROBLEM, "    return a + b\n")).outcome == PASSED
+
+
+def test_process_limit(sandbox):
+    result = run_completion(
+        sandbox,
+        """
+        import os, time
+        children = 0
+        try:
+            for _ in range(50):
+                if os.fork() == 0:
+                    time.sleep(5)
+                    os._exit(0)
+                children += 1
+        except OSError:
+            pass
+        print("CHILDREN", children)
+        """,
+    )
+    children = int(result.output.split("CHILDREN")[1].split()[0])
+    assert 0 < children < LIMITS.processes
+    assert result.outcome == FAILED
 
 
 def test_files_outside_its_folder_untouched(sandbox, tmp_path, monkeypatch):
