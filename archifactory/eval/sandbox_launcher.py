@@ -8,7 +8,7 @@ no file of the evaluator is needed inside), with one JSON argument. In order, it
 2. (when it is PID 1 of a new PID namespace) forks and stays as a minimal init: it reaps children and
    exits with the status of the program, after which the kernel kills whatever the program left behind;
 3. sets the resource limits (CPU seconds, address space, file size, process count, no core dumps),
-   drops root to an unprivileged uid when it has it, closes stdin;
+   drops root to an unprivileged uid when it has it, sets no-new-privileges, closes stdin;
 4. reads the program from an inherited file descriptor, runs it with `exec` in this sandboxed process and
    reports the outcome with a nonce on a second descriptor, so a program that exits early (`os._exit(0)`)
    is not mistaken for one whose tests passed.
@@ -26,6 +26,7 @@ import sys
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
 MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 16384, 1 << 18, 1 << 21, 1 << 24
+PR_SET_NO_NEW_PRIVS = 38
 # Flags a remount must keep: inside a user namespace the kernel locks them, so dropping one is EPERM.
 KEPT_FLAGS = {
     "nosuid": MS_NOSUID,
@@ -116,6 +117,9 @@ def limit(settings):
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
+    # no new privileges: setuid-root binaries and file capabilities of the (read-only) host stay inert
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 def report(settings, line):
