@@ -18,6 +18,7 @@ Standard library only: the sandbox sees the Python install and nothing else of t
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -26,7 +27,10 @@ import sys
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
 MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 16384, 1 << 18, 1 << 21, 1 << 24
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 38, 24, 28
+# securebits noroot, no_setuid_fixup, keep_caps and no_cap_ambient_raise, each with its lock
+SECURE_NOROOT_ALL = 0b11101111
+CAPABILITY_VERSION_3 = 0x20080522
 # Flags a remount must keep: inside a user namespace the kernel locks them, so dropping one is EPERM.
 KEPT_FLAGS = {
     "nosuid": MS_NOSUID,
@@ -112,13 +116,24 @@ def limit(settings):
     resource.setrlimit(resource.RLIMIT_FSIZE, (settings["file_bytes"],) * 2)
     resource.setrlimit(resource.RLIMIT_NPROC, (settings["processes"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if os.getuid() == 0:
+        # uid 0 that stays uid 0 (unshare as a user: root of its user namespace, which could remount
+        # the read-only view rw; none mode as root) must not keep or regain capabilities on exec
+        libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_ALL, 0, 0, 0)
+        for cap in range(64):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+                break
     uid = settings["drop_to_uid"]
     if uid is not None and os.getuid() == 0:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
+    header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
     # no new privileges: setuid-root binaries and file capabilities of the (read-only) host stay inert
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 

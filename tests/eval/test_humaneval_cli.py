@@ -29,7 +29,9 @@ def test_eval_humaneval_on_a_trained_run(run_dir: Path, capsys) -> None:
     args = ["eval", "humaneval", f"run={run_dir}", "eval.limit=3", "eval.n_samples=2", "eval.temperature=0.8"]
     assert main([*args, "eval.device=cpu", "eval.workers=2", "eval.show_progress=false"]) == 0
     rows = [json.loads(line) for line in (run_dir / "eval" / "humaneval.jsonl").read_text().splitlines()]
-    assert [(r["task_id"], r["sample"]) for r in rows] == [(f"HumanEval/{i}", s) for i in range(3) for s in (0, 1)]
+    assert [(r["task_id"], r["sample"]) for r in rows] == [
+        (f"HumanEval/{i}", s) for i in range(3) for s in (0, 1)
+    ]
     assert {r["outcome"] for r in rows} <= {"passed", "failed", "timed out", "killed by a limit"}
     assert all(isinstance(r["completion"], str) for r in rows)
     summary = json.loads((run_dir / "summary.json").read_text())
