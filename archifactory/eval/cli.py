@@ -38,6 +38,7 @@ class Runner:
     target: str  # "module:function", the function being `(EvalJob) -> list[TaskResult]`
     description: str
     accepts: tuple[str, ...] = ()  # extra top-level keys it reads: `key=…` and `key.sub=…`
+    model_free_with: str | None = None  # with this key given and no run=, it runs without loading a model
 
     def load(self) -> Callable[[EvalJob], list[TaskResult]]:
         module, _, function = self.target.partition(":")
@@ -49,6 +50,12 @@ RUNNERS: dict[str, Runner] = {
         "archifactory.eval.perplexity:run_perplexity",
         "loss, perplexity and bits per byte on a validation split (the run's own, or dataset=…)",
         accepts=("dataset",),
+    ),
+    "humaneval": Runner(
+        "archifactory.eval.humaneval_run:run_humaneval",
+        "HumanEval pass@k, the model's code executed in a sandbox (or completions=<file.jsonl>, no model)",
+        accepts=("completions",),
+        model_free_with="completions",
     ),
 }
 LM_EVAL = Runner("archifactory.eval.harness:run_lm_eval", "any lm-eval task or group (mmlu, hellaswag, …)")
@@ -64,6 +71,8 @@ def usage() -> str:
         "examples:\n"
         "  archifactory eval mmlu eval.num_fewshot=5\n"
         "  archifactory eval perplexity run=outputs/<run_name>\n"
+        "  archifactory eval humaneval eval.n_samples=20 eval.temperature=0.8\n"
+        "  archifactory eval humaneval completions=samples.jsonl   # score a file, no model\n"
         "  archifactory eval my_task eval.include_path=./my_tasks   # local lm-eval YAMLs, no Hub needed\n"
     )
 
@@ -172,6 +181,8 @@ def eval_main(args: list[str]) -> int:
         return 0
     request = parse(args)
     steps = plan(request.names, request.extra)
+    if request.run is None and all(model_free(runner, extra) for runner, _, extra in steps):
+        return eval_without_model(steps, request.options)
     run_dirs = resolve_runs(request.run)
 
     from archifactory.eval.results import format_table, write_results
@@ -193,6 +204,29 @@ def eval_main(args: list[str]) -> int:
             ):  # written per runner: kept if a later one fails
                 print(f"  wrote {path}")
             rows.extend((run.name, result) for result in results)
+    print(format_table(rows))
+    return 0
+
+
+def model_free(runner: Runner, extra: list[str]) -> bool:
+    return runner.model_free_with is not None and any(
+        arg.partition("=")[0] == runner.model_free_with for arg in extra
+    )
+
+
+def eval_without_model(steps: list[tuple[Runner, list[str], list[str]]], options: EvalConfig) -> int:
+    """Runners that need no model (`humaneval completions=…`): no run is loaded, each writes its own files."""
+    import contextlib
+
+    import torch
+
+    from archifactory.eval.results import format_table
+
+    rows: list[tuple[str, TaskResult]] = []
+    for runner, names, extra in steps:
+        job = EvalJob(names, None, options, torch.device("cpu"), contextlib.nullcontext, extra)
+        results = runner.load()(job)
+        rows.extend(("-", result) for result in results)
     print(format_table(rows))
     return 0
 

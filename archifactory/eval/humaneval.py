@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -212,9 +213,13 @@ def make_sandbox(settings: ExecutionSettings) -> Sandbox:
     """Resolve the mode (one `error:` line if there is no sandbox) and say which one is in use."""
     mode = available_mode(settings.sandbox, settings.allow_unsandboxed)
     if mode == "none":
-        log.warning("humaneval: NO SANDBOX (eval.allow_unsandboxed=true): model-written code runs unconfined")
-    else:
-        log.info("humaneval: sandbox %s", mode)
+        print(
+            "warning: humaneval without a sandbox (eval.allow_unsandboxed=true): model-written code runs "
+            "unconfined, with your user's files and network",
+            file=sys.stderr,
+            flush=True,
+        )
+    log.info("humaneval: sandbox %s", mode)
     cpu = max(1, math.ceil(settings.timeout))
     limits = Limits(
         wall_seconds=settings.timeout + 2.0, cpu_seconds=cpu, memory_bytes=settings.memory_mb << 20

@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -31,9 +31,7 @@ from archifactory.eval.humaneval import (
     score_completions,
     truncate,
 )
-
-if TYPE_CHECKING:
-    from archifactory.eval.job import EvalJob, TaskResult
+from archifactory.eval.job import EvalJob, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +148,6 @@ def run_humaneval(job: EvalJob) -> list[TaskResult]:
     Without a run (`job.run` None, only with `completions=`), the per-sample file goes next to the
     completions file; with one, to `<run dir>/eval/humaneval.jsonl`.
     """
-    from archifactory.eval.job import TaskResult
-
     options = job.options
     settings = execution_settings(options)
     limit = problem_limit(options.limit)
@@ -189,7 +185,8 @@ def run_humaneval(job: EvalJob) -> list[TaskResult]:
             truncated_prompts=truncated,
         )
     scores["results_file"] = str(results_path)
-    log.info("humaneval: %s", {k: v for k, v in scores.items() if k.startswith("pass@") or k == "outcomes"})
+    print(f"  humaneval: sandbox {scores['sandbox']}, outcomes {scores['outcomes']}", flush=True)
+    print(f"  wrote {results_path}", flush=True)
     extra = {k: v for k, v in scores.items() if k.startswith("pass@") and not k.endswith("_stderr")}
     extra.update(sandbox=scores["sandbox"], problems=scores["problems"], samples=scores["samples"])
     return [TaskResult("humaneval", "pass@1", scores["pass@1"], scores["pass@1_stderr"], scores, extra)]

@@ -35,6 +35,15 @@ class EvalConfig:
     log_samples: bool = False  # lm-eval: keep every sample's prompt and answer in eval/<task>.json
     max_tokens: int | None = None  # perplexity: validation tokens to read (None: the whole split)
     show_progress: bool = True  # progress bars
+    n_samples: int = 1  # humaneval: completions per problem (pass@k for every k <= n among 1, 10, 100)
+    temperature: float = 0.0  # humaneval: sampling temperature (0 = greedy)
+    top_p: float = 0.95  # humaneval: nucleus sampling when temperature > 0
+    max_new_tokens: int | None = None  # humaneval: tokens per completion (None: min(512, half the context))
+    workers: int = 0  # humaneval: completions executed in parallel (0: one per CPU core)
+    sandbox: str = "auto"  # humaneval: auto (bwrap, else unshare) | bwrap | unshare | none
+    allow_unsandboxed: bool = False  # humaneval: with no sandbox, run model-written code unconfined
+    timeout: float = 10.0  # humaneval: wall-clock (and CPU) seconds per completion
+    memory_mb: int = 1024  # humaneval: address space per sandboxed process
 
 
 @dataclass
@@ -42,7 +51,7 @@ class EvalJob:
     """One runner's share of an `archifactory eval` command, for one run."""
 
     names: list[str]  # the task names this runner is asked for, as the user typed them
-    run: LoadedRun
+    run: LoadedRun | None  # None only for a runner's model-free form (`Runner.model_free_with`)
     options: EvalConfig
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager]
