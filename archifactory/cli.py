@@ -21,6 +21,7 @@ verbs:
   train      train one model (or a sweep with -m) and write a run directory
   data       `data prepare dataset=…`: tokenize and pack a dataset into cached token shards
   eval       `eval <task>[,<task>…] [run=…]`: lm-eval tasks (mmlu, …) and perplexity/bits per byte of a run
+  sft        `sft init_from=<run> dataset=chat_jsonl|limo|dolphin_r1`: instruction-tune a pretrained run
   list       every option of every config group, with its description
 
 examples:
@@ -144,6 +145,10 @@ def train_task(cfg) -> None:
 
     from archifactory.train.loop import train
 
+    if cfg.get("init_from"):
+        raise ArchiFactoryError(
+            "init_from is for `archifactory sft init_from=<run> dataset=…`, not for train"
+        )
     hydra_cfg = HydraConfig.get()
     train(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
 
@@ -167,11 +172,18 @@ def eval_verb(args: list[str]) -> int:
     return eval_main(args)
 
 
+def sft_verb(args: list[str]) -> int:
+    from archifactory.sft.cli import sft_main  # chat templates and pretrained loading only for this verb
+
+    return sft_main(args)
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "train": lambda args: run_hydra(train_task, "train", args),
     "data": data_verb,
     "list": list_options,
     "eval": eval_verb,
+    "sft": sft_verb,
 }
 
 

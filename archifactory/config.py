@@ -52,6 +52,7 @@ class TrainerConfig:
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     max_steps: int = 1000  # caps any run; with a token budget, the smaller of the two wins
+    epochs: Optional[float] = None  # passes over the data (chat SFT); with max_steps, the smaller wins
     total_tokens: int | None = None  # token budget: steps = total_tokens / batch_tokens
     batch_tokens: int | None = None  # global batch in tokens: sets grad_accum_steps from the micro-batch
     strategy: str = "auto"  # auto (ddp under torchrun, else single) | single | ddp | fsdp
@@ -146,6 +147,23 @@ class MADDatasetConfig(ProbeDatasetConfig):
 
 
 @dataclass
+class ChatDatasetConfig:
+    """Conversations for `archifactory sft` (archifactory/sft/): one per row, loss on assistant tokens."""
+
+    name: str = MISSING
+    source: str = "chat"
+    format: str = "chat_jsonl"  # chat_jsonl (local {"messages": […]} lines) | limo | dolphin_r1
+    path: Optional[str] = None  # chat_jsonl: a file, folder or glob; Hub formats: override the dataset id
+    hf_config: Optional[str] = None  # dolphin_r1: reasoning-deepseek | reasoning-flash | nonreasoning
+    split: str = "train"
+    revision: Optional[str] = None
+    val_fraction: float = 0.05  # every round(1/val_fraction)-th conversation is held out
+    max_conversations: Optional[int] = None
+    tokenizer_from: str = "${init_from}"  # the pretrained run whose tokenizer gets the chat tokens
+    cache_dir: str = "${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}"
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "archifactory"
@@ -168,6 +186,7 @@ class RootConfig:
     )
     wandb: WandbConfig = field(default_factory=WandbConfig)
     experiment_name: str | None = None
+    init_from: Optional[str] = None  # `archifactory sft`: the pretrained run directory it starts from
 
 
 def _omegaconf_type(annotation: Any) -> Any:
@@ -221,6 +240,7 @@ def register_configs() -> None:
     store.store(group="dataset", name="_schema", node=DatasetConfig)
     store.store(group="dataset", name="_schema_mqar", node=MQARDatasetConfig)
     store.store(group="dataset", name="_schema_mad", node=MADDatasetConfig)
+    store.store(group="dataset", name="_schema_chat", node=ChatDatasetConfig)
     for kind in ("mixin", "ffn", "positional"):
         for name, cls in components(kind).items():
             store.store(group=kind, name=f"_schema_{name}", node=component_schema(kind, name, cls))

@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +18,9 @@ from archifactory.data.prepare import Prepared, prepare
 from archifactory.data.shards import TokenStream
 from archifactory.data.synthetic import SyntheticData
 from archifactory.errors import ArchiFactoryError
+
+if TYPE_CHECKING:  # the chat data imports runs and templates; loaded only for SFT
+    from archifactory.sft.data import ChatData
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +88,16 @@ class TokenData:
 
 def load_data(
     cfg: Any, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
-) -> TokenData | SyntheticData:
+) -> TokenData | SyntheticData | ChatData:
     """Prepare (or reuse) the token cache for `cfg` (the `dataset` config node) and open it; a synthetic
-    probe (`source: synthetic`) is generated instead, with the same interface."""
+    probe (`source: synthetic`) is generated instead, and chat conversations (`source: chat`, SFT) are
+    rendered with the chat template, with the same interface."""
     if cfg.get("source") == "synthetic":
         return SyntheticData(cfg, seq_len, seed, rank, world_size)
+    if cfg.get("source") == "chat":  # SFT conversations on a pretrained run's tokenizer
+        from archifactory.sft.data import ChatData
+
+        return ChatData(cfg, seq_len, seed, rank, world_size)
     return TokenData(prepare(as_dataset_config(cfg)), seq_len, seed, rank, world_size)
 
 

@@ -39,7 +39,8 @@ from archifactory.model.build import build_model, describe_backends
 from archifactory.model.documents import documents_for
 from archifactory.model.hybrid import cfg_variant_label
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.runs import save_run_tokenizer
+from archifactory.runs import resolve_run, save_run_tokenizer
+from archifactory.sft.model import init_from_pretrained
 from archifactory.train import distributed
 from archifactory.train.checkpoint import (
     TrainerState,
@@ -88,8 +89,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def plan_steps(cfg: DictConfig, world_size: int) -> tuple[int, int]:
-    """(optimizer steps, gradient-accumulation steps) from the token budget and/or max_steps."""
+def plan_steps(cfg: DictConfig, world_size: int, examples_per_epoch: int | None = None) -> tuple[int, int]:
+    """(optimizer steps, gradient-accumulation steps) from the token budget, `trainer.epochs` over
+    `examples_per_epoch` rows (chat data) and/or max_steps: the smallest wins."""
     trainer = cfg.trainer
     accum = trainer.grad_accum_steps
     steps = trainer.max_steps
@@ -106,6 +108,9 @@ def plan_steps(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     elif trainer.total_tokens is not None:
         tokens_per_step = trainer.micro_batch_size * trainer.seq_len * accum * world_size
         steps = min(steps, max(1, trainer.total_tokens // tokens_per_step))
+    if trainer.epochs is not None and examples_per_epoch is not None:
+        rows_per_step = trainer.micro_batch_size * accum * world_size
+        steps = min(steps, max(1, math.ceil(trainer.epochs * examples_per_epoch / rows_per_step)))
     return steps, accum
 
 
@@ -265,8 +270,11 @@ def setup_run(
         data.vocab_size,
         data.description,
     )
-    raw_model = build_model(cfg, data.vocab_size).to(device)
-    total_steps, accum = plan_steps(cfg, info.world_size)
+    raw_model = build_model(cfg, data.vocab_size)
+    if cfg.get("init_from"):  # `archifactory sft`: the pretrained weights, vocabulary grown for chat tokens
+        init_from_pretrained(raw_model, resolve_run(cfg.init_from))
+    raw_model = raw_model.to(device)
+    total_steps, accum = plan_steps(cfg, info.world_size, getattr(data, "examples_per_epoch", None))
     tokens_per_step = trainer.micro_batch_size * trainer.seq_len * accum * info.world_size
     breakdown = raw_model.parameter_breakdown()
     if info.is_main:
