@@ -52,15 +52,17 @@ def task_manager(names: list[str], include_path: str | None) -> Any:
     """lm-eval's TaskManager: local tasks only when they cover every name (fast), else with built-ins."""
     from lm_eval.tasks import TaskManager
 
+    builtin = list(names)
     if include_path is not None:
         folder = Path(include_path).expanduser()
         if not folder.is_dir():
             raise ArchiFactoryError(f"eval.include_path={include_path} is not a folder of task YAMLs")
         local = TaskManager(include_path=str(folder.resolve()), include_defaults=False)
-        if all(name in local.all_tasks for name in names):
+        builtin = [name for name in names if name not in local.all_tasks]
+        if not builtin:
             return local
     if not hub.offline_mode() and not hub.hub_reachable():
-        raise hub_error(names, "no network")
+        raise hub_error(builtin, "no network; set HF_HUB_OFFLINE=1 to use datasets already in the HF cache")
     manager = TaskManager(include_path=None if include_path is None else str(Path(include_path).resolve()))
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
