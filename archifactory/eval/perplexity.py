@@ -13,6 +13,8 @@ which compares variants with different tokenizers fairly.
   its validation documents are read and tokenized with the *run's* tokenizer, in memory (nothing is
   cached). Reported as `perplexity_<dataset name>`.
 - `eval.max_tokens` caps the tokens read (default: the whole split).
+- A run trained with `dataset.document_mask=true` is scored with packed documents kept apart, as its
+  validation was. A synthetic probe (MQAR, MAD) has no text: refused, its score is `val_accuracy`.
 """
 
 from __future__ import annotations
@@ -120,19 +122,27 @@ def run_perplexity(job: EvalJob) -> list[TaskResult]:
         raise ArchiFactoryError(f"the perplexity runner evaluates `perplexity`, not {job.names}")
     seq_len = int(job.run.config.trainer.seq_len)
     dataset, own = dataset_config(job)
+    if dataset.source == "synthetic":
+        raise ArchiFactoryError(
+            f"perplexity needs text, and dataset {dataset.name} is a synthetic probe: its answer accuracy is "
+            "val_accuracy in the run's summary.json; pass dataset=<a text dataset> for perplexity"
+        )
     max_tokens = job.options.max_tokens
     if own:
         batches, bytes_per_token, split_tokens = own_split(job, seq_len, max_tokens)
     else:
         batches, bytes_per_token, split_tokens = other_split(job, dataset, seq_len, max_tokens)
     model = job.run.model
-    figures = evaluate(model, batches, job.device, job.autocast, bytes_per_token)
+    # a run trained with dataset.document_mask validates with documents kept apart: so does perplexity
+    document_eos = job.run.tokenizer.eos_id if job.run.config.dataset.get("document_mask", False) else None
+    figures = evaluate(model, batches, job.device, job.autocast, bytes_per_token, document_eos)
     model.eval()  # `evaluate` hands the model back in training mode
     loss = figures["val_loss"]
     tokens = sum(int(targets.numel()) for _, targets in batches)
     details: dict[str, Any] = {
         "dataset": OmegaConf.to_container(OmegaConf.structured(dataset)),
         "own_dataset": own,
+        "document_mask": document_eos is not None,
         "seq_len": seq_len,
         "tokens": tokens,
         "split_tokens": split_tokens,

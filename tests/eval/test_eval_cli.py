@@ -3,6 +3,7 @@ lm-eval, results files and the summary's `eval` section, sweeps, one-line refusa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,8 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from archifactory.eval.cli import eval_main
+from archifactory.eval.job import EvalConfig, EvalJob
+from archifactory.eval.perplexity import own_split
+from archifactory.runs import load_run
+from archifactory.train import loop
 from tests.eval.mmlu_fixture import write_mmlu_tasks
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
@@ -119,3 +125,24 @@ def test_hub_task_offline_fails_fast_naming_include_path(trained: dict, tmp_path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "eval.include_path" in errors[0] and "Traceback" not in result.stderr
     assert elapsed < 120
+
+
+def test_perplexity_of_a_document_masked_run_equals_its_val_loss(trained: dict, tmp_path: Path) -> None:
+    """dataset.document_mask=true: validation kept packed documents apart, and so does perplexity (short
+    documents, several per 64-token window, so the mask changes the figure)."""
+    corpus = tmp_path / "stories"
+    corpus.mkdir()
+    for i, story in enumerate((trained["corpus"] / "part0.txt").read_text().split("\n\n")[:30]):
+        (corpus / f"story{i:02d}.txt").write_text(story)
+    run_dir = tmp_path / "outputs" / "masked"
+    summary = train_tiny_run(run_dir, corpus, tmp_path / "cache", "trainer.eval_tokens=10000000",
+                             "dataset.document_mask=true", "dataset.val_fraction=0.2")  # fmt: skip
+    assert eval_main(["perplexity", f"run={run_dir}", "eval.show_progress=false"]) == 0
+    entry = json.loads((run_dir / "summary.json").read_text())["eval"]["perplexity"]
+    assert entry["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert json.loads((run_dir / "eval" / "perplexity.json").read_text())["results"]["document_mask"] is True
+    # the same windows without the mask give another loss: the mask really was applied
+    run = load_run(run_dir)
+    batches, bytes_per_token, _ = own_split(EvalJob(["perplexity"], run, EvalConfig(), None, None), 64, None)
+    plain = loop.evaluate(run.model, batches, torch.device("cpu"), contextlib.nullcontext, bytes_per_token)
+    assert abs(plain["val_loss"] - entry["loss"]) > 1e-3
