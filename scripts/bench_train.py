@@ -7,6 +7,7 @@ two models alternate in rounds so machine noise hits both alike, and the table r
 
     python scripts/bench_train.py                      # CPU, eager
     python scripts/bench_train.py --compile            # adds torch.compile rows (slow to compile on CPU)
+    python scripts/bench_train.py --compile --mixins gqa,mla,retnet,mamba2,rwkv6   # + compiled/eager per mixin
     python scripts/bench_train.py --device cuda --preset base125m --batch 16 --seq-len 1024 --compile
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import statistics
 import time
@@ -88,6 +90,40 @@ def build_pair(
     return OursAdapter(ours), LlamaAdapter(llama)
 
 
+def build_mixin_model(
+    mixin: str, layers: int, hidden: int, heads: int, vocab: int, seq_len: int
+) -> OursAdapter:
+    """The model `archifactory train mixin=<mixin> ffn=swiglu positional=rope` builds at this shape."""
+    from hydra import compose, initialize_config_dir
+
+    from archifactory.cli import config_dir
+    from archifactory.config import register_configs
+    from archifactory.model.build import build_model
+
+    register_configs()
+    overrides = [
+        f"mixin={mixin}",
+        "ffn=swiglu",
+        "positional=rope",
+        f"model.num_layers={layers}",
+        f"model.hidden_size={hidden}",
+        f"model.num_heads={heads}",
+        f"model.max_seq_len={seq_len}",
+        f"model.vocab_size={vocab}",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OursAdapter(build_model(cfg, vocab))
+
+
+def compile_blocks(model: OursAdapter) -> OursAdapter:
+    """What `trainer.compile=true` does: torch.compile per block (the stack stays eager), on a copy."""
+    compiled = copy.deepcopy(model)
+    for block in compiled.model.blocks:
+        block.compile()
+    return compiled
+
+
 def make_step(model: nn.Module, device: torch.device, use_bf16: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     autocast = (
@@ -131,6 +167,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--mixins",
+        default="",
+        help="comma list: with --compile, a compiled/eager row per mixin (per-block compile, as trainer.compile)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
@@ -173,21 +214,64 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "mfu": (tokens / median * flops_per_token / peak) if peak else None,
             }
         )
+    if args.compile and args.mixins:
+        rows += mixin_rows(args, device, use_bf16, layers, hidden, heads, inputs, targets)
     print(
         f"device={device} preset={args.preset} batch={args.batch} seq_len={args.seq_len} vocab={args.vocab} "
         f"params={sum(p.numel() for p in ours.parameters()):,} (identical in both)"
     )
     if args.markdown:
+        if any("mixin" in r for r in rows):
+            print("| mixin | eager tok/s | compiled tok/s | compiled / eager |\n|---|---:|---:|---:|")
+        for r in (r for r in rows if "mixin" in r):
+            print(
+                f"| {r['mixin']} | {r['eager']:,.0f} | {r['compiled']:,.0f} | {r['compiled'] / r['eager']:.2f}× |"
+            )
         print("| model | tokens/s | vs Llama eager | MFU |\n|---|---:|---:|---:|")
-        for r in rows:
+        for r in (r for r in rows if "model" in r):
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             print(f"| {r['model']} | {r['tokens_per_second']:,.0f} | {r['vs_llama_eager']:.2f}× | {mfu} |")
     else:
-        for r in rows:
+        for r in (r for r in rows if "mixin" in r):
+            print(
+                f"{r['mixin']:<16} eager {r['eager']:>10,.0f}  compiled {r['compiled']:>10,.0f} tok/s  "
+                f"{r['compiled'] / r['eager']:.2f}x"
+            )
+        for r in (r for r in rows if "model" in r):
             mfu = f"  mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
             print(
                 f"{r['model']:<16} {r['tokens_per_second']:>12,.0f} tok/s  {r['vs_llama_eager']:.2f}x llama eager{mfu}"
             )
+    return rows
+
+
+def mixin_rows(args, device, use_bf16, layers, hidden, heads, inputs, targets) -> list[dict]:
+    """Per mixin: eager vs per-block compiled tokens/s of the same model, alternating in rounds."""
+    rows = []
+    tokens = args.batch * args.seq_len
+    for mixin in args.mixins.split(","):
+        torch.manual_seed(0)
+        eager = build_mixin_model(mixin, layers, hidden, heads, args.vocab, args.seq_len).to(device)
+        pair = {
+            "eager": make_step(eager, device, use_bf16),
+            "compiled": make_step(compile_blocks(eager), device, use_bf16),
+        }
+        start = time.perf_counter()
+        for step in pair.values():
+            for _ in range(args.warmup):
+                step(inputs, targets)
+        warmup_seconds = time.perf_counter() - start
+        seconds: dict[str, list[float]] = {name: [] for name in pair}
+        for _ in range(args.rounds):
+            for name, step in pair.items():
+                seconds[name].append(time_steps(step, inputs, targets, device, args.steps))
+        row = {name: tokens / statistics.median(times) for name, times in seconds.items()}
+        rows.append({"mixin": mixin, **row, "warmup_seconds": warmup_seconds})
+        print(
+            f"{mixin}: eager {row['eager']:,.0f} tok/s, compiled {row['compiled']:,.0f} tok/s "
+            f"({row['compiled'] / row['eager']:.2f}x; warmup incl. compile {warmup_seconds:.0f} s)",
+            flush=True,
+        )
     return rows
 
 

@@ -71,3 +71,28 @@ def test_progress_fields_show_the_worst_layer_imbalance() -> None:
     }
     assert progress_fields(1.23456, None, aux) == {"loss": "1.235", "imb": "3.00"}
     assert progress_fields(1.0, 10.0, {}) == {"loss": "1.000", "tok/s": "10"}
+
+
+def test_autocast_covers_the_forward_not_the_backward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch's guidance: backward runs outside autocast (in the dtypes the forward chose)."""
+    from archifactory.model import stack
+
+    seen: dict[str, list[bool]] = {"forward": [], "backward": []}
+    real_forward = stack.StackedMixinForCausalLM.forward
+
+    def recording_forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            seen["forward"].append(torch.is_autocast_enabled("cpu"))
+            out.loss.register_hook(lambda grad: seen["backward"].append(torch.is_autocast_enabled("cpu")))
+        return out
+
+    monkeypatch.setattr(stack.StackedMixinForCausalLM, "forward", recording_forward)
+    corpus = write_corpus(tmp_path / "corpus", documents=100)
+    config = smoke_config(
+        corpus, tmp_path / "cache", "trainer.precision=bf16", "trainer.max_steps=2", "trainer.eval_every=2"
+    )
+    train(config, tmp_path / "run")
+    assert seen["forward"] == [True, True] and seen["backward"] == [False, False]
