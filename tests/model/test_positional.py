@@ -75,6 +75,8 @@ def test_position_context_uses_the_cached_tables_for_the_same_rotation() -> None
         (8, [2.0**-i for i in range(1, 9)]),
         # not a power of two: the 4-head slopes, then every other slope of the 8-head sequence
         (6, [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]),
+        # 12: the 8-head slopes, then every other slope of the 16-head sequence (2^(-k/2), k odd)
+        (12, [2.0**-i for i in range(1, 9)] + [2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5]),
     ],
 )
 def test_alibi_slopes_match_the_paper(heads: int, expected: list[float]) -> None:
@@ -104,6 +106,16 @@ def test_sinusoidal_table_matches_vaswani() -> None:
     torch.testing.assert_close(table, expected, rtol=0, atol=1e-6)
     x = torch.randn(1, 3, 4)
     torch.testing.assert_close(scheme.embed(x, torch.tensor([0, 1, 7])), x + table.float())
+
+
+def test_sinusoidal_table_with_an_odd_width_leaves_the_last_channel_zero() -> None:
+    table = SinusoidalPositional(hidden_size=5, max_seq_len=16).embed(
+        torch.zeros(1, 2, 5), torch.tensor([0, 3])
+    )
+    expected = [[math.sin(p), math.cos(p), math.sin(p / 100), math.cos(p / 100), 0.0] for p in (0, 3)]
+    torch.testing.assert_close(
+        table[0].double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6
+    )
 
 
 def test_learned_positions_add_their_table_rows() -> None:
