@@ -112,3 +112,42 @@ def test_keep_zero_keeps_everything_and_keep_one_only_the_newest(tmp_path: Path)
         "step_0000003",
     ]
     assert [p.name for p in list_checkpoints(tmp_path / "one")] == ["step_0000003"]
+
+
+def _forge(path: Path, name: str, payload: bytes) -> None:
+    """Replace a file and update its sha256 in trainer_state.json (what a crafted checkpoint would do)."""
+    import hashlib
+
+    (path / name).write_bytes(payload)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    meta["sha256"][name] = hashlib.sha256(payload).hexdigest()
+    (path / "trainer_state.json").write_text(json.dumps(meta))
+
+
+def test_unreadable_weights_with_a_matching_checksum_are_refused(tmp_path: Path) -> None:
+    path = save(tmp_path)
+    _forge(path, "model.safetensors", b"not a safetensors file")
+    with pytest.raises(ArchiFactoryError, match="unreadable weights"):
+        load_checkpoint(path, model_signature(WEIGHTS))
+
+
+EXECUTED: list[int] = []
+
+
+class _Payload:
+    def __reduce__(self):  # noqa: ANN204
+        return (exec, ("import tests.train.test_checkpoint as t; t.EXECUTED.append(1)",))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng.pt"])
+def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path: Path, name: str) -> None:
+    """optimizer.pt and rng.pt load with weights_only=True: tensors and plain containers, no code."""
+    import io
+
+    path = save(tmp_path)
+    buffer = io.BytesIO()
+    torch.save({"state": _Payload()}, buffer)
+    _forge(path, name, buffer.getvalue())
+    with pytest.raises(Exception):  # noqa: B017 (torch's unpickling error type is not public API)
+        load_checkpoint(path, model_signature(WEIGHTS))
+    assert EXECUTED == []
