@@ -23,6 +23,7 @@ references. An entry `name/backend` in `--mixins` forces one mixin's backend. Us
     python scripts/bench_mixins.py --quick               # T=128, batch 2: a minute or two
     python scripts/bench_mixins.py --mixins gqa,mla --seq-lens 1024 --markdown
     python scripts/bench_mixins.py --device cuda --backend fused --steps 10
+    python scripts/bench_mixins.py --mixins gqa,mamba2+mamba2+gqa   # an entry a+b+… is a hybrid layer pattern
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ if str(REPO) not in sys.path:  # a script in the repository: run it without inst
     sys.path.insert(0, str(REPO))
 
 BASELINE = "gqa"
+# a hybrid row: an entry `a+b+…` is `model.layer_pattern=[a,b,…]` (three Gated DeltaNet layers, then attention)
+DEFAULT_HYBRID = "gated_deltanet+gated_deltanet+gated_deltanet+gqa"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,12 +88,13 @@ def select_mixins(requested: str | None) -> list[str]:
 
     registered = sorted(components("mixin"))
     names = registered if requested is None else [n.strip() for n in requested.split(",") if n.strip()]
-    unknown = [n for n in names if n.split("/")[0] not in registered]
+    unknown = [n for n in names if any(part.split("/")[0] not in registered for part in n.split("+"))]
     if unknown:
         raise SystemExit(f"unknown mixin(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
     rest = [n for n in names if n != BASELINE]
     context = [f"{BASELINE}/reference"] if requested is None else []
-    return [BASELINE, *context, *rest]
+    hybrid = [DEFAULT_HYBRID] if requested is None else []
+    return [BASELINE, *context, *rest, *hybrid]
 
 
 def compose(spec: dict[str, Any]) -> Any:
@@ -101,8 +105,10 @@ def compose(spec: dict[str, Any]) -> Any:
     from archifactory.cli import config_dir
     from archifactory.config import register_configs
 
+    pattern = spec["mixin"].split("+")
     overrides = [
-        f"mixin={spec['mixin']}",
+        f"mixin={pattern[0]}",
+        *([f"model.layer_pattern=[{','.join(pattern)}]"] if len(pattern) > 1 else []),
         f"model.hidden_size={spec['hidden']}",
         f"model.num_layers={spec['layers']}",
         f"model.num_heads={spec['heads']}",
@@ -191,7 +197,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": batch * seq_len * spec["steps"] / seconds,
         "peak_mb": peak,
         "mixin_params": params,
-        "backend": model.blocks[0].mixin.backend_name(),
+        "backend": "/".join(dict.fromkeys(b.mixin.backend_name() for b in model.blocks)),
     }
 
 

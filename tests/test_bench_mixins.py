@@ -24,8 +24,12 @@ def bench():
 def test_benchmarks_every_registered_mixin_by_default(bench) -> None:
     names = bench.select_mixins(None)
     assert names[:2] == ["gqa", "gqa/reference"]
-    assert sorted(n for n in names if "/" not in n) == sorted(components("mixin"))
+    assert sorted(n for n in names if "/" not in n and "+" not in n) == sorted(components("mixin"))
+    assert names[-1] == bench.DEFAULT_HYBRID  # plus one hybrid row
     assert bench.select_mixins("mla") == ["gqa", "mla"]  # the baseline is always measured
+    assert bench.select_mixins("retnet+gqa") == ["gqa", "retnet+gqa"]
+    with pytest.raises(SystemExit):
+        bench.select_mixins("retnet+no_such_mixin")
     with pytest.raises(SystemExit):
         bench.select_mixins("no_such_mixin")
 
