@@ -199,9 +199,8 @@ def eval_main(args: list[str]) -> int:
         for runner, names, extra in steps:
             job = EvalJob(names, run, request.options, device, autocast, extra)
             results = runner.load()(job)
-            for path in write_results(
-                run, results, request.options
-            ):  # written per runner: kept if a later one fails
+            written = write_results(run, results, request.options)  # per runner: kept if a later one fails
+            for path in written:
                 print(f"  wrote {path}")
             rows.extend((run.name, result) for result in results)
     print(format_table(rows))
