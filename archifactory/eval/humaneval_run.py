@@ -122,6 +122,13 @@ def problem_limit(limit: float | None, total: int = 164) -> int | None:
 
 
 def execution_settings(options: Any) -> ExecutionSettings:
+    """The sandbox part of the `eval.*` options, checked (one line for a bad value)."""
+    if options.workers < 0:
+        raise ArchiFactoryError(f"eval.workers={options.workers} must be >= 0 (0: one per CPU core)")
+    if not options.timeout > 0:
+        raise ArchiFactoryError(f"eval.timeout={options.timeout} must be > 0 seconds")
+    if options.memory_mb < 64:
+        raise ArchiFactoryError(f"eval.memory_mb={options.memory_mb} is too small for Python (>= 64)")
     return ExecutionSettings(
         sandbox=options.sandbox,
         allow_unsandboxed=options.allow_unsandboxed,

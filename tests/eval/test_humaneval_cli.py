@@ -65,3 +65,22 @@ def test_eval_humaneval_refuses_without_a_sandbox(tmp_path: Path, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no sandbox") and "allow_unsandboxed=true" in err and "\n" not in err
     assert not (tmp_path / "samples_humaneval.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("eval.workers=-1", "eval.workers=-1 must be >= 0"),
+        ("eval.timeout=0", "eval.timeout=0.0 must be > 0"),
+        ("eval.memory_mb=8", "eval.memory_mb=8 is too small"),
+        ("eval.sandbox=docker", "unknown sandbox mode 'docker'"),
+        ("completions=", "completions= needs a file"),
+    ],
+)
+def test_bad_humaneval_options_are_one_line(option: str, message: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return []\n"}) + "\n")
+    args = [f"completions={path}", option] if not option.startswith("completions") else [option]
+    assert main(["eval", "humaneval", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err

@@ -5,6 +5,7 @@ same `program()` the benchmark uses.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -49,8 +50,16 @@ def mode_params() -> list:
     return params
 
 
+@functools.cache
+def broken(mode: str) -> str | None:
+    return sandbox_module._probe(mode)
+
+
 @pytest.fixture(params=mode_params())
 def sandbox(request) -> Sandbox:
+    # installed but unable to run (no user namespaces, a seccomp profile): a failure, not a skip
+    if (reason := broken(request.param)) is not None:
+        pytest.fail(f"the {request.param} sandbox cannot run here: {reason}")
     return Sandbox(request.param, LIMITS)
 
 
