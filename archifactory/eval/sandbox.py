@@ -20,7 +20,8 @@ In every mode: `resource` limits on CPU seconds, address space, file size and pr
 sandbox by `sandbox_launcher.py`), stdin closed, stdout/stderr captured up to a cap and the rest discarded,
 and a wall-clock timeout that SIGKILLs the process group (and with it, through the PID namespace, every
 process the program started). Running as root, the launcher drops to an unprivileged uid of its own per
-worker slot (root ignores RLIMIT_NPROC, and a shared uid would share the process budget).
+worker slot and evaluating process (root ignores RLIMIT_NPROC, and a shared uid would share the process
+budget).
 """
 
 from __future__ import annotations
@@ -45,8 +46,18 @@ from archifactory.errors import ArchiFactoryError
 
 MODES = ("auto", "bwrap", "unshare", "none")
 # Unprivileged uids the launcher takes when the evaluator is root: one per worker slot, far above any
-# distribution's user and subordinate-uid ranges.
+# distribution's user and subordinate-uid ranges; each evaluating process gets its own block (by pid), so
+# concurrent evaluations never share a process budget.
 SLOT_UID_BASE = 1_610_612_736
+SLOTS_PER_PROCESS = 256
+
+
+def slot_uids(pid: int | None = None) -> range:
+    """The uids the sandboxes of process `pid` (default: this one) run as when it is root."""
+    start = SLOT_UID_BASE + ((os.getpid() if pid is None else pid) % (1 << 22)) * SLOTS_PER_PROCESS
+    return range(start, start + SLOTS_PER_PROCESS)
+
+
 LAUNCHER = (Path(__file__).parent / "sandbox_launcher.py").read_text()
 
 PASSED, FAILED, TIMED_OUT, KILLED = "passed", "failed", "timed out", "killed by a limit"
@@ -240,7 +251,9 @@ class Sandbox:
             "processes": limits.processes,
             "tmpfs_bytes": limits.tmpfs_bytes,
             # none mode runs as the caller: the slot uid may not even reach a Python install under /root
-            "drop_to_uid": SLOT_UID_BASE + slot if self.root and self.mode != "none" else None,
+            "drop_to_uid": slot_uids()[slot % SLOTS_PER_PROCESS]
+            if self.root and self.mode != "none"
+            else None,
             "isolate_filesystem": False,
             "masks": [],
             "keep": [],

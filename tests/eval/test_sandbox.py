@@ -24,11 +24,11 @@ from archifactory.eval.sandbox import (
     FAILED,
     KILLED,
     PASSED,
-    SLOT_UID_BASE,
     TIMED_OUT,
     Limits,
     Sandbox,
     available_mode,
+    slot_uids,
 )
 
 # a problem in HumanEval's shape: the completion ends the function, its module-level code runs at exec
@@ -70,12 +70,12 @@ def run_completion(sandbox: Sandbox, body: str) -> sandbox_module.Execution:
 
 
 def slot_processes() -> list[int]:
-    """Processes still owned by a sandbox slot uid (as root every sandboxed process has one)."""
-    found = []
+    """Processes still owned by one of this process's slot uids (as root every sandboxed process has one)."""
+    found, ours = [], slot_uids()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid >= SLOT_UID_BASE:
+                if entry.stat().st_uid in ours:
                     found.append(int(entry.name))
             except OSError:
                 pass
