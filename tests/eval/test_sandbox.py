@@ -360,6 +360,18 @@ def test_refuses_without_a_sandbox(monkeypatch):
         available_mode.cache_clear()
 
 
+def test_auto_falls_back_to_unshare(monkeypatch):
+    real_probe = sandbox_module._probe
+    monkeypatch.setattr(
+        sandbox_module, "_probe", lambda mode: "no user namespaces" if mode == "bwrap" else real_probe(mode)
+    )
+    available_mode.cache_clear()
+    try:
+        assert available_mode("auto", False) == "unshare"
+    finally:
+        available_mode.cache_clear()
+
+
 def test_unconfined_mode_still_runs_and_limits():
     sandbox = Sandbox("none", LIMITS)
     assert sandbox.run(program(PROBLEM, "    return a + b\n")).outcome == PASSED
