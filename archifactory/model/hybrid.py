@@ -24,21 +24,27 @@ from archifactory.errors import ArchiFactoryError
 from archifactory.registry import components
 
 
+def _hybrid_keys(cfg: Any) -> tuple[Any, int, str]:
+    """(layer_pattern, attention_every, attention_mixin); a run config saved before hybrids existed has none
+    of the keys and is a uniform stack."""
+    model = cfg.model
+    return model.get("layer_pattern"), model.get("attention_every") or 0, model.get("attention_mixin") or "gqa"
+
+
 def pattern_entries(cfg: Any) -> list[Any] | None:
     """The pattern as a list of entries (names or mappings), or None for a uniform stack."""
-    model = cfg.model
-    if model.layer_pattern and model.attention_every:
+    layer_pattern, every, attention_mixin = _hybrid_keys(cfg)
+    if layer_pattern and every:
         raise ArchiFactoryError(
             "model.layer_pattern and model.attention_every both set; use one (attention_every=k is the "
             "shorthand for a pattern of k-1 × mixin then attention)"
         )
-    if model.layer_pattern:
-        return list(model.layer_pattern)
-    if model.attention_every:
-        every = model.attention_every
+    if layer_pattern:
+        return list(layer_pattern)
+    if every:
         if every < 1:
             raise ArchiFactoryError(f"model.attention_every={every} must be >= 1 (0 = no hybrid)")
-        return [cfg.mixin.name] * (every - 1) + [model.attention_mixin]
+        return [cfg.mixin.name] * (every - 1) + [attention_mixin]
     return None
 
 
@@ -120,5 +126,4 @@ def variant_label(
 
 def cfg_variant_label(cfg: Any) -> str:
     """`variant_label` of a composed config."""
-    model = cfg.model
-    return variant_label(cfg.mixin.name, model.layer_pattern, model.attention_every, model.attention_mixin)
+    return variant_label(cfg.mixin.name, *_hybrid_keys(cfg))

@@ -107,3 +107,15 @@ def test_mixed_stack_is_causal() -> None:
     before, after = model(ids).logits, model(changed).logits
     torch.testing.assert_close(after[:, :10], before[:, :10], rtol=1e-9, atol=1e-10)
     assert not torch.allclose(after[:, 10:], before[:, 10:])
+
+
+def test_a_config_saved_before_hybrids_existed_builds_a_uniform_stack() -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = hybrid_config("mixin=retnet")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # as a run's saved config loads
+    with open_dict(cfg):
+        for key in ("layer_pattern", "attention_every", "attention_mixin"):
+            del cfg.model[key]
+    assert [c.name for c in layer_mixin_configs(cfg)] == ["retnet"] * cfg.model.num_layers
+    assert cfg_variant_label(cfg) == "retnet" and len(build_model(cfg, VOCAB).blocks) == cfg.model.num_layers
