@@ -32,6 +32,7 @@ from tqdm import tqdm
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.eval.scoring import ScoreStats, score_continuations
 from archifactory.model.stack import StackedMixinForCausalLM
+from archifactory.sft.template import TEMPLATE_NAME, chat_text, has_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,20 @@ class ArchiFactoryLM(TemplateLM):
         from archifactory.eval.generation import generate_until
 
         return generate_until(self, requests)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """An SFT run's template name (lm-eval records it), else none."""
+        return TEMPLATE_NAME if chat_template and has_chat_template(self.tokenizer) else ""
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """lm-eval's prompt for a chat model: the SFT template as text (its markers encode to their ids)."""
+        return chat_text(chat_history, add_generation_prompt)
 
     def get_model_info(self) -> dict[str, Any]:
         return {

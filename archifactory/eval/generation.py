@@ -48,9 +48,13 @@ def sampling_options(gen_kwargs: dict[str, Any], default_max: int) -> dict[str, 
 
 def generate_until(lm: ArchiFactoryLM, requests: list) -> list[str]:
     from archifactory.generate import generate
+    from archifactory.sft.template import END, has_chat_template, special_id
 
     stats = lm._stats("generate_until")
     stats.requests += len(requests)
+    stop_ids = [lm.eot_token_id]
+    if has_chat_template(lm.tokenizer):  # an SFT model closes its turn with <|end|>
+        stop_ids.append(special_id(lm.tokenizer, END))
     outputs: list[str] = [""] * len(requests)
     groups: dict[str, list[int]] = {}
     for index, req in enumerate(requests):
@@ -77,7 +81,7 @@ def generate_until(lm: ArchiFactoryLM, requests: list) -> list[str]:
                 results = generate(
                     lm.model,
                     [prompts[i] for i in chunk],
-                    stop_token_ids=[lm.eot_token_id],
+                    stop_token_ids=stop_ids,
                     tokenizer=lm.tokenizer,
                     **options,
                 )

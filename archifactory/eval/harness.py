@@ -121,6 +121,7 @@ def run_lm_eval(job: EvalJob) -> list[TaskResult]:
     from lm_eval.utils import handle_non_serializable, make_table
 
     from archifactory.eval.adapter import ArchiFactoryLM
+    from archifactory.sft.template import has_chat_template
 
     run = job.run
     lm = ArchiFactoryLM(
@@ -148,6 +149,7 @@ def run_lm_eval(job: EvalJob) -> list[TaskResult]:
             numpy_random_seed=opts.seed,
             torch_random_seed=opts.seed,
             fewshot_random_seed=opts.seed,
+            apply_chat_template=has_chat_template(run.tokenizer),  # an SFT run: prompts in its chat template
         )
     except ArchiFactoryError:
         raise

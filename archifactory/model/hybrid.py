@@ -28,7 +28,11 @@ def _hybrid_keys(cfg: Any) -> tuple[Any, int, str]:
     """(layer_pattern, attention_every, attention_mixin); a run config saved before hybrids existed has none
     of the keys and is a uniform stack."""
     model = cfg.model
-    return model.get("layer_pattern"), model.get("attention_every") or 0, model.get("attention_mixin") or "gqa"
+    return (
+        model.get("layer_pattern"),
+        model.get("attention_every") or 0,
+        model.get("attention_mixin") or "gqa",
+    )
 
 
 def pattern_entries(cfg: Any) -> list[Any] | None:

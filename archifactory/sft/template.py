@@ -103,3 +103,12 @@ def render(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt:
     if add_generation_prompt:
         add([special_id(tokenizer, "<|assistant|>")] + newline, False)
     return Rendered(ids, mask)
+
+
+def chat_text(messages: list[Message], add_generation_prompt: bool = False) -> str:
+    """The rendered conversation as text (markers included), for tools that take a prompt string (lm-eval's
+    `apply_chat_template`); encoding it with the chat tokenizer gives `render(...).ids`."""
+    parts = [f"<|{m['role']}|>\n{m['content']}{END}\n" for m in messages]
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)

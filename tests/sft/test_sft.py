@@ -21,6 +21,7 @@ from archifactory.sft.sources import _dolphin, _limo
 from archifactory.sft.template import (
     END,
     SPECIAL_TOKENS,
+    chat_text,
     chat_tokenizer,
     has_chat_template,
     render,
@@ -97,6 +98,13 @@ def test_only_assistant_tokens_carry_the_loss(tokenizer) -> None:
     )
     prompt = render(tokenizer, messages[:2], add_generation_prompt=True)
     assert prompt.ids[-1 - len(nl)] == special_id(tokenizer, "<|assistant|>") and not any(prompt.loss_mask)
+
+
+def test_chat_text_encodes_to_the_rendered_ids(tokenizer) -> None:
+    messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "the cat sat?"}]
+    for prompt in (True, False):
+        ids = render(tokenizer, messages, add_generation_prompt=prompt).ids
+        assert tokenizer.encode(chat_text(messages, add_generation_prompt=prompt)) == ids
 
 
 def test_rows_hold_one_conversation_with_shifted_assistant_targets(tokenizer) -> None:
@@ -205,6 +213,16 @@ def test_tiny_sft_learns_the_answers_in_the_template(
         run.model, [prompt], 8, stop_token_ids=[special_id(run.tokenizer, END)], tokenizer=run.tokenizer
     )
     assert out[0].text.strip() == answer and out[0].stop_reason == "stop_token"
+    # lm-eval on the SFT run: prompts in the chat template, generation ends at the model's <|end|>
+    from lm_eval.api.instance import Instance
+
+    from archifactory.eval.adapter import ArchiFactoryLM
+
+    lm = ArchiFactoryLM(run.model, run.tokenizer, max_length=48, show_progress=False)
+    text = lm.apply_chat_template([{"role": "user", "content": question}])
+    assert lm.tok_encode(text) == prompt and lm.chat_template(True) == "archifactory-chat-v1"
+    request = Instance("generate_until", {}, (text, {"until": ["\n\n"], "max_gen_toks": 8}), idx=0)
+    assert lm.generate_until([request])[0].strip() == answer
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
