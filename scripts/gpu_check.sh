@@ -11,6 +11,6 @@ python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.txt"
 python scripts/bench_mixins.py --device cuda --steps 10 --markdown 2>&1 | tee "$out/bench_mixins_cuda.md"
 python scripts/bench_ffn.py --device cuda --dtype bf16 --markdown 2>&1 | tee "$out/bench_ffn_cuda.md"
 python scripts/bench_train.py --device cuda --preset base125m --batch 16 --seq-len 1024 --vocab 32768 \
-    --compile --markdown 2>&1 | tee "$out/bench_train_cuda.md"
+    --compile --mixins gqa,mla,retnet,mamba2,rwkv6 --markdown 2>&1 | tee "$out/bench_train_cuda.md"
 python scripts/bench_eval.py --device cuda --layers 12 --hidden 768 --heads 12 --kv-heads 4 --vocab 32768 \
     --seq-len 1024 --batch 32 --questions 128 --markdown 2>&1 | tee "$out/bench_eval_cuda.md"
