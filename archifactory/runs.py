@@ -46,7 +46,7 @@ class LoadedRun:
     run_dir: Path
     name: str  # the run's `run_name` (the directory name when the config has none)
     model: StackedMixinForCausalLM  # in eval mode, on the requested device, fp32
-    tokenizer: Tokenizer  # the data pipeline's tokenizer: encode/decode/encode_batch/eos_id/backend
+    tokenizer: Tokenizer | None  # the data pipeline's tokenizer (None for a synthetic probe: token ids only)
     config: DictConfig  # the run's composed config, interpolations resolved
     step: int  # optimizer steps of the checkpoint that was loaded
     checkpoint: Path
@@ -219,8 +219,9 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu", step: int 
     cfg = load_run_config(run_dir)
     checkpoint = pick_checkpoint(run_dir, step)
     weights, ckpt_step = load_checkpoint_weights(checkpoint)
-    tokenizer = load_run_tokenizer(run_dir, cfg)
-    model = build_model(cfg, tokenizer.vocab_size)
+    probe = cfg.dataset.get("source") == "synthetic"  # MQAR/MAD runs: ids without text, no tokenizer
+    tokenizer = None if probe else load_run_tokenizer(run_dir, cfg)
+    model = build_model(cfg, int(cfg.dataset.vocab_size) if probe else tokenizer.vocab_size)
     ours = {name: list(t.shape) for name, t in model.state_dict().items()}
     theirs = {name: list(t.shape) for name, t in weights.items()}
     if ours != theirs:

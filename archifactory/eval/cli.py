@@ -46,6 +46,10 @@ class Runner:
 
 
 RUNNERS: dict[str, Runner] = {
+    "accuracy": Runner(
+        "archifactory.eval.probe:run_accuracy",
+        "answer accuracy of a synthetic-probe run (dataset=mqar|mad) on its fixed validation set",
+    ),
     "perplexity": Runner(
         "archifactory.eval.perplexity:run_perplexity",
         "loss, perplexity and bits per byte on a validation split (the run's own, or dataset=…)",
@@ -197,6 +201,10 @@ def eval_main(args: list[str]) -> int:
         run = load_run(run_dir, device=device, step=request.options.step)
         print(f"  checkpoint step {run.step}, {run.params['total']:,} parameters, on {device}", flush=True)
         for runner, names, extra in steps:
+            if run.tokenizer is None and runner is not RUNNERS["accuracy"]:
+                raise ArchiFactoryError(
+                    f"run {run.name} is a synthetic probe (token ids, no text): evaluate it with `accuracy`"
+                )
             job = EvalJob(names, run, request.options, device, autocast, extra)
             results = runner.load()(job)
             written = write_results(run, results, request.options)  # per runner: kept if a later one fails

@@ -9,17 +9,24 @@ over the same answer positions.
     from archifactory.eval.probe import probe_metrics
     probe_metrics(model, data.val_batches(64), device)   # {"val_loss": …, "val_accuracy": …}
 
-`archifactory eval` calls `probe_metrics` on a run's model and its dataset's fixed validation set.
+`archifactory eval accuracy run=…` (`run_accuracy`) scores a run's checkpoint on its probe's fixed
+validation set, regenerated from the run's config and seed: the same examples its `val_accuracy` used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from archifactory.errors import ArchiFactoryError
+
+if TYPE_CHECKING:
+    from archifactory.eval.job import EvalJob, TaskResult
 
 IGNORE_INDEX = -100
 
@@ -64,3 +71,24 @@ def probe_metrics(
     model.train(was_training)
     count = max(int(answers), 1)  # the one host sync
     return {"val_loss": float(loss_sum) / count, "val_accuracy": int(correct) / count}
+
+
+def run_accuracy(job: EvalJob) -> list[TaskResult]:
+    """`archifactory eval accuracy`: the eval runner (`archifactory.eval.cli.RUNNERS`) for probe runs."""
+    from archifactory.data.synthetic import SyntheticData
+    from archifactory.eval.job import TaskResult
+
+    cfg = job.run.config
+    if cfg.dataset.get("source") != "synthetic":
+        raise ArchiFactoryError(
+            f"accuracy scores synthetic probes (dataset=mqar|mad); run {job.run.name} was trained on "
+            f"{cfg.dataset.name}: use perplexity"
+        )
+    data = SyntheticData(cfg.dataset, seq_len=int(cfg.trainer.seq_len), seed=int(cfg.seed))
+    batches = data.val_batches(job.options.batch_size)
+    figures = probe_metrics(job.run.model, batches, job.device, job.autocast)
+    job.run.model.eval()
+    examples = len(data.val_inputs)
+    details = {"dataset": cfg.dataset.name, "task": data.spec.task, "examples": examples, **figures}
+    extra = {"loss": figures["val_loss"], "examples": examples, "dataset": cfg.dataset.name}
+    return [TaskResult("accuracy", "acc", figures["val_accuracy"], None, details, extra)]

@@ -36,7 +36,7 @@ def identity(run: LoadedRun) -> dict[str, Any]:
         "params_total": run.params.get("total"),
         "params_non_embedding": run.params.get("non_embedding"),
         "max_seq_len": int(cfg.model.max_seq_len),
-        "tokenizer": run.tokenizer.name,
+        "tokenizer": None if run.tokenizer is None else run.tokenizer.name,  # None: a synthetic probe
     }
 
 

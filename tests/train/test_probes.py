@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from archifactory.cli import main
+from archifactory.eval.cli import eval_main
 from archifactory.eval.probe import answer_accuracy, probe_metrics
 from archifactory.train.loop import train
 from tests.helpers import compose_config
@@ -104,7 +105,8 @@ def test_mad_without_task_is_one_line(tmp_path: Path, monkeypatch, capsys) -> No
 
 
 def test_gqa_learns_mqar(tmp_path: Path) -> None:
-    """A 2-layer d=64 attention model reaches >= 0.9 answer accuracy on small MQAR (2 pairs, length 16)."""
+    """A 2-layer d=64 attention model reaches >= 0.9 answer accuracy on small MQAR (2 pairs, length 16),
+    and `archifactory eval accuracy` reports the same figure from its checkpoint."""
     cfg = compose_config(
         [
             "dataset=mqar",
@@ -133,3 +135,8 @@ def test_gqa_learns_mqar(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["val_accuracy"] for r in records if "val_accuracy" in r]
     assert len(accuracies) == 3 and accuracies[-1] == summary["val_accuracy"]
+    # `archifactory eval accuracy` scores the final checkpoint on the same validation set
+    assert eval_main(["accuracy", f"run={tmp_path / 'run'}", "eval.show_progress=false"]) == 0
+    entry = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]["accuracy"]
+    assert entry["metric"] == "acc" and entry["value"] == pytest.approx(summary["val_accuracy"])
+    assert entry["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
