@@ -140,3 +140,34 @@ def test_gqa_learns_mqar(tmp_path: Path) -> None:
     entry = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]["accuracy"]
     assert entry["metric"] == "acc" and entry["value"] == pytest.approx(summary["val_accuracy"])
     assert entry["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        "in_context_recall",
+        "noisy_in_context_recall",
+        "fuzzy_in_context_recall",
+        "selective_copying",
+        "compression",
+        "memorization",
+    ],  # fmt: skip
+)
+def test_every_mad_task_trains_through_the_loop(task: str, tmp_path: Path) -> None:
+    cfg = compose_config(
+        [
+            "experiment=mad",
+            f"task={task}",
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "trainer.max_steps=2",
+            "trainer.micro_batch_size=4",
+            "trainer.eval_every=2",
+            "trainer.log_every=1",
+            "dataset.val_examples=8",
+            "dataset.train_examples=16",
+        ]  # fmt: skip
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["dataset"] == f"mad_{task}"
+    assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_loss"] > 0
