@@ -159,11 +159,15 @@ def prepare_task(cfg) -> None:
     prepare(cfg)
 
 
+# a synthetic probe (dataset=mqar|mad) has no cache_dir: its no-op log goes to the default cache root
+LOG_DIR = "hydra.run.dir='${oc.select:dataset.cache_dir,${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}}/logs'"
+
+
 def data_verb(args: list[str]) -> int:
     if not args or args[0] != "prepare":
         raise ArchiFactoryError("usage: archifactory data prepare dataset=<name> [dataset.key=value ...]")
     # preparing data is not a run: its log goes to the cache, not to an outputs/<run_name>/ directory
-    return run_hydra(prepare_task, "data prepare", ["hydra.run.dir=${dataset.cache_dir}/logs", *args[1:]])
+    return run_hydra(prepare_task, "data prepare", [LOG_DIR, *args[1:]])
 
 
 def eval_verb(args: list[str]) -> int:

@@ -171,3 +171,10 @@ def test_every_mad_task_trains_through_the_loop(task: str, tmp_path: Path) -> No
     summary = train(cfg, tmp_path / "run")
     assert summary["status"] == "completed" and summary["dataset"] == f"mad_{task}"
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and summary["val_loss"] > 0
+
+
+def test_data_prepare_on_a_probe_is_a_no_op(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("ARCHIFACTORY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "prepare", "dataset=mqar"]) == 0
+    assert "synthetic, generated during training; nothing to prepare" in capsys.readouterr().out
