@@ -130,6 +130,8 @@ def test_load_data_dispatches_to_the_probe() -> None:
         (mad_cfg("???"), 32, "needs a task"),
         (mad_cfg("selective_copying", num_tokens_to_copy=16), 32, "num_tokens_to_copy"),
         (mad_cfg("noisy_in_context_recall"), 32, "noise_vocab_size"),
+        (mqar_cfg(task="compression"), 32, "does not belong"),
+        (mad_cfg("mqar"), 32, "does not belong"),
     ],
 )
 def test_bad_options_are_one_line_errors(cfg, seq_len: int, message: str) -> None:

@@ -72,6 +72,10 @@ def build_generator(
 ) -> Callable[[np.random.Generator, bool], Example]:
     """A function (rng, train) -> one example, for the task in `spec`; bad options fail here."""
     o, v = spec.options, spec.vocab_size
+    if (spec.task == "mqar") != ("num_kv_pairs" in o):  # e.g. dataset=mqar dataset.task=compression
+        raise ArchiFactoryError(
+            f"task {spec.task!r} does not belong to this dataset: use dataset=mqar, or dataset=mad task=<name>"
+        )
     if spec.task == "mqar":
         check_mqar(v, seq_len, o["num_kv_pairs"], o["power_a"])
         make = functools.partial(
