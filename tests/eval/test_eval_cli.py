@@ -119,7 +119,8 @@ def test_hub_task_offline_fails_fast_naming_include_path(trained: dict, tmp_path
     """HF_HUB_OFFLINE=1 and a built-in task whose dataset is not cached: lm-eval indexes its tasks, the
     dataset load fails at once, and the user gets one line naming eval.include_path."""
     start = time.perf_counter()
-    result = cli("eval", "arc_easy", f"run={trained['run_dir']}", cwd=tmp_path)
+    empty_cache = {"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
+    result = cli("eval", "arc_easy", f"run={trained['run_dir']}", cwd=tmp_path, env={**ENV, **empty_cache})
     elapsed = time.perf_counter() - start
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
