@@ -1,7 +1,10 @@
 """ArchiFactory: apples-to-apples ablations of language-model architectures."""
 
+from archifactory._auto_register import install as _install_auto_classes
 from archifactory.resolvers import register_resolvers
 
 __version__ = "0.1.0"
 
 register_resolvers()
+# transformers' AutoConfig / AutoModelForCausalLM learn model_type "archifactory" once they load
+_install_auto_classes()

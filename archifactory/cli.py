@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from archifactory import generate_cli
 from archifactory.errors import ArchiFactoryError
 
 GROUPS = ("mixin", "ffn", "positional", "dataset", "task", "mqar_cell", "trainer", "model", "experiment")
@@ -22,6 +23,8 @@ verbs:
   data       `data prepare dataset=…`: tokenize and pack a dataset into cached token shards
   eval       `eval <task>[,<task>…] [run=…]`: lm-eval tasks (mmlu, …) and perplexity/bits per byte of a run
   sft        `sft init_from=<run> dataset=chat_jsonl|limo|dolphin_r1`: instruction-tune a pretrained run
+  generate   `generate [run=…] prompt="…"`: stream text from a trained run (prompt_file=… for JSONL)
+  export     `export [run=…] [out=…] [step=…]`: write a checkpoint in Hugging Face format
   list       every option of every config group, with its description
 
 examples:
@@ -188,6 +191,8 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "list": list_options,
     "eval": eval_verb,
     "sft": sft_verb,
+    "generate": lambda args: generate_cli.generate_verb(args),
+    "export": lambda args: generate_cli.export_verb(args),
 }
 
 

@@ -14,6 +14,7 @@ only the newest finished checkpoint's `model.safetensors`, checked against its s
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
     from archifactory.model.stack import StackedMixinForCausalLM
+
+log = logging.getLogger(__name__)
 
 OUTPUTS_DIR = Path("outputs")
 RUN_TOKENIZER = "tokenizer"  # the run directory's copy of its tokenizer folder
@@ -242,3 +245,21 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu", step: int 
         params=model.parameter_breakdown(),
         summary=read_summary(run_dir) or {},
     )
+
+
+def export_run(run_dir: Path | str, out: Path | str | None = None, step: int | None = None) -> Path:
+    """Write a run's checkpoint (newest, or at `step`) in Hugging Face format (default `<run_dir>/model/`)."""
+    from archifactory.hf import config_from_run, save_pretrained
+
+    loaded = load_run(run_dir, step=step)
+    config = config_from_run(loaded.config, loaded.tokenizer.vocab_size)
+    return save_pretrained(loaded.model, config, loaded.tokenizer, out or Path(run_dir) / "model")
+
+
+def write_model_folder(run_dir: Path | str) -> Path | None:
+    """End of training: `<run_dir>/model/` from the final checkpoint; None (skipped) for a run without a
+    tokenizer (synthetic probes have no text to write a tokenizer for)."""
+    if not (Path(run_dir) / RUN_TOKENIZER).is_dir():
+        log.info("no tokenizer in %s (synthetic data): no model/ folder written", run_dir)
+        return None
+    return export_run(run_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -222,6 +223,13 @@ class StackedMixinForCausalLM(nn.Module):
         for block in self.blocks:
             block.mixin.after_optimizer_step()
             block.ffn.after_optimizer_step()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> StackedMixinForCausalLM:
+        """Load a Hugging Face format `model/` folder (`archifactory/hf.py`) without Hydra; eval mode."""
+        from archifactory.hf import load_pretrained
+
+        return load_pretrained(path, device)
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter counts by part. `non_embedding` = blocks + final norm (no embedding, positional table

@@ -39,7 +39,7 @@ from archifactory.model.build import build_model, describe_backends
 from archifactory.model.documents import documents_for
 from archifactory.model.hybrid import cfg_variant_label
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.runs import resolve_run, save_run_tokenizer
+from archifactory.runs import resolve_run, save_run_tokenizer, write_model_folder
 from archifactory.sft.model import init_from_pretrained
 from archifactory.train import distributed
 from archifactory.train.checkpoint import (
@@ -495,6 +495,7 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
     progress.close()
     if run.info.is_main:
         plot_loss_curves(run.run_dir, f"{cfg.run_name}: {run.breakdown['total']:,} parameters")
+        write_model_folder(run.run_dir)  # model/: Hugging Face format, from the final checkpoint
     run.recorder.finish(
         status="completed",
         steps=state.step,

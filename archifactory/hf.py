@@ -1,0 +1,242 @@
+"""Hugging Face format: a config class and a thin `PreTrainedModel` wrapper, registered with the Auto classes.
+
+A finished run writes `<run>/model/` (and `archifactory export` writes it for any checkpoint):
+
+    config.json              ArchiFactoryConfig: shape + the mixin/ffn/positional by registry name and options
+    model.safetensors        the weights (keys `model.<name>` of StackedMixinForCausalLM)
+    generation_config.json   EOS / BOS / PAD ids
+    tokenizer.json, tokenizer_config.json   the run's tokenizer as a PreTrainedTokenizerFast
+
+Load it without Hydra:
+
+    StackedMixinForCausalLM.from_pretrained("outputs/<run>/model")          # our model
+    import archifactory, transformers                                        # the Auto classes, after import
+    transformers.AutoModelForCausalLM.from_pretrained("outputs/<run>/model") # ArchiFactoryForCausalLM
+    transformers.AutoTokenizer.from_pretrained("outputs/<run>/model")
+
+The config names components and options, never import paths: loading builds them through the same
+registry as training (`archifactory.model.build`), so an unknown name is refused with one line. The
+wrapper's `generate()` is transformers' own, with the model's explicit decode state as its cache (greedy
+and sampling; beam search would need a state reorder no mixin offers). Prompts in one transformers batch
+must not be padded — padding would enter recurrent states; `archifactory.generate` batches prompts of any
+lengths exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from archifactory.data.tokenizer import Tokenizer
+from archifactory.errors import ArchiFactoryError
+from archifactory.hf_config import MODEL_TYPE, ArchiFactoryConfig, register_auto_config
+from archifactory.model.stack import DecodeState, StackedMixinForCausalLM
+
+WEIGHTS = "model.safetensors"
+PREFIX = "model."  # the wrapper holds our model as `self.model`
+
+
+def config_from_run(cfg: DictConfig, vocab_size: int) -> ArchiFactoryConfig:
+    """The HF config of a run's composed (resolved) Hydra config."""
+    parts = {kind: OmegaConf.to_container(cfg[kind], resolve=True) for kind in ("mixin", "ffn", "positional")}
+    model = cfg.model
+    return ArchiFactoryConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_heads=model.num_heads,
+        vocab_size=model.vocab_size or vocab_size,
+        max_seq_len=model.max_seq_len,
+        tie_embeddings=model.tie_embeddings,
+        initializer_range=model.initializer_range,
+        norm=model.norm,
+        norm_eps=model.norm_eps,
+        **parts,
+    )
+
+
+class StateCache:
+    """Our `DecodeState` where transformers' `generate()` keeps its cache (`cache=` in and out).
+
+    Not a `transformers.Cache`: the state is per mixin (KV tensors, recurrent matrices, conv buffers),
+    so it can neither be cropped nor compiled as one, which these attributes tell `generate()`.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, state: DecodeState) -> None:
+        self.state = state
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.state.position
+
+
+class ArchiFactoryForCausalLM(PreTrainedModel, GenerationMixin):
+    """A thin `PreTrainedModel` around StackedMixinForCausalLM, for transformers tooling (generate, HFLM)."""
+
+    config_class = ArchiFactoryConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: ArchiFactoryConfig) -> None:
+        super().__init__(config)
+        self.model = config.build()
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model brings its own state; generate() must not make a DynamicCache
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Weights are initialised by the model's own scheme (`model/init.py`) when it is built."""
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.embedding
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: StateCache | None = None,
+        use_cache: bool | None = None,
+        labels: Tensor | None = None,
+        return_dict: bool | None = None,
+        **_: Any,  # transformers passes extras (position_ids, output_attentions…) the model has no use for
+    ) -> CausalLMOutputWithPast:
+        """input_ids [B, T]; labels [B, T] unshifted (HF convention), -100 ignored; cache: the decode state."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ArchiFactoryError(
+                "padded batches are not supported (padding would enter recurrent states); "
+                "use archifactory.generate.generate for prompts of different lengths"
+            )
+        # A state only when generate() asks for one (use_cache=True): a plain forward (scoring, HFLM) takes the
+        # training path, which is faster and gives exactly the logits of StackedMixinForCausalLM.forward.
+        state = None
+        if cache is not None:
+            state = cache.state
+        elif use_cache:
+            state = self.model.init_state(input_ids.shape[0], input_ids.device)
+        targets = None
+        if labels is not None:  # shift: the target of position t is label t+1
+            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        out = self.model(input_ids, targets=targets, state=state)
+        return CausalLMOutputWithPast(
+            loss=out.loss, logits=out.logits, cache=None if out.state is None else StateCache(out.state)
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """transformers' loader, after refusing a local folder whose weights fail their recorded sha256."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            verify_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def register_auto_classes() -> None:
+    """Make `AutoConfig` / `AutoModelForCausalLM` resolve model_type `archifactory` (idempotent)."""
+    from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+
+    register_auto_config()
+    AutoModelForCausalLM.register(ArchiFactoryConfig, ArchiFactoryForCausalLM, exist_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_config(folder: Path) -> ArchiFactoryConfig:
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ArchiFactoryError(f"{folder} has no readable config.json ({error})") from error
+    if not isinstance(raw, dict) or raw.get("model_type") != MODEL_TYPE:
+        found = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ArchiFactoryError(f"{folder}/config.json is not an ArchiFactory model (model_type {found!r})")
+    try:
+        return ArchiFactoryConfig.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+    except (TypeError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ArchiFactoryError(f"{folder}/config.json is invalid ({first})") from error
+
+
+def verify_folder(folder: Path) -> ArchiFactoryConfig:
+    """The folder's config, after checking model.safetensors against the sha256 recorded in config.json."""
+    config = read_config(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise ArchiFactoryError(f"{folder} has no {WEIGHTS}")
+    if config.weights_sha256 is not None and _sha256(weights) != config.weights_sha256:
+        raise ArchiFactoryError(
+            f"{weights} is damaged (fails the sha256 in config.json); export the run again"
+        )
+    return config
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> StackedMixinForCausalLM:
+    """StackedMixinForCausalLM from a `model/` folder, without Hydra or transformers' loader; eval mode."""
+    folder = Path(folder)
+    config = verify_folder(folder)
+    model = config.build()
+    try:
+        saved = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as error:
+        raise ArchiFactoryError(f"{folder / WEIGHTS} is unreadable ({error})") from error
+    weights = {name.removeprefix(PREFIX): tensor for name, tensor in saved.items()}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if expected != found:
+        differ = sorted(set(expected) ^ set(found)) or [n for n in expected if expected[n] != found[n]]
+        raise ArchiFactoryError(f"{folder / WEIGHTS} does not match config.json (at {', '.join(differ[:3])})")
+    model.load_state_dict(weights)
+    return model.to(device).eval()
+
+
+def save_pretrained(
+    model: StackedMixinForCausalLM, config: ArchiFactoryConfig, tokenizer: Tokenizer, out: str | Path
+) -> Path:
+    """Write the `model/` folder atomically (a temporary folder renamed into place); returns its path."""
+    from archifactory.runs import transformers_tokenizer
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        weights = {
+            PREFIX + n: t.detach().to("cpu", torch.float32).contiguous()
+            for n, t in model.state_dict().items()
+        }
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config.weights_sha256 = _sha256(tmp / WEIGHTS)
+        config.architectures = [ArchiFactoryForCausalLM.__name__]
+        config.save_pretrained(tmp)
+        eos = tokenizer.eos_id
+        GenerationConfig(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
+        transformers_tokenizer(tokenizer).save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,173 @@
+"""Decode speed and decode-state memory of every registered mixin, by context length; cached vs uncached.
+
+Each mixin is built through its own YAML as a full `model=tiny` model (4 layers, hidden 128, 4 heads,
+vocab 8192, swiglu, rope; batch 1, fp32, random weights: speed does not depend on training). For every
+context C it prefills a C-token prompt through the model's explicit state, then times single-token decode
+steps (after warm-up steps; the median step is reported, robust to a noisy shared machine):
+
+- decode tok/s at C: 1 / median seconds per decode step with a context of ~C tokens;
+- state MB at C: the bytes of every tensor in the decode state after the prefill (attention: its KV cache,
+  which grows with C; recurrent mixins: a constant-size state);
+- flat ×: the step time at the longest context over the shortest (recurrent mixins should stay near 1);
+- cached vs uncached at `--uncached-context`: the step time when every new token recomputes the full
+  forward over the whole sequence (what a model without a cache does), over the cached step time.
+
+    python scripts/bench_generate.py --markdown                 # contexts 128, 1024, 4096; every mixin
+    python scripts/bench_generate.py --mixins gqa,rwkv6 --contexts 128,1024 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # a script in the repository: run it without installing the package
+    sys.path.insert(0, str(REPO))
+
+from archifactory.model.build import build_model  # noqa: E402
+from archifactory.registry import components  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--mixins", default=None, help="comma-separated subset (default: every registered one)"
+    )
+    parser.add_argument("--contexts", default="128,1024,4096", help="comma-separated context lengths")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per context")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
+    parser.add_argument("--uncached-context", type=int, default=1024)
+    parser.add_argument("--uncached-steps", type=int, default=3, help="timed full-recompute steps")
+    parser.add_argument("--model", default="tiny", help="model size preset")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    return parser.parse_args(argv)
+
+
+def build(mixin: str, preset: str, vocab: int, max_len: int, device: str) -> torch.nn.Module:
+    """A full model composed from the real YAMLs (`mixin=…`, `model=…`), random weights, eval mode."""
+    from hydra import compose, initialize_config_dir
+
+    from archifactory.cli import config_dir
+    from archifactory.config import register_configs
+
+    register_configs()
+    overrides = [f"mixin={mixin}", f"model={preset}", f"trainer.seq_len={max_len}"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return build_model(cfg, vocab).to(device).eval()
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of every tensor reachable from a decode state (dataclasses, dicts, lists, tuples)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if hasattr(state, "__dataclass_fields__"):
+        return sum(state_bytes(getattr(state, name)) for name in state.__dataclass_fields__)
+    return 0
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def time_cached(model, context: int, steps: int, warmup: int, vocab: int, device: str) -> tuple[float, int]:
+    """(median seconds per decode step after a `context`-token prefill, state bytes after the prefill)."""
+    prompt = torch.randint(0, vocab, (1, context), device=device)
+    out = model(prompt, state=model.init_state(1, device))
+    size = state_bytes(out.state)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for step in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        out = model(token, state=out.state)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), size
+
+
+@torch.inference_mode()
+def time_uncached(model, context: int, steps: int, vocab: int, device: str) -> float:
+    """Median seconds per new token when each one recomputes the full forward over the whole sequence."""
+    ids = torch.randint(0, vocab, (1, context), device=device)
+    times = []
+    for step in range(steps + 1):  # the first is a warm-up
+        sync(device)
+        start = time.perf_counter()
+        token = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        ids = torch.cat([ids, token], dim=1)
+        if step:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(mixin: str, args: argparse.Namespace, contexts: list[int]) -> dict[str, Any]:
+    max_len = max(contexts + [args.uncached_context]) + args.warmup + args.steps + args.uncached_steps + 8
+    torch.manual_seed(0)
+    model = build(mixin, args.model, args.vocab, max_len, args.device)
+    row: dict[str, Any] = {"mixin": mixin, "backend": model.blocks[0].mixin.backend_name()}
+    for context in contexts:
+        seconds, size = time_cached(model, context, args.steps, args.warmup, args.vocab, args.device)
+        row[f"tok_s_{context}"] = 1.0 / seconds
+        row[f"state_mb_{context}"] = size / 2**20
+        row[f"step_s_{context}"] = seconds
+    row["flat"] = row[f"step_s_{contexts[-1]}"] / row[f"step_s_{contexts[0]}"]
+    cached, _ = time_cached(model, args.uncached_context, args.steps, args.warmup, args.vocab, args.device)
+    row["uncached_speedup"] = (
+        time_uncached(model, args.uncached_context, args.uncached_steps, args.vocab, args.device) / cached
+    )
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], contexts: list[int], uncached_context: int) -> str:
+    head = ["mixin", "backend"]
+    head += [f"decode tok/s @{c}" for c in contexts] + [f"state MB @{c}" for c in contexts]
+    head += [f"flat × ({contexts[-1]}/{contexts[0]})", f"cached vs uncached @{uncached_context}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for row in rows:
+        cells = [row["mixin"], row["backend"]]
+        cells += [f"{row[f'tok_s_{c}']:,.0f}" for c in contexts]
+        cells += [f"{row[f'state_mb_{c}']:.3f}" for c in contexts]
+        cells += [f"{row['flat']:.2f}", f"{row['uncached_speedup']:.1f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    contexts = sorted(int(c) for c in args.contexts.split(","))
+    mixins = args.mixins.split(",") if args.mixins else sorted(components("mixin"))
+    rows = []
+    for mixin in mixins:
+        row = measure(mixin, args, contexts)
+        rows.append(row)
+        if not args.markdown:
+            figures = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+            print(f"{mixin} ({row['backend']}): {figures}", flush=True)
+    if args.markdown:
+        print(markdown(rows, contexts, args.uncached_context))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
