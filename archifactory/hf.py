@@ -50,19 +50,23 @@ PREFIX = "model."  # the wrapper holds our model as `self.model`
 
 def config_from_run(cfg: DictConfig, vocab_size: int) -> ArchiFactoryConfig:
     """The HF config of a run's composed (resolved) Hydra config."""
+    from archifactory.model.hybrid import layer_mixin_configs, pattern_entries
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["vocab_size"] = model.get("vocab_size") or vocab_size
+    if pattern_entries(cfg) is not None:  # a hybrid: every layer's mixin in full, independent of the YAMLs
+        model["layer_pattern"] = [
+            OmegaConf.to_container(layer, resolve=True) for layer in layer_mixin_configs(cfg)
+        ]
+        model["attention_every"] = 0
     parts = {kind: OmegaConf.to_container(cfg[kind], resolve=True) for kind in ("mixin", "ffn", "positional")}
-    model = cfg.model
     return ArchiFactoryConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_heads=model.num_heads,
-        vocab_size=model.vocab_size or vocab_size,
-        max_seq_len=model.max_seq_len,
-        tie_embeddings=model.tie_embeddings,
-        initializer_range=model.initializer_range,
-        norm=model.norm,
-        norm_eps=model.norm_eps,
+        model=model,
         **parts,
+        hidden_size=model["hidden_size"],
+        num_hidden_layers=model["num_layers"],
+        vocab_size=model["vocab_size"],
+        max_position_embeddings=model["max_seq_len"],
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from transformers.configuration_utils import PreTrainedConfig
 
 from archifactory.errors import ArchiFactoryError
@@ -17,22 +18,24 @@ MODEL_TYPE = "archifactory"
 
 
 class ArchiFactoryConfig(PreTrainedConfig):
-    """The shape of a StackedMixinForCausalLM and its components by registry name (`{"name": …, options}`)."""
+    """A StackedMixinForCausalLM by its config sections, components by registry name and options.
+
+    `model` is the run's `model` section (shape, norm, init, vocab size; a hybrid's `layer_pattern` with
+    every layer's mixin written out in full, so loading needs no YAML); `mixin`, `ffn` and `positional` are
+    `{"name": …, <options>}` as the YAMLs write them. `hidden_size`, `num_hidden_layers`, `vocab_size` and
+    `max_position_embeddings` repeat figures from `model` under the names transformers tooling reads.
+    """
 
     model_type = MODEL_TYPE
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_heads: int = 4
-    vocab_size: int = 256
-    max_seq_len: int = 256
-    tie_embeddings: bool = False
-    initializer_range: float = 0.02
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-5
+    model: dict | None = None
     mixin: dict | None = None
     ffn: dict | None = None
     positional: dict | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
     weights_sha256: str | None = None  # of model.safetensors, so a damaged file is refused before loading
     tie_word_embeddings: bool = False  # transformers' own tying stays off: the model ties internally
     use_cache: bool = True
@@ -41,30 +44,19 @@ class ArchiFactoryConfig(PreTrainedConfig):
         """A freshly initialised model of this shape, built through the registry (as training builds it)."""
         from archifactory.model.build import build_model
 
-        for kind in ("mixin", "ffn", "positional"):
+        for kind in ("model", "mixin", "ffn", "positional"):
             part = getattr(self, kind)
-            if not isinstance(part, dict) or not isinstance(part.get("name"), str):
-                raise ArchiFactoryError(f"config.json: `{kind}` must be an object with a `name`")
+            if not isinstance(part, dict) or (kind != "model" and not isinstance(part.get("name"), str)):
+                raise ArchiFactoryError(
+                    f"config.json: `{kind}` must be an object" + (kind != "model") * " with a `name`"
+                )
         cfg = OmegaConf.create(
-            {
-                "model": {
-                    "num_layers": self.num_layers,
-                    "hidden_size": self.hidden_size,
-                    "num_heads": self.num_heads,
-                    "max_seq_len": self.max_seq_len,
-                    "vocab_size": self.vocab_size,
-                    "initializer_range": self.initializer_range,
-                    "tie_embeddings": self.tie_embeddings,
-                    "norm": self.norm,
-                    "norm_eps": self.norm_eps,
-                    "loss_chunk_size": 0,
-                },
-                "mixin": self.mixin,
-                "ffn": self.ffn,
-                "positional": self.positional,
-            }
+            {"model": self.model, "mixin": self.mixin, "ffn": self.ffn, "positional": self.positional}
         )
-        return build_model(cfg, self.vocab_size)
+        try:
+            return build_model(cfg, self.model.get("vocab_size") or 0)
+        except OmegaConfBaseException as error:  # a key the builder needs is missing from config.json
+            raise ArchiFactoryError(f"config.json is incomplete ({str(error).splitlines()[0]})") from error
 
 
 def register_auto_config() -> None:

@@ -3,7 +3,8 @@
 Each mixin is built through its own YAML as a full `model=tiny` model (4 layers, hidden 128, 4 heads,
 vocab 8192, swiglu, rope; batch 1, fp32, random weights: speed does not depend on training). For every
 context C it prefills a C-token prompt through the model's explicit state, then times single-token decode
-steps (after warm-up steps; the median step is reported, robust to a noisy shared machine):
+steps (after warm-up steps; the contexts' steps interleaved and the median step reported, robust to a
+noisy shared machine):
 
 - decode tok/s at C: 1 / median seconds per decode step with a context of ~C tokens;
 - state MB at C: the bytes of every tensor in the decode state after the prefill (attention: its KV cache,
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mixins", default=None, help="comma-separated subset (default: every registered one)"
     )
     parser.add_argument("--contexts", default="128,1024,4096", help="comma-separated context lengths")
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per context")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per context")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     parser.add_argument("--uncached-context", type=int, default=1024)
     parser.add_argument("--uncached-steps", type=int, default=3, help="timed full-recompute steps")
@@ -98,22 +99,30 @@ clock = CLOCK["cpu"]
 
 
 @torch.inference_mode()
-def time_cached(model, context: int, steps: int, warmup: int, vocab: int, device: str) -> tuple[float, int]:
-    """(median seconds per decode step after a `context`-token prefill, state bytes after the prefill)."""
-    prompt = torch.randint(0, vocab, (1, context), device=device)
-    out = model(prompt, state=model.init_state(1, device))
-    size = state_bytes(out.state)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    times = []
+def time_cached(
+    model, contexts: list[int], steps: int, warmup: int, vocab: int, device: str
+) -> dict[int, tuple[float, int]]:
+    """context -> (median seconds per decode step after a `context`-token prefill, state bytes after it).
+
+    The contexts' decode steps are interleaved (one step at each context in turn), so a machine whose
+    speed drifts during the measurement slows every context alike and the ratios between them hold.
+    """
+    outs, sizes, tokens, times = {}, {}, {}, {c: [] for c in contexts}
+    for context in contexts:
+        prompt = torch.randint(0, vocab, (1, context), device=device)
+        outs[context] = model(prompt, state=model.init_state(1, device))
+        sizes[context] = state_bytes(outs[context].state)
+        tokens[context] = outs[context].logits[:, -1].argmax(-1, keepdim=True)
     for step in range(warmup + steps):
-        sync(device)
-        start = clock()
-        out = model(token, state=out.state)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync(device)
-        if step >= warmup:
-            times.append(clock() - start)
-    return statistics.median(times), size
+        for context in contexts:
+            sync(device)
+            start = clock()
+            outs[context] = model(tokens[context], state=outs[context].state)
+            tokens[context] = outs[context].logits[:, -1].argmax(-1, keepdim=True)
+            sync(device)
+            if step >= warmup:
+                times[context].append(clock() - start)
+    return {c: (statistics.median(times[c]), sizes[c]) for c in contexts}
 
 
 @torch.inference_mode()
@@ -137,16 +146,18 @@ def measure(mixin: str, args: argparse.Namespace, contexts: list[int]) -> dict[s
     torch.manual_seed(0)
     model = build(mixin, args.model, args.vocab, max_len, args.device)
     row: dict[str, Any] = {"mixin": mixin, "backend": model.blocks[0].mixin.backend_name()}
-    for context in contexts:
-        seconds, size = time_cached(model, context, args.steps, args.warmup, args.vocab, args.device)
+    timed = time_cached(model, contexts, args.steps, args.warmup, args.vocab, args.device)
+    for context, (seconds, size) in timed.items():
         row[f"tok_s_{context}"] = 1.0 / seconds
         row[f"state_mb_{context}"] = size / 2**20
         row[f"step_s_{context}"] = seconds
     row["flat"] = row[f"step_s_{contexts[-1]}"] / row[f"step_s_{contexts[0]}"]
-    cached, _ = time_cached(model, args.uncached_context, args.steps, args.warmup, args.vocab, args.device)
-    row["uncached_speedup"] = (
-        time_uncached(model, args.uncached_context, args.uncached_steps, args.vocab, args.device) / cached
-    )
+    cached = timed[args.uncached_context][0] if args.uncached_context in timed else None
+    if cached is None:
+        cached = time_cached(model, [args.uncached_context], args.steps, args.warmup, args.vocab, args.device)
+        cached = cached[args.uncached_context][0]
+    uncached = time_uncached(model, args.uncached_context, args.uncached_steps, args.vocab, args.device)
+    row["uncached_speedup"] = uncached / cached
     return row
 
 

@@ -30,11 +30,18 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 
 def saved_model(
-    tokenizer: Tokenizer, folder: Path, mixin: str, ffn: str = "swiglu"
+    tokenizer: Tokenizer, folder: Path, mixin: str, ffn: str = "swiglu", *extra: str
 ) -> tuple[StackedMixinForCausalLM, Path]:
     """A 2-layer model with weights moved off their init, written as a `model/` folder."""
     cfg = compose_config(
-        [f"mixin={mixin}", f"ffn={ffn}", "model.hidden_size=64", "model.num_heads=4", "model.num_layers=2"]
+        [
+            f"mixin={mixin}",
+            f"ffn={ffn}",
+            "model.hidden_size=64",
+            "model.num_heads=4",
+            "model.num_layers=2",
+            *extra,
+        ]
     )
     model = build_model(cfg, tokenizer.vocab_size).eval()
     with torch.no_grad():
@@ -73,6 +80,25 @@ def test_stateful_ffn_round_trips(tokenizer, tmp_path: Path) -> None:
     model, folder = saved_model(tokenizer, tmp_path / "model", "gqa", "rwkv_cmix")
     ids = torch.tensor([tokenizer.encode("the bird sat")])
     hf = AutoModelForCausalLM.from_pretrained(folder)
+    expected = generate(model, ids, max_new_tokens=8)[0].tokens
+    assert hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[
+        0, ids.shape[1] :
+    ].tolist() == (expected)
+
+
+def test_a_hybrid_round_trips_without_its_yamls(tokenizer, tmp_path: Path) -> None:
+    pattern = "model.layer_pattern=[rwkv6,{name:gqa,num_kv_heads:1}]"
+    model, folder = saved_model(
+        tokenizer, tmp_path / "model", "rwkv6", "swiglu", "model.num_layers=4", pattern
+    )
+    layers = json.loads((folder / "config.json").read_text())["model"]["layer_pattern"]
+    assert [layer["name"] for layer in layers] == ["rwkv6", "gqa", "rwkv6", "gqa"]
+    assert layers[1]["num_kv_heads"] == 1 and "num_heads" in layers[0]  # every option written out
+    ids = torch.tensor([tokenizer.encode("the queen sat")])
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(StackedMixinForCausalLM.from_pretrained(folder)(ids).logits, model(ids).logits)
+        assert torch.equal(hf(ids).logits, model(ids).logits)
     expected = generate(model, ids, max_new_tokens=8)[0].tokens
     assert hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[
         0, ids.shape[1] :
