@@ -36,7 +36,7 @@ def test_round_trip_restores_weights_optimizer_and_trainer_state(tmp_path: Path)
     path = save(tmp_path)
     assert path == tmp_path / "step_0000005" and list_checkpoints(tmp_path) == [path]
     loaded = load_checkpoint(path, model_signature(WEIGHTS))
-    assert set(loaded.model_state) == set(WEIGHTS)
+    assert loaded.path == path and set(loaded.model_state) == set(WEIGHTS)
     for name, tensor in WEIGHTS.items():
         assert torch.equal(loaded.model_state[name], tensor)
     assert torch.equal(loaded.optimizer_state["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
@@ -151,3 +151,14 @@ def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path: Path, name: st
     with pytest.raises(Exception):  # noqa: B017 (torch's unpickling error type is not public API)
         load_checkpoint(path, model_signature(WEIGHTS))
     assert EXECUTED == []
+
+
+def test_save_creates_missing_parents_and_replaces_a_stale_temporary_of_the_same_step(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "checkpoints"  # neither exists yet
+    stale = directory / ".tmp_step_0000005"  # a save of this very step killed mid-write
+    save(directory, step=4)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    path = save(directory, step=5)
+    assert not stale.exists() and list_checkpoints(directory)[-1] == path
+    load_checkpoint(path, model_signature(WEIGHTS))
