@@ -60,20 +60,22 @@ def test_cached_greedy_equals_recomputing_the_full_forward(mixin: str, ffn: str)
 
 @pytest.mark.parametrize("mixin,ffn", CASES)
 def test_per_step_logits_match_the_full_forward(mixin: str, ffn: str) -> None:
+    """Prefill + decode logits == the full forward's, for a batch of two 37-token prompts (one state of
+    batch 2, as generate() runs an equal-length group) and for a 70-token prompt alone."""
     model = tiny_model(mixin, ffn)
-    prompt = prompts((37,))[0]
-    new = generate(model, [prompt], max_new_tokens=8)[0].tokens
-    ids = torch.tensor([prompt + new])
-    with torch.no_grad():
-        full = model(ids).logits[0, len(prompt) - 1 :]  # the logits that chose each new token, and one more
-        state = model.init_state(1)
-        out = model(ids[:, : len(prompt)], state=state)
-        stepped = [out.logits[0, -1]]
-        for t in range(len(prompt), ids.shape[1]):
-            out = model(ids[:, t : t + 1], state=out.state)
-            stepped.append(out.logits[0, -1])
-    torch.testing.assert_close(torch.stack(stepped), full, rtol=1e-4, atol=1e-4)
-    assert full[:-1].argmax(-1).tolist() == new
+    for group in (prompts((37, 37)), prompts((70,), seed=2)):
+        outs = generate(model, group, max_new_tokens=8)
+        ids = torch.tensor([p + g.tokens for p, g in zip(group, outs)])
+        length = len(group[0])
+        with torch.no_grad():
+            full = model(ids).logits[:, length - 1 :]  # the logits that chose each new token, and one more
+            out = model(ids[:, :length], state=model.init_state(len(group)))
+            stepped = [out.logits[:, -1]]
+            for t in range(length, ids.shape[1]):
+                out = model(ids[:, t : t + 1], state=out.state)
+                stepped.append(out.logits[:, -1])
+        torch.testing.assert_close(torch.stack(stepped, dim=1), full, rtol=1e-4, atol=1e-4)
+        assert full[:, :-1].argmax(-1).tolist() == [g.tokens for g in outs]
 
 
 def test_sampling_with_a_seed_is_reproducible() -> None:
