@@ -92,9 +92,10 @@ def load_data(
     """Prepare (or reuse) the token cache for `cfg` (the `dataset` config node) and open it; a synthetic
     probe (`source: synthetic`) is generated instead, and chat conversations (`source: chat`, SFT) are
     rendered with the chat template, with the same interface."""
-    if cfg.get("source") == "synthetic":
+    source = getattr(cfg, "source", None)  # a DictConfig node or a DatasetConfig (tests, scripts)
+    if source == "synthetic":
         return SyntheticData(cfg, seq_len, seed, rank, world_size)
-    if cfg.get("source") == "chat":  # SFT conversations on a pretrained run's tokenizer
+    if source == "chat":  # SFT conversations on a pretrained run's tokenizer
         from archifactory.sft.data import ChatData
 
         return ChatData(cfg, seq_len, seed, rank, world_size)
