@@ -2,21 +2,23 @@
 
 Verbs that run a job (`train`, and later ones) are Hydra apps over the same `configs/`, so overrides,
 `-m` multirun, `--cfg job`, `--help` and `hydra/launcher=…` behave as Hydra users expect. `list` prints
-every option of every config group. A user-facing error (`ArchiFactoryError`) is one line on stderr and
-a non-zero exit.
+every option of every config group. Every failure is one `error:` line on stderr and a non-zero exit
+(`archifactory.guard`): a user error as is, a compose error folded onto one line, anything unexpected
+with its type and the log file holding the traceback; `--debug` (or `ARCHIFACTORY_DEBUG=1`) re-raises.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from archifactory import generate_cli
+from archifactory import generate_cli, guard
 from archifactory.errors import ArchiFactoryError
 
 GROUPS = ("mixin", "ffn", "positional", "dataset", "task", "mqar_cell", "trainer", "model", "experiment")
-USAGE = """usage: archifactory <verb> [key=value ...] [-m] [--cfg job] [--help]
+USAGE = """usage: archifactory [--debug] <verb> [key=value ...] [-m] [--cfg job] [--help]
 
 verbs:
   train      train one model (or a sweep with -m) and write a run directory
@@ -26,6 +28,8 @@ verbs:
   generate   `generate [run=…] prompt="…"`: stream text from a trained run (prompt_file=… for JSONL)
   export     `export [run=…] [out=…] [step=…]`: write a checkpoint in Hugging Face format
   list       every option of every config group, with its description
+
+--debug (or ARCHIFACTORY_DEBUG=1): show the traceback of an unexpected error instead of one line
 
 examples:
   archifactory train mixin=gqa ffn=swiglu
@@ -131,15 +135,32 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def app(cfg: DictConfig) -> None:
-        # Hydra would print a traceback for an exception; a user error is one line and exit 1 instead.
+        # Hydra would print a traceback for an exception; every failure is one line and exit 1 instead.
         try:
             task(cfg)
         except ArchiFactoryError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
+        except Exception as error:
+            if guard.debug_enabled():
+                raise
+            print(guard.unexpected_error_line(error), file=sys.stderr)
+            sys.exit(1)
+        finally:
+            guard.detach_log_file()
 
     sys.argv = [f"archifactory {verb}", *args]
-    app()
+    # Hydra's own report of a compose error is several lines; with HYDRA_FULL_ERROR it raises instead,
+    # and `main` folds the message onto one line.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
     return 0
 
 
@@ -157,8 +178,14 @@ def train_task(cfg) -> None:
 
 
 def prepare_task(cfg) -> None:
-    from archifactory.data import prepare_task as prepare
+    from hydra.core.hydra_config import HydraConfig
 
+    from archifactory.data import prepare_task as prepare
+    from archifactory.validation import validate_config
+
+    validate_config(cfg)
+    # the cache's logs folder is not a run: its log is attached at once
+    guard.attach_log_file(Path(HydraConfig.get().runtime.output_dir) / guard.LOG_NAME)
     prepare(cfg)
 
 
@@ -198,6 +225,9 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--debug" in argv:  # ours, not Hydra's: taken out wherever it stands
+        os.environ["ARCHIFACTORY_DEBUG"] = "1"
+        argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -213,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         print(f"interrupted: {stop}" if str(stop) else "interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if guard.debug_enabled():
+            raise
+        if guard.is_config_error(error):
+            print(guard.config_error_line(error), file=sys.stderr)
+        else:
+            print(guard.unexpected_error_line(error), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

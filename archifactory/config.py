@@ -9,16 +9,46 @@ its schema in its defaults list (`- _schema_<name>`), the Hydra "structured conf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from archifactory.registry import components
+
+
+# Typed choices: OmegaConf checks an Enum field at compose time ("Invalid value 'adamx', expected one of
+# [adamw, muon, ademamix]"), so a misspelt choice fails before any data is prepared.
+class Choice(str, Enum):
+    """A string choice: compares, hashes, prints, formats and JSON-encodes as its plain value
+    (Python 3.11's StrEnum, written out for 3.10)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def choices(name: str, values: list[str] | tuple[str, ...]) -> type[Choice]:
+    """A `Choice` enum whose member names are its values (OmegaConf matches a YAML string by name)."""
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)  # type: ignore[return-value]
+
+
+Optimizer = choices("Optimizer", ["adamw", "muon", "ademamix"])
+Schedule = choices("Schedule", ["cosine", "wsd", "wsd_sqrt", "constant"])
+Precision = choices("Precision", ["auto", "fp32", "bf16"])
+Strategy = choices("Strategy", ["auto", "single", "ddp", "fsdp"])
+Norm = choices("Norm", ["rmsnorm", "layernorm"])
+SourceKind = choices("SourceKind", ["text", "hf"])
+DecodeErrors = choices("DecodeErrors", ["strict", "replace"])
+WandbMode = choices("WandbMode", ["auto", "online", "offline", "disabled"])
 
 # Constructor arguments the model supplies; everything else is a user option.
 _MODEL_SUPPLIED = {"self", "hidden_size", "layer_idx", "max_seq_len", "num_layers"}
@@ -34,7 +64,7 @@ class ModelConfig:
     vocab_size: int | None = None  # None: taken from the tokenizer
     initializer_range: float = 0.02
     tie_embeddings: bool = False
-    norm: str = "rmsnorm"
+    norm: Norm = Norm.rmsnorm
     norm_eps: float = 1e-5
     loss_chunk_size: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = all at once
     # hybrids (model/hybrid.py): per-layer mixins, repeated to the depth; entries are names or {name: …, options}
@@ -47,7 +77,7 @@ class ModelConfig:
 class TrainerConfig:
     preset: str = "default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: Precision = Precision.auto  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     seq_len: int = 256
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
@@ -55,14 +85,14 @@ class TrainerConfig:
     epochs: Optional[float] = None  # passes over the data (chat SFT); with max_steps, the smaller wins
     total_tokens: int | None = None  # token budget: steps = total_tokens / batch_tokens
     batch_tokens: int | None = None  # global batch in tokens: sets grad_accum_steps from the micro-batch
-    strategy: str = "auto"  # auto (ddp under torchrun, else single) | single | ddp | fsdp
+    strategy: Strategy = Strategy.auto  # auto (ddp under torchrun, else single) | single | ddp | fsdp
     activation_checkpointing: bool = False
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
-    optimizer: str = "adamw"  # adamw | muon | ademamix
+    optimizer: Optimizer = Optimizer.adamw
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd | wsd_sqrt | constant
+    schedule: Schedule = Schedule.cosine
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
     muon_lr: float = 0.02  # muon: learning rate of the matrix parameters (AdamW at `lr` for the rest)
     muon_momentum: float = 0.95
@@ -92,7 +122,7 @@ class DatasetConfig:
     """
 
     name: str = MISSING
-    source: str = "text"  # text (local files) | hf (a Hugging Face Hub dataset)
+    source: SourceKind = SourceKind.text  # text (local files) | hf (a Hugging Face Hub dataset)
     path: str | None = None  # text: a file, folder or glob; hf: the Hub dataset id
     hf_config: str | None = None  # the Hub dataset's config (subset) name
     revision: str | None = None  # a Hub commit/tag to pin; None = the default branch
@@ -116,6 +146,8 @@ class DatasetConfig:
     verify_cache: bool = True  # check every shard's checksum when reusing a cache
     rebuild: bool = False  # ignore an existing token cache and tokenize again
     document_mask: bool = False  # keep packed documents apart: each is mixed on its own (model/documents.py)
+    encoding: str = "utf-8"  # local text files: any Python codec name (latin-1, utf-16, cp1252, …)
+    decode_errors: DecodeErrors = DecodeErrors.strict  # strict: refuse undecodable bytes; replace: U+FFFD
 
 
 @dataclass
@@ -168,7 +200,7 @@ class WandbConfig:
     enabled: bool = False
     project: str = "archifactory"
     entity: str | None = None
-    mode: str = "auto"  # auto: online with an API key, offline without | online | offline | disabled
+    mode: WandbMode = WandbMode.auto  # auto: online with an API key, offline without
     name: str | None = None
 
 
@@ -197,11 +229,24 @@ def _omegaconf_type(annotation: Any) -> Any:
         inner = _omegaconf_type(args[0]) if len(args) == 1 else Any
         return Optional[inner]
     if origin is Literal:
-        return type(typing.get_args(annotation)[0])
+        values = typing.get_args(annotation)
+        return _choice_enum(values) if all(isinstance(v, str) for v in values) else type(values[0])
     if origin in (list, tuple):
         args = typing.get_args(annotation)
         return list[_omegaconf_type(args[0])] if args and args[0] is not Ellipsis else list[Any]
     return annotation
+
+
+@functools.cache
+def _choice_enum(values: tuple[str, ...]) -> type[Choice]:
+    """A StrEnum for a `Literal[...]` of strings, so OmegaConf validates the choice at compose time.
+
+    It is bound to a module-level name so a composed config holding one pickles (submitit sweeps).
+    """
+    name = "Choice_" + "_".join("".join(ch if ch.isalnum() else "_" for ch in v) for v in values)
+    enum = choices(name, values)
+    globals()[name] = enum
+    return enum
 
 
 def component_schema(kind: str, name: str, cls: type) -> type:
@@ -228,7 +273,8 @@ def component_schema(kind: str, name: str, cls: type) -> type:
 
 def component_options(cfg: Any) -> dict[str, Any]:
     """The constructor keyword arguments of a composed component config (everything but `name`)."""
-    return {key: value for key, value in cfg.items() if key != "name"}
+    # typed choices arrive as StrEnum members; constructors get the plain string
+    return {k: v.value if isinstance(v, Enum) else v for k, v in cfg.items() if k != "name"}
 
 
 def register_configs() -> None:

@@ -70,6 +70,16 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete the `.tmp-<target>-*` folders a killed preparer left (call with `target`'s lock held: the
+    lock holder is the only process that builds `target`, so any such folder is an orphan)."""
+    for stale in target.parent.glob(f".tmp-{target.name}-*"):
+        log.info("removing %s, left by an interrupted preparation", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in target.parent.glob(f".tmp-trash-{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def document_settings(cfg: DatasetConfig, source: Source) -> dict[str, Any]:
     """What decides which documents land in which split (the tokenizer's and the tokens' common part)."""
     return {
@@ -152,6 +162,7 @@ def get_tokenizer(cfg: DatasetConfig, source: Source, root: Path) -> Tokenizer:
     """The cached tokenizer for these settings, trained (bpe) or downloaded (Hub name) on first use."""
     target = tokenizer_folder(cfg, source, root)
     with file_lock(target.parent / f"{target.name}.lock"):
+        remove_stale_temporaries(target)
         if (target / "tokenizer.json").is_file():
             log.info("reusing tokenizer %s", target)
             return load_tokenizer(target)
@@ -287,6 +298,7 @@ def prepare(cfg: DatasetConfig) -> Prepared:
     key = short_hash(settings)
     folder = root / "tokens" / f"{slug(cfg.name)}-{key}"
     with file_lock(folder.parent / f"{folder.name}.lock"):
+        remove_stale_temporaries(folder)
         if folder.exists() and cfg.rebuild:
             log.info("dataset.rebuild=true: removing %s", folder)
             trash = folder.with_name(f".tmp-trash-{folder.name}-{os.getpid()}")

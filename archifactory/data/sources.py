@@ -9,10 +9,17 @@ Local files: `.txt` — one document per file, or split on `dataset.doc_separato
 "<|endoftext|>"); `.jsonl` — one document per line, the `dataset.text_field` of each JSON object;
 `.parquet` — the `dataset.text_field` column. `dataset.path` is a file, a folder (searched recursively,
 files in sorted order) or a glob.
+
+Decoding is strict: `.txt` and `.jsonl` files are read as `dataset.encoding` (UTF-8 by default; a leading
+UTF-8 byte-order mark is dropped), and the first undecodable byte stops preparation with one line naming
+the file and its byte offset. `dataset.decode_errors=replace` opts in to U+FFFD replacement instead (the
+log then says how many characters of which file were replaced). A file that decodes to text full of NUL
+or other control characters is refused as binary, whatever the encoding.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import logging
@@ -28,6 +35,57 @@ from archifactory.errors import ArchiFactoryError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+BINARY_SAMPLE = 1 << 16  # characters looked at to tell text from binary
+BINARY_CONTROL_SHARE = 0.01  # more control characters than this (or any NUL) = a binary file
+TEXT_CONTROLS = set("\t\n\r\f\v\x1b")  # control characters that real text files contain
+
+
+def looks_binary(text: str) -> bool:
+    """True when a decoded sample holds a NUL or more than 1% control characters (tabs, newlines excepted)."""
+    sample = text[:BINARY_SAMPLE]
+    if "\x00" in sample:
+        return True
+    # C0 controls and DEL only: C1 (U+0080-U+009F) also stands for cp1252's quotes read as latin-1
+    controls = sum(1 for ch in sample if (ch < " " or ch == "\x7f") and ch not in TEXT_CONTROLS)
+    return controls > BINARY_CONTROL_SHARE * max(len(sample), 1)
+
+
+class Decoder:
+    """Bytes of one file -> text, strictly (or replacing, when asked), with errors that name the file and
+    the byte offset."""
+
+    def __init__(self, encoding: str, errors: str) -> None:
+        self.encoding = codecs.lookup(encoding).name
+        self.errors = str(errors)
+        # Python's "utf-8" codec keeps a byte-order mark as U+FEFF; utf-8-sig drops it and is otherwise equal
+        self.codec = "utf-8-sig" if self.encoding == "utf-8" else self.encoding
+        # a file can be split into lines on b"\n" before decoding (utf-16/32 cannot)
+        self.line_safe = codecs.lookup(self.encoding).encode("\n")[0] == b"\n"
+
+    def decode(self, data: bytes, path: Path, offset: int = 0, line: int | None = None) -> str:
+        where = f"{path}:{line}" if line is not None else str(path)
+        try:
+            text = data.decode(self.codec, errors="strict")
+        except UnicodeDecodeError as error:
+            if self.line_safe and looks_binary(data[:BINARY_SAMPLE].decode("latin-1")):
+                self.check_text(data[:BINARY_SAMPLE].decode("latin-1"), path)
+            if self.errors != "replace":
+                raise ArchiFactoryError(
+                    f"{where}: byte {offset + error.start} (0x{data[error.start]:02x}) is not valid "
+                    f"{self.encoding} ({error.reason}); set dataset.encoding=<codec> (e.g. latin-1, cp1252) "
+                    "or dataset.decode_errors=replace"
+                ) from None
+            text = data.decode(self.codec, errors="replace")
+            replaced = text.count("\ufffd") - data.decode(self.codec, errors="ignore").count("\ufffd")
+            log.warning("%s: replaced %d undecodable character(s) with U+FFFD", where, replaced)
+        return text
+
+    def check_text(self, text: str, path: Path) -> None:
+        if looks_binary(text):
+            raise ArchiFactoryError(
+                f"{path} looks binary (NUL or control bytes where text has none); "
+                "remove it from dataset.path or point dataset.path at text files"
+            )
 
 
 class Source:
@@ -86,6 +144,7 @@ class LocalText(Source):
             raise ArchiFactoryError("dataset=text needs dataset.path=<file|folder|glob>")
         self.files = resolve_files(cfg.path)
         self.text_field = cfg.text_field
+        self.decoder = Decoder(cfg.encoding, cfg.decode_errors)
         # a separator typed on the command line arrives with literal backslash escapes ("\\n\\n")
         self.separator = (
             cfg.doc_separator.replace("\\n", "\n").replace("\\t", "\t") if cfg.doc_separator else None
@@ -97,34 +156,47 @@ class LocalText(Source):
         self.fingerprint = {
             "kind": "text",
             "files": [[str(f.relative_to(base)) if base else f.name, file_digest(f)] for f in self.files],
+            # the same bytes decoded another way are other documents: another tokenizer and token cache
+            "decoding": [self.decoder.encoding, self.decoder.errors],
         }
 
     def documents(self, split: str) -> Iterator[str]:
         for path in self.files:
             if path.suffix == ".txt":
-                text = path.read_text(encoding="utf-8", errors="replace")
+                text = self.decoder.decode(path.read_bytes(), path)
+                self.decoder.check_text(text, path)
                 yield from text.split(self.separator) if self.separator else [text]
             elif path.suffix == ".jsonl":
                 yield from self._jsonl(path)
             else:
                 yield from self._parquet(path)
 
+    def _lines(self, path: Path) -> Iterator[tuple[int, str]]:
+        """(line number, decoded line) of a file, streamed when the encoding allows it."""
+        if not self.decoder.line_safe:
+            yield from enumerate(self.decoder.decode(path.read_bytes(), path).splitlines(), 1)
+            return
+        with path.open("rb") as handle:
+            offset = 0
+            for number, raw in enumerate(handle, 1):
+                yield number, self.decoder.decode(raw, path, offset, number)
+                offset += len(raw)
+
     def _jsonl(self, path: Path) -> Iterator[str]:
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ArchiFactoryError(f"{path}:{number} is not valid JSON ({error.msg})") from error
-                if not isinstance(record, dict) or self.text_field not in record:
-                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                    raise ArchiFactoryError(
-                        f"{path}:{number} has no field {self.text_field!r} (it has: {keys}); "
-                        "set dataset.text_field="
-                    )
-                yield str(record[self.text_field] or "")
+        for number, line in self._lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ArchiFactoryError(f"{path}:{number} is not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict) or self.text_field not in record:
+                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise ArchiFactoryError(
+                    f"{path}:{number} has no field {self.text_field!r} (it has: {keys}); "
+                    "set dataset.text_field="
+                )
+            yield str(record[self.text_field] or "")
 
     def _parquet(self, path: Path) -> Iterator[str]:
         import pyarrow.parquet as pq

@@ -76,8 +76,11 @@ def build_model(cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
             norm_eps=model_cfg.norm_eps,
             loss_chunk_size=model_cfg.loss_chunk_size,
         )
-    except TypeError as error:  # a constructor refused an option: name it in one line
-        raise ArchiFactoryError(f"cannot build {cfg_variant_label(cfg)}/{cfg.ffn.name}: {error}") from error
+    except (TypeError, ValueError, ZeroDivisionError, AssertionError) as error:
+        # a constructor refused an option (or a combination `archifactory.validation` cannot see): one line
+        raise ArchiFactoryError(
+            f"cannot build {cfg_variant_label(cfg)}/{cfg.ffn.name}: {type(error).__name__}: {error}"
+        ) from error
     return model
 
 

@@ -8,7 +8,10 @@ Layout: `<run>/checkpoints/step_000050/` holding
   the sha256 of the three files above.
 A checkpoint is written into `.tmp_step_…` and renamed into place, so a crash mid-write leaves no
 directory a resume would trust; the sha256 check catches a file truncated or altered afterwards.
-Only rank 0 writes; older checkpoints beyond `keep` are deleted after the new one is in place.
+Only rank 0 writes; older checkpoints beyond `keep` are deleted after the new one is in place. A write
+that the disk refuses (ENOSPC, EIO, …) removes its temporary folder and stops the run with one line; the
+previous checkpoint stays the resume point. Temporary folders a killed run left behind are removed by
+the next save.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.hashing import file_digest
+from archifactory.train.rundir import fsync_dir
 
 PREFIX = "step_"
 
@@ -38,6 +42,10 @@ class TrainerState:
     tokens_seen: int
     loader: dict[str, Any]
     nonfinite_skipped: int = 0
+    # the train-loss window still open at the checkpoint (mean over ranks of the summed step losses, and
+    # its step count), so the first log step after a resume averages the same steps as without one
+    loss_sum: float = 0.0
+    loss_count: int = 0
 
 
 def model_signature(state_dict: dict[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -75,6 +83,13 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def remove_temporaries(directory: Path) -> None:
+    """Delete `.tmp_step_*` folders: a killed or failed save's leftovers (one run holds the directory)."""
+    if directory.is_dir():
+        for path in directory.glob(f".tmp_{PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(
     directory: Path,
     model_state: dict[str, torch.Tensor],
@@ -85,7 +100,45 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{trainer_state.step:07d}"
     tmp = directory / f".tmp_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_temporaries(directory)
+    try:
+        _write(tmp, model_state, optimizer_state, trainer_state)
+        if final.exists():  # the same step saved again (a stop request right after a checkpoint step)
+            old = directory / f".tmp_old_{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(directory)
+    except (
+        OSError,
+        RuntimeError,
+        SafetensorError,
+    ) as error:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = list_checkpoints(directory)
+        keeps = f"{earlier[-1]} stays the resume point" if earlier else "no earlier checkpoint exists"
+        try:
+            free = f"{shutil.disk_usage(directory).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise ArchiFactoryError(
+            f"could not write checkpoint {final} ({reason}; {free}); {keeps}. "
+            "Free some space, then continue with trainer.resume=true"
+        ) from error
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(
+    tmp: Path,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: TrainerState,
+) -> None:
     tmp.mkdir()
     weights = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in model_state.items()}
     save_file(weights, str(tmp / "model.safetensors"))
@@ -96,6 +149,8 @@ def save_checkpoint(
         "tokens_seen": trainer_state.tokens_seen,
         "loader": trainer_state.loader,
         "nonfinite_skipped": trainer_state.nonfinite_skipped,
+        "loss_sum": trainer_state.loss_sum,
+        "loss_count": trainer_state.loss_count,
         "model_signature": model_signature(weights),
         "sha256": {name: file_digest(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")},
     }
@@ -103,12 +158,6 @@ def save_checkpoint(
     for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 @dataclass
@@ -120,22 +169,43 @@ class LoadedCheckpoint:
     trainer_state: TrainerState
 
 
-def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> LoadedCheckpoint:
-    """Load and verify a checkpoint; refuse a corrupt or mismatched one with one clear line."""
-    meta_path = path / "trainer_state.json"
+# trainer_state.json keys a resume needs, with the JSON type each must have
+META_KEYS: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "tokens_seen": int,
+    "loader": dict,
+    "model_signature": dict,
+    "sha256": dict,
+}
+FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """`trainer_state.json` of a checkpoint whose files all pass their sha256; else one clear line."""
+    fix = "delete that folder to resume from an earlier checkpoint"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        meta = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArchiFactoryError(f"checkpoint {path} is unreadable ({error}); {fix}") from error
+    if not isinstance(meta, dict):
+        raise ArchiFactoryError(f"checkpoint {path}: trainer_state.json is not a JSON object; {fix}")
+    broken = [key for key, kind in META_KEYS.items() if not isinstance(meta.get(key), kind)]
+    if not broken and sorted(meta["sha256"]) != sorted(FILES):
+        broken = ["sha256"]
+    if broken:
         raise ArchiFactoryError(
-            f"checkpoint {path} is unreadable ({error}); delete it to resume from an earlier one"
-        ) from error
+            f"checkpoint {path}: trainer_state.json lacks or mangles {', '.join(broken)}; {fix}"
+        )
     for name, digest in meta["sha256"].items():
         file = path / name
         if not file.is_file() or file_digest(file) != digest:
-            raise ArchiFactoryError(
-                f"checkpoint {path} is corrupt ({name} fails its sha256 check); "
-                "delete that folder to resume from an earlier checkpoint"
-            )
+            raise ArchiFactoryError(f"checkpoint {path} is corrupt ({name} fails its sha256 check); {fix}")
+    return meta
+
+
+def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> LoadedCheckpoint:
+    """Load and verify a checkpoint; refuse a corrupt or mismatched one with one clear line."""
+    meta = verify_checkpoint(path)
     if meta["model_signature"] != expected_signature:
         theirs, ours = set(meta["model_signature"]), set(expected_signature)
         detail = (
@@ -150,9 +220,17 @@ def load_checkpoint(path: Path, expected_signature: dict[str, list[int]]) -> Loa
         model_state = load_file(str(path / "model.safetensors"))
     except SafetensorError as error:
         raise ArchiFactoryError(f"checkpoint {path} has unreadable weights ({error}); delete it") from error
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    try:
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        rng = torch.load(path / "rng.pt", weights_only=True)
+    except Exception as error:  # sha256 matched, so this is a file written by another torch version
+        raise ArchiFactoryError(f"checkpoint {path} cannot be loaded by this torch ({error})") from error
     trainer_state = TrainerState(
-        meta["step"], meta["tokens_seen"], meta["loader"], meta.get("nonfinite_skipped", 0)
+        meta["step"],
+        meta["tokens_seen"],
+        meta["loader"],
+        meta.get("nonfinite_skipped", 0),
+        float(meta.get("loss_sum", 0.0)),
+        int(meta.get("loss_count", 0)),
     )
     return LoadedCheckpoint(path, model_state, optimizer_state, rng, trainer_state)

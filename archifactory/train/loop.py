@@ -13,7 +13,6 @@ wrapping, metrics. The loop knows no component by name: per-step component hooks
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from archifactory import guard
 from archifactory.data import load_data
 from archifactory.data.dataset import TokenData
 from archifactory.data.loader import PackedLoader
@@ -41,7 +41,7 @@ from archifactory.model.hybrid import cfg_variant_label
 from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.runs import resolve_run, save_run_tokenizer, write_model_folder
 from archifactory.sft.model import init_from_pretrained
-from archifactory.train import distributed
+from archifactory.train import distributed, rundir
 from archifactory.train.checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -53,6 +53,7 @@ from archifactory.train.checkpoint import (
 from archifactory.train.metrics import Progress, RunRecorder, Throughput, peak_memory_mb
 from archifactory.train.optim import build_optimizer
 from archifactory.train.plot import plot_loss_curves
+from archifactory.train.resume import RunPlan, claim_run, finish_completed, plan_run
 from archifactory.train.runtime import (
     autocast_factory,
     configure_backends,
@@ -61,6 +62,7 @@ from archifactory.train.runtime import (
     seed_everything,
 )
 from archifactory.train.schedule import build_scheduler, steps_from_token_budget
+from archifactory.validation import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -142,23 +144,6 @@ def evaluate(
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
 
 
-def claim_run_dir(cfg: DictConfig, run_dir: Path, overrides: list[str], is_main: bool) -> None:
-    """Refuse to start a fresh run over one that holds checkpoints or completed; then write `.hydra/`."""
-    has_checkpoints = bool(list_checkpoints(run_dir / "checkpoints"))
-    summary_path = run_dir / "summary.json"
-    status = json.loads(summary_path.read_text()).get("status") if summary_path.exists() else None
-    if not cfg.trainer.resume and (has_checkpoints or status == "completed"):
-        raise ArchiFactoryError(
-            f"{run_dir} already holds a run (status {status}); continue it with trainer.resume=true "
-            "or start another with run_name=<new name>"
-        )
-    if is_main:
-        hydra_dir = run_dir / ".hydra"
-        hydra_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, hydra_dir / "config.yaml")
-        OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
-
-
 @dataclass
 class RunContext:
     """Everything one run holds, built once by `setup_run` and passed to the loop's pieces."""
@@ -199,9 +184,23 @@ class StepResult:
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    trainer = cfg.trainer
+    """Train one variant into `run_dir`: check the config, lock the directory, decide (read-only) what to
+    do with it, claim it, run. A refusal at any step before the claim leaves the directory untouched."""
+    validate_config(cfg)  # before anything is prepared, built or written
     is_main = int(os.environ.get("RANK", "0")) == 0
-    claim_run_dir(cfg, run_dir, overrides or [], is_main)
+    with rundir.locked(run_dir, enabled=is_main):
+        plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])
+        if plan.completed is not None:
+            return finish_completed(run_dir, plan, is_main)
+        if is_main:
+            claim_run(cfg, run_dir, overrides or [], plan)
+        summary = _run(cfg, run_dir, plan, is_main)
+    guard.detach_log_file()  # on an error the CLI's guard still writes the traceback to it, then detaches
+    return summary
+
+
+def _run(cfg: DictConfig, run_dir: Path, plan: RunPlan, is_main: bool) -> dict[str, Any]:
+    trainer = cfg.trainer
     if not is_main:  # rank-0-only logging: the other ranks report warnings and errors only
         logging.getLogger("archifactory").setLevel(logging.WARNING)
     info = distributed.setup(
@@ -222,23 +221,22 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             "run_dir": str(run_dir),
         },
     )
-    ckpt_dir = run_dir / "checkpoints"
-    resume_from = list_checkpoints(ckpt_dir)[-1] if trainer.resume and list_checkpoints(ckpt_dir) else None
-    if trainer.resume and resume_from is None and info.is_main:
-        log.warning("trainer.resume=true but %s holds no checkpoint: starting from step 0", ckpt_dir)
-    recorder.start(resume_step=None if resume_from is None else int(resume_from.name.split("_")[-1]))
+    recorder.start(plan.resume_step, plan.previous_summary)
     wall_start = time.perf_counter()
     try:
         with StopRequest() as stop:
-            run = setup_run(cfg, run_dir, info, device, recorder, resume_from, wall_start)
+            run = setup_run(cfg, run_dir, info, device, recorder, plan.resume_from, wall_start)
             return _train(run, stop)
     except BaseException as error:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        recorder.finish(
-            status=status,
-            error=str(error) or type(error).__name__,
-            wall_seconds=time.perf_counter() - wall_start,
-        )
+        try:  # where the disk allows: a full disk must not turn the real error into another one
+            recorder.finish(
+                status=status,
+                error=str(error) or type(error).__name__,
+                wall_seconds=time.perf_counter() - wall_start,
+            )
+        except Exception as record_error:
+            log.warning("could not record status %s in summary.json: %s", status, record_error)
         raise
     finally:
         distributed.teardown()
@@ -364,9 +362,11 @@ def train_step(run: RunContext) -> StepResult | None:
             run.nonfinite_in_a_row,
         )
         if run.nonfinite_in_a_row >= trainer.max_nonfinite_steps:
+            saved = list_checkpoints(run.run_dir / "checkpoints")
+            keeps = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
             raise ArchiFactoryError(
-                f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.state.step}; stopped. The last "
-                f"good checkpoint is in {run.run_dir / 'checkpoints'}: lower trainer.lr or raise trainer.warmup_steps"
+                f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.state.step}; stopped ({keeps}): "
+                "lower trainer.lr or raise trainer.warmup_steps"
             )
         return None
     run.nonfinite_in_a_row = 0
@@ -419,9 +419,17 @@ def validate(run: RunContext, progress: Progress) -> None:
     )
 
 
-def checkpoint(run: RunContext) -> None:
-    """Save model, optimizer, schedule, data position and RNG (gathered on every rank, written by rank 0)."""
+def checkpoint(run: RunContext, loss_window: tuple[Tensor, int] | None = None) -> None:
+    """Save model, optimizer, schedule, data position and RNG (gathered on every rank, written by rank 0).
+
+    `loss_window`: the train-loss sum and step count since the last log step, saved so that the first
+    log step after a resume averages the same steps as an uninterrupted run (a sync: checkpoint step).
+    """
     run.state.loader = run.loader.state_dict()
+    if loss_window is not None:
+        loss_sum, loss_count = loss_window
+        run.state.loss_sum = float(distributed.all_reduce_mean(loss_sum, run.info)) if loss_count else 0.0
+        run.state.loss_count = loss_count
     model_state, optim_state = distributed.full_state(run.model, run.optimizer, run.strategy)
     if run.info.is_main:
         path = save_checkpoint(
@@ -432,6 +440,8 @@ def checkpoint(run: RunContext) -> None:
             run.cfg.trainer.keep_checkpoints,
         )
         log.info("checkpoint: %s", path)
+        # summary.json's steps never lag the newest checkpoint
+        run.recorder.update_summary(steps=run.state.step, tokens_seen=run.state.tokens_seen)
     distributed.barrier(run.info)
 
 
@@ -453,8 +463,9 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
     )
     throughput = Throughput(3 * run.flops_per_token, peak_flops(run.device), run.info.world_size)
     progress = Progress(run.total_steps, state.step, enabled=run.info.is_main)
-    loss_sum = torch.zeros((), device=run.device)
-    loss_count = 0
+    # the train-loss window a resumed checkpoint left open (empty for a fresh run)
+    loss_sum = torch.full((), state.loss_sum, device=run.device)
+    loss_count = state.loss_count
     run.model.train()
     throughput.resume()
     first_step = state.step + 1  # excluded from throughput: compilation and warm-up
@@ -462,9 +473,7 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
     while state.step < run.total_steps:
         if stop.requested:
             throughput.pause()
-            checkpoint(run)
-            # the summary's figures are otherwise those of the last validation: say where the run stopped
-            run.recorder.update_summary(steps=state.step, tokens_seen=state.tokens_seen)
+            checkpoint(run, loss_window=(loss_sum, loss_count))  # also says where it stopped in summary.json
             raise KeyboardInterrupt(
                 f"stopped by {stop.requested} at step {state.step}; resume with trainer.resume=true"
             )
@@ -490,7 +499,7 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
             throughput.resume()
         if state.step % trainer.checkpoint_every == 0 or is_last:
             throughput.pause()
-            checkpoint(run)
+            checkpoint(run, loss_window=(loss_sum, loss_count))
             throughput.resume()
     progress.close()
     if run.info.is_main:

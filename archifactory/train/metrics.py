@@ -1,8 +1,10 @@
 """What a run writes for people and programs: `metrics.jsonl`, `summary.json`, the same numbers to wandb,
 and the progress display (a tqdm bar on a terminal, plain log lines off one).
 
-`summary.json` is written at the start (`status: running`) and rewritten at every validation and at the
-end, so a crash or a kill leaves `running`/`failed`/`interrupted` — never a run that looks complete.
+`summary.json` is written at the start (`status: running`) and rewritten (atomically) at every
+validation, every checkpoint and at the end, so a crash or a kill leaves `running`/`failed`/`interrupted`
+— never a run that looks complete. A resumed run starts from the previous summary (its losses stay
+until new ones replace them).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from archifactory.train import rundir
+from archifactory.train.rundir import write_json_atomic  # noqa: F401 (re-exported: eval/results.py)
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +57,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+# figures of one session that a resume must not carry over from the previous one
+_SESSION_KEYS = ("status", "error", "rebuilt")
 
 
 class RunRecorder:
@@ -68,19 +71,20 @@ class RunRecorder:
         self.summary: dict[str, Any] = {key: None for key in SUMMARY_KEYS} | base_summary
         self.wandb_run: Any = None
 
-    def start(self, resume_step: int | None) -> None:
+    def start(self, resume_step: int | None, previous_summary: dict[str, Any] | None = None) -> None:
+        """`status: running`; a fresh run empties metrics.jsonl, a resumed one keeps the lines up to its
+        checkpoint (dropping a torn last line) and the previous summary's figures."""
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.metrics_path.write_text("")
+            rundir.write_atomic(self.metrics_path, "")
         elif self.metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [
-                line
-                for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in rundir.read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
+            rundir.rewrite_metrics(self.metrics_path, kept)
+        if previous_summary:
+            carried = {k: v for k, v in previous_summary.items() if k not in _SESSION_KEYS}
+            self.summary = carried | {k: v for k, v in self.summary.items() if v is not None}
         self.update_summary(status="running")
 
     def attach_wandb(self, cfg: dict[str, Any], wandb_cfg: Any, run_name: str) -> None:
@@ -116,7 +120,7 @@ class RunRecorder:
         if not self.enabled:
             return
         self.summary.update({key: _jsonable(value) for key, value in values.items()})
-        write_json_atomic(self.run_dir / "summary.json", self.summary)
+        rundir.write_json_atomic(self.run_dir / "summary.json", self.summary)
 
     def finish(self, **values: Any) -> None:
         self.update_summary(**values)

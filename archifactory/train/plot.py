@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from archifactory.train.rundir import read_metrics
 
 
 def plot_loss_curves(run_dir: Path, title: str) -> Path | None:
     """Draw metrics.jsonl's train_loss and val_loss; returns the image path (None when nothing is logged)."""
-    lines = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
+    lines = read_metrics(run_dir / "metrics.jsonl")  # a torn line is dropped, not fatal
     train = [(m["tokens_seen"], m["train_loss"]) for m in lines if m.get("train_loss") is not None]
     val = [(m["tokens_seen"], m["val_loss"]) for m in lines if m.get("val_loss") is not None]
     if not train and not val:

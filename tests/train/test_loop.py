@@ -145,7 +145,8 @@ def test_bad_hidden_size_fails_cleanly(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "bad"
     with pytest.raises(ArchiFactoryError, match="not divisible"):
         train(smoke_config(corpus, tmp_path / "cache", "model.hidden_size=100", "model.num_heads=3"), run_dir)
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    # refused before anything was prepared or written: no run directory, no token cache
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
 
 
 def test_nonfinite_steps_are_skipped_then_stop(
