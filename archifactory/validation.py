@@ -7,12 +7,15 @@ ranges (lr > 0, intervals >= 1, heads >= 1 and dividing the width, …) and rela
 found is reported in one `ArchiFactoryError` line, so one run names them all.
 
 Component options (`mixin.*`, `ffn.*`, `positional.*`) are checked by name, for whichever component
-has them; each constructor still checks its own finer constraints when the model is built.
+has them; `check_buildable` then builds the model on PyTorch's meta device (shapes only: no memory, no
+data, a fraction of a second), so every constructor's own checks (a backend name, a head size RoPE
+cannot rotate, an MLA rank) also fail before the data is prepared rather than after.
 """
 
 from __future__ import annotations
 
 import codecs
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -21,6 +24,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from archifactory.errors import ArchiFactoryError
+
+log = logging.getLogger(__name__)
 
 Check = Callable[[Any], bool]
 
@@ -230,3 +235,23 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
     problems = config_problems(cfg)
     if problems:
         raise ArchiFactoryError("; ".join(problems))
+
+
+def check_buildable(cfg: DictConfig) -> None:
+    """Build the model on the meta device so each component refuses a bad option now, in one line.
+
+    The vocabulary is not known before the tokenizer exists; any size serves for the constructors'
+    checks. An exception that is not a user error (an operation the meta device lacks) is left for the
+    real build to meet.
+    """
+    import torch
+
+    from archifactory.model.build import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(cfg, cfg.model.vocab_size or 512)
+    except ArchiFactoryError:
+        raise
+    except Exception as error:  # not the user's: the real build will tell
+        log.debug("dry build on the meta device skipped: %r", error)

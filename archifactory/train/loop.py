@@ -62,7 +62,7 @@ from archifactory.train.runtime import (
     seed_everything,
 )
 from archifactory.train.schedule import build_scheduler, steps_from_token_budget
-from archifactory.validation import validate_config
+from archifactory.validation import check_buildable, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     """Train one variant into `run_dir`: check the config, lock the directory, decide (read-only) what to
     do with it, claim it, run. A refusal at any step before the claim leaves the directory untouched."""
     validate_config(cfg)  # before anything is prepared, built or written
+    check_buildable(cfg)  # every component constructor's own checks, on the meta device
     is_main = int(os.environ.get("RANK", "0")) == 0
     with rundir.locked(run_dir, enabled=is_main):
         plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])

@@ -27,7 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from archifactory import guard
 from archifactory.errors import ArchiFactoryError
 from archifactory.train.checkpoint import list_checkpoints, remove_temporaries, verify_checkpoint
-from archifactory.train.rundir import read_summary, rebuild_summary, write_atomic, write_json_atomic
+from archifactory.train.rundir import (
+    read_summary,
+    rebuild_summary,
+    remove_stale_writes,
+    write_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +204,8 @@ def claim_run(cfg: DictConfig, run_dir: Path, overrides: list[str], plan: RunPla
     write_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     guard.attach_log_file(run_dir / guard.LOG_NAME)
     remove_temporaries(run_dir / "checkpoints")  # a killed save's leftovers hold disk space
+    for folder in (run_dir, run_dir / ".hydra"):
+        remove_stale_writes(folder)
     if plan.resume_from is not None:
         log.info("resuming %s from %s (pid %d)", run_dir, plan.resume_from.name, os.getpid())
     if plan.safe_changes:

@@ -62,6 +62,13 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
+def remove_stale_writes(folder: Path) -> None:
+    """Delete `.<name>.tmp-<pid>` files a killed `write_atomic` left in `folder` (its lock is held)."""
+    for stale in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
 

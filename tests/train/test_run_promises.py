@@ -28,7 +28,8 @@ from archifactory.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from archifactory.train.loop import StopRequest, claim_run_dir, train
+from archifactory.train.loop import StopRequest, train
+from archifactory.train.resume import claim_run, plan_run
 from tests.helpers import compose_config
 from tests.train.test_loop import read_metrics, smoke_config, write_corpus
 
@@ -127,7 +128,7 @@ def test_default_run_name_names_the_variant() -> None:
         ("completed", False, False, True),  # a finished run without checkpoints is not overwritten
         ("failed", True, False, True),
         ("failed", False, False, False),  # nothing to lose: start again
-        ("completed", True, True, False),
+        ("completed", True, True, False),  # resumed (here: its fake checkpoint is then refused as unreadable)
         (None, False, False, False),
     ],
 )
@@ -143,10 +144,14 @@ def test_a_fresh_run_refuses_a_completed_or_checkpointed_run_dir(
     cfg = compose_config([f"trainer.resume={str(resume).lower()}"])
     if refused:
         with pytest.raises(ArchiFactoryError, match="already holds a run"):
-            claim_run_dir(cfg, run_dir, ["seed=1"], is_main=True)
+            plan_run(cfg, run_dir, planned_steps=20)
+        assert not (run_dir / ".hydra").exists()
+    elif checkpoints:
+        with pytest.raises(ArchiFactoryError, match="step_0000010 is unreadable"):
+            plan_run(cfg, run_dir, planned_steps=20)
         assert not (run_dir / ".hydra").exists()
     else:
-        claim_run_dir(cfg, run_dir, ["seed=1"], is_main=True)
+        claim_run(cfg, run_dir, ["seed=1"], plan_run(cfg, run_dir, planned_steps=20))
         assert (run_dir / ".hydra" / "overrides.yaml").read_text().strip() == "- seed=1"
 
 

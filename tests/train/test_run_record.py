@@ -219,8 +219,10 @@ def test_orphan_temporary_checkpoint_is_removed(world: dict[str, Path], tmp_path
     orphan = run_dir / "checkpoints" / ".tmp_step_0000030"
     orphan.mkdir()
     (orphan / "model.safetensors").write_bytes(b"x" * 100)
+    torn_write = run_dir / ".summary.json.tmp-12345"  # a kill between write and rename
+    torn_write.write_text('{"status": "runn')
     train(config(world, "trainer.max_steps=30", "trainer.resume=true"), run_dir)
-    assert not orphan.exists()
+    assert not orphan.exists() and not torn_write.exists()
 
 
 def test_first_log_after_a_resume_off_a_log_boundary_matches(
@@ -267,3 +269,17 @@ def test_nonfinite_stop_without_a_checkpoint_says_so(
     monkeypatch.setattr(stack.StackedMixinForCausalLM, "forward", nan_forward)
     with pytest.raises(ArchiFactoryError, match="no checkpoint was written yet"):
         train(config(world, "trainer.max_nonfinite_steps=2"), tmp_path / "nan")
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [("mixin.backend=warp", "backend='warp'"), ("ffn.dispatch=fastest", "ffn.dispatch='fastest'")],
+)
+def test_component_options_fail_before_the_data_is_prepared(
+    world: dict[str, Path], tmp_path: Path, option: str, message: str
+) -> None:
+    extra = [option] if option.startswith("mixin") else ["ffn=moe", option]
+    cfg = smoke_config(world["corpus"], tmp_path / "cache", *extra)
+    with pytest.raises(ArchiFactoryError, match=message):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "summary.json").exists()
