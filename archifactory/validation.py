@@ -19,6 +19,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -166,12 +167,31 @@ def _divides(problems: list[str], whole_key: str, whole: Any, part_key: str, par
         problems.append(f"{whole_key}={whole} is not divisible by {part_key}={part}")
 
 
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain values; a section whose interpolation cannot resolve yet stays unresolved
+    (e.g. a chat dataset's `${init_from}` outside `sft`), so its other values are still checked."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+    except Exception:
+        values: dict[str, Any] = {}
+        for key in cfg:
+            try:
+                value = cfg[key]
+            except Exception:  # a top-level interpolation that cannot resolve: nothing to check there
+                continue
+            if not OmegaConf.is_config(value):
+                values[str(key)] = value.value if isinstance(value, Enum) else value
+                continue
+            try:
+                values[str(key)] = OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+            except Exception:
+                values[str(key)] = OmegaConf.to_container(value, resolve=False, enum_to_str=True)
+        return values
+
+
 def config_problems(cfg: DictConfig | dict[str, Any]) -> list[str]:
     """Every range or relation the composed config breaks, as `key=value …` phrases (empty: valid)."""
-    values = (
-        OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else cfg
-    )
-    assert isinstance(values, dict)
+    values = _resolved(cfg) if isinstance(cfg, DictConfig) else cfg
     trainer, model = values.get("trainer") or {}, values.get("model") or {}
     dataset = values.get("dataset") or {}
     problems: list[str] = []
@@ -193,8 +213,12 @@ def config_problems(cfg: DictConfig | dict[str, Any]) -> list[str]:
             f"dataset.vocab_size={dataset['vocab_size']} is too small for byte-level BPE; use >= 257"
         )
     seq_len, max_seq_len = trainer.get("seq_len"), model.get("max_seq_len")
-    if _number(seq_len) and _number(max_seq_len) and max_seq_len < seq_len:
-        problems.append(f"model.max_seq_len={max_seq_len} is shorter than trainer.seq_len={seq_len}")
+    learned = (values.get("positional") or {}).get("name") == "learned"  # the one scheme with a fixed table
+    if learned and _number(seq_len) and _number(max_seq_len) and max_seq_len < seq_len:
+        problems.append(
+            f"model.max_seq_len={max_seq_len} is shorter than trainer.seq_len={seq_len} (positional=learned "
+            "has a table of max_seq_len positions)"
+        )
     eval_tokens = trainer.get("eval_tokens")
     if _number(seq_len) and _number(eval_tokens) and 1 <= eval_tokens < seq_len:
         problems.append(

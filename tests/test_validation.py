@@ -75,7 +75,10 @@ def test_every_shipped_option_is_valid(group: str) -> None:
             ["model.hidden_size=100", "model.num_heads=3"],
             "model.hidden_size=100 is not divisible by model.num_heads=3",
         ),
-        (["model.max_seq_len=16"], "model.max_seq_len=16 is shorter than trainer.seq_len=256"),
+        (
+            ["positional=learned", "model.max_seq_len=16"],
+            "model.max_seq_len=16 is shorter than trainer.seq_len=256",
+        ),
         (["mixin.num_kv_heads=3"], "mixin.num_heads=4 is not divisible by mixin.num_kv_heads=3"),
         (["mixin.num_heads=3"], "model.hidden_size=128 is not divisible by mixin.num_heads=3"),
         (["ffn=moe", "ffn.top_k=9"], "ffn.top_k=9 is more than ffn.num_experts=8"),
