@@ -8,6 +8,7 @@ to hand-written formulas here.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from archifactory.model.build import build_model
 from archifactory.model.ffn.mlp import MLP
@@ -45,3 +46,22 @@ def test_model_flops_are_the_blocks_plus_the_head() -> None:
     kv = model.blocks[0].mixin.num_kv_heads * 16
     per_block = (4 * 64 * 64 + 4 * 64 * kv) + 4 * 64 * (128 + 1) / 2 + 6 * 64 * 192
     assert model.flops_per_token(128) == pytest.approx(3 * per_block + 2 * 64 * 100, rel=1e-12)
+
+
+def test_default_ffns_are_bias_free_and_spend_two_flops_per_weight() -> None:
+    """Every weight of a dense FFN multiplies each token once: FLOPs/token == 2 x parameters."""
+    for layer in (SwiGLU(64, 0), MLP(64, 0)):
+        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == (3 if isinstance(layer, SwiGLU) else 2)
+        assert all(m.bias is None for m in linears), "bias defaults to off"
+        assert layer.flops_per_token() == 2 * sum(p.numel() for p in layer.parameters())
+
+
+def test_swiglu_and_mlp_compute_their_formulas() -> None:
+    x = torch.randn(2, 3, 64)
+    swiglu, mlp = SwiGLU(64, 0), MLP(64, 0)
+    s = torch.nn.functional.silu(x @ swiglu.gate_proj.weight.t()) * (x @ swiglu.up_proj.weight.t())
+    torch.testing.assert_close(swiglu(x)[0], s @ swiglu.out_proj.weight.t())
+    m = torch.nn.functional.gelu(x @ mlp.in_proj.weight.t()) @ mlp.out_proj.weight.t()
+    torch.testing.assert_close(mlp(x)[0], m)
+    assert swiglu(x)[1] == {} and mlp(x)[1] == {}
