@@ -67,6 +67,21 @@ def test_position_context_uses_the_cached_tables_for_the_same_rotation() -> None
     torch.testing.assert_close(ctx.rotate(x), rope.rotate(x, torch.arange(4, 9)))  # second call: cached
 
 
+def test_one_context_rotates_several_head_sizes_each_with_its_own_table() -> None:
+    """A hybrid stack (or MLA's rope slice) rotates different head sizes within one forward."""
+    rope = RotaryPositional(hidden_size=8, max_seq_len=32)
+    ctx = PositionContext(rope, 2, 5)
+    wide, narrow = torch.randn(1, 5, 2, 8, dtype=torch.float64), torch.randn(1, 5, 2, 4, dtype=torch.float64)
+    for _ in range(2):  # the second round reads the cached tables
+        torch.testing.assert_close(ctx.rotate(wide), rope.rotate(wide, torch.arange(2, 7)))
+        torch.testing.assert_close(ctx.rotate(narrow), rope.rotate(narrow, torch.arange(2, 7)))
+
+
+def test_rope_refuses_an_odd_head_dimension() -> None:
+    with pytest.raises(ArchiFactoryError, match="rope needs an even head dimension, got 5"):
+        RotaryPositional(hidden_size=10, max_seq_len=8).rotate(torch.randn(1, 2, 2, 5), torch.arange(2))
+
+
 @pytest.mark.parametrize(
     "heads,expected",
     [
