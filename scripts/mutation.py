@@ -204,6 +204,9 @@ def prepare_workdir(name: str, target: Target, workdir: Path) -> None:
             'also_copy = ["configs/"]',
             # torch is not fork-safe after it has run a test: fork each mutant from a clean server
             'process_isolation = "forkserver"',
+            # mutmut caps each mutant's CPU time at 15 x its tests' clean time + this constant; on a busy
+            # shared box 1 s (the default) turns slow-but-finished runs into false timeouts
+            "timeout_constant = 20.0",
             "use_git_change_detection = false",
             "",
         ]
