@@ -66,14 +66,17 @@ def test_list_shows_every_group_and_option(tmp_path: Path) -> None:
     "args,message",
     [
         (["mixin=nope"], "unknown mixin 'nope'"),
-        (["mixin.nonexistent_option=1"], "nonexistent_option"),
-        (["trainer.lr=fast"], "trainer.lr"),
+        (["mixin.nonexistent_option=1"], "mixin.nonexistent_option"),  # an unknown key
+        (["trainer.lr=fast"], "trainer.lr"),  # a wrong type
+        (["-m", "trainer.lr=fast,1"], "trainer.lr"),  # inside a sweep
     ],
 )
 def test_compose_errors_are_short_and_fail(args: list[str], message: str, tmp_path: Path) -> None:
+    """The README: an unknown key or a wrong type fails "with one line naming the key"."""
     result = cli("train", *args, cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
 
 
