@@ -14,3 +14,4 @@ python scripts/bench_train.py --device cuda --preset base125m --batch 16 --seq-l
     --compile --mixins gqa,mla,retnet,mamba2,rwkv6 --markdown 2>&1 | tee "$out/bench_train_cuda.md"
 python scripts/bench_eval.py --device cuda --layers 12 --hidden 768 --heads 12 --kv-heads 4 --vocab 32768 \
     --seq-len 1024 --batch 32 --questions 128 --markdown 2>&1 | tee "$out/bench_eval_cuda.md"
+python scripts/bench_generate.py --device cuda --markdown 2>&1 | tee "$out/bench_generate_cuda.md"

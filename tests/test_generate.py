@@ -185,3 +185,14 @@ def test_bad_options_are_one_line(options: dict, message: str) -> None:
     assert "\n" not in str(error.value)
     with pytest.raises(ArchiFactoryError, match="at least one token"):
         generate(model, [[]], max_new_tokens=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixin,ffn", CASES)
+def test_cached_greedy_equals_the_full_forward_on_cuda(mixin: str, ffn: str) -> None:
+    """On CUDA every mixin takes its fused path (backend=auto): decoding through the state still gives the
+    tokens of recomputing the full forward, for prompts of different lengths."""
+    model = tiny_model(mixin, ffn).cuda()
+    batch = prompts()
+    cached = generate(model, batch, max_new_tokens=10)
+    assert [g.tokens for g in cached] == [g.tokens for g in generate(model, batch, 10, use_cache=False)]
