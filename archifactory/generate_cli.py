@@ -10,7 +10,9 @@ These verbs read a run rather than start one, so they take plain `key=value` opt
 output directory is created). `run` defaults to the most recent completed run under `outputs/`; the run
 and checkpoint used are named in the first line, on stderr, so stdout carries only the generated text
 (streamed as it is produced) or, with `prompt_file`, JSONL. Generation stops at the tokenizer's EOS
-unless `ignore_eos=true`; `stop=` (repeatable; `\\n`-style escapes) adds stop strings.
+unless `ignore_eos=true`; `stop=` (repeatable; `\\n`-style escapes) adds stop strings. On an SFT run,
+`chat=true` (optionally `system="…"`) wraps each prompt as a user turn in its chat template and stops at
+the end of the assistant's turn.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from archifactory.errors import ArchiFactoryError
+from archifactory.sft.template import END, has_chat_template, render, special_id
 
 GENERATE_OPTIONS: dict[str, Callable[[str], Any]] = {
     "run": str,
@@ -41,6 +44,8 @@ GENERATE_OPTIONS: dict[str, Callable[[str], Any]] = {
     "step": int,
     "device": str,
     "ignore_eos": lambda v: {"true": True, "false": False}[v.lower()],
+    "chat": lambda v: {"true": True, "false": False}[v.lower()],
+    "system": str,
 }
 EXPORT_OPTIONS: dict[str, Callable[[str], Any]] = {"run": str, "out": str, "step": int}
 
@@ -134,24 +139,33 @@ def generate_verb(args: list[str]) -> int:
         file=sys.stderr,
     )
     tok = run.tokenizer
+    chat = opts.get("chat", False)
+    if chat and not has_chat_template(tok):
+        raise ArchiFactoryError(
+            f"chat=true needs an instruction-tuned run (archifactory sft …); {run_dir} has no chat template"
+        )
+    stop_ids = [] if opts.get("ignore_eos") else [tok.eos_id]
+    if chat:  # the assistant closes its turn with <|end|>
+        stop_ids.append(special_id(tok, END))
     sampling = {
         "max_new_tokens": opts.get("max_new_tokens", 128),
         "temperature": opts.get("temperature", 0.8),
         "top_k": opts.get("top_k"),
         "top_p": opts.get("top_p", 0.95),
         "repetition_penalty": opts.get("repetition_penalty", 1.0),
-        "stop_token_ids": [] if opts.get("ignore_eos") else [tok.eos_id],
+        "stop_token_ids": stop_ids,
         "stop_strings": opts["stop"],
         "tokenizer": tok,
     }
     seed = opts.get("seed", 0)
     if "prompt" in opts:
-        ids = encode_prompt(tok, opts["prompt"])
+        ids = encode_prompt(tok, opts["prompt"], chat, opts.get("system"))
         hold = max((len(s) for s in opts["stop"]), default=1) - 1
         for sample in range(num_samples):
             if num_samples > 1:
                 print(f"--- sample {sample + 1}/{num_samples}", file=sys.stderr)
-            sys.stdout.write(opts["prompt"])
+            if not chat:  # a continuation is printed after its prompt; a chat answer stands alone
+                sys.stdout.write(opts["prompt"])
             stream = TextStream(tok.decode, hold)
             stops = set(sampling["stop_token_ids"])  # EOS ends the text; it is not part of it
 
@@ -164,7 +178,7 @@ def generate_verb(args: list[str]) -> int:
             sys.stdout.write("\n")
         return 0
     prompts = read_prompts(Path(opts["prompt_file"]))
-    batch = [encode_prompt(tok, p) for p in prompts for _ in range(num_samples)]
+    batch = [encode_prompt(tok, p, chat, opts.get("system")) for p in prompts for _ in range(num_samples)]
     results = generate(run.model, batch, seed=seed, **sampling)
     lines = [
         json.dumps(
@@ -187,8 +201,15 @@ def generate_verb(args: list[str]) -> int:
     return 0
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids; an empty prompt starts from EOS (the document boundary the model was trained on)."""
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """The prompt's ids; an empty prompt starts from EOS (the document boundary the model was trained on).
+    With `chat`, the prompt is a user turn in the SFT chat template (after an optional system turn), ending
+    with the open assistant header the model continues."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return render(tokenizer, messages, add_generation_prompt=True).ids
     return tokenizer.encode(prompt) or [tokenizer.eos_id]
 
 

@@ -223,12 +223,21 @@ def test_tiny_sft_learns_the_answers_in_the_template(
     assert lm.tok_encode(text) == prompt and lm.chat_template(True) == "archifactory-chat-v1"
     request = Instance("generate_until", {}, (text, {"until": ["\n\n"], "max_gen_toks": 8}), idx=0)
     assert lm.generate_until([request])[0].strip() == answer
+    # the CLI: archifactory generate chat=true on the SFT run answers in the template and stops
+    chat = _run_cli(
+        "generate", f"run={run_dir}", "chat=true", f"prompt={question}", "temperature=0", cwd=tmp_path
+    )
+    assert chat.returncode == 0 and chat.stdout.strip() == answer, chat.stderr[-1500:]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return _run_cli("sft", *args, cwd=cwd)
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "archifactory", "sft", *args],
+        [sys.executable, "-m", "archifactory", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -274,3 +283,9 @@ def test_cli_sft_writes_its_own_run_dir(pretrained: Path, chat_file: Path, tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6 and "val_accuracy" in summary
     assert has_chat_template(load_run(run_dir).tokenizer)
+
+
+def test_generate_chat_needs_an_instruction_tuned_run(pretrained: Path, tmp_path: Path) -> None:
+    result = _run_cli("generate", f"run={pretrained}", "chat=true", "prompt=hello", cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("run:")]
+    assert result.returncode != 0 and lines == [lines[0]] and "no chat template" in lines[0], result.stderr
