@@ -190,7 +190,7 @@ def prepare_task(cfg) -> None:
 
 
 # a synthetic probe (dataset=mqar|mad) has no cache_dir: its no-op log goes to the default cache root
-LOG_DIR = "hydra.run.dir='${oc.select:dataset.cache_dir,${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}}/logs'"
+LOG_DIR = "hydra.run.dir='${oc.select:dataset.cache_dir,${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}}/logs'"  # noqa: E501
 
 
 def data_verb(args: list[str]) -> int:
