@@ -16,6 +16,7 @@ from pathlib import Path
 
 from archifactory import generate_cli, guard
 from archifactory.errors import ArchiFactoryError
+from archifactory.sweep import FAILED_JOBS, failure_report, is_multirun, record_failed_job
 
 GROUPS = ("mixin", "ffn", "positional", "dataset", "task", "mqar_cell", "trainer", "model", "experiment")
 USAGE = """usage: archifactory [--debug] <verb> [key=value ...] [-m] [--cfg job] [--help]
@@ -138,10 +139,14 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
         # Hydra would print a traceback for an exception; every failure is one line and exit 1 instead.
         try:
             task(cfg)
-        except ArchiFactoryError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
         except Exception as error:
+            if is_multirun():  # a failed sweep job is recorded; the sweep goes on (archifactory/sweep.py)
+                print(f"error: {error}", file=sys.stderr)
+                record_failed_job(cfg, error, write_record=verb == "train")
+                return
+            if isinstance(error, ArchiFactoryError):
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(1)
             if guard.debug_enabled():
                 raise
             print(guard.unexpected_error_line(error), file=sys.stderr)
@@ -154,6 +159,7 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
     # and `main` folds the message onto one line.
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    FAILED_JOBS.clear()
     try:
         app()
     finally:
@@ -161,7 +167,7 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
-    return 0
+    return failure_report()
 
 
 def train_task(cfg) -> None:

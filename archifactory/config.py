@@ -71,6 +71,10 @@ class ModelConfig:
     layer_pattern: Optional[list[Any]] = None
     attention_every: int = 0  # shorthand: every k-th layer is `attention_mixin`, the rest `mixin=`; 0 = off
     attention_mixin: str = "gqa"
+    # parameter matching (archifactory/model/match.py): non-embedding target, e.g. 30M or 3e7; null = off
+    target_params: Optional[str] = None
+    match: str = "width"  # width: solve the hidden size | layers: solve the depth
+    match_tolerance: float = 0.02
 
 
 @dataclass
@@ -219,6 +223,8 @@ class RootConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     experiment_name: str | None = None
     init_from: Optional[str] = None  # `archifactory sft`: the pretrained run directory it starts from
+    # a recipe's published reference figures (e.g. {val_loss: {gqa: 1.0096, …}}), printed by `report`
+    published: Any = None
 
 
 def _omegaconf_type(annotation: Any) -> Any:

@@ -38,6 +38,7 @@ from archifactory.eval.probe import probe_metrics
 from archifactory.model.build import build_model, describe_backends
 from archifactory.model.documents import documents_for
 from archifactory.model.hybrid import cfg_variant_label
+from archifactory.model.match import MatchResult, apply_match
 from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.runs import resolve_run, save_run_tokenizer, write_model_folder
 from archifactory.sft.model import init_from_pretrained
@@ -187,6 +188,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     """Train one variant into `run_dir`: check the config, lock the directory, decide (read-only) what to
     do with it, claim it, run. A refusal at any step before the claim leaves the directory untouched."""
     validate_config(cfg)  # before anything is prepared, built or written
+    cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
     check_buildable(cfg)  # every component constructor's own checks, on the meta device
     is_main = int(os.environ.get("RANK", "0")) == 0
     with rundir.locked(run_dir, enabled=is_main):
@@ -195,12 +197,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             return finish_completed(run_dir, plan, is_main)
         if is_main:
             claim_run(cfg, run_dir, overrides or [], plan)
-        summary = _run(cfg, run_dir, plan, is_main)
+        summary = _run(cfg, run_dir, plan, is_main, match)
     guard.detach_log_file()  # on an error the CLI's guard still writes the traceback to it, then detaches
     return summary
 
 
-def _run(cfg: DictConfig, run_dir: Path, plan: RunPlan, is_main: bool) -> dict[str, Any]:
+def _run(
+    cfg: DictConfig, run_dir: Path, plan: RunPlan, is_main: bool, match: MatchResult | None = None
+) -> dict[str, Any]:
     trainer = cfg.trainer
     if not is_main:  # rank-0-only logging: the other ranks report warnings and errors only
         logging.getLogger("archifactory").setLevel(logging.WARNING)
@@ -223,6 +227,17 @@ def _run(cfg: DictConfig, run_dir: Path, plan: RunPlan, is_main: bool) -> dict[s
         },
     )
     recorder.start(plan.resume_step, plan.previous_summary)
+    if match is not None:
+        recorder.update_summary(**match.summary())
+        if info.is_main:
+            log.info(
+                "params: target %s non-embedding, achieved %s (%+.2f%%) by model.match=%s: %s",
+                f"{match.target:,}",
+                f"{match.achieved:,}",
+                100 * match.error,
+                match.match,
+                match.shape.describe(),
+            )
     wall_start = time.perf_counter()
     try:
         with StopRequest() as stop:
@@ -408,7 +423,10 @@ def validate(run: RunContext, progress: Progress) -> None:
     val = evaluate(
         run.model, run.val_batches, run.device, run.autocast, run.data.val_bytes_per_token, run.document_eos
     )
-    run.recorder.log({"step": run.state.step, "tokens_seen": run.state.tokens_seen, **val})
+    elapsed = time.perf_counter() - run.wall_start  # the wall-clock axis of `archifactory report`'s plots
+    run.recorder.log(
+        {"step": run.state.step, "tokens_seen": run.state.tokens_seen, "elapsed_seconds": elapsed, **val}
+    )
     progress.write(f"step {run.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
     run.last.update(val)
     run.recorder.update_summary(

@@ -35,6 +35,13 @@ class Mixin(nn.Module, ABC):
     """Base class of every token mixer."""
 
     registry_name: str = "?"
+    # The mixin's own expansion: an integer constructor option that widens it without changing the
+    # residual width (mamba2 `d_state`, lstm/rnn `inner_size`, mla `kv_lora_rank`); parameter matching
+    # (`model/match.py`) may re-solve it when the hidden-size grid is too coarse. None: no such option.
+    match_option: str | None = None
+    # A per-head size option (mamba2 `head_dim`) that matching may move to the nearest value the
+    # hidden size divides, as attention's head size follows the hidden size. None: no such option.
+    match_head_option: str | None = None
 
     def __init__(self, hidden_size: int, layer_idx: int) -> None:
         super().__init__()

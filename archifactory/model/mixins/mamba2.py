@@ -41,6 +41,9 @@ class Mamba2(Mixin):
             `reference` (plain PyTorch) or `fused`.
     """
 
+    match_option = "d_state"  # the expansion parameter matching may re-solve
+    match_head_option = "head_dim"
+
     def __init__(
         self,
         hidden_size: int,

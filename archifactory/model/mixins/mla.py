@@ -55,6 +55,8 @@ class MultiHeadLatentAttention(Mixin):
             softmax, the oracle).
     """
 
+    match_option = "kv_lora_rank"  # the expansion parameter matching may re-solve
+
     def __init__(
         self,
         hidden_size: int,

@@ -29,6 +29,8 @@ def _check_positive(name: str, **sizes: int) -> None:
 class _TorchRecurrentMixin(Mixin):
     """Shared plumbing: run `self.rnn` batch-first from an explicit state, then `out_proj` to hidden."""
 
+    match_option = "inner_size"  # the expansion parameter matching may re-solve
+
     rnn: nn.RNNBase
     state_names: tuple[str, ...]
 

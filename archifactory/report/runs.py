@@ -1,0 +1,193 @@
+"""Reading run directories for the report: summaries, metrics, overrides, and variants across seeds.
+
+A run directory is any folder with a `summary.json` (what `archifactory train` writes; a failed sweep
+job gets one too, see `archifactory/sweep.py`). A sweep folder is searched for them. Runs are grouped
+into *variants*: runs whose command-line overrides agree on everything but the seed. A variant is named
+by the overrides that differ between variants (e.g. `mixin=rwkv6`), or by its mixin/ffn/positional when
+the overrides do not tell runs apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from archifactory.errors import ArchiFactoryError
+
+# Overrides that never define a variant: the seed, where outputs go, and how the job is run.
+_NOT_VARIANT = ("seed", "run_name", "trainer.resume", "hydra.", "hydra/", "trainer.device", "wandb.")
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict[str, Any]
+    overrides: dict[str, str]
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status") or "unknown")
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def seed(self) -> Any:
+        return self.summary.get("seed", self.config.get("seed"))
+
+    def number(self, key: str) -> float | None:
+        """A numeric summary figure (dotted keys reach into sections: `eval.mmlu.value`)."""
+        value: Any = self.summary
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def load_run(path: Path) -> Run:
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ArchiFactoryError(f"{path / 'summary.json'} cannot be read: {error}") from error
+    overrides: dict[str, str] = {}
+    for item in _read_yaml(path / ".hydra" / "overrides.yaml") or []:
+        key, _, value = str(item).partition("=")
+        overrides[key.lstrip("+~")] = value
+    metrics = []
+    metrics_path = path / "metrics.jsonl"
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                metrics.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill: the rest is still good
+    config = _read_yaml(path / ".hydra" / "config.yaml") or {}
+    return Run(path, summary if isinstance(summary, dict) else {}, overrides, config, metrics)
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run dir in `paths` (each a run dir, or a folder searched for run dirs), in path order."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise ArchiFactoryError(f"{path} does not exist")
+        if (path / "summary.json").is_file():
+            found.append(path)
+        else:
+            found += sorted(p.parent for p in path.rglob("summary.json") if ".hydra" not in p.parts)
+    if not found:
+        raise ArchiFactoryError(
+            f"no run directory (a folder with summary.json) in {', '.join(map(str, paths))}"
+        )
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return [load_run(p) for p in unique]
+
+
+def _is_variant_key(key: str) -> bool:
+    return not any(key == k or key.startswith(k) for k in _NOT_VARIANT)
+
+
+def variant_labels(runs: list[Run]) -> list[str]:
+    """One label per run: the variant-defining overrides that are not the same in every run."""
+    keys = sorted({k for run in runs for k in run.overrides if _is_variant_key(k)})
+    differing = [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
+    labels = []
+    for run in runs:
+        parts = [f"{k}={run.overrides[k]}" for k in differing if k in run.overrides]
+        if not parts:
+            s = run.summary
+            parts = [str(s.get(k)) for k in ("mixin", "ffn", "positional") if s.get(k) is not None]
+        labels.append(" ".join(parts) or run.path.name)
+    if len(set(labels)) == 1 and len(runs) > 1 and len({run.seed for run in runs}) < len(runs):
+        # same overrides, same seed: not seeds of one variant but separate runs; keep them apart
+        labels = [f"{label} ({run.path.name})" for label, run in zip(labels, runs)]
+    return labels
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (ddof=1; None for one value) of one figure over seeds."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+@dataclass
+class Variant:
+    label: str
+    runs: list[Run]
+
+    @property
+    def completed(self) -> list[Run]:
+        return [run for run in self.runs if run.completed]
+
+    @property
+    def failed(self) -> list[Run]:
+        return [run for run in self.runs if not run.completed]
+
+    def stat(self, key: str) -> Stat:
+        return Stat([v for v in (run.number(key) for run in self.completed) if v is not None])
+
+    def first(self, key: str) -> float | None:
+        """A figure that does not change with the seed (parameter counts, FLOPs): the first run's."""
+        for run in self.completed or self.runs:
+            value = run.number(key)
+            if value is not None:
+                return value
+        return None
+
+    def by_seed(self, key: str) -> dict[Any, float]:
+        return {run.seed: v for run in self.completed if (v := run.number(key)) is not None}
+
+
+def group_variants(runs: list[Run]) -> list[Variant]:
+    variants: dict[str, Variant] = {}
+    for label, run in zip(variant_labels(runs), runs):
+        variants.setdefault(label, Variant(label, [])).runs.append(run)
+    return list(variants.values())
+
+
+def eval_keys(variants: list[Variant]) -> list[tuple[str, str]]:
+    """(summary key, column title) for every numeric score present: `eval.<task>.value` sections
+    (`archifactory eval`) and `val_accuracy` (probe datasets). Absent everywhere: no column."""
+    keys: dict[str, str] = {}
+    for variant in variants:
+        for run in variant.runs:
+            section = run.summary.get("eval")
+            if isinstance(section, dict):
+                for task, result in sorted(section.items()):
+                    if isinstance(result, dict) and run.number(f"eval.{task}.value") is not None:
+                        keys.setdefault(f"eval.{task}.value", f"{task} {result.get('metric') or ''}".strip())
+                    elif isinstance(result, (int, float)):
+                        keys.setdefault(f"eval.{task}", task)
+            if run.number("val_accuracy") is not None:
+                keys.setdefault("val_accuracy", "val accuracy")
+    return list(keys.items())

@@ -1,0 +1,71 @@
+"""Sweeps that survive a failed job: Hydra multirun (`archifactory train -m …`) records the failure in the
+job's run directory and moves on to the next job; the command exits non-zero at the end, naming them.
+
+Every job of a sweep with the same `seed` reads the same tokens in the same order (the loader's order is
+a function of the dataset and the seed only) and starts from the same RNG state, so variants differ only
+in what the sweep varies. A job that fails before training starts (a shape that cannot be matched, a
+bad option) still leaves a `summary.json` with `status: failed` and the error, so `archifactory report`
+shows it as failed rather than missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# (job label, error) of the jobs of this process's sweep that failed (basic launcher: all in-process)
+FAILED_JOBS: list[tuple[str, str]] = []
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failed_job(cfg: DictConfig, error: BaseException) -> None:
+    """Note a failed sweep job: its run dir's summary.json says `failed` (written here when the run
+    stopped before it had one; a completed run's summary is never touched) and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from archifactory.train.metrics import write_json_atomic  # torch: only when a job failed
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    message = str(error) or type(error).__name__
+    FAILED_JOBS.append((f"#{hydra_cfg.job.num} {' '.join(overrides)}", message))
+    log.error("sweep job %s failed: %s", hydra_cfg.job.num, message, exc_info=error)
+    summary_path = run_dir / "summary.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not summary_path.exists():
+        summary: dict[str, Any] = {"status": "failed", "error": message, "run_dir": str(run_dir)}
+        for key in ("mixin", "ffn", "positional", "dataset"):
+            summary[key] = OmegaConf.select(cfg, f"{key}.name", default=None)
+        summary["seed"] = OmegaConf.select(cfg, "seed", default=None)
+        write_json_atomic(summary_path, summary)
+    hydra_dir = run_dir / ".hydra"
+    if not (hydra_dir / "overrides.yaml").exists():  # the report labels variants by their overrides
+        hydra_dir.mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")
+        if not (hydra_dir / "config.yaml").exists():
+            OmegaConf.save(cfg, hydra_dir / "config.yaml")
+
+
+def failure_report() -> int:
+    """After a sweep: one line per failed job on stderr; the exit status (1 when any failed)."""
+    import sys
+
+    if not FAILED_JOBS:
+        return 0
+    print(f"error: {len(FAILED_JOBS)} sweep job(s) failed (recorded in their run dirs):", file=sys.stderr)
+    for label, message in FAILED_JOBS:
+        print(f"  {label}: {json.dumps(message)[1:-1]}", file=sys.stderr)
+    return 1
