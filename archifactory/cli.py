@@ -29,6 +29,8 @@ verbs:
   generate   `generate [run=…] prompt="…"`: stream text from a trained run (prompt_file=… for JSONL)
   export     `export [run=…] [out=…] [step=…]`: write a checkpoint in Hugging Face format
   list       every option of every config group, with its description
+             (`list --params model.target_params=30M`: the matched shape of every mixin x FFN)
+  report     `report <sweep dir | run dir ...>`: results table (mean ± std over seeds) and plots
 
 --debug (or ARCHIFACTORY_DEBUG=1): show the traceback of an unexpected error instead of one line
 
@@ -60,7 +62,13 @@ def group_options(group: str) -> dict[str, str]:
     return options
 
 
-def list_options(_: list[str]) -> int:
+def list_options(args: list[str]) -> int:
+    if args and args[0] == "--params":  # the matched shape of every mixin x FFN, nothing trained
+        from archifactory.model.params_list import list_params
+
+        return list_params(args[1:])
+    if args:
+        raise ArchiFactoryError(f"usage: archifactory list [--params key=value ...]; got {' '.join(args)}")
     for group in GROUPS:
         options = group_options(group)
         width = max(len(f"{group}={name}") for name in options)
@@ -218,6 +226,12 @@ def sft_verb(args: list[str]) -> int:
     return sft_main(args)
 
 
+def report_verb(args: list[str]) -> int:
+    from archifactory.report import main as report_main
+
+    return report_main(args)
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "train": lambda args: run_hydra(train_task, "train", args),
     "data": data_verb,
@@ -226,6 +240,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "sft": sft_verb,
     "generate": lambda args: generate_cli.generate_verb(args),
     "export": lambda args: generate_cli.export_verb(args),
+    "report": report_verb,
 }
 
 

@@ -30,9 +30,10 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def record_failed_job(cfg: DictConfig, error: BaseException) -> None:
+def record_failed_job(cfg: DictConfig, error: BaseException, write_record: bool = True) -> None:
     """Note a failed sweep job: its run dir's summary.json says `failed` (written here when the run
-    stopped before it had one; a completed run's summary is never touched) and the sweep goes on."""
+    stopped before it had one; a completed run's summary is never touched) and the sweep goes on.
+    `write_record=False` (verbs whose job dir is not a training run) only notes it for the exit."""
     from hydra.core.hydra_config import HydraConfig
 
     from archifactory.train.metrics import write_json_atomic  # torch: only when a job failed
@@ -43,6 +44,8 @@ def record_failed_job(cfg: DictConfig, error: BaseException) -> None:
     message = str(error) or type(error).__name__
     FAILED_JOBS.append((f"#{hydra_cfg.job.num} {' '.join(overrides)}", message))
     log.error("sweep job %s failed: %s", hydra_cfg.job.num, message, exc_info=error)
+    if not write_record:
+        return
     summary_path = run_dir / "summary.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     if not summary_path.exists():

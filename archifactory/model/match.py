@@ -236,7 +236,9 @@ def match_params(cfg: DictConfig) -> MatchResult:
             for candidate in filter(None, coarse):
                 base = candidate[0]
                 pair = _closest_pair(
-                    lambda v, b=base: counter(Shape(b.hidden_size, b.num_layers, b.mixin_options | {option: v})),
+                    lambda v, b=base: counter(
+                        Shape(b.hidden_size, b.num_layers, b.mixin_options | {option: v})
+                    ),
                     target,
                     max(1, default // 2),
                     2 * default,

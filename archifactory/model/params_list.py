@@ -1,0 +1,106 @@
+"""`archifactory list --params [overrides…]`: the shape, parameters and FLOPs/token of every mixin × FFN.
+
+Nothing is trained or allocated: each variant is composed from the real configs with the given
+overrides, matched to `model.target_params` when it is set (`model/match.py`), and built on PyTorch's
+meta device. `mixin=a,b` / `ffn=a,b` restrict the rows; other overrides apply to every row. The LM
+head and embedding use `model.vocab_size` or, when it is unset, the dataset's `vocab_size` (the BPE
+size; a Hub tokenizer's real vocabulary is only known once it is loaded).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from archifactory.errors import ArchiFactoryError
+from archifactory.registry import components
+
+
+def _split(args: list[str]) -> tuple[list[str] | None, list[str] | None, list[str]]:
+    mixins = ffns = None
+    rest = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key == "mixin":
+            mixins = value.split(",")
+        elif key == "ffn":
+            ffns = value.split(",")
+        else:
+            rest.append(arg)
+    return mixins, ffns, rest
+
+
+def params_rows(args: list[str]) -> list[dict[str, object]]:
+    """One dict per mixin × FFN: the resolved shape and its accounting, or the reason it has none."""
+    from hydra import compose, initialize_config_dir
+
+    from archifactory.cli import config_dir
+    from archifactory.config import register_configs
+    from archifactory.model.build import build_model
+    from archifactory.model.match import apply_match
+
+    mixins, ffns, rest = _split(args)
+    mixins = mixins or sorted(components("mixin"))
+    ffns = ffns or sorted(components("ffn"))
+    register_configs()
+    rows = []
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for mixin in mixins:
+            for ffn in ffns:
+                row: dict[str, object] = {"mixin": mixin, "ffn": ffn}
+                try:
+                    cfg = compose(config_name="config", overrides=[f"mixin={mixin}", f"ffn={ffn}", *rest])
+                    cfg, match = apply_match(cfg)
+                    vocab = cfg.model.vocab_size or cfg.dataset.vocab_size
+                    with torch.device("meta"):
+                        model = build_model(cfg, vocab)
+                except ArchiFactoryError as error:
+                    row["error"] = str(error)
+                    rows.append(row)
+                    continue
+                breakdown = model.parameter_breakdown()
+                row |= {
+                    "hidden": cfg.model.hidden_size,
+                    "layers": cfg.model.num_layers,
+                    "set": " ".join(f"{k}={v}" for k, v in match.shape.mixin_options.items())
+                    if match
+                    else "",
+                    "params": breakdown["total"],
+                    "non_embedding": breakdown["non_embedding"],
+                    "active": breakdown["active"],
+                    "vs_target": None if match is None else match.error,
+                    "flops_per_token": model.flops_per_token(cfg.trainer.seq_len),
+                }
+                rows.append(row)
+    return rows
+
+
+def list_params(args: list[str]) -> int:
+    rows = params_rows(args)
+    header = ("mixin", "ffn", "hidden", "layers", "mixin options", "params", "non-emb", "active", "vs target",
+              "FLOPs/token")  # fmt: skip
+    lines = [header]
+    for row in rows:
+        if "error" in row:
+            lines.append((row["mixin"], row["ffn"], "—", "—", "—", "—", "—", "—", "—", "—"))
+            continue
+        error = row["vs_target"]
+        lines.append(
+            (
+                row["mixin"], row["ffn"], str(row["hidden"]), str(row["layers"]), row["set"] or "",
+                f"{row['params']:,}", f"{row['non_embedding']:,}", f"{row['active']:,}",
+                "" if error is None else f"{error:+.2%}", f"{row['flops_per_token'] / 1e6:,.2f}M",
+            )
+        )  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for i, line in enumerate(lines):
+        print(
+            "  ".join(
+                str(c).ljust(w) if j < 5 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths))
+            )
+        )
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    failed = [row for row in rows if "error" in row]
+    for row in failed:
+        print(f"{row['mixin']}/{row['ffn']}: {row['error']}")
+    return 1 if failed and len(failed) == len(rows) else 0
