@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from archifactory.errors import ArchiFactoryError
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +34,28 @@ def is_multirun() -> bool:
 
 
 def record_failed_job(cfg: DictConfig, error: BaseException, write_record: bool = True) -> None:
-    """Note a failed sweep job: its run dir's summary.json says `failed` (written here when the run
-    stopped before it had one; a completed run's summary is never touched) and the sweep goes on.
-    `write_record=False` (verbs whose job dir is not a training run) only notes it for the exit."""
+    """Note a failed sweep job (in-process launchers): its run dir's summary.json says `failed` and the
+    sweep goes on. `write_record=False` (verbs whose job dir is not a training run) only notes it."""
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_cfg = HydraConfig.get()
+    message = str(error) or type(error).__name__
+    overrides = list(hydra_cfg.overrides.task)
+    FAILED_JOBS.append((f"#{hydra_cfg.job.num} {' '.join(overrides)}", message))
+    log.error("sweep job %s failed: %s", hydra_cfg.job.num, message)
+    if write_record:
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        write_failed_record(run_dir, cfg, overrides, message)
+        if not isinstance(error, ArchiFactoryError):  # a bug, not a user error: keep its traceback
+            trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            (run_dir / "traceback.txt").write_text(trace)
+
+
+def write_failed_record(run_dir: Path, cfg: DictConfig, overrides: list[str], message: str) -> None:
+    """summary.json with `status: failed` and the error when the run stopped before it wrote one (a
+    completed or already-failed run's summary is never touched), and the overrides the report reads."""
     from archifactory.train.metrics import write_json_atomic  # torch: only when a job failed
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = list(hydra_cfg.overrides.task)
-    message = str(error) or type(error).__name__
-    FAILED_JOBS.append((f"#{hydra_cfg.job.num} {' '.join(overrides)}", message))
-    log.error("sweep job %s failed: %s", hydra_cfg.job.num, message, exc_info=error)
-    if not write_record:
-        return
     summary_path = run_dir / "summary.json"
     run_dir.mkdir(parents=True, exist_ok=True)
     if not summary_path.exists():
@@ -58,8 +68,6 @@ def record_failed_job(cfg: DictConfig, error: BaseException, write_record: bool 
     if not (hydra_dir / "overrides.yaml").exists():  # the report labels variants by their overrides
         hydra_dir.mkdir(exist_ok=True)
         OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")
-        if not (hydra_dir / "config.yaml").exists():
-            OmegaConf.save(cfg, hydra_dir / "config.yaml")
 
 
 def failure_report() -> int:

@@ -34,7 +34,9 @@ from omegaconf import DictConfig, open_dict
 from archifactory.config import component_options
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.block import Block
+from archifactory.model.build import build_positional
 from archifactory.model.norms import build_norm
+from archifactory.model.positional import PositionContext
 from archifactory.registry import get_component
 
 MATCH_MODES = ("width", "layers")
@@ -162,6 +164,28 @@ class Counter:
             return None  # a component's divisibility rule refuses this shape
         return total
 
+    def runs(self, shape: Shape) -> bool:
+        """Some rules are checked only in forward (rope needs an even head size): one meta-device forward
+        of two tokens through a first-layer block. A refused shape is dropped from the counts, so the next
+        search skips it. Ops that cannot run on meta (data-dependent MoE routing) do not refuse a shape."""
+        hidden = shape.hidden_size
+        options = self.mixin_options | shape.mixin_options
+        try:
+            with torch.device("meta"):
+                mixin = self.mixin_cls(hidden_size=hidden, layer_idx=0, **options)
+                ffn = self.ffn_cls(hidden_size=hidden, layer_idx=0, **self.ffn_options)
+                block = Block(mixin, ffn, hidden, self.cfg.model.norm, self.cfg.model.norm_eps)
+                positional = build_positional(self.cfg.positional, hidden, int(self.cfg.model.max_seq_len))
+                block(torch.empty(1, 2, hidden), PositionContext(positional, 0, 2, torch.device("meta")))
+        except ArchiFactoryError:
+            self._cache[(shape.hidden_size, shape.num_layers, tuple(sorted(shape.mixin_options.items())))] = (
+                None
+            )
+            return False
+        except Exception:  # noqa: BLE001  unverifiable on the meta device, not refused
+            return True
+        return True
+
 
 def _closest_pair(
     at: Callable[[int], Candidate | None], target: int, lo: int, hi: int
@@ -215,6 +239,26 @@ def match_params(cfg: DictConfig) -> MatchResult:
     if mode not in MATCH_MODES:
         raise ArchiFactoryError(f"model.match={mode!r} is not one of {', '.join(MATCH_MODES)}")
     counter = Counter(cfg)
+    for _ in range(16):  # a winner that fails its forward check is dropped and the search runs again
+        best, coarse = _solve(counter, target, mode, tolerance)
+        if best is None or counter.runs(best[0]):
+            break
+    if best is None or abs(best[1] / target - 1) > tolerance:
+        closest = "; ".join(f"{s.describe()} -> {c:,}" for s, c in filter(None, coarse))
+        raise ArchiFactoryError(
+            f"model.target_params={target:,}: no shape of {cfg.mixin.name}/{cfg.ffn.name} by model.match={mode} "
+            f"lands within ±{tolerance:.0%} (closest: {closest or 'none'}); try the other model.match, "
+            "a larger target or model.match_tolerance"
+        )
+    shape, achieved = best
+    return MatchResult(target, achieved, mode, shape, tolerance)
+
+
+def _solve(
+    counter: Counter, target: int, mode: str, tolerance: float
+) -> tuple[Candidate | None, list[Candidate | None]]:
+    """The best candidate (the coarse knob, then a fine knob when needed) and the coarse bracket."""
+    model = counter.cfg.model
     heads, hidden, layers = counter.num_heads, int(model.hidden_size), int(model.num_layers)
 
     def within(candidate: Candidate | None) -> bool:
@@ -228,39 +272,24 @@ def match_params(cfg: DictConfig) -> MatchResult:
     else:
         coarse = list(_closest_pair(lambda n: counter(Shape(hidden, n)), target, 1, 4096))
     best = _pick(target, coarse)
-    if not within(best):
-        fine: list[Candidate] = []
-        option = counter.mixin_cls.match_option
-        if option is not None:  # the mixin's own expansion, within half to twice its configured value
-            default = int(counter.mixin_options.get(option) or 0) or hidden
-            for candidate in filter(None, coarse):
-                base = candidate[0]
-                pair = _closest_pair(
-                    lambda v, b=base: counter(
-                        Shape(b.hidden_size, b.num_layers, b.mixin_options | {option: v})
-                    ),
-                    target,
-                    max(1, default // 2),
-                    2 * default,
-                )
-                fine += [c for c in pair if within(c)]
-            # the least change to the expansion wins
-            fine.sort(key=lambda c: abs(c[0].mixin_options[option] / default - 1))
-        if not fine and mode == "layers":  # then the hidden size nearest the configured one
-            for candidate in filter(None, coarse):
-                fine += [c for c in widths(candidate[0].num_layers, {}) if within(c)]
-            fine.sort(key=lambda c: abs(c[0].hidden_size / hidden - 1))
-        if fine:
-            best = fine[0]
-    if best is None or not within(best):
-        closest = "; ".join(f"{s.describe()} -> {c:,}" for s, c in filter(None, coarse))
-        raise ArchiFactoryError(
-            f"model.target_params={target:,}: no shape of {cfg.mixin.name}/{cfg.ffn.name} by model.match={mode} "
-            f"lands within ±{tolerance:.0%} (closest: {closest or 'none'}); try the other model.match, "
-            "a larger target or model.match_tolerance"
-        )
-    shape, achieved = best
-    return MatchResult(target, achieved, mode, shape, tolerance)
+    if within(best):
+        return best, coarse
+    fine: list[Candidate] = []
+    option = counter.mixin_cls.match_option
+    if option is not None:  # the mixin's own expansion, within half to twice its configured value
+        default = int(counter.mixin_options.get(option) or 0) or hidden
+        for base in (c[0] for c in coarse if c is not None):
+
+            def at(v: int, b: Shape = base) -> Candidate | None:
+                return counter(Shape(b.hidden_size, b.num_layers, b.mixin_options | {option: v}))
+
+            fine += [c for c in _closest_pair(at, target, max(1, default // 2), 2 * default) if within(c)]
+        fine.sort(key=lambda c: abs(c[0].mixin_options[option] / default - 1))  # the least change wins
+    if not fine and mode == "layers":  # then the hidden size nearest the configured one
+        for candidate in filter(None, coarse):
+            fine += [c for c in widths(candidate[0].num_layers, {}) if within(c)]
+        fine.sort(key=lambda c: abs(c[0].hidden_size / hidden - 1))
+    return (fine[0] if fine else best), coarse
 
 
 def apply_match(cfg: DictConfig) -> tuple[DictConfig, MatchResult | None]:
