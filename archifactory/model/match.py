@@ -22,7 +22,6 @@ The resolved shape is written into the run's config, so a run dir rebuilds exact
 from __future__ import annotations
 
 import copy
-import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ from omegaconf import DictConfig, open_dict
 from archifactory.config import component_options
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.block import Block
-from archifactory.model.build import build_positional
+from archifactory.model.build import build_positional, component_factory, layer_mixin_factory
+from archifactory.model.hybrid import pattern_entries
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
 from archifactory.registry import get_component
@@ -109,20 +109,23 @@ Candidate = tuple[Shape, int]  # a shape a component accepts and its non-embeddi
 class Counter:
     """Non-embedding parameter counts of one config at any shape, memoised; None = a refused shape.
 
-    A grid point that the mixin refuses only because of its per-head size (mamba2: `expand · hidden`
-    must be a multiple of `head_dim`) is retried with the nearest per-head sizes (multiples of 8 within
-    half to twice the configured one), as attention's head size follows the hidden size.
+    Layers are built by the same factories as `build_model` (hybrid patterns included). A grid point
+    that the mixin refuses only because of its per-head size (mamba2: `expand · hidden` must be a
+    multiple of `head_dim`) is retried with the nearest per-head sizes (multiples of 8 within half to
+    twice the configured one), as attention's head size follows the hidden size. Hybrid stacks get no
+    per-mixin knobs: only the hidden size or the depth moves.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.mixin_cls = get_component("mixin", cfg.mixin.name)
-        self.ffn_cls = get_component("ffn", cfg.ffn.name)
+        hybrid = pattern_entries(cfg) is not None
+        mixin_cls = get_component("mixin", cfg.mixin.name)
+        self.match_option: str | None = None if hybrid else mixin_cls.match_option
+        self.head_option: str | None = None if hybrid else mixin_cls.match_head_option
         self.mixin_options = component_options(cfg.mixin)
-        self.ffn_options = component_options(cfg.ffn)
         self.num_heads = int(cfg.model.num_heads)
-        self.head_option: str | None = getattr(self.mixin_cls, "match_head_option", None)
         self._cache: dict[tuple, int | None] = {}
+        self._configs: dict[tuple, DictConfig] = {}
 
     def __call__(self, shape: Shape) -> Candidate | None:
         count = self.count(shape)
@@ -137,8 +140,24 @@ class Counter:
                 return retry, count
         return None
 
+    def _key(self, shape: Shape) -> tuple:
+        return shape.hidden_size, shape.num_layers, tuple(sorted(shape.mixin_options.items()))
+
+    def _factories(self, shape: Shape) -> tuple[Callable, Callable]:
+        """(mixin factory, FFN factory) at this shape, from a config with the solver's mixin options."""
+        options = tuple(sorted(shape.mixin_options.items()))
+        if options not in self._configs:
+            cfg = copy.deepcopy(self.cfg)
+            with open_dict(cfg):
+                for key, value in options:
+                    cfg.mixin[key] = value
+            self._configs[options] = cfg
+        cfg = self._configs[options]
+        dims = (shape.hidden_size, shape.num_layers, int(cfg.model.max_seq_len))
+        return layer_mixin_factory(cfg, *dims), component_factory("ffn", cfg.ffn, *dims)
+
     def count(self, shape: Shape) -> int | None:
-        key = (shape.hidden_size, shape.num_layers, tuple(sorted(shape.mixin_options.items())))
+        key = self._key(shape)
         if key not in self._cache:
             self._cache[key] = self._count(shape)
         return self._cache[key]
@@ -147,13 +166,10 @@ class Counter:
         hidden, layers = shape.hidden_size, shape.num_layers
         if hidden <= 0 or layers <= 0 or hidden % self.num_heads:
             return None  # build_model refuses a hidden size that is not a multiple of model.num_heads
-        mixin = functools.partial(
-            self.mixin_cls, hidden_size=hidden, **(self.mixin_options | shape.mixin_options)
-        )
-        ffn = functools.partial(self.ffn_cls, hidden_size=hidden, **self.ffn_options)
         model = self.cfg.model
         total = 0
         try:
+            mixin, ffn = self._factories(shape)
             with torch.device("meta"):  # shapes only: nothing is allocated or initialised
                 for layer_idx in range(layers):
                     parts = mixin(layer_idx=layer_idx), ffn(layer_idx=layer_idx)
@@ -166,21 +182,26 @@ class Counter:
 
     def runs(self, shape: Shape) -> bool:
         """Some rules are checked only in forward (rope needs an even head size): one meta-device forward
-        of two tokens through a first-layer block. A refused shape is dropped from the counts, so the next
-        search skips it. Ops that cannot run on meta (data-dependent MoE routing) do not refuse a shape."""
-        hidden = shape.hidden_size
-        options = self.mixin_options | shape.mixin_options
+        of two tokens through each distinct first block. A refused shape is dropped from the counts, so
+        the next search skips it. Ops that cannot run on meta (data-dependent MoE routing) do not refuse
+        a shape."""
+        hidden, model = shape.hidden_size, self.cfg.model
         try:
+            mixin, ffn = self._factories(shape)
             with torch.device("meta"):
-                mixin = self.mixin_cls(hidden_size=hidden, layer_idx=0, **options)
-                ffn = self.ffn_cls(hidden_size=hidden, layer_idx=0, **self.ffn_options)
-                block = Block(mixin, ffn, hidden, self.cfg.model.norm, self.cfg.model.norm_eps)
-                positional = build_positional(self.cfg.positional, hidden, int(self.cfg.model.max_seq_len))
-                block(torch.empty(1, 2, hidden), PositionContext(positional, 0, 2, torch.device("meta")))
+                positional = build_positional(self.cfg.positional, hidden, int(model.max_seq_len))
+                seen = set()
+                for layer_idx in range(shape.num_layers):
+                    block = Block(
+                        mixin(layer_idx=layer_idx), ffn(layer_idx=layer_idx), hidden, model.norm, 1e-5
+                    )
+                    kind = (type(block.mixin), type(block.ffn))
+                    if kind in seen:
+                        continue
+                    seen.add(kind)
+                    block(torch.empty(1, 2, hidden), PositionContext(positional, 0, 2, torch.device("meta")))
         except ArchiFactoryError:
-            self._cache[(shape.hidden_size, shape.num_layers, tuple(sorted(shape.mixin_options.items())))] = (
-                None
-            )
+            self._cache[self._key(shape)] = None
             return False
         except Exception:  # noqa: BLE001  unverifiable on the meta device, not refused
             return True
@@ -275,7 +296,7 @@ def _solve(
     if within(best):
         return best, coarse
     fine: list[Candidate] = []
-    option = counter.mixin_cls.match_option
+    option = counter.match_option
     if option is not None:  # the mixin's own expansion, within half to twice its configured value
         default = int(counter.mixin_options.get(option) or 0) or hidden
         for base in (c[0] for c in coarse if c is not None):
