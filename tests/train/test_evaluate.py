@@ -37,3 +37,26 @@ def test_val_loss_is_token_weighted_and_bpb_is_bits_per_utf8_byte() -> None:
     assert result["val_bpb"] == pytest.approx(2.8853900817779268, rel=1e-12)
     assert model.modes == [False, False], "validation runs in eval mode"
     assert model.training, "and hands the model back in train mode"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 0, 4])  # None: from logits the model already has
+def test_cross_entropy_is_the_mean_over_targets_that_are_not_ignored(chunk_size: int | None) -> None:
+    from archifactory.model.loss import lm_cross_entropy, logits_cross_entropy
+
+    hidden, weight = torch.randn(10, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+
+    def loss(targets: torch.Tensor) -> torch.Tensor:
+        if chunk_size is None:
+            return logits_cross_entropy(hidden @ weight.t(), targets)
+        return lm_cross_entropy(hidden, weight, targets, chunk_size)
+
+    targets = torch.randint(0, 12, (10,))
+    targets[[1, 4, 5, 9]] = -100  # 6 targets count
+    log_probs = (hidden @ weight.t()).log_softmax(-1)
+    by_hand = -sum(log_probs[i, t] for i, t in enumerate(targets.tolist()) if t != -100) / 6
+    assert loss(targets).dtype == torch.float32, "the loss is computed in fp32"
+    torch.testing.assert_close(loss(targets).double(), by_hand, rtol=1e-5, atol=1e-6)
+    one = torch.full((10,), -100)
+    one[7] = 3  # a single target: its own loss, not halved
+    torch.testing.assert_close(loss(one).double(), -log_probs[7, 3], rtol=1e-5, atol=1e-6)
+    assert float(loss(torch.full((10,), -100))) == 0.0, "nothing to predict: zero, not NaN"
