@@ -66,7 +66,7 @@ def _sweep_markdown(table: Table, runs: list[Run], figures: list[Path]) -> str:
     lines += ["", "**Significance.** " + " ".join(test.split()), ""]
     failed = [run for run in runs if not run.completed]
     if failed:
-        lines += ["## Runs that did not complete", ""]
+        lines += ["## Runs that did not complete", ""]  # failed, interrupted, or still running
         for run in failed:
             error = str(run.summary.get("error") or "").splitlines()[0:1]
             lines.append(f"- `{run.path.name}`: {run.status}" + (f" — {error[0]}" if error else ""))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +140,10 @@ class Table:
             header.append("published val loss")
         lines = [header]
         for variant, comparison in zip(self.variants, self.comparisons):
-            n = f"{len(variant.completed)}" + (f" (+{len(variant.failed)} failed)" if variant.failed else "")
+            others = Counter(run.status for run in variant.failed)  # failed, interrupted, running …
+            n = f"{len(variant.completed)}" + "".join(
+                f" (+{k} {status})" for status, k in sorted(others.items())
+            )
             cells = [variant.label, n]
             cells += [_count(variant.first(key)) for key, _, _ in FIXED_COLUMNS]
             cells += [_mean_std(variant.stat(key)) for key, _ in SEED_COLUMNS + self.score_keys]
