@@ -26,6 +26,7 @@ def test_wheel_contains_configs(tmp_path: Path) -> None:
     for config in repo_configs:
         assert f"archifactory/{config}" in names, f"{config} missing from the wheel"
     assert "archifactory/cli.py" in names
+    assert "hydra_plugins/archifactory_launcher/parallel_launcher.py" in names  # hydra/launcher=gpus|parallel
 
 
 @pytest.mark.slow
