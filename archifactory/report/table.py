@@ -195,7 +195,7 @@ def _mean_std(stat: Stat) -> str:
 
 
 def _markdown_table(lines: list[list[str]], numeric_from: int) -> str:
-    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    widths = [max(3, *(len(row[i]) for row in lines)) for i in range(len(lines[0]))]  # a rule needs 3
     rule = ["-" * w if i < numeric_from else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
     out = []
     for row in [lines[0], rule, *lines[1:]]:
