@@ -144,15 +144,17 @@ class Counter:
         return shape.hidden_size, shape.num_layers, tuple(sorted(shape.mixin_options.items()))
 
     def _factories(self, shape: Shape) -> tuple[Callable, Callable]:
-        """(mixin factory, FFN factory) at this shape, from a config with the solver's mixin options."""
-        options = tuple(sorted(shape.mixin_options.items()))
-        if options not in self._configs:
+        """(mixin factory, FFN factory) at this shape, from a config with the solver's depth and mixin
+        options (a hybrid pattern is laid out over `model.num_layers`)."""
+        key = (shape.num_layers, tuple(sorted(shape.mixin_options.items())))
+        if key not in self._configs:
             cfg = copy.deepcopy(self.cfg)
             with open_dict(cfg):
-                for key, value in options:
-                    cfg.mixin[key] = value
-            self._configs[options] = cfg
-        cfg = self._configs[options]
+                cfg.model.num_layers = shape.num_layers
+                for option, value in key[1]:
+                    cfg.mixin[option] = value
+            self._configs[key] = cfg
+        cfg = self._configs[key]
         dims = (shape.hidden_size, shape.num_layers, int(cfg.model.max_seq_len))
         return layer_mixin_factory(cfg, *dims), component_factory("ffn", cfg.ffn, *dims)
 

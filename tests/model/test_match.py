@@ -89,3 +89,14 @@ def test_summary_records_target_and_achieved() -> None:
     assert summary["target_params"] == 5_000_000
     assert summary["params_match"]["achieved"] == result.achieved
     assert summary["params_match"]["hidden_size"] == result.shape.hidden_size
+
+
+@pytest.mark.parametrize("match", ["width", "layers"])
+def test_hybrid_stack_is_counted_layer_by_layer(match: str) -> None:
+    overrides = ["mixin=rwkv6", "model.attention_every=2", "model.target_params=12M", f"model.match={match}"]
+    cfg, result = matched(overrides)
+    with torch.device("meta"):
+        model = build_model(cfg, 1000)
+    assert model.parameter_breakdown()["non_embedding"] == result.achieved
+    assert abs(result.error) <= 0.02
+    assert {type(b.mixin).__name__ for b in model.blocks} == {"RWKV6TimeMix", "GroupedQueryAttention"}
