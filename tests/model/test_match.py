@@ -100,3 +100,20 @@ def test_hybrid_stack_is_counted_layer_by_layer(match: str) -> None:
     assert model.parameter_breakdown()["non_embedding"] == result.achieved
     assert abs(result.error) <= 0.02
     assert {type(b.mixin).__name__ for b in model.blocks} == {"RWKV6TimeMix", "GroupedQueryAttention"}
+
+
+def test_list_params_rows_match_the_target_without_training(capsys: pytest.CaptureFixture) -> None:
+    from archifactory.cli import main
+    from archifactory.model.params_list import params_rows
+
+    rows = params_rows(
+        ["model.target_params=20M", "mixin=gqa,mamba2", "ffn=swiglu", "dataset=text", "dataset.path=x"]
+    )
+    assert [(r["mixin"], r["ffn"]) for r in rows] == [("gqa", "swiglu"), ("mamba2", "swiglu")]
+    for row in rows:
+        assert abs(row["non_embedding"] / 20e6 - 1) <= 0.02 and row["vs_target"] == pytest.approx(
+            row["non_embedding"] / 20e6 - 1
+        )
+        assert row["params"] > row["non_embedding"] and row["flops_per_token"] > 2 * row["non_embedding"]
+    assert main(["list", "--params", "model.target_params=10", "mixin=gqa", "ffn=swiglu"]) == 1
+    assert "gqa/swiglu: model.target_params=10" in capsys.readouterr().out
