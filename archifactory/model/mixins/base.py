@@ -110,3 +110,8 @@ def check_divisible(hidden_size: int, num_heads: int, name: str) -> int:
             "choose a hidden size that is a multiple of the head count"
         )
     return hidden_size // num_heads
+
+
+def projection_flops(module: nn.Module) -> int:
+    """Forward FLOPs per token of every `nn.Linear` inside `module` (multiply-add = 2)."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, resolve_backend
+from archifactory.model.mixins.base import (
+    Mixin,
+    MixinState,
+    check_backend,
+    check_divisible,
+    projection_flops,
+    resolve_backend,
+)
 from archifactory.model.mixins.reference.delta_rule import (
     chunk_delta_rule,
     compute_dtype,
@@ -180,9 +187,7 @@ class DeltaRuleMixin(Mixin):
         return resolve_backend(self.backend, device_ok, f"mixin={self.registry_name}")
 
     def flops_per_token(self, seq_len: int) -> float:
-        projections = sum(
-            2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
-        )
+        projections = projection_flops(self)
         conv = 0 if self.conv is None else 2 * self.conv.channels * self.conv.kernel_size
         # chunked delta rule per head and token: k·k and q·k scores, the (I + A)⁻¹ solve (C³/3 per chunk),
         # W_v and W_k, and per token the u = W_v − W_k S, q·S, and state-update products

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, projection_flops
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import fla_op
 from archifactory.model.positional import PositionContext
@@ -127,9 +127,7 @@ class ForgettingAttention(Mixin):
         return "fused" if fused_ok else "sdpa"
 
     def flops_per_token(self, seq_len: int) -> float:
-        projections = sum(
-            2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
-        )
+        projections = projection_flops(self)
         # q·k and p·v over the causal prefix (on average (seq_len + 1) / 2 keys), plus the gate bias
         attention = 2 * 2 * self.hidden_size * (seq_len + 1) / 2 + self.num_heads * (seq_len + 1) / 2
         return projections + attention

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, resolve_backend
+from archifactory.model.mixins.base import (
+    Mixin,
+    MixinState,
+    check_backend,
+    check_divisible,
+    projection_flops,
+    resolve_backend,
+)
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import fla_op
 from archifactory.model.mixins.reference.gla import chunk_gla, gla_step
@@ -84,9 +91,7 @@ class GLAFamily(Mixin):
         return resolve_backend(self.backend, device_ok, f"mixin={self.registry_name}")
 
     def flops_per_token(self, seq_len: int) -> float:
-        projections = sum(
-            2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
-        )
+        projections = projection_flops(self)
         conv = getattr(self, "conv", None)
         conv_flops = 0 if conv is None else 2 * conv.channels * conv.kernel_size
         # chunked GLA per head and token: decayed q·k scores and scores·v over a chunk, q·S, state update
