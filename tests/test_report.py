@@ -213,3 +213,12 @@ def test_cli_report_prints_the_table_and_refuses_empty_folders(
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 1
     assert capsys.readouterr().err.startswith("error: no run directory")
+
+
+def test_document_masked_runs_are_never_pooled_with_unmasked_ones(tmp_path: Path) -> None:
+    """Same overrides and mixin, one run trained with dataset.document_mask (set in a recipe, not on the
+    command line): they are two variants, the masked one named so."""
+    make_run(tmp_path, "a", ["seed=0"], summary_for("gqa", 0, document_mask=False))
+    make_run(tmp_path, "b", ["seed=1"], summary_for("gqa", 1, document_mask=True))
+    labels = sorted(v.label for v in group_variants(find_runs([tmp_path])))
+    assert len(labels) == 2 and any(label.endswith("[document_mask]") for label in labels)

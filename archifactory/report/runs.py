@@ -115,6 +115,12 @@ def variant_labels(runs: list[Run]) -> list[str]:
             s = run.summary
             parts = [str(s.get(k)) for k in ("mixin", "ffn", "positional") if s.get(k) is not None]
         labels.append(" ".join(parts) or run.path.name)
+    if len({bool(run.summary.get("document_mask")) for run in runs}) > 1:
+        # document masking changes what the model sees: a masked run is never pooled with unmasked ones
+        labels = [
+            f"{label} [document_mask]" if run.summary.get("document_mask") else label
+            for label, run in zip(labels, runs)
+        ]
     if len(set(labels)) == 1 and len(runs) > 1 and len({run.seed for run in runs}) < len(runs):
         # same overrides, same seed: not seeds of one variant but separate runs; keep them apart
         labels = [f"{label} ({run.path.name})" for label, run in zip(labels, runs)]
