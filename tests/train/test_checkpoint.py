@@ -162,3 +162,11 @@ def test_save_creates_missing_parents_and_replaces_a_stale_temporary_of_the_same
     path = save(directory, step=5)
     assert not stale.exists() and list_checkpoints(directory)[-1] == path
     load_checkpoint(path, model_signature(WEIGHTS))
+
+
+def test_a_checkpoint_from_before_the_nonfinite_counter_loads_with_zero(tmp_path: Path) -> None:
+    path = save(tmp_path)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    del meta["nonfinite_skipped"]
+    (path / "trainer_state.json").write_text(json.dumps(meta))
+    assert load_checkpoint(path, model_signature(WEIGHTS)).trainer_state.nonfinite_skipped == 0
