@@ -240,3 +240,11 @@ def test_gqa_decode_with_grouped_kv_equals_attention_by_hand(scheme: str) -> Non
     _, state = layer(x[:, :3], PositionContext(positional, 0, 3), state)
     y, _ = layer(x[:, 3:], PositionContext(positional, 3, 2), state)
     torch.testing.assert_close(y, gqa_by_hand(layer, x, scheme, 0)[:, 3:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [4, 2])  # as many tokens as query heads, or as K/V heads
+def test_gqa_grouped_kv_when_the_length_equals_a_head_count(length: int) -> None:
+    layer = GroupedQueryAttention(32, 0, num_heads=4, num_kv_heads=2, backend="sdpa").double()
+    x = torch.randn(1, length, 32, dtype=torch.float64)
+    y, _ = layer(x, PositionContext(RotaryPositional(32, 64), 0, length))
+    torch.testing.assert_close(y, gqa_by_hand(layer, x, "rope", 0), rtol=1e-6, atol=1e-6)
