@@ -248,3 +248,14 @@ def test_gqa_grouped_kv_when_the_length_equals_a_head_count(length: int) -> None
     x = torch.randn(1, length, 32, dtype=torch.float64)
     y, _ = layer(x, PositionContext(RotaryPositional(32, 64), 0, length))
     torch.testing.assert_close(y, gqa_by_hand(layer, x, "rope", 0), rtol=1e-6, atol=1e-6)
+
+
+def test_gqa_options_build_what_they_name() -> None:
+    for qk_norm in (False, True):
+        layer = GroupedQueryAttention(32, 0, num_heads=4, qk_norm=qk_norm)
+        assert (layer.q_norm is not None, layer.k_norm is not None) == (qk_norm, qk_norm)
+    assert GroupedQueryAttention(32, 0, backend="reference").backend_name() == "reference"
+    for backend in ("auto", "sdpa", "fused"):
+        assert GroupedQueryAttention(32, 0, backend=backend).backend_name() == "sdpa"
+    with pytest.raises(ArchiFactoryError, match="num_heads=4 is not divisible by num_kv_heads=3"):
+        GroupedQueryAttention(32, 0, num_heads=4, num_kv_heads=3)
