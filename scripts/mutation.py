@@ -141,7 +141,7 @@ NAMED: tuple[Named, ...] = (
           "            block.compile()", "            pass",
           ("tests/train/test_run_promises.py::test_train_wires_budget_accumulation_metrics_chunked_loss_and_compile",)),
     Named("a stop signal leaves summary.json's steps stale", "archifactory/train/loop.py",
-          "            run.recorder.update_summary(steps=state.step, tokens_seen=state.tokens_seen)\n", "",
+          "run.recorder.update_summary(steps=run.state.step, tokens_seen=run.state.tokens_seen)", "pass",
           ("tests/train/test_run_promises.py::test_stop_signal_checkpoints_and_marks_the_run_interrupted",)),
     Named("unknown key / wrong type: Hydra's multi-line report", "archifactory/cli.py",
           '    os.environ["HYDRA_FULL_ERROR"] = "1"', "    pass",
