@@ -7,8 +7,9 @@ sequences (`STOP_SEQUENCES`, as lm-eval's `humaneval` task). The program that ru
 harness's: `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`.
 
 Each execution ends in one of four outcomes: `passed`, `failed` (an exception, a failed assert, an exit
-before the tests finished), `timed out` (the wall clock) or `killed by a limit` (CPU time, memory, file
-size). pass@k is the unbiased estimator of the paper, `1 - C(n - c, k) / C(n, k)` per problem with n
+before the tests finished), `timed out` (the wall clock, or the CPU-time budget of the same length,
+whichever a busy loop meets first) or `killed by a limit` (memory, file size, the hard CPU kill).
+pass@k is the unbiased estimator of the paper, `1 - C(n - c, k) / C(n, k)` per problem with n
 samples of which c pass, averaged over problems.
 """
 

@@ -61,7 +61,7 @@ def slot_uids(pid: int | None = None) -> range:
 LAUNCHER = (Path(__file__).parent / "sandbox_launcher.py").read_text()
 
 PASSED, FAILED, TIMED_OUT, KILLED = "passed", "failed", "timed out", "killed by a limit"
-SIGNAL_LIMITS = {signal.SIGXCPU: "cpu time", signal.SIGXFSZ: "file size"}
+SIGNAL_LIMITS = {signal.SIGXFSZ: "file size"}
 
 
 @dataclass(frozen=True)
@@ -387,6 +387,8 @@ def _classify(returncode: int, timed_out: bool, report: str | None, seconds: flo
         return Execution(FAILED, report.removeprefix("failed").strip(), seconds, output)
     # no report: the process ended early; bwrap and the launcher's init return 128 + signal
     signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    if signum == signal.SIGXCPU:  # its CPU-time budget ran out before the wall clock: a timeout all the same
+        return Execution(TIMED_OUT, "cpu time", seconds, output)
     if signum in SIGNAL_LIMITS:
         return Execution(KILLED, SIGNAL_LIMITS[signum], seconds, output)
     if signum == signal.SIGKILL:
