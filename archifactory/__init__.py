@@ -1,7 +1,7 @@
 """ArchiFactory: apples-to-apples ablations of language-model architectures."""
 
-from archifactory._auto_register import install as _install_auto_classes
-from archifactory.resolvers import register_resolvers
+from archifactory.config.resolvers import register_resolvers
+from archifactory.hf.auto import install as _install_auto_classes
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from archifactory.cli import main
+from archifactory.cli.main import main
 
 sys.exit(main())

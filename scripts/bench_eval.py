@@ -35,13 +35,12 @@ from pathlib import Path
 import torch
 from lm_eval.api.instance import Instance
 
-from archifactory.data.tokenizer import train_bpe
+from archifactory.data.tokenizer import train_bpe, transformers_tokenizer
 from archifactory.eval.adapter import ArchiFactoryLM
 from archifactory.model.ffn.swiglu import SwiGLU
 from archifactory.model.mixins.attention import GroupedQueryAttention
 from archifactory.model.positional import RotaryPositional
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.runs import transformers_tokenizer
 
 
 def build_models(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, seq_len: int):

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # a script in the repository: run it without installing the package
     sys.path.insert(0, str(REPO))
 
+from archifactory.core.registry import components  # noqa: E402
 from archifactory.model.build import build_model  # noqa: E402
-from archifactory.registry import components  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,15 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build(mixin: str, preset: str, vocab: int, max_len: int, device: str) -> torch.nn.Module:
     """A full model composed from the real YAMLs (`mixin=…`, `model=…`), random weights, eval mode."""
-    from hydra import compose, initialize_config_dir
+    from archifactory.config.compose import compose
 
-    from archifactory.cli import config_dir
-    from archifactory.config import register_configs
-
-    register_configs()
-    overrides = [f"mixin={mixin}", f"model={preset}", f"trainer.seq_len={max_len}"]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose([f"mixin={mixin}", f"model={preset}", f"trainer.seq_len={max_len}"])
     return build_model(cfg, vocab).to(device).eval()
 
 

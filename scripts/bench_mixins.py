@@ -84,7 +84,7 @@ def select_mixins(requested: str | None) -> list[str]:
     """The baseline first (gqa at its run-time backend), then gqa's materialised-softmax reference for
     context, then every registered mixin (or the requested ones) in name order. An entry `name/backend`
     forces that mixin's backend."""
-    from archifactory.registry import components
+    from archifactory.core.registry import components
 
     registered = sorted(components("mixin"))
     names = registered if requested is None else [n.strip() for n in requested.split(",") if n.strip()]
@@ -99,11 +99,7 @@ def select_mixins(requested: str | None) -> list[str]:
 
 def compose(spec: dict[str, Any]) -> Any:
     """The run config of one benchmark configuration, composed from the real YAMLs."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from archifactory.cli import config_dir
-    from archifactory.config import register_configs
+    from archifactory.config.compose import composer
 
     pattern = spec["mixin"].split("+")
     overrides = [
@@ -115,13 +111,10 @@ def compose(spec: dict[str, Any]) -> Any:
         f"model.vocab_size={spec['vocab']}",
         f"trainer.seq_len={spec['seq_len']}",
     ]
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
+    with composer() as hydra_compose:
+        cfg = hydra_compose(overrides)
         if "backend" in cfg.mixin:
-            cfg = hydra_compose(
-                config_name="config", overrides=[*overrides, f"mixin.backend={spec['backend']}"]
-            )
+            cfg = hydra_compose([*overrides, f"mixin.backend={spec['backend']}"])
     return cfg
 
 

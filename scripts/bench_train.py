@@ -94,13 +94,9 @@ def build_mixin_model(
     mixin: str, layers: int, hidden: int, heads: int, vocab: int, seq_len: int
 ) -> OursAdapter:
     """The model `archifactory train mixin=<mixin> ffn=swiglu positional=rope` builds at this shape."""
-    from hydra import compose, initialize_config_dir
-
-    from archifactory.cli import config_dir
-    from archifactory.config import register_configs
+    from archifactory.config.compose import compose
     from archifactory.model.build import build_model
 
-    register_configs()
     overrides = [
         f"mixin={mixin}",
         "ffn=swiglu",
@@ -111,8 +107,7 @@ def build_mixin_model(
         f"model.max_seq_len={seq_len}",
         f"model.vocab_size={vocab}",
     ]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     return OursAdapter(build_model(cfg, vocab))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from archifactory.registry import components
+from archifactory.core.registry import components
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_mixins.py"
 

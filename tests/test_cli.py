@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from archifactory.cli import GROUPS, group_options
+from archifactory.config.compose import GROUPS, group_options
 from tests.train.test_loop import write_corpus
 
 ENV = os.environ | {

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from archifactory.train.rundir import LOCK_NAME, RunDirLock
+from archifactory.runs.layout import LOCK as LOCK_NAME
+from archifactory.runs.lock import RunDirLock
 from tests.test_cli import ENV, cli
 from tests.train.test_loop import write_corpus
 from tests.train.test_run_record import snapshot
@@ -69,14 +70,14 @@ def test_nonsense_values_fail_before_any_data_is_prepared(
 
 def _patched_cli(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The CLI in a subprocess after `code` ran (to inject a fault a user cannot type)."""
-    script = f"import sys\n{code}\nfrom archifactory.cli import main\nsys.exit(main(sys.argv[1:]))"
+    script = f"import sys\n{code}\nfrom archifactory.cli.main import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", script, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
     )
 
 
 BOOM = """
-import archifactory.train.loop as loop
+import archifactory.train.setup as loop
 def boom(*args, **kwargs):
     raise RuntimeError("boom in the model builder")
 loop.build_model = boom

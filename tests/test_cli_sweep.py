@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from archifactory.cli import check_group_choices, group_options, main, run_hydra
-from archifactory.errors import ArchiFactoryError
+from archifactory.cli.hydra_app import check_group_choices, run_hydra
+from archifactory.cli.main import main
+from archifactory.config.compose import group_options
+from archifactory.core.errors import ArchiFactoryError
 
 
 def sweep(args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:

@@ -1,15 +1,15 @@
-"""archifactory.generate: cached decoding equals recomputation for every mixin; sampling and stopping."""
+"""archifactory.generate.sampling: cached decoding equals recomputation for every mixin; sampling and stopping."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.generate import Generation, generate, process_logits
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
+from archifactory.generate.sampling import Generation, generate, process_logits
 from archifactory.model.build import build_model
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 VOCAB = 101

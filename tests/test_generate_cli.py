@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from archifactory.cli import main
-from archifactory.errors import ArchiFactoryError
-from archifactory.generate import generate
-from archifactory.generate_cli import GENERATE_OPTIONS, TextStream, parse_options
+from archifactory.cli.generate import GENERATE_OPTIONS, TextStream, parse_options
+from archifactory.cli.main import main
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.generate.sampling import generate
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.runs import load_run
+from archifactory.runs.load import load_run
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
 from archifactory.data.tokenizer import Tokenizer, train_bpe
-from archifactory.errors import ArchiFactoryError
-from archifactory.generate import generate
-from archifactory.hf import ArchiFactoryForCausalLM, config_from_run, save_pretrained
+from archifactory.generate.sampling import generate
+from archifactory.hf.model import ArchiFactoryForCausalLM, config_from_run, save_pretrained
 from archifactory.model.build import build_model
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 MIXINS = sorted(components("mixin"))

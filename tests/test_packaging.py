@@ -46,7 +46,7 @@ def test_plain_install_composes_from_the_packaged_configs(tmp_path: Path) -> Non
         capture_output=True,
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
-    probe = "import archifactory.cli as c; print(c.config_dir())"
+    probe = "import archifactory.config.compose as c; print(c.config_dir())"
     where = subprocess.run(
         [sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True
     )

@@ -6,7 +6,7 @@ import torch
 
 from archifactory.model.build import build_model
 from archifactory.model.match import apply_match
-from archifactory.train.loop import plan_steps
+from archifactory.train.schedule import plan_steps
 from tests.helpers import compose_config
 
 
@@ -39,7 +39,7 @@ def test_tinystories_1m_is_a_matched_30m_model() -> None:
 def test_cpu_ablation_sweeps_four_matched_mixins_over_two_seeds() -> None:
     from hydra import compose, initialize_config_dir
 
-    from archifactory.cli import config_dir
+    from archifactory.config.compose import config_dir
 
     compose_config()  # registers the schemas
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from archifactory.cli import main
+from archifactory.cli.main import main
 from archifactory.report import run_report, sweep_report
 from archifactory.report.plots import run_panels, sweep_series
 from archifactory.report.runs import find_runs, group_variants

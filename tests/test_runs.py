@@ -1,4 +1,4 @@
-"""archifactory.runs: finding the latest completed run and loading a run's model + tokenizer."""
+"""archifactory.runs.load: finding the latest completed run and loading a run's model + tokenizer."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
-from archifactory.errors import ArchiFactoryError
-from archifactory.runs import (
+from archifactory.eval.evaluate import evaluate
+from archifactory.runs.load import (
     completed_runs,
     latest_completed_run,
     load_run,
     resolve_run,
 )
-from archifactory.train.loop import evaluate
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
 

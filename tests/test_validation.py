@@ -7,12 +7,12 @@ import pickle
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from archifactory.cli import GROUPS, group_options
-from archifactory.config import Optimizer, Schedule, _choice_enum, component_options
-from archifactory.errors import ArchiFactoryError
+from archifactory.config.compose import GROUPS, group_options
+from archifactory.config.schema import Optimizer, Schedule, _choice_enum, component_options
+from archifactory.config.validation import config_problems, validate_config
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.train.optim import OPTIMIZERS
 from archifactory.train.schedule import SCHEDULES
-from archifactory.validation import config_problems, validate_config
 from tests.helpers import compose_config
 
 

@@ -6,21 +6,20 @@ import logging
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from archifactory.config import DatasetConfig
+from archifactory.config.schema import DatasetConfig
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.data.chat.dataset import ChatData
 from archifactory.data.loader import Batch, PackedLoader, val_batches
 from archifactory.data.prepare import Prepared, prepare
 from archifactory.data.shards import TokenStream
 from archifactory.data.synthetic import SyntheticData
-from archifactory.errors import ArchiFactoryError
-
-if TYPE_CHECKING:  # the chat data imports runs and templates; loaded only for SFT
-    from archifactory.sft.data import ChatData
+from archifactory.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +86,25 @@ class TokenData:
 
 
 def load_data(
-    cfg: Any, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+    cfg: Any,
+    seq_len: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    base_tokenizer: Tokenizer | None = None,
 ) -> TokenData | SyntheticData | ChatData:
     """Prepare (or reuse) the token cache for `cfg` (the `dataset` config node) and open it; a synthetic
     probe (`source: synthetic`) is generated instead, and chat conversations (`source: chat`, SFT) are
-    rendered with the chat template, with the same interface."""
+    rendered with the chat template on `base_tokenizer` (the pretrained run's), with the same interface."""
     source = getattr(cfg, "source", None)  # a DictConfig node or a DatasetConfig (tests, scripts)
     if source == "synthetic":
         return SyntheticData(cfg, seq_len, seed, rank, world_size)
-    if source == "chat":  # SFT conversations on a pretrained run's tokenizer
-        from archifactory.sft.data import ChatData
-
-        return ChatData(cfg, seq_len, seed, rank, world_size)
+    if source == "chat":
+        if base_tokenizer is None:
+            raise ArchiFactoryError(
+                f"dataset {cfg.name} is chat data: it needs the pretrained run's tokenizer (archifactory sft)"
+            )
+        return ChatData(cfg, base_tokenizer, seq_len, seed, rank, world_size)
     return TokenData(prepare(as_dataset_config(cfg)), seq_len, seed, rank, world_size)
 
 

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 
 OFFLINE_HINT = "train offline on local text with `dataset=text dataset.path=<file|folder|glob>`"
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data.shards import TokenStream
-from archifactory.errors import ArchiFactoryError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

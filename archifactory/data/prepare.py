@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from archifactory.config import DatasetConfig
+from archifactory.config.schema import DatasetConfig
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import hub
 from archifactory.data.shards import ShardWriter, token_dtype, verify_shards
 from archifactory.data.sources import Source, make_source
 from archifactory.data.tokenizer import Tokenizer, fetch_hub_tokenizer, load_tokenizer, train_bpe
-from archifactory.errors import ArchiFactoryError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from archifactory import hashing
-from archifactory.errors import ArchiFactoryError
+from archifactory.core import hashing
+from archifactory.core.errors import ArchiFactoryError
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -27,10 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from archifactory.config import DatasetConfig
+from archifactory.config.schema import DatasetConfig
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import hub
 from archifactory.data.shards import file_digest
-from archifactory.errors import ArchiFactoryError
 
 log = logging.getLogger(__name__)
 

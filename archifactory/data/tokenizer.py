@@ -16,8 +16,12 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +163,13 @@ def fetch_hub_tokenizer(name: str, token: str | None, target: Path) -> Tokenizer
         )
     _save(backend, int(eos_id), "hub", name, target)
     return load_tokenizer(target)
+
+
+def transformers_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """Wrap the run's `tokenizers.Tokenizer` for transformers: same ids; EOS doubles as BOS/PAD."""
+    from transformers import PreTrainedTokenizerFast
+
+    eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend, eos_token=eos, bos_token=eos, pad_token=eos, unk_token=None
+    )

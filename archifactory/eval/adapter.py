@@ -20,6 +20,7 @@ runs on a `StackedMixinForCausalLM` with the tokenizer it was trained with:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,10 +30,13 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.data.chat.template import END, TEMPLATE_NAME, chat_text, has_chat_template, special_id
 from archifactory.data.tokenizer import Tokenizer
+from archifactory.eval.generation import sampling_options
 from archifactory.eval.scoring import ScoreStats, score_continuations
+from archifactory.generate.sampling import generate
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.sft.template import TEMPLATE_NAME, chat_text, has_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +166,47 @@ class ArchiFactoryLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        from archifactory.eval.generation import generate_until
-
-        return generate_until(self, requests)
+        """Greedy or sampled continuations through `archifactory.generate` (exact batched decoding); requests
+        with the same generation options run in batches of prompts sorted by length."""
+        stats = self._stats("generate_until")
+        stats.requests += len(requests)
+        stop_ids = [self.eot_token_id]
+        if has_chat_template(self.tokenizer):  # an SFT model closes its turn with <|end|>
+            stop_ids.append(special_id(self.tokenizer, END))
+        outputs: list[str] = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for index, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(index)
+        for indices in groups.values():
+            options = sampling_options(requests[indices[0]].args[1], self.max_gen_toks)
+            max_context = self.max_length - options["max_new_tokens"]
+            if max_context < 1:
+                raise ArchiFactoryError(
+                    f"a task asks for {options['max_new_tokens']} new tokens, as many as the model's "
+                    f"max_seq_len ({self.max_length}); lower eval.max_gen_toks"
+                )
+            prompts: dict[int, list[int]] = {}
+            for index in indices:
+                ids = self.tok_encode(requests[index].args[0]) or [self.eot_token_id]
+                if len(ids) > max_context:
+                    stats.truncated += 1
+                    ids = ids[-max_context:]
+                prompts[index] = ids
+            order = sorted(indices, key=lambda i: len(prompts[i]))
+            for first in range(0, len(order), self.batch_size):
+                chunk = order[first : first + self.batch_size]
+                with self.autocast():
+                    results = generate(
+                        self.model,
+                        [prompts[i] for i in chunk],
+                        stop_token_ids=stop_ids,
+                        tokenizer=self.tokenizer,
+                        **options,
+                    )
+                for index, result in zip(chunk, results):
+                    outputs[index] = result.text or ""
+                    self.cache_hook.add_partial("generate_until", requests[index].args, outputs[index])
+        return outputs
 
     @property
     def tokenizer_name(self) -> str:

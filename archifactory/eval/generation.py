@@ -1,4 +1,4 @@
-"""lm-eval's `generate_until` requests through `archifactory.generate.generate`.
+"""lm-eval's generation options, read for `ArchiFactoryLM.generate_until` (which runs `archifactory.generate`).
 
 Each request is `(context, gen_kwargs)`; requests with the same `gen_kwargs` run together, in batches of
 the adapter's batch size (sorted by prompt length, so `generate`'s equal-length groups are large).
@@ -11,14 +11,8 @@ keeps its last tokens, and is counted as truncated.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import TYPE_CHECKING, Any
-
-from archifactory.errors import ArchiFactoryError
-
-if TYPE_CHECKING:
-    from archifactory.eval.adapter import ArchiFactoryLM
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,48 +38,3 @@ def sampling_options(gen_kwargs: dict[str, Any], default_max: int) -> dict[str, 
         "repetition_penalty": float(gen_kwargs.get("repetition_penalty", 1.0)),
         "stop_strings": [s for s in until if s],
     }
-
-
-def generate_until(lm: ArchiFactoryLM, requests: list) -> list[str]:
-    from archifactory.generate import generate
-    from archifactory.sft.template import END, has_chat_template, special_id
-
-    stats = lm._stats("generate_until")
-    stats.requests += len(requests)
-    stop_ids = [lm.eot_token_id]
-    if has_chat_template(lm.tokenizer):  # an SFT model closes its turn with <|end|>
-        stop_ids.append(special_id(lm.tokenizer, END))
-    outputs: list[str] = [""] * len(requests)
-    groups: dict[str, list[int]] = {}
-    for index, req in enumerate(requests):
-        groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(index)
-    for indices in groups.values():
-        options = sampling_options(requests[indices[0]].args[1], lm.max_gen_toks)
-        max_context = lm.max_length - options["max_new_tokens"]
-        if max_context < 1:
-            raise ArchiFactoryError(
-                f"a task asks for {options['max_new_tokens']} new tokens, as many as the model's "
-                f"max_seq_len ({lm.max_length}); lower eval.max_gen_toks"
-            )
-        prompts: dict[int, list[int]] = {}
-        for index in indices:
-            ids = lm.tok_encode(requests[index].args[0]) or [lm.eot_token_id]
-            if len(ids) > max_context:
-                stats.truncated += 1
-                ids = ids[-max_context:]
-            prompts[index] = ids
-        order = sorted(indices, key=lambda i: len(prompts[i]))
-        for first in range(0, len(order), lm.batch_size):
-            chunk = order[first : first + lm.batch_size]
-            with lm.autocast():
-                results = generate(
-                    lm.model,
-                    [prompts[i] for i in chunk],
-                    stop_token_ids=stop_ids,
-                    tokenizer=lm.tokenizer,
-                    **options,
-                )
-            for index, result in zip(chunk, results):
-                outputs[index] = result.text or ""
-                lm.cache_hook.add_partial("generate_until", requests[index].args, outputs[index])
-    return outputs

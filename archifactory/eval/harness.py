@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import hub
-from archifactory.errors import ArchiFactoryError
 from archifactory.eval.job import EvalJob, TaskResult
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ def run_lm_eval(job: EvalJob) -> list[TaskResult]:
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable, make_table
 
+    from archifactory.data.chat.template import has_chat_template
     from archifactory.eval.adapter import ArchiFactoryLM
-    from archifactory.sft.template import has_chat_template
 
     run = job.run
     lm = ArchiFactoryLM(

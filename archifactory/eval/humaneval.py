@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.eval.sandbox import PASSED, Limits, Sandbox, available_mode
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.eval.humaneval import (
     STOP_SEQUENCES,
     ExecutionSettings,
@@ -65,7 +65,7 @@ def generate_completions(
     Problems go to `generate` a few at a time (up to `batch_size` sequences per call). Each call gets its
     own seed from (`seed`, its first problem's index), so samples are reproducible for a given batch size.
     """
-    from archifactory.generate import generate
+    from archifactory.generate.sampling import generate
 
     if n_samples < 1:
         raise ArchiFactoryError(f"eval.n_samples={n_samples} must be >= 1")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from archifactory.runs import LoadedRun
+from archifactory.runs.load import LoadedRun
 
 
 @dataclass

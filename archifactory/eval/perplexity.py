@@ -23,32 +23,29 @@ import math
 from typing import Any
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from archifactory.config import DatasetConfig
-from archifactory.errors import ArchiFactoryError
+from archifactory.config.compose import compose
+from archifactory.config.schema import DatasetConfig
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.data import load_data
+from archifactory.data.dataset import as_dataset_config
+from archifactory.data.prepare import routed_parts
+from archifactory.data.sources import make_source
+from archifactory.eval.evaluate import evaluate
 from archifactory.eval.job import EvalJob, TaskResult
 
 
 def dataset_config(job: EvalJob) -> tuple[DatasetConfig, bool]:
     """(the dataset to evaluate on, whether it is the run's own) from the run's config and `job.extra`."""
-    from archifactory.data.dataset import as_dataset_config
-
     own = as_dataset_config(job.run.config.dataset)
     if not job.extra:
         return own, True
     if any(arg.split("=", 1)[0] == "dataset" for arg in job.extra):
-        from hydra import compose, initialize_config_dir
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        from archifactory.cli import config_dir
-        from archifactory.config import register_configs
-
-        register_configs()
         try:
-            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-                node = compose(config_name="config", overrides=list(job.extra)).dataset
+            node = compose(job.extra).dataset
         except (HydraException, OmegaConfBaseException) as error:
             raise ArchiFactoryError(f"perplexity: {str(error).splitlines()[0]}") from error
         other = as_dataset_config(node)
@@ -64,8 +61,6 @@ def dataset_config(job: EvalJob) -> tuple[DatasetConfig, bool]:
 
 def own_split(job: EvalJob, seq_len: int, max_tokens: int | None) -> tuple[list, float, int]:
     """(validation batches, bytes per token, tokens in the split) from the run's own token cache."""
-    from archifactory.data import load_data
-
     cfg = job.run.config
     data = load_data(cfg.dataset, seq_len=seq_len, seed=cfg.seed)
     if data.tokenizer.hash != job.run.tokenizer.hash:
@@ -82,9 +77,6 @@ def other_split(
     job: EvalJob, dataset: DatasetConfig, seq_len: int, max_tokens: int | None
 ) -> tuple[list, float, int]:
     """Validation documents of another dataset, tokenized with the run's tokenizer, in windows."""
-    from archifactory.data.prepare import routed_parts
-    from archifactory.data.sources import make_source
-
     source = make_source(dataset)
     source.preflight()
     tokenizer = job.run.tokenizer
@@ -116,8 +108,6 @@ def other_split(
 
 
 def run_perplexity(job: EvalJob) -> list[TaskResult]:
-    from archifactory.train.loop import evaluate
-
     if job.names != ["perplexity"]:
         raise ArchiFactoryError(f"the perplexity runner evaluates `perplexity`, not {job.names}")
     seq_len = int(job.run.config.trainer.seq_len)

@@ -5,20 +5,22 @@ subtasks, or the perplexity figures) under `results`, next to the model's identi
 directory, checkpoint step, parameter counts, mixin/ffn/positional, and the eval options.
 
 `summary.json` gains (or updates) `eval.<name>`: `{metric, value, stderr, step, …}`. The rest of the
-summary is left as it is, and the file is replaced atomically, so a failed evaluation loses nothing.
+summary is left as it is (a read-modify-write under the run's summary lock, `archifactory.runs.records`),
+and the file is replaced atomically, so a failed evaluation loses nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from archifactory.eval.job import EvalConfig, TaskResult
-from archifactory.runs import LoadedRun
-from archifactory.train.metrics import write_json_atomic
+from archifactory.runs import layout
+from archifactory.runs.files import write_json_atomic
+from archifactory.runs.load import LoadedRun
+from archifactory.runs.records import modify_summary
 
 
 def identity(run: LoadedRun) -> dict[str, Any]:
@@ -42,7 +44,7 @@ def identity(run: LoadedRun) -> dict[str, Any]:
 
 def write_results(run: LoadedRun, results: list[TaskResult], options: EvalConfig) -> list[Path]:
     """Write eval/<name>.json for each result and merge them into summary.json; return the files."""
-    folder = run.run_dir / "eval"
+    folder = layout.eval_dir(run.run_dir)
     folder.mkdir(exist_ok=True)
     model = identity(run)
     written = []
@@ -60,22 +62,22 @@ def write_results(run: LoadedRun, results: list[TaskResult], options: EvalConfig
         path = folder / f"{result.name.replace('/', '_')}.json"
         write_json_atomic(path, payload)
         written.append(path)
-    summary_path = run.run_dir / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
-        summary = {}
-    section = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
-    for result in results:
-        section[result.name] = {
-            "metric": result.metric,
-            "value": result.value,
-            "stderr": result.stderr,
-            "step": run.step,
-            **result.extra,
-        }
-    summary["eval"] = section
-    write_json_atomic(summary_path, summary)
+
+    def add_section(summary: dict[str, Any]) -> None:
+        section = summary.get("eval") if isinstance(summary.get("eval"), dict) else {}
+        for result in results:
+            section[result.name] = {
+                "metric": result.metric,
+                "value": result.value,
+                "stderr": result.stderr,
+                "step": run.step,
+                **result.extra,
+            }
+        summary["eval"] = section
+
+    modify_summary(
+        run.run_dir, add_section
+    )  # under the summary lock: a run training meanwhile keeps its keys
     return written
 
 

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 
 MODES = ("auto", "bwrap", "unshare", "none")
 # Unprivileged uids the launcher takes when the evaluator is root: one per worker slot, far above any

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.stack import StackedMixinForCausalLM
 
 TokenPair = tuple[Sequence[int], Sequence[int]]

@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, open_dict
 
-from archifactory.config import component_options
-from archifactory.errors import ArchiFactoryError
+from archifactory.config.hybrid import pattern_entries
+from archifactory.config.schema import component_options
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import get_component
 from archifactory.model.block import Block
-from archifactory.model.build import build_positional, component_factory, layer_mixin_factory
-from archifactory.model.hybrid import pattern_entries
+from archifactory.model.components import build_positional, component_factory, layer_mixin_factory
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
-from archifactory.registry import get_component
 
 MATCH_MODES = ("width", "layers")
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.registry import components
+from archifactory.config.compose import composer
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
+from archifactory.model.build import build_model
+from archifactory.model.match import apply_match
 
 
 def _split(args: list[str]) -> tuple[list[str] | None, list[str] | None, list[str]]:
@@ -31,24 +34,16 @@ def _split(args: list[str]) -> tuple[list[str] | None, list[str] | None, list[st
 
 def params_rows(args: list[str]) -> list[dict[str, object]]:
     """One dict per mixin × FFN: the resolved shape and its accounting, or the reason it has none."""
-    from hydra import compose, initialize_config_dir
-
-    from archifactory.cli import config_dir
-    from archifactory.config import register_configs
-    from archifactory.model.build import build_model
-    from archifactory.model.match import apply_match
-
     mixins, ffns, rest = _split(args)
     mixins = mixins or sorted(components("mixin"))
     ffns = ffns or sorted(components("ffn"))
-    register_configs()
     rows = []
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with composer() as compose:
         for mixin in mixins:
             for ffn in ffns:
                 row: dict[str, object] = {"mixin": mixin, "ffn": ffn}
                 try:
-                    cfg = compose(config_name="config", overrides=[f"mixin={mixin}", f"ffn={ffn}", *rest])
+                    cfg = compose([f"mixin={mixin}", f"ffn={ffn}", *rest])
                     cfg, match = apply_match(cfg)
                     vocab = cfg.model.vocab_size or cfg.dataset.vocab_size
                     with torch.device("meta"):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.registry import register_positional
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_positional
 
 
 class PositionalScheme(nn.Module):

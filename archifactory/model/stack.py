@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.config.hybrid import cfg_variant_label
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.block import Block, LayerState
+from archifactory.model.components import (
+    ModuleFactory,
+    build_positional,
+    component_factory,
+    layer_mixin_factory,
+)
 from archifactory.model.documents import DocumentLayout
 from archifactory.model.ffn.base import FeedForward
+from archifactory.model.folder import check_weights, read_folder_config, read_weights, sections_config
 from archifactory.model.init import init_weights
 from archifactory.model.loss import lm_cross_entropy, logits_cross_entropy
 from archifactory.model.mixins.base import Mixin
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import NoPositional, PositionalScheme, PositionContext
-
-# A factory builds one layer's component: factory(layer_idx=i). `functools.partial(Cls, hidden_size=…)`
-# is the usual one.
-ModuleFactory = Callable[..., nn.Module]
 
 
 @dataclass
@@ -225,11 +230,64 @@ class StackedMixinForCausalLM(nn.Module):
             block.ffn.after_optimizer_step()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> StackedMixinForCausalLM:
-        """Load a Hugging Face format `model/` folder (`archifactory/hf.py`) without Hydra; eval mode."""
-        from archifactory.hf import load_pretrained
+    def from_config(cls, cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
+        """The model a composed config describes (cfg.model, cfg.mixin, cfg.ffn, cfg.positional), built through
+        the registry; a constructor's refusal is one line."""
+        model_cfg = cfg.model
+        vocab_size = model_cfg.vocab_size or vocab_size
+        if model_cfg.hidden_size % model_cfg.num_heads:
+            raise ArchiFactoryError(
+                f"model.hidden_size={model_cfg.hidden_size} is not divisible by model.num_heads={model_cfg.num_heads}; "
+                "choose a hidden size that is a multiple of the head count"
+            )
+        shape = (model_cfg.hidden_size, model_cfg.num_layers, model_cfg.max_seq_len)
+        try:
+            model = cls(
+                num_layers=model_cfg.num_layers,
+                hidden_size=model_cfg.hidden_size,
+                vocab_size=vocab_size,
+                mixin_module=layer_mixin_factory(cfg, *shape),
+                ffn_module=component_factory("ffn", cfg.ffn, *shape),
+                positional_module=build_positional(
+                    cfg.positional, model_cfg.hidden_size, model_cfg.max_seq_len
+                ),
+                tie_embeddings=model_cfg.tie_embeddings,
+                initializer_range=model_cfg.initializer_range,
+                norm=model_cfg.norm,
+                norm_eps=model_cfg.norm_eps,
+                loss_chunk_size=model_cfg.loss_chunk_size,
+            )
+        except (TypeError, ValueError, ZeroDivisionError, AssertionError) as error:
+            # a constructor refused an option (or a combination `archifactory.config.validation` cannot see): one line
+            raise ArchiFactoryError(
+                f"cannot build {cfg_variant_label(cfg)}/{cfg.ffn.name}: {type(error).__name__}: {error}"
+            ) from error
+        return model
 
-        return load_pretrained(path, device)
+    @classmethod
+    def from_sections(cls, sections: dict[str, Any]) -> StackedMixinForCausalLM:
+        """A freshly initialised model from a `config.json`'s model/mixin/ffn/positional sections."""
+        cfg = sections_config(sections)
+        try:
+            return cls.from_config(cfg, cfg.model.get("vocab_size") or 0)
+        except OmegaConfBaseException as error:  # a key the builder needs is missing from config.json
+            raise ArchiFactoryError(f"config.json is incomplete ({str(error).splitlines()[0]})") from error
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> StackedMixinForCausalLM:
+        """Load a Hugging Face format `model/` folder (`archifactory.hf`) without Hydra; eval mode."""
+        folder = Path(path)
+        raw = read_folder_config(folder)
+        weights_file = check_weights(folder, raw.get("weights_sha256"))
+        model = cls.from_sections(raw)
+        weights = read_weights(weights_file)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in weights.items()}
+        if expected != found:
+            differ = sorted(set(expected) ^ set(found)) or [n for n in expected if expected[n] != found[n]]
+            raise ArchiFactoryError(f"{weights_file} does not match config.json (at {', '.join(differ[:3])})")
+        model.load_state_dict(weights)
+        return model.to(device).eval()
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter counts by part. `non_embedding` = blocks + final norm (no embedding, positional table

@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.report.plots import X_AXES, draw_run, draw_sweep, run_panels, sweep_series
 from archifactory.report.runs import Run, Variant, find_runs, group_variants
 from archifactory.report.table import Table, build_table

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 
 # Overrides that never define a variant: the seed, where outputs go, and how the job is run.
 _NOT_VARIANT = ("seed", "run_name", "trainer.resume", "hydra.", "hydra/", "trainer.device", "wandb.")

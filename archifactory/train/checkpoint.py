@@ -29,11 +29,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.hashing import file_digest
-from archifactory.train.rundir import fsync_dir
-
-PREFIX = "step_"
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.hashing import file_digest
+from archifactory.runs import layout
+from archifactory.runs.checkpoints import list_checkpoints
+from archifactory.runs.files import fsync_dir
 
 
 @dataclass
@@ -76,17 +76,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Completed checkpoints, oldest first (temporary directories are ignored)."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
-
-
 def remove_temporaries(directory: Path) -> None:
     """Delete `.tmp_step_*` folders: a killed or failed save's leftovers (one run holds the directory)."""
     if directory.is_dir():
-        for path in directory.glob(f".tmp_{PREFIX}*"):
+        for path in directory.glob(f".tmp_{layout.CHECKPOINT_PREFIX}*"):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -98,7 +91,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{PREFIX}{trainer_state.step:07d}"
+    final = directory / layout.checkpoint_name(trainer_state.step)
     tmp = directory / f".tmp_{final.name}"
     remove_temporaries(directory)
     try:

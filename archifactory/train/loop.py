@@ -14,165 +14,39 @@ wrapping, metrics. The loop knows no component by name: per-step component hooks
 from __future__ import annotations
 
 import logging
-import math
 import os
-import signal
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 
-from archifactory import guard
-from archifactory.data import load_data
-from archifactory.data.dataset import TokenData
-from archifactory.data.loader import PackedLoader
-from archifactory.data.synthetic import SyntheticData, SyntheticLoader
-from archifactory.errors import ArchiFactoryError
-from archifactory.eval.probe import probe_metrics
-from archifactory.model.build import build_model, describe_backends
+from archifactory.config.hybrid import cfg_variant_label
+from archifactory.config.validation import validate_config
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.eval.evaluate import evaluate
+from archifactory.generate.export import write_model_folder
+from archifactory.model.build import check_buildable
 from archifactory.model.documents import documents_for
-from archifactory.model.hybrid import cfg_variant_label
 from archifactory.model.match import MatchResult, apply_match
-from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.runs import resolve_run, save_run_tokenizer, write_model_folder
-from archifactory.sft.model import init_from_pretrained
-from archifactory.train import distributed, rundir
-from archifactory.train.checkpoint import (
-    TrainerState,
-    list_checkpoints,
-    load_checkpoint,
-    model_signature,
-    save_checkpoint,
-    set_rng_state,
-)
+from archifactory.runs import layout
+from archifactory.runs.checkpoints import finished_checkpoints
+from archifactory.runs.lock import locked
+from archifactory.runs.log import detach_log_file
+from archifactory.train import distributed
+from archifactory.train.checkpoint import save_checkpoint
 from archifactory.train.metrics import Progress, RunRecorder, Throughput, peak_memory_mb
-from archifactory.train.optim import build_optimizer
 from archifactory.train.plot import plot_loss_curves
 from archifactory.train.resume import RunPlan, claim_run, finish_completed, plan_run
-from archifactory.train.runtime import (
-    autocast_factory,
-    configure_backends,
-    peak_flops,
-    resolve_device,
-    seed_everything,
-)
-from archifactory.train.schedule import build_scheduler, steps_from_token_budget
-from archifactory.validation import check_buildable, validate_config
+from archifactory.train.runtime import configure_backends, peak_flops, resolve_device
+from archifactory.train.schedule import plan_steps
+from archifactory.train.setup import RunContext, setup_run
+from archifactory.train.signals import StopRequest
 
 log = logging.getLogger(__name__)
-
-Autocast = Callable[[], AbstractContextManager]
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def plan_steps(cfg: DictConfig, world_size: int, examples_per_epoch: int | None = None) -> tuple[int, int]:
-    """(optimizer steps, gradient-accumulation steps) from the token budget, `trainer.epochs` over
-    `examples_per_epoch` rows (chat data) and/or max_steps: the smallest wins."""
-    trainer = cfg.trainer
-    accum = trainer.grad_accum_steps
-    steps = trainer.max_steps
-    if trainer.batch_tokens is not None:
-        budget = (
-            trainer.total_tokens
-            if trainer.total_tokens is not None
-            else trainer.batch_tokens * trainer.max_steps
-        )
-        budget_steps, accum = steps_from_token_budget(
-            budget, trainer.batch_tokens, trainer.micro_batch_size, trainer.seq_len, world_size
-        )
-        steps = min(steps, budget_steps)
-    elif trainer.total_tokens is not None:
-        tokens_per_step = trainer.micro_batch_size * trainer.seq_len * accum * world_size
-        steps = min(steps, max(1, trainer.total_tokens // tokens_per_step))
-    if trainer.epochs is not None and examples_per_epoch is not None:
-        rows_per_step = trainer.micro_batch_size * accum * world_size
-        steps = min(steps, max(1, math.ceil(trainer.epochs * examples_per_epoch / rows_per_step)))
-    return steps, accum
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: list,
-    device: torch.device,
-    autocast: Autocast,
-    bytes_per_token: float | None,
-    document_eos: int | None = None,
-) -> dict[str, float]:
-    """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches; for a
-    dataset without bytes (a synthetic probe, `bytes_per_token` None): loss and accuracy on its answers."""
-    if bytes_per_token is None:
-        return probe_metrics(model, batches, device, autocast)
-    model.eval()
-    total, count = torch.zeros((), device=device), 0
-    for inputs, targets in batches:
-        documents = documents_for(inputs, document_eos, device)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with autocast():
-            out = model(inputs, targets=targets, return_logits=False, documents=documents)
-        tokens = int((targets != -100).sum())
-        total += out.lm_loss.float() * tokens
-        count += tokens
-    model.train()
-    loss = float(total) / max(count, 1)
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
-
-
-@dataclass
-class RunContext:
-    """Everything one run holds, built once by `setup_run` and passed to the loop's pieces."""
-
-    cfg: DictConfig
-    run_dir: Path
-    info: distributed.DistInfo
-    device: torch.device
-    autocast: Autocast
-    recorder: RunRecorder
-    data: TokenData | SyntheticData
-    raw_model: StackedMixinForCausalLM  # the unwrapped model: accounting, hooks, checkpoint signature
-    model: nn.Module  # what the step runs: the raw model, or its DDP/FSDP wrapping
-    strategy: str
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: PackedLoader | SyntheticLoader
-    val_batches: list
-    state: TrainerState
-    total_steps: int
-    accum: int
-    tokens_per_step: int
-    wall_start: float
-    breakdown: dict[str, int]
-    flops_per_token: float
-    document_eos: int | None = None  # dataset.document_mask: the EOS that separates packed documents
-    nonfinite_in_a_row: int = 0
-    last: dict[str, Any] = field(default_factory=dict)  # latest train/val figures for summary.json
 
 
 @dataclass
@@ -191,14 +65,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
     check_buildable(cfg)  # every component constructor's own checks, on the meta device
     is_main = int(os.environ.get("RANK", "0")) == 0
-    with rundir.locked(run_dir, enabled=is_main):
+    with locked(run_dir, enabled=is_main):
         plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])
         if plan.completed is not None:
             return finish_completed(run_dir, plan, is_main)
         if is_main:
             claim_run(cfg, run_dir, overrides or [], plan)
         summary = _run(cfg, run_dir, plan, is_main, match)
-    guard.detach_log_file()  # on an error the CLI's guard still writes the traceback to it, then detaches
+    detach_log_file()  # on an error the CLI's guard still writes the traceback to it, then detaches
     return summary
 
 
@@ -258,99 +132,6 @@ def _run(
         distributed.teardown()
 
 
-def setup_run(
-    cfg: DictConfig,
-    run_dir: Path,
-    info: distributed.DistInfo,
-    device: torch.device,
-    recorder: RunRecorder,
-    resume_from: Path | None,
-    wall_start: float,
-) -> RunContext:
-    """Data, model, optimizer, schedule and loader for this rank; resumed from `resume_from` if given."""
-    trainer = cfg.trainer
-    seed_everything(cfg.seed)  # same on every rank: identical initial weights
-    if not info.is_main:  # rank 0 prepares the token cache first; the others then reuse it
-        distributed.barrier(info)
-    data = load_data(
-        cfg.dataset, seq_len=trainer.seq_len, seed=cfg.seed, rank=info.rank, world_size=info.world_size
-    )
-    if info.is_main:
-        if data.tokenizer is not None:  # a synthetic probe has none
-            save_run_tokenizer(run_dir, data.tokenizer)  # generate/eval/export load it from the run dir
-        distributed.barrier(info)
-    log.info(
-        "data: vocab=%d, %s",
-        data.vocab_size,
-        data.description,
-    )
-    raw_model = build_model(cfg, data.vocab_size)
-    if cfg.get("init_from"):  # `archifactory sft`: the pretrained weights, vocabulary grown for chat tokens
-        init_from_pretrained(raw_model, resolve_run(cfg.init_from))
-    raw_model = raw_model.to(device)
-    total_steps, accum = plan_steps(cfg, info.world_size, getattr(data, "examples_per_epoch", None))
-    tokens_per_step = trainer.micro_batch_size * trainer.seq_len * accum * info.world_size
-    breakdown = raw_model.parameter_breakdown()
-    if info.is_main:
-        log.info("model: %s", ", ".join(f"{k}={v:,}" for k, v in breakdown.items()))
-        for line in describe_backends(raw_model):
-            log.info("compute path: %s", line)
-        log.info(
-            "plan: %d optimizer steps x %d tokens (micro-batch %d x seq %d x accum %d x world %d) = %s tokens",
-            total_steps,
-            tokens_per_step,
-            trainer.micro_batch_size,
-            trainer.seq_len,
-            accum,
-            info.world_size,
-            f"{total_steps * tokens_per_step:,}",
-        )
-    for block in raw_model.blocks:
-        block.activation_checkpointing = trainer.activation_checkpointing
-        if trainer.compile:
-            block.compile()
-    strategy = distributed.resolve_strategy(trainer.strategy, info)
-    model = distributed.wrap_model(raw_model, strategy, device)
-    optimizer = build_optimizer(model, trainer, device.type, total_steps=total_steps)
-    scheduler = build_scheduler(optimizer, trainer, total_steps)
-    loader = data.train_loader(trainer.micro_batch_size, pin_memory=device.type == "cuda")
-    state = TrainerState(step=0, tokens_seen=0, loader=loader.state_dict())
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, model_signature(raw_model.state_dict()))
-        distributed.load_full_state(
-            model, optimizer, ckpt.model_state, ckpt.optimizer_state["optimizer"], strategy
-        )
-        scheduler.load_state_dict(ckpt.optimizer_state["scheduler"])
-        loader.load_state_dict(ckpt.trainer_state.loader)
-        set_rng_state(ckpt.rng)
-        state = ckpt.trainer_state
-        log.info("resumed from %s (step %d)", resume_from, state.step)
-    return RunContext(
-        cfg=cfg,
-        run_dir=run_dir,
-        info=info,
-        device=device,
-        autocast=autocast_factory(trainer.precision, device),
-        recorder=recorder,
-        data=data,
-        raw_model=raw_model,
-        model=model,
-        strategy=strategy,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loader=loader,
-        val_batches=data.val_batches(trainer.micro_batch_size, trainer.eval_tokens),
-        state=state,
-        total_steps=total_steps,
-        accum=accum,
-        tokens_per_step=tokens_per_step,
-        wall_start=wall_start,
-        breakdown=breakdown,
-        flops_per_token=raw_model.flops_per_token(trainer.seq_len),
-        document_eos=data.eos_id if cfg.dataset.get("document_mask", False) else None,
-    )
-
-
 def train_step(run: RunContext) -> StepResult | None:
     """One optimizer step over `accum` micro-batches; None when a non-finite gradient skipped it."""
     trainer = run.cfg.trainer
@@ -378,7 +159,7 @@ def train_step(run: RunContext) -> StepResult | None:
             run.nonfinite_in_a_row,
         )
         if run.nonfinite_in_a_row >= trainer.max_nonfinite_steps:
-            saved = list_checkpoints(run.run_dir / "checkpoints")
+            saved = finished_checkpoints(run.run_dir)
             keeps = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
             raise ArchiFactoryError(
                 f"{run.nonfinite_in_a_row} non-finite steps in a row at step {run.state.step}; stopped ({keeps}): "
@@ -452,7 +233,7 @@ def checkpoint(run: RunContext, loss_window: tuple[Tensor, int] | None = None) -
     model_state, optim_state = distributed.full_state(run.model, run.optimizer, run.strategy)
     if run.info.is_main:
         path = save_checkpoint(
-            run.run_dir / "checkpoints",
+            layout.checkpoints_dir(run.run_dir),
             model_state,
             {"optimizer": optim_state, "scheduler": run.scheduler.state_dict()},
             run.state,
@@ -469,7 +250,7 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
     run.recorder.attach_wandb(
         OmegaConf.to_container(cfg, resolve=True),
         cfg.wandb,
-        f"{cfg.mixin.name}-{cfg.ffn.name}-{cfg.positional.name}-s{cfg.seed}",
+        f"{cfg_variant_label(cfg)}-{cfg.ffn.name}-{cfg.positional.name}-s{cfg.seed}",
     )
     run.recorder.update_summary(
         params_total=run.breakdown["total"],

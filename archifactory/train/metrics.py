@@ -9,7 +9,6 @@ until new ones replace them).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from archifactory.train import rundir
-from archifactory.train.rundir import write_json_atomic  # noqa: F401 (re-exported: eval/results.py)
+from archifactory.runs import layout, records
+from archifactory.runs.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,9 @@ def _jsonable(value: Any) -> Any:
 
 # figures of one session that a resume must not carry over from the previous one
 _SESSION_KEYS = ("status", "error", "rebuilt")
+# summary sections other commands write (`archifactory eval`): the recorder never holds or rewrites them,
+# so an evaluation that lands while this run trains is kept (`runs.records.update_summary` merges)
+_OTHER_WRITERS = ("eval",)
 
 
 class RunRecorder:
@@ -67,7 +69,7 @@ class RunRecorder:
     def __init__(self, run_dir: Path, enabled: bool, base_summary: dict[str, Any]) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = layout.metrics_path(run_dir)
         self.summary: dict[str, Any] = {key: None for key in SUMMARY_KEYS} | base_summary
         self.wandb_run: Any = None
 
@@ -78,14 +80,22 @@ class RunRecorder:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            rundir.write_atomic(self.metrics_path, "")
+            write_atomic(self.metrics_path, "")
         elif self.metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [r for r in rundir.read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
-            rundir.rewrite_metrics(self.metrics_path, kept)
+            kept = [r for r in records.read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
+            records.rewrite_metrics(self.metrics_path, kept)
         if previous_summary:
-            carried = {k: v for k, v in previous_summary.items() if k not in _SESSION_KEYS}
+            carried = {k: v for k, v in previous_summary.items() if k not in _SESSION_KEYS + _OTHER_WRITERS}
             self.summary = carried | {k: v for k, v in self.summary.items() if v is not None}
-        self.update_summary(status="running")
+        self.summary["status"] = "running"
+        records.modify_summary(self.run_dir, self._restart)
+
+    def _restart(self, summary: dict[str, Any]) -> None:
+        """The summary a (re)started session writes: its own figures, plus the sections other commands
+        wrote (nothing of an earlier session's status or error survives)."""
+        kept = {key: summary[key] for key in _OTHER_WRITERS if key in summary}
+        summary.clear()
+        summary.update(kept | {key: _jsonable(value) for key, value in self.summary.items()})
 
     def attach_wandb(self, cfg: dict[str, Any], wandb_cfg: Any, run_name: str) -> None:
         if not (self.enabled and wandb_cfg.enabled):
@@ -109,8 +119,7 @@ class RunRecorder:
         if not self.enabled:
             return
         clean = {key: _jsonable(value) for key, value in record.items()}
-        with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        records.append_metrics(self.run_dir, clean)
         if self.wandb_run is not None:
             self.wandb_run.log(
                 {k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=clean["step"]
@@ -120,7 +129,7 @@ class RunRecorder:
         if not self.enabled:
             return
         self.summary.update({key: _jsonable(value) for key, value in values.items()})
-        rundir.write_json_atomic(self.run_dir / "summary.json", self.summary)
+        records.update_summary(self.run_dir, self.summary)
 
     def finish(self, **values: Any) -> None:
         self.update_summary(**values)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 
 OPTIMIZERS = ("adamw", "muon", "ademamix")
 NamedParams = list[tuple[str, nn.Parameter]]

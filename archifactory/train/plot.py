@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from archifactory.train.rundir import read_metrics
+from archifactory.runs.records import read_metrics
 
 
 def plot_loss_curves(run_dir: Path, title: str) -> Path | None:

@@ -24,16 +24,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from archifactory import guard
-from archifactory.errors import ArchiFactoryError
-from archifactory.train.checkpoint import list_checkpoints, remove_temporaries, verify_checkpoint
-from archifactory.train.rundir import (
-    read_summary,
-    rebuild_summary,
-    remove_stale_writes,
-    write_atomic,
-    write_json_atomic,
-)
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.runs import layout
+from archifactory.runs.checkpoints import finished_checkpoints
+from archifactory.runs.files import remove_stale_writes, write_atomic
+from archifactory.runs.log import attach_log_file
+from archifactory.runs.records import read_summary, rebuild_summary, replace_summary
+from archifactory.train.checkpoint import remove_temporaries, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +77,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def saved_config(run_dir: Path) -> dict[str, Any] | None:
     """The run's `.hydra/config.yaml`, resolved; None when it is missing or unreadable."""
-    path = run_dir / ".hydra" / "config.yaml"
+    path = layout.config_path(run_dir)
     if not path.is_file():
         return None
     try:
@@ -133,7 +130,7 @@ class RunPlan:
 
 def plan_run(cfg: DictConfig, run_dir: Path, planned_steps: int) -> RunPlan:
     """Read-only: decide fresh / resume / nothing to do, or refuse with one line (see the module doc)."""
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    checkpoints = finished_checkpoints(run_dir)
     summary = read_summary(run_dir)
     status = summary.get("status") if summary else None
     if not cfg.trainer.resume:
@@ -151,7 +148,7 @@ def plan_run(cfg: DictConfig, run_dir: Path, planned_steps: int) -> RunPlan:
         if unsafe:
             raise ArchiFactoryError(
                 f"cannot resume {run_dir}: its config differs in {'; '.join(unsafe)} (another architecture, "
-                f"data or recipe). Resume with the config in {run_dir / '.hydra' / 'config.yaml'}, or start "
+                f"data or recipe). Resume with the config in {layout.config_path(run_dir)}, or start "
                 "another run with run_name=<new name>"
             )
     elif checkpoints:
@@ -185,7 +182,7 @@ def finish_completed(run_dir: Path, plan: RunPlan, is_main: bool) -> dict[str, A
     summary = plan.completed or {}
     if is_main:
         if plan.rebuilt_summary:
-            write_json_atomic(run_dir / "summary.json", summary)
+            replace_summary(run_dir, summary)
             log.warning(
                 "%s: summary.json was damaged; rebuilt it from the metrics and the last checkpoint", run_dir
             )
@@ -199,12 +196,11 @@ def finish_completed(run_dir: Path, plan: RunPlan, is_main: bool) -> dict[str, A
 
 def claim_run(cfg: DictConfig, run_dir: Path, overrides: list[str], plan: RunPlan) -> None:
     """Rank 0, after `plan_run` accepted the directory: write `.hydra/`, attach the log, say what changed."""
-    hydra_dir = run_dir / ".hydra"
-    write_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    write_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-    guard.attach_log_file(run_dir / guard.LOG_NAME)
-    remove_temporaries(run_dir / "checkpoints")  # a killed save's leftovers hold disk space
-    for folder in (run_dir, run_dir / ".hydra"):
+    write_atomic(layout.config_path(run_dir), OmegaConf.to_yaml(cfg))
+    write_atomic(layout.overrides_path(run_dir), OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    attach_log_file(layout.log_path(run_dir))
+    remove_temporaries(layout.checkpoints_dir(run_dir))  # a killed save's leftovers hold disk space
+    for folder in (run_dir, layout.config_path(run_dir).parent):
         remove_stale_writes(folder)
     if plan.resume_from is not None:
         log.info("resuming %s from %s (pid %d)", run_dir, plan.resume_from.name, os.getpid())

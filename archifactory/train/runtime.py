@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -2,7 +2,8 @@
 
 The seed counted its cosine horizon in samples, so with gradient accumulation the schedule never reached
 its floor. Here every quantity is an *optimizer step* (one `optimizer.step()`), and the number of steps is
-derived from the token budget by `steps_from_token_budget`.
+derived from the token budget by `steps_from_token_budget`; `plan_steps` turns a run's trainer config
+(token budget, epochs, max_steps) into the number of optimizer steps and the gradient accumulation.
 
 Schedules (`trainer.schedule`), as a multiplier of each parameter group's base learning rate:
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 
 SCHEDULES = ("cosine", "wsd", "wsd_sqrt", "constant")
 
@@ -141,3 +142,28 @@ def steps_from_token_budget(
             f"(trainer.batch_tokens={batch_tokens}); the run would take no optimizer step"
         )
     return total_tokens // batch_tokens, batch_tokens // micro_tokens
+
+
+def plan_steps(cfg: Any, world_size: int, examples_per_epoch: int | None = None) -> tuple[int, int]:
+    """(optimizer steps, gradient-accumulation steps) from the token budget, `trainer.epochs` over
+    `examples_per_epoch` rows (chat data) and/or max_steps: the smallest wins."""
+    trainer = cfg.trainer
+    accum = trainer.grad_accum_steps
+    steps = trainer.max_steps
+    if trainer.batch_tokens is not None:
+        budget = (
+            trainer.total_tokens
+            if trainer.total_tokens is not None
+            else trainer.batch_tokens * trainer.max_steps
+        )
+        budget_steps, accum = steps_from_token_budget(
+            budget, trainer.batch_tokens, trainer.micro_batch_size, trainer.seq_len, world_size
+        )
+        steps = min(steps, budget_steps)
+    elif trainer.total_tokens is not None:
+        tokens_per_step = trainer.micro_batch_size * trainer.seq_len * accum * world_size
+        steps = min(steps, max(1, trainer.total_tokens // tokens_per_step))
+    if trainer.epochs is not None and examples_per_epoch is not None:
+        rows_per_step = trainer.micro_batch_size * accum * world_size
+        steps = min(steps, max(1, math.ceil(trainer.epochs * examples_per_epoch / rows_per_step)))
+    return steps, accum

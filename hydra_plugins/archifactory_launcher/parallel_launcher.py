@@ -113,7 +113,7 @@ class ParallelLauncher(Launcher):
         return {"idx": idx, "overrides": overrides, "run_dir": run_dir, "config": sweep_config}
 
     def _run(self, job: dict[str, Any], devices: queue.Queue) -> JobReturn:
-        from archifactory.sweep import FAILED_JOBS, write_failed_record
+        from archifactory.cli.sweep import FAILED_JOBS, write_failed_record
 
         verb = sys.argv[0].split()[1:] or ["train"]  # run_hydra names the verb in argv[0]
         run_dir: Path = job["run_dir"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from archifactory.config import DatasetConfig
+from archifactory.config.schema import DatasetConfig
 
 WORDS = (  # noqa: SIM905 (a word list reads better as one string)
     "the a king queen fool sword crown night day love war peace river stone bird sings falls rises speaks "

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
 from archifactory.data import prepare as prep
-from archifactory.errors import ArchiFactoryError
 
 
 def test_concurrent_preparers_tokenize_once_and_the_second_reuses(corpus, make_cfg, monkeypatch) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from archifactory.config import DatasetConfig
+from archifactory.config.schema import DatasetConfig
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data.prepare import prepare
 from archifactory.data.sources import LocalText
-from archifactory.errors import ArchiFactoryError
 from tests.data.conftest import make_text
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import hub, load_data
-from archifactory.errors import ArchiFactoryError
 from tests.helpers import compose_config
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
-from archifactory.errors import ArchiFactoryError
 from tests.data.conftest import make_text
 from tests.helpers import compose_config
 

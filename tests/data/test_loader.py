@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import PackedLoader, load_data
 from archifactory.data.shards import ShardWriter, TokenStream
-from archifactory.errors import ArchiFactoryError
 
 SEQ = 8
 

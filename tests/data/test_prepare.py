@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data, load_tokenizer
 from archifactory.data import prepare as prep
 from archifactory.data.shards import ShardWriter, token_dtype
 from archifactory.data.tokenizer import split_for_encoding
-from archifactory.errors import ArchiFactoryError
 from tests.data.conftest import make_text
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
 from archifactory.data.synthetic import SyntheticData, mad
 from archifactory.data.synthetic.mqar import gap_probabilities, mqar_example
-from archifactory.errors import ArchiFactoryError
 
 IGNORE = -100
 

@@ -146,7 +146,7 @@ def test_padding_invariance_for_recurrent_mixins(tokenizer, mixin: str) -> None:
 
 
 def test_continuation_longer_than_the_model_is_refused(tokenizer) -> None:
-    from archifactory.errors import ArchiFactoryError
+    from archifactory.core.errors import ArchiFactoryError
 
     model = tiny_model(tokenizer.vocab_size)
     with pytest.raises(ArchiFactoryError, match="max_seq_len"):

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from archifactory.eval.cli import eval_main
+from archifactory.cli.eval import eval_main
+from archifactory.eval.evaluate import evaluate
 from archifactory.eval.job import EvalConfig, EvalJob
 from archifactory.eval.perplexity import own_split
-from archifactory.runs import load_run
-from archifactory.train import loop
+from archifactory.runs.load import load_run
 from tests.eval.mmlu_fixture import write_mmlu_tasks
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
@@ -145,5 +145,5 @@ def test_perplexity_of_a_document_masked_run_equals_its_val_loss(trained: dict, 
     # the same windows without the mask give another loss: the mask really was applied
     run = load_run(run_dir)
     batches, bytes_per_token, _ = own_split(EvalJob(["perplexity"], run, EvalConfig(), None, None), 64, None)
-    plain = loop.evaluate(run.model, batches, torch.device("cpu"), contextlib.nullcontext, bytes_per_token)
+    plain = evaluate(run.model, batches, torch.device("cpu"), contextlib.nullcontext, bytes_per_token)
     assert abs(plain["val_loss"] - entry["loss"]) > 1e-3

@@ -1,4 +1,4 @@
-"""lm-eval's generate_until through archifactory.generate: equal to a direct greedy generation, stop
+"""lm-eval's generate_until through archifactory.generate.sampling: equal to a direct greedy generation, stop
 strings, left truncation counted, and a local generative task scored end to end."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from archifactory.eval.adapter import ArchiFactoryLM
 from archifactory.eval.generation import sampling_options
 from archifactory.eval.harness import run_lm_eval
 from archifactory.eval.job import EvalConfig, EvalJob
-from archifactory.generate import generate
+from archifactory.generate.sampling import generate
 from tests.eval.conftest import tiny_model
 from tests.eval.test_harness import fake_run, forced_model, nullcontext_factory
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from archifactory.eval.harness import headline, run_lm_eval
 from archifactory.eval.job import EvalConfig, EvalJob
-from archifactory.runs import LoadedRun
+from archifactory.runs.load import LoadedRun
 from tests.eval.conftest import tiny_model
 from tests.eval.mmlu_fixture import write_mmlu_tasks
 
@@ -80,7 +80,7 @@ def test_local_mmlu_accuracy_equals_hand_count_with_few_shot_prompts(tmp_path: P
 
 def test_one_subject_and_duplicates(tmp_path: Path, tokenizer) -> None:
     """A single task reports only itself; asking for a task twice (alone and in its group) is one line."""
-    from archifactory.errors import ArchiFactoryError
+    from archifactory.core.errors import ArchiFactoryError
 
     tests = write_mmlu_tasks(tmp_path / "tasks", {"anatomy": 4, "virology": 3})
     letters = [tokenizer.encode(f" {c}") for c in "ABCD"]
@@ -108,7 +108,7 @@ def nullcontext_factory():
 
 def test_unknown_local_task_without_network_is_one_line(tmp_path: Path, tokenizer, monkeypatch) -> None:
     """No network and a name that is not local: refused before lm-eval indexes its built-in tasks."""
-    from archifactory.errors import ArchiFactoryError
+    from archifactory.core.errors import ArchiFactoryError
 
     write_mmlu_tasks(tmp_path / "tasks", {"anatomy": 2})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.eval.humaneval import (
     STOP_SEQUENCES,
     ExecutionSettings,

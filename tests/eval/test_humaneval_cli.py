@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from archifactory.cli import main
+from archifactory.cli.main import main
 from archifactory.eval import sandbox as sandbox_module
 from archifactory.eval.humaneval import load_problems
 from tests.run_helpers import train_tiny_run, write_small_corpus

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.eval import sandbox as sandbox_module
 from archifactory.eval.humaneval import program
 from archifactory.eval.sandbox import (

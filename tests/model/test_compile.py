@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
 from archifactory.model.build import build_model
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 EAGER_RNN_MIXINS = {"lstm", "rnn"}  # nn.LSTM / nn.RNN: Dynamo refuses them (README "Compile")

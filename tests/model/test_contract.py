@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.cli import group_options
-from archifactory.model.build import build_positional, component_factory
+from archifactory.config.compose import group_options
+from archifactory.core.registry import components
+from archifactory.model.components import build_positional, component_factory
 from archifactory.model.positional import PositionContext
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 HIDDEN = 64

@@ -15,9 +15,9 @@ import copy
 import pytest
 import torch
 
-from archifactory.model.build import build_positional, component_factory
+from archifactory.core.registry import components
+from archifactory.model.components import build_positional, component_factory
 from archifactory.model.positional import PositionContext
-from archifactory.registry import components
 from tests.helpers import compose_config
 from tests.model.test_contract import HIDDEN, perturb
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
 from archifactory.model.build import build_model
 from archifactory.model.documents import DocumentLayout
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 EOS, VOCAB = 0, 37

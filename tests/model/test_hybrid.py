@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.config.hybrid import cfg_variant_label, layer_mixin_configs, variant_label
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.build import build_model
-from archifactory.model.hybrid import cfg_variant_label, layer_mixin_configs, variant_label
 from tests.helpers import compose_config
 
 VOCAB = 61

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from archifactory.model.build import component_factory
+from archifactory.core.registry import components
+from archifactory.model.components import component_factory
 from archifactory.model.ffn.swiglu import SwiGLU
 from archifactory.model.init import init_weights
 from archifactory.model.mixins.base import Mixin, MixinState
@@ -25,7 +26,6 @@ from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, parameter_ids
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.registry import components
 from tests.helpers import compose_config
 from tests.model.test_contract import HIDDEN, build
 

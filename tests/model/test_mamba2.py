@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.model.build import build_positional, component_factory
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.model.components import build_positional, component_factory
 from archifactory.model.mixins.mamba2 import Mamba2
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
 from archifactory.model.build import build_model
 from archifactory.model.match import apply_match, parse_count
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 BASE = ["dataset=text", "dataset.path=unused", "model=tiny"]
@@ -103,7 +103,7 @@ def test_hybrid_stack_is_counted_layer_by_layer(match: str) -> None:
 
 
 def test_list_params_rows_match_the_target_without_training(capsys: pytest.CaptureFixture) -> None:
-    from archifactory.cli import main
+    from archifactory.cli.main import main
     from archifactory.model.params_list import params_rows
 
     rows = params_rows(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.model.build import build_model, build_positional, component_factory
+from archifactory.model.build import build_model
+from archifactory.model.components import build_positional, component_factory
 from archifactory.model.init import init_weights
 from archifactory.model.mixins.mla import MultiHeadLatentAttention
 from archifactory.model.positional import PositionContext

@@ -7,8 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from archifactory.config import component_schema
-from archifactory.model.build import build_model, component_factory
+from archifactory.config.schema import component_schema
+from archifactory.model.build import build_model
+from archifactory.model.components import component_factory
 from archifactory.model.mixins.rwkv6 import RWKV6TimeMix, depth_ratios
 from tests.helpers import compose_config
 
@@ -27,7 +28,7 @@ def test_rwkv6_gets_the_depth_of_the_model() -> None:
 
 @pytest.mark.parametrize("kind,name", [("mixin", "rwkv6"), ("mixin", "rwkv7")])
 def test_model_settings_are_not_component_options(kind: str, name: str) -> None:
-    from archifactory.registry import get_component
+    from archifactory.core.registry import get_component
 
     fields = component_schema(kind, name, get_component(kind, name)).__dataclass_fields__
     assert "num_layers" not in fields and "max_seq_len" not in fields
@@ -43,7 +44,7 @@ def test_a_constructor_that_declares_them_receives_them() -> None:
             super().__init__(hidden_size, layer_idx)
             self.seen = (num_layers, max_seq_len)
 
-    from archifactory import registry
+    from archifactory.core import registry
 
     registry.FFNS["_depth_aware"] = DepthAware
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archifactory.model.build import component_factory
+from archifactory.model.components import component_factory
 from archifactory.model.ffn._moe_dispatch import grouped_mm_supported, resolve_mode, sort_by_expert
 from archifactory.model.ffn.moe import MoE
 from archifactory.model.ffn.swiglu import SwiGLU

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.mixins.attention import GroupedQueryAttention
 from archifactory.model.positional import (
     AlibiPositional,

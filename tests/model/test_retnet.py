@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.model.build import build_positional, component_factory
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.model.components import build_positional, component_factory
 from archifactory.model.mixins.retnet import MultiScaleRetention, retention_log_decay
 from archifactory.model.positional import PositionContext, RotaryPositional
 from tests.helpers import compose_config

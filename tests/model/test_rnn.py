@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.model.build import component_factory
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.model.components import component_factory
 from archifactory.model.ffn.rwkv_channel_mix import RWKVChannelMix
 from archifactory.model.mixins.rnn import ElmanRNNMixin, LSTMMixin
 from archifactory.model.positional import NoPositional, PositionContext

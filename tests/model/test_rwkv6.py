@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.model.build import component_factory
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.model.components import component_factory
 from archifactory.model.mixins.rwkv6 import RWKV6TimeMix, wkv6_chunked, wkv6_recurrent
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config

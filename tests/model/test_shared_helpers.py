@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.hashing import file_digest
-from archifactory.model.build import component_factory
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.hashing import file_digest
+from archifactory.core.registry import components
+from archifactory.model.components import component_factory
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 WITH_BACKEND = sorted(

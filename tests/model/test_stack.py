@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archifactory.core.registry import components
 from archifactory.model.build import build_model
 from archifactory.model.ffn.swiglu import SwiGLU
 from archifactory.model.loss import lm_cross_entropy
 from archifactory.model.mixins.attention import GroupedQueryAttention
 from archifactory.model.positional import RotaryPositional
 from archifactory.model.stack import StackedMixinForCausalLM
-from archifactory.registry import components
 from tests.helpers import compose_config
 
 V, D = 50, 32

@@ -12,13 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.generate import generate
-from archifactory.runs import load_run
-from archifactory.sft.data import IGNORE, ChatData, encode_conversation
-from archifactory.sft.model import grow_rows, init_from_pretrained
-from archifactory.sft.sources import _dolphin, _limo
-from archifactory.sft.template import (
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.data.chat.dataset import IGNORE, ChatData, encode_conversation
+from archifactory.data.chat.sources import _dolphin, _limo
+from archifactory.data.chat.template import (
     END,
     SPECIAL_TOKENS,
     chat_text,
@@ -27,6 +24,9 @@ from archifactory.sft.template import (
     render,
     special_id,
 )
+from archifactory.generate.sampling import generate
+from archifactory.runs.load import load_run
+from archifactory.train.init_from import grow_rows, init_from_pretrained
 from archifactory.train.loop import train
 from tests.helpers import compose_config
 from tests.run_helpers import train_tiny_run, write_small_corpus
@@ -198,7 +198,7 @@ def test_tiny_sft_learns_the_answers_in_the_template(
             "trainer.warmup_steps=5",
         ]
     )
-    from archifactory.sft.cli import with_pretrained_architecture
+    from archifactory.sft.run import with_pretrained_architecture
 
     run_dir = tmp_path / "sft"
     summary = train(with_pretrained_architecture(cfg, pretrained), run_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.train.checkpoint import (
     TrainerState,
     list_checkpoints,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from archifactory.train.loop import evaluate
+from archifactory.eval.evaluate import evaluate
 
 
 class FixedLoss(nn.Module):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.registry import components
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
 from archifactory.train.loop import train
 from tests.helpers import compose_config
 

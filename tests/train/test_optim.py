@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from archifactory.config import TrainerConfig
-from archifactory.errors import ArchiFactoryError
+from archifactory.config.schema import TrainerConfig
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.ffn.swiglu import SwiGLU
 from archifactory.model.mixins.attention import GroupedQueryAttention
 from archifactory.model.positional import LearnedPositional

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from archifactory.cli import main
-from archifactory.eval.cli import eval_main
+from archifactory.cli.eval import eval_main
+from archifactory.cli.main import main
 from archifactory.eval.probe import answer_accuracy, probe_metrics
 from archifactory.train.loop import train
 from tests.helpers import compose_config

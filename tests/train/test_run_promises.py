@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
-from archifactory.errors import ArchiFactoryError
 from archifactory.train.checkpoint import (
     TrainerState,
     load_checkpoint,
@@ -28,8 +28,9 @@ from archifactory.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from archifactory.train.loop import StopRequest, train
+from archifactory.train.loop import train
 from archifactory.train.resume import claim_run, plan_run
+from archifactory.train.signals import StopRequest
 from tests.helpers import compose_config
 from tests.train.test_loop import read_metrics, smoke_config, write_corpus
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.runs.layout import LOCK as LOCK_NAME
+from archifactory.runs.lock import RunDirLock
 from archifactory.train import checkpoint as checkpoint_module
 from archifactory.train import loop
 from archifactory.train.checkpoint import list_checkpoints, verify_checkpoint
 from archifactory.train.loop import train
 from archifactory.train.resume import config_changes
-from archifactory.train.rundir import LOCK_NAME, RunDirLock
 from tests.train.test_loop import read_metrics, smoke_config, write_corpus
 
 

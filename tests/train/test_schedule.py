@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from archifactory.config import TrainerConfig
-from archifactory.errors import ArchiFactoryError
+from archifactory.config.schema import TrainerConfig
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.train.schedule import build_scheduler, lr_multiplier, steps_from_token_budget
 
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data.synthetic import mad
 from archifactory.data.synthetic.mqar import check_mqar, mqar_example
-from archifactory.errors import ArchiFactoryError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Example = tuple[np.ndarray, np.ndarray]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 
 IGNORE = -100
 

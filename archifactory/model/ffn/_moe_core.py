@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.ffn.base import FeedForward, FFNAux
 
 SCORE_FUNCS = ("softmax", "sigmoid")

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_ffn
 from archifactory.model.ffn._moe_core import GatedMLP, RoutedFeedForward, TopKRouter, router_aux
 from archifactory.model.ffn._moe_dispatch import DISPATCH_MODES, combine, expert_matmul, sort_by_expert
 from archifactory.model.ffn.base import FFNAux, intermediate_size
 from archifactory.model.ffn.moe import matmul_dtype
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_ffn
 
 
 @register_ffn("dora_moe")

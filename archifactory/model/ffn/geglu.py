@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_ffn
 from archifactory.model.ffn.base import FeedForward, FFNAux, intermediate_size
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_ffn
 
 
 @register_ffn("geglu")

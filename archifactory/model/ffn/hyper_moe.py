@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_ffn
 from archifactory.model.ffn._moe_core import Routing
 from archifactory.model.ffn.moe import MoE
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_ffn
 
 
 @register_ffn("hyper_moe")

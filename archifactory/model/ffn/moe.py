@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_ffn
 from archifactory.model.ffn._moe_core import GatedMLP, RoutedFeedForward, Routing, TopKRouter, router_aux
 from archifactory.model.ffn._moe_dispatch import (
     DISPATCH_MODES,
@@ -19,7 +20,6 @@ from archifactory.model.ffn._moe_dispatch import (
 )
 from archifactory.model.ffn.base import FFNAux, intermediate_size
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_ffn
 
 
 def matmul_dtype(x: Tensor) -> torch.dtype:

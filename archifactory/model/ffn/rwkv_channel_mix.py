@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archifactory.core.registry import register_ffn
 from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState, intermediate_size
 from archifactory.model.roles import InitRoles, own_parameters
-from archifactory.registry import register_ffn
 
 
 @register_ffn("rwkv_cmix")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archifactory.core.registry import register_ffn
 from archifactory.model.ffn.base import FeedForward, FFNAux, intermediate_size
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_ffn
 
 
 @register_ffn("swiglu")

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import (
     Mixin,
     MixinState,
@@ -33,7 +34,6 @@ from archifactory.model.mixins.reference.delta_rule import (
 from archifactory.model.mixins.short_conv import ShortConvolution
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
-from archifactory.registry import register_mixin
 
 GATE_ACTIVATIONS = {"swish": F.silu, "sigmoid": torch.sigmoid}
 

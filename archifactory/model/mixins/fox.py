@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, projection_flops
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import fla_op
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_mixin
 
 
 @register_mixin("fox")

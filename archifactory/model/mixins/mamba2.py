@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, resolve_backend
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.simple_gla import fused_available, simple_gla_forward
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
-from archifactory.registry import register_mixin
 
 
 @register_mixin("mamba2")

@@ -7,13 +7,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext, RotaryPositional
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_mixin
 
 
 @register_mixin("mla")

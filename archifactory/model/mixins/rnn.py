@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
-from archifactory.registry import register_mixin
 
 NONLINEARITIES = ("tanh", "relu")
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import (
     Mixin,
     MixinState,
@@ -36,7 +37,6 @@ from archifactory.model.mixins.base import (
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
-from archifactory.registry import register_mixin
 
 NUM_MIXES = 5  # the ddlerp mixes, in this order: w (decay), k, v, r, g
 

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, resolve_backend
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step, fla_op
 from archifactory.model.mixins.rwkv6 import depth_ratios
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
-from archifactory.registry import register_mixin
 
 NUM_MIXES = 6  # token-shift lerps, in this order: r, w, k, v, a, g
 MAX_LOG_DECAY = 0.6065306597126334  # exp(-0.5): log w_t = -exp(-0.5) · sigmoid(·) ∈ (-0.607, 0)

@@ -1,0 +1,78 @@
+"""The top-level error guard: whatever goes wrong, the user gets one `error:` line and a non-zero exit.
+
+- `ArchiFactoryError` (bad input the code recognised) prints as is.
+- A config that Hydra or OmegaConf refuses at compose time (unknown key, wrong type, a choice outside its
+  enum) prints Hydra's message folded onto one line.
+- Any other exception prints its type and first message line plus the log file that holds the full
+  traceback: the run's `archifactory.log` once the verb has attached it (`attach_log_file`), else a
+  `crash-*.log` in the cache's `logs/` folder. `ARCHIFACTORY_DEBUG=1` (or `archifactory --debug …`)
+  re-raises instead, for developers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from archifactory.runs.log import log_file
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("ARCHIFACTORY_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _crash_log() -> Path:
+    root = Path(os.environ.get("ARCHIFACTORY_CACHE") or "~/.cache/archifactory").expanduser()
+    return root / "logs" / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def record_traceback(error: BaseException) -> Path | None:
+    """Append `error`'s traceback to the log file (else a crash log); the path written, None if none could be."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    fallback = Path(tempfile.gettempdir()) / _crash_log().name
+    for path in (log_file(), _crash_log(), fallback):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(f"[{stamp}][archifactory][ERROR] - unexpected error\n{text}")
+            return path
+        except OSError:  # e.g. the run's disk is full: try the next place
+            continue
+    return None
+
+
+def unexpected_error_line(error: BaseException) -> str:
+    """`error: <Type>: <first line> (traceback in <log>)`, after writing the traceback to that log."""
+    where = record_traceback(error)
+    message = str(error).strip().splitlines()
+    detail = f": {message[0]}" if message else ""
+    tail = f"traceback in {where}" if where else "no log file could be written"
+    return f"error: {type(error).__name__}{detail} ({tail}; ARCHIFACTORY_DEBUG=1 shows it here)"
+
+
+def is_config_error(error: BaseException) -> bool:
+    """An error Hydra or OmegaConf raised while composing the config (not one from the job itself)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(error, (HydraException, OmegaConfBaseException))
+
+
+def config_error_line(error: BaseException) -> str:
+    """Hydra's compose error and its cause (the OmegaConf validation message) folded onto one line."""
+    lines: list[str] = []
+    current: BaseException | None = error
+    while current is not None and len(lines) < 8:
+        for line in str(current).splitlines():
+            line = line.strip()
+            skip = line.startswith(("object_type=", "reference_type=", "See https://", "Set the environment"))
+            if line and not skip and line not in lines:
+                lines.append(line)
+        current = current.__cause__
+    return "error: " + "; ".join(lines or [type(error).__name__])

@@ -1,0 +1,134 @@
+"""`archifactory <verb> [hydra overrides…]`: pops the verb and hands the rest to Hydra.
+
+Verbs that run a job (`train`, and later ones) are Hydra apps over the same `configs/`, so overrides,
+`-m` multirun, `--cfg job`, `--help` and `hydra/launcher=…` behave as Hydra users expect. `list` prints
+every option of every config group. Every failure is one `error:` line on stderr and a non-zero exit
+(`archifactory.cli.guard`): a user error as is, a compose error folded onto one line, anything unexpected
+with its type and the log file holding the traceback; `--debug` (or `ARCHIFACTORY_DEBUG=1`) re-raises.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from archifactory.cli import guard
+from archifactory.core.errors import ArchiFactoryError
+
+USAGE = """usage: archifactory [--debug] <verb> [key=value ...] [-m] [--cfg job] [--help]
+
+verbs:
+  train      train one model (or a sweep with -m) and write a run directory
+  data       `data prepare dataset=…`: tokenize and pack a dataset into cached token shards
+  eval       `eval <task>[,<task>…] [run=…]`: lm-eval tasks (mmlu, …) and perplexity/bits per byte of a run
+  sft        `sft init_from=<run> dataset=chat_jsonl|limo|dolphin_r1`: instruction-tune a pretrained run
+  generate   `generate [run=…] prompt="…"`: stream text from a trained run (prompt_file=… for JSONL)
+  export     `export [run=…] [out=…] [step=…]`: write a checkpoint in Hugging Face format
+  list       every option of every config group, with its description
+             (`list --params model.target_params=30M`: the matched shape of every mixin x FFN)
+  report     `report <sweep dir | run dir ...>`: results table (mean ± std over seeds) and plots
+
+--debug (or ARCHIFACTORY_DEBUG=1): show the traceback of an unexpected error instead of one line
+
+examples:
+  archifactory train mixin=gqa ffn=swiglu
+  archifactory train -m positional=rope,alibi seed=0,1
+  archifactory train dataset=text dataset.path=./my_corpus model=tiny trainer=cpu
+"""
+
+
+# Each verb's module is imported when that verb runs: `archifactory list` does not load torch's model code,
+# and `eval` alone needs the eval extra (lm-eval).
+def _train(args: list[str]) -> int:
+    from archifactory.cli.train import train_main
+
+    return train_main(args)
+
+
+def _data(args: list[str]) -> int:
+    from archifactory.cli.data import data_main
+
+    return data_main(args)
+
+
+def _list(args: list[str]) -> int:
+    from archifactory.cli.list import list_options
+
+    return list_options(args)
+
+
+def _eval(args: list[str]) -> int:
+    from archifactory.cli.eval import eval_main
+
+    return eval_main(args)
+
+
+def _sft(args: list[str]) -> int:
+    from archifactory.cli.sft import sft_main
+
+    return sft_main(args)
+
+
+def _generate(args: list[str]) -> int:
+    from archifactory.cli.generate import generate_verb
+
+    return generate_verb(args)
+
+
+def _export(args: list[str]) -> int:
+    from archifactory.cli.generate import export_verb
+
+    return export_verb(args)
+
+
+def _report(args: list[str]) -> int:
+    from archifactory.cli.report import report_cli
+
+    return report_cli(args)
+
+
+VERBS: dict[str, Callable[[list[str]], int]] = {
+    "train": _train,
+    "data": _data,
+    "list": _list,
+    "eval": _eval,
+    "sft": _sft,
+    "generate": _generate,
+    "export": _export,
+    "report": _report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--debug" in argv:  # ours, not Hydra's: taken out wherever it stands
+        os.environ["ARCHIFACTORY_DEBUG"] = "1"
+        argv = [arg for arg in argv if arg != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    try:
+        return VERBS[verb](rest)
+    except ArchiFactoryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:
+        print(f"interrupted: {stop}" if str(stop) else "interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if guard.debug_enabled():
+            raise
+        if guard.is_config_error(error):
+            print(guard.config_error_line(error), file=sys.stderr)
+        else:
+            print(guard.unexpected_error_line(error), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
