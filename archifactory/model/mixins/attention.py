@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.errors import ArchiFactoryError
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import grouped_heads
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
@@ -91,13 +91,7 @@ class GroupedQueryAttention(Mixin):
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = check_divisible(hidden_size, num_heads, "mixin=gqa")
-        if self.num_heads % self.num_kv_heads:
-            raise ArchiFactoryError(
-                f"mixin=gqa: num_heads={num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
-                "pick num_kv_heads among the divisors of num_heads"
-            )
+        self.head_dim, self.num_kv_heads = grouped_heads(hidden_size, num_heads, num_kv_heads, "mixin=gqa")
         check_backend(backend, "mixin=gqa", ATTENTION_BACKENDS)
         self.backend = "sdpa" if backend in ("auto", "fused") else backend
         kv_size = self.num_kv_heads * self.head_dim

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext, RotaryPositional
 from archifactory.model.roles import InitRoles
