@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import grouped_heads
+from archifactory.model.mixins.kit import append_cache, grouped_heads
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
@@ -122,11 +122,8 @@ class GroupedQueryAttention(Mixin):
         q, k = ctx.rotate(q), ctx.rotate(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
 
-        new_state = None
-        if state is not None:
-            k = torch.cat([state["k"], k], dim=2)
-            v = torch.cat([state["v"], v], dim=2)
-            new_state = {"k": k, "v": v}
+        cache, new_state = append_cache(state, 2, k=k, v=v)
+        k, v = cache["k"], cache["v"]  # [B, H_kv, Tk, D]
         past = k.shape[2] - seq_len
         bias = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
         y = causal_attention(q, k, v, past, bias, self.backend)  # [B, H, T, D]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import fla_backend, fla_op, grouped_heads
+from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
@@ -74,16 +74,10 @@ class ForgettingAttention(Mixin):
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         log_f = F.logsigmoid(self.f_proj(x).to(compute_dtype(x.dtype))).transpose(1, 2)  # [B, H, T]
         gate = log_f.cumsum(-1)  # c_t within this call
-        new_state = None
-        if state is not None:
-            past_gate = state["gate"]
-            if past_gate.shape[-1]:  # continue the running sum from the newest cached token
-                gate = gate + past_gate[..., -1:]
-            k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
-            gate_keys = torch.cat([past_gate, gate], dim=-1)
-            new_state = {"k": k, "v": v, "gate": gate_keys}
-        else:
-            gate_keys = gate
+        if state is not None and state["gate"].shape[-1]:  # continue the sum from the newest cached token
+            gate = gate + state["gate"][..., -1:]
+        cache, new_state = append_cache(state, 2, k=k, v=v, gate=gate)
+        k, v, gate_keys = cache["k"], cache["v"], cache["gate"]  # [B, H_kv, Tk, D] (twice), [B, H, Tk]
         past = k.shape[2] - seq_len
         alibi = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
         if self.backend_name() == "fused" and state is None and alibi is None:

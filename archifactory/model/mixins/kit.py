@@ -6,6 +6,8 @@
 - per-head norms: `head_rms_norm` (ungated, gated after the norm as fla's `FusedRMSNormGated`, or gated
   before it as Mamba2's) and `head_group_norm` (RWKV's per-head GroupNorm with a per-channel affine);
 - `ShortConvolution`: the short causal depthwise convolution + SiLU with an explicit decode buffer;
+- `append_cache`: the KV cache of the attention mixers (new keys appended to the cached ones);
+- `token_shift`: RWKV's previous-token input, continuing from a decode buffer;
 - the fla loader: `fla_op` imports `fla.ops.<module>.<name>` once, and when it cannot it says why (fla
   not installed, or installed but failing to import, e.g. a broken triton) in one log line per op;
   `fla_backend` turns a `backend` option into the path a layer takes.
@@ -106,6 +108,24 @@ def head_group_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tens
     var = (x - mean).pow(2).mean(-1, keepdim=True)
     normed = (x - mean) * torch.rsqrt(var + eps)
     return (normed * _per_head(weight.to(dtype), x) + _per_head(bias.to(dtype), x)).flatten(-2)
+
+
+def append_cache(
+    state: dict[str, Tensor] | None, dim: int, **fresh: Tensor
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """Each of this call's tensors after its cached past along `dim` (the time axis): returns (the full
+    tensors, the new state — the same tensors — or None without a state, the training path)."""
+    if state is None:
+        return fresh, None
+    full = {name: torch.cat([state[name], tensor], dim=dim) for name, tensor in fresh.items()}
+    return full, dict(full)
+
+
+def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
+    """x_{t-1} for every t of x [B, T, D]: before t = 0 the previous call's last token `last` [B, D]
+    (decoding), or zeros (no state)."""
+    prev = x.new_zeros(x.shape[0], x.shape[2]) if last is None else last.to(x.dtype)
+    return torch.cat([prev[:, None], x[:, :-1]], dim=1)  # [B, T, D]
 
 
 class ShortConvolution(nn.Module):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm
+from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm, token_shift
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
@@ -242,8 +242,7 @@ class RWKV6TimeMix(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, dim = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        prev = x.new_zeros(batch, dim) if state is None else state["shift"].to(x.dtype)
-        delta = torch.cat([prev[:, None], x[:, :-1]], dim=1) - x  # x_{t-1} - x_t, [B, T, D]
+        delta = token_shift(x, None if state is None else state["shift"]) - x  # x_{t-1} - x_t, [B, T, D]
 
         # ddlerp: five data-dependent interpolations between x_t and x_{t-1}
         lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(

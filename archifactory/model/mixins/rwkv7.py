@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm
+from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm, token_shift
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step
 from archifactory.model.mixins.rwkv6 import depth_ratios
@@ -127,8 +127,7 @@ class RWKV7TimeMix(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
-        prev = x.new_zeros(batch, dim) if state is None else state["shift"].to(x.dtype)
-        delta = torch.cat([prev[:, None], x[:, :-1]], dim=1) - x  # x_{t-1} - x_t, [B, T, D]
+        delta = token_shift(x, None if state is None else state["shift"]) - x  # x_{t-1} - x_t, [B, T, D]
         mixed = x[:, :, None] + delta[:, :, None] * self.time_mix  # [B, T, 6, D]
         x_r, x_w, x_k, x_v, x_a, x_g = mixed.unbind(dim=2)
         dtype = compute_dtype(x.dtype)
