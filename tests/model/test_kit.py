@@ -18,12 +18,14 @@ from archifactory.model.mixins.deltanet import DeltaRuleMixin
 from archifactory.model.mixins.kit import (
     KernelImport,
     ShortConvolution,
+    append_cache,
     fla_backend,
     grouped_heads,
     head_group_norm,
     head_rms_norm,
     import_kernel,
     scaled_width,
+    token_shift,
 )
 
 
@@ -154,3 +156,21 @@ def test_head_checks_name_the_options() -> None:
 def test_the_delta_rule_base_takes_keywords_only() -> None:
     params = list(inspect.signature(DeltaRuleMixin.__init__).parameters.values())[1:]
     assert params and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
+
+
+def test_append_cache_grows_the_state_only_when_there_is_one() -> None:
+    k, v = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    full, new = append_cache(None, 2, k=k, v=v)
+    assert new is None and full["k"] is k and full["v"] is v
+    past = {"k": torch.randn(2, 3, 6, 5), "v": torch.randn(2, 3, 6, 5)}
+    full, new = append_cache(past, 2, k=k, v=v)
+    assert torch.equal(full["k"], torch.cat([past["k"], k], 2)) and torch.equal(new["v"], full["v"])
+    assert new["k"].shape == (2, 3, 10, 5)
+
+
+def test_token_shift_continues_from_the_previous_call() -> None:
+    x = torch.randn(2, 5, 3)
+    shifted = token_shift(x, None)
+    assert torch.equal(shifted[:, 0], torch.zeros(2, 3)) and torch.equal(shifted[:, 1:], x[:, :-1])
+    tail = token_shift(x[:, 3:], x[:, 2])
+    assert torch.equal(tail, x[:, 2:4])
