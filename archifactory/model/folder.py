@@ -1,6 +1,6 @@
 """Reading a Hugging Face format `model/` folder without transformers: its `config.json` and verified weights.
 
-`StackedMixinForCausalLM.from_pretrained` loads with these; `archifactory.hf` writes the folder and gives
+`StackedMixinForCausalLM.from_pretrained` loads with these; `archifactory.hf.model` writes the folder and gives
 transformers' Auto classes the same checks. The config names components and options, never import paths.
 """
 

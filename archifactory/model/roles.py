@@ -2,8 +2,9 @@
 
 Every mixin and FFN implements `init_roles()` (abstract in both base classes), so nothing is found by
 attribute name: a mixin whose output projection is called `o_proj` declares it and gets the depth-scaled
-init; one that declares nothing cannot be instantiated, and the contract suite
-(`tests/model/test_init_roles.py`) checks that the declaration is complete and true.
+init; one that declares nothing cannot be instantiated, and the contract suite checks that the
+declaration is complete and true (`tests/model/test_init_roles.py`: zeroing the writers zeroes the output;
+`tests/model/test_residual_writers.py`: the writers' outputs are what the component returns).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ class InitRoles:
     """A component's init declaration.
 
     residual: what writes into the residual stream: `nn.Linear` modules (weight ~ N(0, (std/√(2·layers))²),
-        bias 0) or plain parameters (stacked expert output weights, same std). Every path from the
-        component's input to its output passes through one of them: zeroing them zeroes the output.
+        bias 0) or plain parameters (stacked expert output weights [..., D], same std). Every path from
+        the component's input to its output ends in one of them, channel for channel: zeroing output
+        channel c of every writer (a module's forward output; a parameter's last dim; the rows of a Linear
+        used as a weight generator, out_features laid out [..., D]) zeroes channel c of the output and
+        nothing else, so nothing after the writers mixes or adds channels (an element-wise gate may
+        follow, as RWKV channel-mix's receptance).
     matrices: plain parameters drawn like Linear weights, N(0, std²) (stacked expert input weights).
     keep: modules or parameters the component initialises itself (decays, gates, LoRA factors, convs,
         torch RNNs, zero-initialised adapters); the scheme never re-draws them, not even an `nn.Linear`.

@@ -275,7 +275,7 @@ class StackedMixinForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> StackedMixinForCausalLM:
-        """Load a Hugging Face format `model/` folder (`archifactory.hf`) without Hydra; eval mode."""
+        """Load a Hugging Face format `model/` folder (`archifactory.hf.model`) without Hydra; eval mode."""
         folder = Path(path)
         raw = read_folder_config(folder)
         weights_file = check_weights(folder, raw.get("weights_sha256"))

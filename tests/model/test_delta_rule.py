@@ -12,10 +12,10 @@ from archifactory.model.mixins.reference.delta_rule import (
     delta_rule_step,
     dplr_step,
     l2_normalize,
-    recurrent,
 )
 from archifactory.model.mixins.rwkv7 import RWKV7TimeMix
 from archifactory.model.positional import NoPositional, PositionContext
+from tests.model.oracles import recurrent
 
 B, H, K, V = 2, 3, 8, 6  # H != B and K != V so a wrong layout raises instead of passing
 

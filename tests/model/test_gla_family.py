@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from archifactory.model.mixins.fox import ForgettingAttention
 from archifactory.model.mixins.gla import HGRN2, GatedLinearAttention
 from archifactory.model.mixins.linear_attention import LinearAttention
-from archifactory.model.mixins.reference.delta_rule import recurrent
 from archifactory.model.mixins.reference.gla import chunk_gla, gla_step
 from archifactory.model.positional import NoPositional, PositionContext
+from tests.model.oracles import recurrent
 
 B, H, K, V = 2, 3, 8, 6
 

@@ -7,10 +7,10 @@ import torch
 
 from archifactory.model.mixins.reference.simple_gla import (
     chunk_simple_gla,
-    recurrent_simple_gla,
     simple_gla_forward,
     simple_gla_step,
 )
+from tests.model.oracles import recurrent_simple_gla
 
 
 def inputs(batch=2, seq_len=13, heads=3, key_dim=8, value_dim=6, dtype=torch.float64, decay=1.0):

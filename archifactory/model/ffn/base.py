@@ -76,3 +76,31 @@ class FeedForward(nn.Module, ABC):
 def intermediate_size(hidden_size: int, multiplier: float, multiple_of: int) -> int:
     """The documented rounding rule: multiplier × hidden, rounded *up* to a multiple of `multiple_of`."""
     return multiple_of * math.ceil(multiplier * hidden_size / multiple_of)
+
+
+class GatedFeedForward(FeedForward):
+    """The GLU family (Shazeer, "GLU Variants Improve Transformer", 2020): y = W_out · (act(W_gate · x) ⊙
+    W_up · x), intermediate width = multiplier × hidden rounded up to `multiple_of`. Subclasses (swiglu,
+    geglu) choose `activation` and declare their own typed options; not registered itself."""
+
+    def __init__(
+        self, hidden_size: int, layer_idx: int, intermediate_multiplier: float, multiple_of: int, bias: bool
+    ) -> None:
+        super().__init__(hidden_size, layer_idx)
+        self.intermediate_size = intermediate_size(hidden_size, intermediate_multiplier, multiple_of)
+        self.gate_proj = nn.Linear(hidden_size, self.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, self.intermediate_size, bias=bias)
+        self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=bias)
+
+    @abstractmethod
+    def activation(self, gate: Tensor) -> Tensor:
+        """The gate's non-linearity."""
+
+    def init_roles(self) -> InitRoles:
+        return InitRoles(residual=(self.out_proj,))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
+        return self.out_proj(self.activation(self.gate_proj(x)) * self.up_proj(x)), {}
+
+    def flops_per_token(self) -> float:
+        return 2 * 3 * self.hidden_size * self.intermediate_size

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.registry import register_ffn
 from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState, intermediate_size
+from archifactory.model.mixins.kit import token_shift
 from archifactory.model.roles import InitRoles, own_parameters
 
 
@@ -44,7 +44,7 @@ class RWKVChannelMix(FeedForward):
         return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
-        return self._mix(x, F.pad(x, (0, 0, 1, -1))), {}  # previous token, zero before t=0; [B, T, D]
+        return self._mix(x, token_shift(x, None)), {}  # previous token, zero before t=0
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> FFNState:
         return {"shift": torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)}
@@ -53,8 +53,7 @@ class RWKVChannelMix(FeedForward):
         return self.hidden_size
 
     def forward_with_state(self, x: Tensor, state: FFNState) -> tuple[Tensor, FFNAux, FFNState]:
-        previous = torch.cat([state["shift"][:, None].to(x.dtype), x[:, :-1]], dim=1)  # [B, T, D]
-        return self._mix(x, previous), {}, {"shift": x[:, -1]}
+        return self._mix(x, token_shift(x, state["shift"])), {}, {"shift": x[:, -1]}
 
     def _mix(self, x: Tensor, previous: Tensor) -> Tensor:
         delta = previous - x

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import append_cache, grouped_heads
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
+from archifactory.core.registry import register_mixin
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "fused", "reference")
 
@@ -91,13 +91,7 @@ class GroupedQueryAttention(Mixin):
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = check_divisible(hidden_size, num_heads, "mixin=gqa")
-        if self.num_heads % self.num_kv_heads:
-            raise ArchiFactoryError(
-                f"mixin=gqa: num_heads={num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
-                "pick num_kv_heads among the divisors of num_heads"
-            )
+        self.head_dim, self.num_kv_heads = grouped_heads(hidden_size, num_heads, num_kv_heads, "mixin=gqa")
         check_backend(backend, "mixin=gqa", ATTENTION_BACKENDS)
         self.backend = "sdpa" if backend in ("auto", "fused") else backend
         kv_size = self.num_kv_heads * self.head_dim
@@ -128,11 +122,8 @@ class GroupedQueryAttention(Mixin):
         q, k = ctx.rotate(q), ctx.rotate(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
 
-        new_state = None
-        if state is not None:
-            k = torch.cat([state["k"], k], dim=2)
-            v = torch.cat([state["v"], v], dim=2)
-            new_state = {"k": k, "v": v}
+        cache, new_state = append_cache(state, 2, k=k, v=v)
+        k, v = cache["k"], cache["v"]  # [B, H_kv, Tk, D]
         past = k.shape[2] - seq_len
         bias = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
         y = causal_attention(q, k, v, past, bias, self.backend)  # [B, H, T, D]

@@ -102,16 +102,6 @@ def resolve_backend(requested: str, fused_available: bool, name: str) -> str:
     return requested
 
 
-def check_divisible(hidden_size: int, num_heads: int, name: str) -> int:
-    """head size for `num_heads` heads, or a one-line error naming both numbers."""
-    if num_heads <= 0 or hidden_size % num_heads:
-        raise ArchiFactoryError(
-            f"{name}: model.hidden_size={hidden_size} is not divisible by num_heads={num_heads}; "
-            "choose a hidden size that is a multiple of the head count"
-        )
-    return hidden_size // num_heads
-
-
 def projection_flops(module: nn.Module) -> int:
     """Forward FLOPs per token of every `nn.Linear` inside `module` (multiply-add = 2)."""
     return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))

@@ -15,27 +15,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import (
-    Mixin,
-    MixinState,
-    check_backend,
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
+from archifactory.model.mixins.kit import (
+    ShortConvolution,
     check_divisible,
-    projection_flops,
-    resolve_backend,
-)
-from archifactory.model.mixins.reference.delta_rule import (
-    chunk_delta_rule,
-    compute_dtype,
-    delta_rule_step,
+    fla_backend,
     fla_op,
-    l2_normalize,
+    head_rms_norm,
 )
-from archifactory.model.mixins.short_conv import ShortConvolution
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.delta_rule import chunk_delta_rule, delta_rule_step, l2_normalize
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
-
-GATE_ACTIVATIONS = {"swish": F.silu, "sigmoid": torch.sigmoid}
+from archifactory.core.registry import register_mixin
 
 
 def inverse_softplus_dt(size: int, dt_min: float = 0.001, dt_max: float = 0.1) -> Tensor:
@@ -53,6 +45,7 @@ class DeltaRuleMixin(Mixin):
 
     def __init__(
         self,
+        *,
         hidden_size: int,
         layer_idx: int,
         num_heads: int,
@@ -112,9 +105,7 @@ class DeltaRuleMixin(Mixin):
             )
         }
         if self.conv is not None:
-            state["conv"] = torch.zeros(
-                batch_size, self.conv.channels, self.conv.kernel_size - 1, device=device, dtype=dtype
-            )
+            state["conv"] = self.conv.init_state(batch_size, device, dtype)
         return state
 
     def forward(
@@ -137,7 +128,7 @@ class DeltaRuleMixin(Mixin):
         g = self.log_decay(x)
         past = None if state is None else state["recurrent"]
         out, new_state = self._delta_rule(q, k, v, beta, g, past)
-        out = self._norm(out, self.output_gate(x))  # [B, T, value_dim]
+        out = head_rms_norm(out, self.norm_weight, self.norm_eps, self.output_gate(x), self.gate_activation)
         y = self.out_proj(out.to(x.dtype))
         if state is None:
             return y, None
@@ -162,7 +153,6 @@ class DeltaRuleMixin(Mixin):
         self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, past: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         kernel = fla_op(*self.fused_kernel)
-        assert kernel is not None, "backend resolved to fused without fla"
         extra = {} if g is None else {"g": g.float().contiguous()}
         out, new_state = kernel(
             q=q, k=k, v=v, beta=beta.to(q.dtype), **extra,
@@ -170,25 +160,14 @@ class DeltaRuleMixin(Mixin):
         )  # fmt: skip
         return out, None if past is None else new_state.to(past.dtype)
 
-    def _norm(self, out: Tensor, gate: Tensor | None) -> Tensor:
-        """Per-head RMSNorm of out [B, T, H, V] (fp32), times act(gate) when the layer has a gate."""
-        dtype = compute_dtype(out.dtype)
-        out = out.to(dtype)
-        out = (
-            out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(dtype)
-        )
-        out = out.flatten(-2)  # [B, T, H·V]
-        if gate is not None:
-            out = out * GATE_ACTIVATIONS[self.gate_activation](gate.to(dtype))
-        return out
-
     def backend_name(self) -> str:
-        device_ok = self.qkv_proj.weight.is_cuda and fla_op(*self.fused_kernel) is not None
-        return resolve_backend(self.backend, device_ok, f"mixin={self.registry_name}")
+        return fla_backend(
+            self.backend, self.qkv_proj.weight, self.fused_kernel, f"mixin={self.registry_name}"
+        )
 
     def flops_per_token(self, seq_len: int) -> float:
         projections = projection_flops(self)
-        conv = 0 if self.conv is None else 2 * self.conv.channels * self.conv.kernel_size
+        conv = 0 if self.conv is None else self.conv.flops_per_token()
         # chunked delta rule per head and token: k·k and q·k scores, the (I + A)⁻¹ solve (C³/3 per chunk),
         # W_v and W_k, and per token the u = W_v − W_k S, q·S, and state-update products
         chunk = min(self.chunk_size, max(seq_len, 1))
@@ -238,8 +217,9 @@ class DeltaNet(DeltaRuleMixin):
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            hidden_size, layer_idx, num_heads, expand_v, use_short_conv, conv_size, use_gate,
-            allow_neg_eigval, norm_eps, chunk_size, backend,
+            hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
+            use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
+            allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
         )  # fmt: skip
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
 
@@ -280,8 +260,9 @@ class GatedDeltaNet(DeltaRuleMixin):
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            hidden_size, layer_idx, num_heads, expand_v, use_short_conv, conv_size, use_gate,
-            allow_neg_eigval, norm_eps, chunk_size, backend,
+            hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
+            use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
+            allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
         )  # fmt: skip
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
@@ -331,8 +312,9 @@ class KimiDeltaAttention(DeltaRuleMixin):
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            hidden_size, layer_idx, num_heads, expand_v, use_short_conv, conv_size, True,
-            allow_neg_eigval, norm_eps, chunk_size, backend,
+            hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
+            use_short_conv=use_short_conv, conv_size=conv_size, use_gate=True,
+            allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
         )  # fmt: skip
         self.f_proj = nn.Sequential(
             nn.Linear(hidden_size, self.head_v_dim, bias=False),

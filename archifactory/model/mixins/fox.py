@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, projection_flops
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
+from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.delta_rule import fla_op
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
+from archifactory.core.registry import register_mixin
+
+FUSED_KERNEL = ("forgetting_attn", "parallel_forgetting_attn")
 
 
 @register_mixin("fox")
@@ -47,13 +48,7 @@ class ForgettingAttention(Mixin):
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = check_divisible(hidden_size, num_heads, "mixin=fox")
-        if self.num_heads % self.num_kv_heads:
-            raise ArchiFactoryError(
-                f"mixin=fox: num_heads={num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
-                "pick num_kv_heads among the divisors of num_heads"
-            )
+        self.head_dim, self.num_kv_heads = grouped_heads(hidden_size, num_heads, num_kv_heads, "mixin=fox")
         self.backend = check_backend(backend, "mixin=fox", ATTENTION_BACKENDS)
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(hidden_size, hidden_size + 2 * self.kv_size, bias=False)
@@ -79,16 +74,10 @@ class ForgettingAttention(Mixin):
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         log_f = F.logsigmoid(self.f_proj(x).to(compute_dtype(x.dtype))).transpose(1, 2)  # [B, H, T]
         gate = log_f.cumsum(-1)  # c_t within this call
-        new_state = None
-        if state is not None:
-            past_gate = state["gate"]
-            if past_gate.shape[-1]:  # continue the running sum from the newest cached token
-                gate = gate + past_gate[..., -1:]
-            k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
-            gate_keys = torch.cat([past_gate, gate], dim=-1)
-            new_state = {"k": k, "v": v, "gate": gate_keys}
-        else:
-            gate_keys = gate
+        if state is not None and state["gate"].shape[-1]:  # continue the sum from the newest cached token
+            gate = gate + state["gate"][..., -1:]
+        cache, new_state = append_cache(state, 2, k=k, v=v, gate=gate)
+        k, v, gate_keys = cache["k"], cache["v"], cache["gate"]  # [B, H_kv, Tk, D] (twice), [B, H, Tk]
         past = k.shape[2] - seq_len
         alibi = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
         if self.backend_name() == "fused" and state is None and alibi is None:
@@ -104,7 +93,7 @@ class ForgettingAttention(Mixin):
         return self.out_proj(y), new_state
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, log_f: Tensor) -> Tensor:
-        kernel = fla_op("forgetting_attn", "parallel_forgetting_attn")
+        kernel = fla_op(*FUSED_KERNEL)
         out = kernel(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -117,14 +106,9 @@ class ForgettingAttention(Mixin):
     def backend_name(self) -> str:
         if self.backend in ("sdpa", "reference"):
             return self.backend
-        fused_ok = (
-            self.qkv_proj.weight.is_cuda and fla_op("forgetting_attn", "parallel_forgetting_attn") is not None
-        )
-        if self.backend == "fused" and not fused_ok:
-            raise ArchiFactoryError(
-                "mixin=fox: backend=fused needs CUDA and fla (pip install 'archifactory[fla]'); use mixin.backend=sdpa"
-            )
-        return "fused" if fused_ok else "sdpa"
+        # `auto` without the kernel takes SDPA (the fast unfused path), not the explicit-softmax reference
+        path = fla_backend(self.backend, self.qkv_proj.weight, FUSED_KERNEL, "mixin=fox")
+        return "sdpa" if path == "reference" else path
 
     def flops_per_token(self, seq_len: int) -> float:
         projections = projection_flops(self)

@@ -14,21 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import (
-    Mixin,
-    MixinState,
-    check_backend,
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
+from archifactory.model.mixins.kit import (
+    ShortConvolution,
     check_divisible,
-    projection_flops,
-    resolve_backend,
+    fla_backend,
+    fla_op,
+    head_rms_norm,
+    scaled_width,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.delta_rule import fla_op
 from archifactory.model.mixins.reference.gla import chunk_gla, gla_step
-from archifactory.model.mixins.short_conv import ShortConvolution
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
+from archifactory.core.registry import register_mixin
+
+FUSED_KERNEL = ("gla", "chunk_gla")
 
 
 class GLAFamily(Mixin):
@@ -55,9 +56,7 @@ class GLAFamily(Mixin):
         state = {"recurrent": torch.zeros(shape, device=device, dtype=compute_dtype(dtype))}
         conv = getattr(self, "conv", None)
         if conv is not None:
-            state["conv"] = torch.zeros(
-                batch_size, conv.channels, conv.kernel_size - 1, device=device, dtype=dtype
-            )
+            state["conv"] = conv.init_state(batch_size, device, dtype)
         return state
 
     def forward(
@@ -69,7 +68,7 @@ class GLAFamily(Mixin):
             out, new_state = gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], past)
             out = out[:, None]
         elif self.backend_name() == "fused":
-            kernel = fla_op("gla", "chunk_gla")
+            kernel = fla_op(*FUSED_KERNEL)
             out, new_state = kernel(
                 q=q, k=k, v=v, g=g.float(), initial_state=None if past is None else past.float(),
                 output_final_state=past is not None,
@@ -86,14 +85,12 @@ class GLAFamily(Mixin):
         return y, new
 
     def backend_name(self) -> str:
-        weight = next(self.parameters())
-        device_ok = weight.is_cuda and fla_op("gla", "chunk_gla") is not None
-        return resolve_backend(self.backend, device_ok, f"mixin={self.registry_name}")
+        return fla_backend(self.backend, self.out_proj.weight, FUSED_KERNEL, f"mixin={self.registry_name}")
 
     def flops_per_token(self, seq_len: int) -> float:
         projections = projection_flops(self)
         conv = getattr(self, "conv", None)
-        conv_flops = 0 if conv is None else 2 * conv.channels * conv.kernel_size
+        conv_flops = 0 if conv is None else conv.flops_per_token()
         # chunked GLA per head and token: decayed q·k scores and scores·v over a chunk, q·S, state update
         chunk = min(self.chunk_size, max(seq_len, 1))
         rule = self.num_heads * (
@@ -105,17 +102,6 @@ class GLAFamily(Mixin):
         conv = getattr(self, "conv", None)
         conv_size = 0 if conv is None else conv.state_size()
         return self.num_heads * self.head_k_dim * self.head_v_dim + conv_size
-
-
-def scaled_width(hidden_size: int, expand: float, num_heads: int, name: str, what: str) -> int:
-    """hidden_size · expand, checked to be a whole number of heads."""
-    width = hidden_size * expand
-    if not float(width).is_integer() or int(width) % num_heads or width < num_heads:
-        raise ArchiFactoryError(
-            f"{name}: {what}={expand} gives {width} channels for model.hidden_size={hidden_size}, not a whole "
-            f"multiple of num_heads={num_heads}; pick {what} so that hidden_size·{what} divides into the heads"
-        )
-    return int(width)
 
 
 @register_mixin("gla")
@@ -193,14 +179,8 @@ class GatedLinearAttention(GLAFamily):
         return q.view(heads), k.view(heads), v.view(heads), g.view(heads), new_conv
 
     def readout(self, x: Tensor, out: Tensor) -> Tensor:
-        out = (
-            out
-            * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-            * self.norm_weight.to(out.dtype)
-        )
-        out = out.flatten(-2)  # [B, T, H·V]
-        if self.g_proj is not None:
-            out = out * F.silu(self.g_proj(x).to(out.dtype))
+        gate = None if self.g_proj is None else self.g_proj(x)
+        out = head_rms_norm(out, self.norm_weight, self.norm_eps, gate)  # [B, T, H·V]
         return self.out_proj(out.to(x.dtype))
 
 
@@ -243,7 +223,6 @@ class HGRN2(GLAFamily):
                 f"{name}: need expand_ratio >= 1, chunk_size >= 1 and 0 <= lower_bound < 1, got "
                 f"{expand_ratio}, {chunk_size}, {lower_bound}"
             )
-        resolve_backend(backend, True, name)
         self.backend = check_backend(backend, name)  # availability is checked per call
         self.chunk_size, self.norm_eps = chunk_size, norm_eps
         self.num_heads, self.lower_bound = num_heads, lower_bound
@@ -273,10 +252,5 @@ class HGRN2(GLAFamily):
         return F.silu(q).view(heads), k.to(x.dtype).view(heads), i.view(heads), g.view(heads), None
 
     def readout(self, x: Tensor, out: Tensor) -> Tensor:
-        out = out.flatten(-2)  # [B, T, D]
-        out = (
-            out
-            * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-            * self.norm_weight.to(out.dtype)
-        )
+        out = head_rms_norm(out.flatten(-2)[..., None, :], self.norm_weight, self.norm_eps)  # over all of D
         return self.out_proj(out.to(x.dtype))

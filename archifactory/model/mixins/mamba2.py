@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, resolve_backend
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import ShortConvolution, fla_backend, head_rms_norm
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.simple_gla import fused_available, simple_gla_forward
+from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, simple_gla_forward
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
+from archifactory.core.registry import register_mixin
 
 
 @register_mixin("mamba2")
@@ -79,7 +80,7 @@ class Mamba2(Mixin):
         self.conv_kernel, self.chunk_size, self.norm_eps = conv_kernel, chunk_size, norm_eps
         self.conv_dim = self.inner_dim + 2 * n_groups * d_state
         self.in_proj = nn.Linear(hidden_size, self.inner_dim + self.conv_dim + self.num_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=True)
+        self.conv1d = ShortConvolution(self.conv_dim, conv_kernel, bias=True)
         dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
@@ -94,11 +95,10 @@ class Mamba2(Mixin):
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         ssm_shape = (batch_size, self.num_heads, self.d_state, self.head_dim)
-        conv_shape = (batch_size, self.conv_dim, self.conv_kernel - 1)
         dtype = compute_dtype(dtype)
         return {
             "ssm": torch.zeros(ssm_shape, device=device, dtype=dtype),
-            "conv": torch.zeros(conv_shape, device=device, dtype=dtype),
+            "conv": self.conv1d.init_state(batch_size, device, dtype),
         }
 
     def forward(
@@ -107,7 +107,7 @@ class Mamba2(Mixin):
         batch, seq_len, _ = x.shape
         heads, groups = self.num_heads, self.n_groups
         z, xbc, dt = self.in_proj(x).split([self.inner_dim, self.conv_dim, heads], dim=-1)
-        xbc, conv_state = self._conv(xbc, None if state is None else state["conv"])
+        xbc, conv_state = self.conv1d(xbc, None if state is None else state["conv"])
         xs, b, c = xbc.split([self.inner_dim, groups * self.d_state, groups * self.d_state], dim=-1)
         xs = xs.reshape(batch, seq_len, heads, self.head_dim)  # [B, T, H, P]
         # B and C per group [B, T, G, N], shared by the heads of the group: simple GLA takes grouped q/k
@@ -117,46 +117,28 @@ class Mamba2(Mixin):
         dtype = compute_dtype(x.dtype)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
         log_decay = -torch.exp(self.A_log.to(dtype)) * dt  # A·dt <= 0
-        backend = resolve_backend(self.backend, fused_available(x), "mixin=mamba2")
         y, ssm_state = simple_gla_forward(
             c, b, xs * dt[..., None].to(xs.dtype), log_decay, 1.0,
-            None if state is None else state["ssm"], backend, self.chunk_size,
+            None if state is None else state["ssm"], self.backend_name(), self.chunk_size,
         )  # fmt: skip
         y = y + xs * self.D.to(xs.dtype)[:, None]  # [B, T, H, P]
-        y = self._gated_norm(y.reshape(batch, seq_len, self.inner_dim), z)
+        # RMSNorm(y ⊙ SiLU(z)) per group of channels (mamba_ssm's norm_before_gate=False)
+        y = head_rms_norm(
+            y.reshape(batch, seq_len, groups, -1), self.norm_weight, self.norm_eps, z, gate_first=True
+        )
         new_state = None if state is None else {"ssm": ssm_state, "conv": conv_state}
         return self.out_proj(y.to(x.dtype)), new_state
 
-    def _conv(self, xbc: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Causal depthwise conv + SiLU over xbc [B, T, C]; the past is the buffer (zeros at the start)."""
-        xt = xbc.transpose(1, 2)  # [B, C, T]
-        width = self.conv_kernel - 1
-        if conv_state is None:
-            past = xt.new_zeros(xt.shape[0], self.conv_dim, width)
-        else:
-            past = conv_state.to(xt.dtype)
-        full = torch.cat([past, xt], dim=2)  # [B, C, width + T]
-        out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # [B, C, T]
-        new_state = None if conv_state is None else full[:, :, full.shape[2] - width :].to(conv_state.dtype)
-        return F.silu(out).transpose(1, 2), new_state
-
-    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
-        """RMSNorm(y ⊙ SiLU(z)) per group of channels (mamba_ssm's norm_before_gate=False), in fp32/fp64."""
-        dtype = compute_dtype(y.dtype)
-        gated = (y.to(dtype) * F.silu(z.to(dtype))).unflatten(-1, (self.n_groups, -1))  # [B, T, G, inner/G]
-        normed = gated * torch.rsqrt(gated.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
-        return normed.flatten(-2) * self.norm_weight.to(dtype)
-
     def backend_name(self) -> str:
-        return resolve_backend(self.backend, fused_available(self.in_proj.weight), "mixin=mamba2")
+        return fla_backend(self.backend, self.in_proj.weight, FUSED_KERNEL, "mixin=mamba2")
 
     def flops_per_token(self, seq_len: int) -> float:
         projections = 2 * self.hidden_size * (self.in_proj.out_features + self.inner_dim)
-        conv = 2 * self.conv_dim * self.conv_kernel
+        conv = self.conv1d.flops_per_token()
         # chunkwise SSD per head and token: C·B scores and scores·x over a full chunk, C·h, state update
         chunk = min(self.chunk_size, max(seq_len, 1))
         ssd = self.num_heads * (2 * chunk * (self.d_state + self.head_dim) + 4 * self.d_state * self.head_dim)
         return projections + conv + ssd
 
     def state_size(self, seq_len: int) -> int:
-        return self.num_heads * self.d_state * self.head_dim + self.conv_dim * (self.conv_kernel - 1)
+        return self.num_heads * self.d_state * self.head_dim + self.conv1d.state_size()

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import append_cache, check_divisible
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext, RotaryPositional
 from archifactory.model.roles import InitRoles
@@ -125,11 +126,8 @@ class MultiHeadLatentAttention(Mixin):
         c_kv = self.kv_norm(c_kv)  # [B, T, r]
         k_rope = self._rotate(k_rope[:, :, None, :], ctx)[:, :, 0]  # [B, T, d_r], one key for all heads
 
-        new_state = None
-        if state is not None:
-            c_kv = torch.cat([state["c_kv"], c_kv], dim=1)
-            k_rope = torch.cat([state["k_rope"], k_rope], dim=1)
-            new_state = {"c_kv": c_kv, "k_rope": k_rope}
+        cache, new_state = append_cache(state, 1, c_kv=c_kv, k_rope=k_rope)
+        c_kv, k_rope = cache["c_kv"], cache["k_rope"]  # [B, Tk, r], [B, Tk, d_r]
         past = c_kv.shape[1] - seq_len
         bias = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
         if state is None:

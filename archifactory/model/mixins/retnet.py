@@ -7,12 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, resolve_backend
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import fla_backend, scaled_width
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.simple_gla import fused_available, simple_gla_forward
+from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, simple_gla_forward
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
+from archifactory.core.registry import register_mixin
 
 
 def retention_log_decay(num_heads: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -20,17 +21,6 @@ def retention_log_decay(num_heads: int, device: torch.device, dtype: torch.dtype
     log1p keeps the slow heads (gamma close to 1) accurate in fp32."""
     heads = torch.arange(num_heads, device=device, dtype=compute_dtype(dtype))
     return torch.log1p(-torch.pow(2.0, -5.0 - heads))
-
-
-def scaled_dim(hidden_size: int, expand: float, num_heads: int, what: str) -> int:
-    """hidden_size * expand, checked to be a whole number of heads."""
-    dim = hidden_size * expand
-    if not float(dim).is_integer() or int(dim) % num_heads:
-        raise ArchiFactoryError(
-            f"mixin=retnet: {what}={expand} gives {dim} channels for model.hidden_size={hidden_size}, "
-            f"not a whole multiple of num_heads={num_heads}; pick {what} so that hidden_size·{what} divides"
-        )
-    return int(dim)
 
 
 @register_mixin("retnet")
@@ -76,8 +66,8 @@ class MultiScaleRetention(Mixin):
         self.backend = check_backend(backend, "mixin=retnet")  # availability is checked per call
         self.num_heads = num_heads
         self.chunk_size = chunk_size
-        self.key_dim = scaled_dim(hidden_size, expand_k, num_heads, "expand_k")
-        self.value_dim = scaled_dim(hidden_size, expand_v, num_heads, "expand_v")
+        self.key_dim = scaled_width(hidden_size, expand_k, num_heads, "mixin=retnet", "expand_k")
+        self.value_dim = scaled_width(hidden_size, expand_v, num_heads, "mixin=retnet", "expand_v")
         self.head_k_dim = self.key_dim // num_heads
         self.head_v_dim = self.value_dim // num_heads
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -104,16 +94,17 @@ class MultiScaleRetention(Mixin):
         q, k = ctx.rotate(q), ctx.rotate(k)
         log_decay = retention_log_decay(self.num_heads, x.device, x.dtype)
         g = log_decay.expand(batch, seq_len, self.num_heads)  # [B, T, H]
-        backend = resolve_backend(self.backend, fused_available(x), "mixin=retnet")
         past = None if state is None else state["retention"]
-        out, new_state = simple_gla_forward(q, k, v, g, self.head_k_dim**-0.5, past, backend, self.chunk_size)
+        out, new_state = simple_gla_forward(
+            q, k, v, g, self.head_k_dim**-0.5, past, self.backend_name(), self.chunk_size
+        )
         # GroupNorm over [N, C] with one group per head: [B, T, H, V] -> [B·T, H·V]
         out = self.group_norm(out.reshape(batch * seq_len, self.value_dim)).view(x.shape[:2] + (-1,))
         y = self.out_proj(F.silu(self.g_proj(x)) * out.to(x.dtype))
         return y, None if new_state is None else {"retention": new_state}
 
     def backend_name(self) -> str:
-        return resolve_backend(self.backend, fused_available(self.q_proj.weight), "mixin=retnet")
+        return fla_backend(self.backend, self.q_proj.weight, FUSED_KERNEL, "mixin=retnet")
 
     def flops_per_token(self, seq_len: int) -> float:
         projections = 2 * self.hidden_size * (2 * self.key_dim + 3 * self.value_dim)

@@ -17,8 +17,6 @@ Two reference implementations of it live here, both in plain PyTorch:
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 
 import torch
@@ -26,19 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import (
-    Mixin,
-    MixinState,
-    check_backend,
-    check_divisible,
-    resolve_backend,
-)
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm, token_shift
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
+from archifactory.core.registry import register_mixin
 
 NUM_MIXES = 5  # the ddlerp mixes, in this order: w (decay), k, v, r, g
+FUSED_KERNEL = ("rwkv6", "chunk_rwkv6")
 
 
 def depth_ratios(layer_idx: int, num_layers: int | None) -> tuple[float, float]:
@@ -147,17 +141,6 @@ def wkv6_chunked(
     return out, current
 
 
-@functools.lru_cache(maxsize=1)
-def _fla_available() -> bool:
-    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
-
-
-def _fused_chunk_rwkv6():
-    from fla.ops.rwkv6 import chunk_rwkv6  # lazy: importing fla takes seconds and needs triton
-
-    return chunk_rwkv6
-
-
 @register_mixin("rwkv6")
 class RWKV6TimeMix(Mixin):
     """RWKV-6 "Finch" time-mix (Peng et al., "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic
@@ -259,8 +242,7 @@ class RWKV6TimeMix(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, dim = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        prev = x.new_zeros(batch, dim) if state is None else state["shift"].to(x.dtype)
-        delta = torch.cat([prev[:, None], x[:, :-1]], dim=1) - x  # x_{t-1} - x_t, [B, T, D]
+        delta = token_shift(x, None if state is None else state["shift"]) - x  # x_{t-1} - x_t, [B, T, D]
 
         # ddlerp: five data-dependent interpolations between x_t and x_{t-1}
         lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(
@@ -279,11 +261,7 @@ class RWKV6TimeMix(Mixin):
         wkv_state = None if state is None else state["wkv"]
         out, final = self._wkv(r, k, v, g, wkv_state)  # [B, T, H, V]
 
-        out = out.to(compute_dtype(x.dtype))  # per-head group norm in >= fp32
-        mean = out.mean(-1, keepdim=True)
-        var = (out - mean).pow(2).mean(-1, keepdim=True)
-        out = ((out - mean) * torch.rsqrt(var + self.norm_eps)).reshape(batch, seq_len, dim)
-        out = (out * self.norm_weight + self.norm_bias).to(x.dtype)
+        out = head_group_norm(out, self.norm_weight, self.norm_bias, self.norm_eps).to(x.dtype)  # [B, T, D]
         y = self.out_proj(out * F.silu(self.gate(x_g)))
         new_state = None if state is None else {"wkv": final.to(state["wkv"].dtype), "shift": x[:, -1]}
         return y, new_state
@@ -294,9 +272,8 @@ class RWKV6TimeMix(Mixin):
         """Run the recurrence on the resolved path; single-token decode always takes the recurrent step."""
         if state is not None and r.shape[1] == 1:
             return wkv6_recurrent(r, k, v, g, self.time_faaaa, state)
-        if self._resolve(r.device) == "fused":
-            chunk_rwkv6 = _fused_chunk_rwkv6()
-            return chunk_rwkv6(
+        if self.backend_name() == "fused":
+            return fla_op(*FUSED_KERNEL)(
                 r,
                 k,
                 v,
@@ -308,12 +285,8 @@ class RWKV6TimeMix(Mixin):
             )
         return wkv6_chunked(r, k, v, g, self.time_faaaa, state, self.chunk_size, self.sub_chunk_size)
 
-    def _resolve(self, device: torch.device) -> str:
-        fused_available = device.type == "cuda" and _fla_available()
-        return resolve_backend(self.backend, fused_available, "mixin=rwkv6")
-
     def backend_name(self) -> str:
-        return self._resolve(self.out_proj.weight.device)
+        return fla_backend(self.backend, self.out_proj.weight, FUSED_KERNEL, "mixin=rwkv6")
 
     def flops_per_token(self, seq_len: int) -> float:
         dim = self.hidden_size

@@ -7,16 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import Mixin, MixinState, check_backend, check_divisible, resolve_backend
+from archifactory.model.mixins.base import Mixin, MixinState, check_backend
+from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm, token_shift
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step, fla_op
+from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step
 from archifactory.model.mixins.rwkv6 import depth_ratios
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
+from archifactory.core.registry import register_mixin
 
 NUM_MIXES = 6  # token-shift lerps, in this order: r, w, k, v, a, g
 MAX_LOG_DECAY = 0.6065306597126334  # exp(-0.5): log w_t = -exp(-0.5) · sigmoid(·) ∈ (-0.607, 0)
+FUSED_KERNEL = ("rwkv7", "chunk_rwkv7")
 
 
 def orthogonal(rows: int, cols: int, gain: float) -> Tensor:
@@ -125,8 +127,7 @@ class RWKV7TimeMix(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
-        prev = x.new_zeros(batch, dim) if state is None else state["shift"].to(x.dtype)
-        delta = torch.cat([prev[:, None], x[:, :-1]], dim=1) - x  # x_{t-1} - x_t, [B, T, D]
+        delta = token_shift(x, None if state is None else state["shift"]) - x  # x_{t-1} - x_t, [B, T, D]
         mixed = x[:, :, None] + delta[:, :, None] * self.time_mix  # [B, T, 6, D]
         x_r, x_w, x_k, x_v, x_a, x_g = mixed.unbind(dim=2)
         dtype = compute_dtype(x.dtype)
@@ -139,9 +140,9 @@ class RWKV7TimeMix(Mixin):
         r, k, v, a, log_w = r.view(shape), k.view(shape), v.view(shape), a.view(shape), log_w.view(shape)
         past = None if state is None else state["recurrent"]
         out, new_state = self._recurrence(r, log_w, k, v, -kappa, kappa * a, past)  # [B, T, H, V]
-        out = self._group_norm(out)
+        out = head_group_norm(out, self.norm_weight, self.norm_bias, self.norm_eps)  # [B, T, D]
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, V]
-        out = (out + bonus.to(out.dtype)).reshape(batch, seq_len, dim) * gate.to(out.dtype)
+        out = (out + bonus.to(out.dtype).reshape(batch, seq_len, dim)) * gate.to(out.dtype)
         y = self.out_proj(out.to(x.dtype))
         new = None if state is None else {"recurrent": new_state, "shift": x[:, -1]}
         return y, new
@@ -156,7 +157,7 @@ class RWKV7TimeMix(Mixin):
             )
             return out[:, None], new_state
         if self.backend_name() == "fused":
-            kernel = fla_op("rwkv7", "chunk_rwkv7")
+            kernel = fla_op(*FUSED_KERNEL)
             out, new_state = kernel(
                 r=r, w=log_w.to(r.dtype), k=k, v=v, a=alpha, b=beta, scale=1.0,
                 initial_state=None if past is None else past.float(), output_final_state=past is not None,
@@ -164,18 +165,8 @@ class RWKV7TimeMix(Mixin):
             return out, None if past is None else new_state.to(past.dtype)
         return chunk_dplr(r, k, v, alpha, beta, log_w, 1.0, past, past is not None, self.chunk_size)
 
-    def _group_norm(self, out: Tensor) -> Tensor:
-        """Per-head GroupNorm of out [B, T, H, V] in >= fp32, with the per-channel affine -> [B, T, H, V]."""
-        out = out.to(compute_dtype(out.dtype))
-        mean = out.mean(-1, keepdim=True)
-        var = (out - mean).pow(2).mean(-1, keepdim=True)
-        out = (out - mean) * torch.rsqrt(var + self.norm_eps)
-        weight = self.norm_weight.view(self.num_heads, self.head_dim).to(out.dtype)
-        return out * weight + self.norm_bias.view(self.num_heads, self.head_dim).to(out.dtype)
-
     def backend_name(self) -> str:
-        device_ok = self.r_proj.weight.is_cuda and fla_op("rwkv7", "chunk_rwkv7") is not None
-        return resolve_backend(self.backend, device_ok, "mixin=rwkv7")
+        return fla_backend(self.backend, self.r_proj.weight, FUSED_KERNEL, "mixin=rwkv7")
 
     def flops_per_token(self, seq_len: int) -> float:
         dim, head = self.hidden_size, self.head_dim

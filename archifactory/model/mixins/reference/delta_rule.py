@@ -26,9 +26,6 @@ smaller); scalar decays a [C, C] one. Everything runs in fp32 (fp64 when the inp
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -225,21 +222,3 @@ def dplr_step(
         + k[..., :, None] * v[..., None, :]
     )
     return scale * (q[..., None, :] @ state).squeeze(-2), state
-
-
-def recurrent(step: Callable, *args: Tensor | None, state: Tensor, scale: float | None = None):
-    """Run a `*_step` token by token over [B, T, ...] inputs (a Python loop: tests only)."""
-    outputs = []
-    for t in range(args[0].shape[1]):
-        out, state = step(*(None if x is None else x[:, t] for x in args), state, scale)
-        outputs.append(out)
-    return torch.stack(outputs, dim=1), state
-
-
-@functools.cache
-def fla_op(module: str, name: str) -> Callable | None:
-    """fla's Triton kernel `fla.ops.<module>.<name>`, or None when fla/triton is missing (lazy import)."""
-    try:
-        return getattr(__import__(f"fla.ops.{module}", fromlist=[name]), name)
-    except Exception:  # ImportError, or triton failing to initialise
-        return None

@@ -13,21 +13,21 @@ are summed (b = cumsum g, non-increasing) and only *differences* b_i - b_j with 
 exponentiated: every exponent is <= 0, so nothing overflows however long the sequence or strong the decay
 (at worst a decay underflows to 0, which is its true value to fp32 precision).
 
-`simple_gla_forward` picks the path: fla's Triton `chunk_simple_gla` when the caller resolved the backend
-to `fused` (imported lazily so CPU never needs triton), otherwise the chunked reference below; a single
+`simple_gla_forward` picks the path: fla's Triton `chunk_simple_gla` (`FUSED_KERNEL`, through the kit's
+loader) when the caller resolved the backend to `fused`, otherwise the chunked reference below; a single
 decode token always takes `simple_gla_step`.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from archifactory.model.mixins.kit import fla_op
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
+
+FUSED_KERNEL = ("simple_gla", "chunk_simple_gla")  # fla.ops.simple_gla.chunk_simple_gla
 
 
 def chunk_simple_gla(
@@ -133,42 +133,6 @@ def simple_gla_step(
     return out.to(q.dtype), state
 
 
-def recurrent_simple_gla(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Token-by-token recurrence (a Python loop over T): the slow form, for tests only."""
-    batch, seq_len, heads, key_dim = q.shape
-    dtype = compute_dtype(q.dtype)
-    state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=dtype)
-    if initial_state is not None:
-        state = initial_state.to(dtype)
-    outputs = []
-    for t in range(seq_len):
-        out, state = simple_gla_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale)
-        outputs.append(out)
-    return torch.stack(outputs, dim=1), state
-
-
-@functools.cache
-def fla_chunk_simple_gla() -> Callable | None:
-    """fla's Triton kernel, or None when fla/triton is not installed. Imported on first use only."""
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla as kernel
-    except Exception:  # ImportError, or triton failing to initialise
-        return None
-    return kernel
-
-
-def fused_available(x: Tensor) -> bool:
-    """The fused path runs on CUDA tensors when fla imports."""
-    return x.is_cuda and fla_chunk_simple_gla() is not None
-
-
 def simple_gla_forward(
     q: Tensor,
     k: Tensor,
@@ -187,9 +151,7 @@ def simple_gla_forward(
         out, new_state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state, scale)
         return out[:, None], new_state
     if backend == "fused":
-        kernel = fla_chunk_simple_gla()
-        assert kernel is not None, "backend resolved to fused without fla"
-        out, new_state = kernel(
+        out, new_state = fla_op(*FUSED_KERNEL)(
             expand_heads(q, heads, 2),  # the kernel takes per-head q/k
             expand_heads(k, heads, 2),
             v.to(q.dtype),

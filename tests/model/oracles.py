@@ -1,0 +1,41 @@
+"""Test-only oracles: the token-by-token recurrences the chunked references and the mixins are held to.
+
+Python loops over time, so slow by design; the package never calls them (its decode paths take one
+`*_step` per token themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.simple_gla import simple_gla_step
+
+
+def recurrent(step: Callable, *args: Tensor | None, state: Tensor, scale: float | None = None):
+    """Run a `*_step` token by token over [B, T, ...] inputs."""
+    outputs = []
+    for t in range(args[0].shape[1]):
+        out, state = step(*(None if x is None else x[:, t] for x in args), state, scale)
+        outputs.append(out)
+    return torch.stack(outputs, dim=1), state
+
+
+def recurrent_simple_gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Simple GLA token by token from `initial_state` (None = zeros), in the compute dtype."""
+    batch, _, heads, key_dim = q.shape
+    dtype = compute_dtype(q.dtype)
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1], dtype=dtype)
+    if initial_state is not None:
+        state = initial_state.to(dtype)
+    return recurrent(simple_gla_step, q, k, v, g, state=state, scale=scale)
