@@ -20,7 +20,9 @@ from pathlib import Path
 from archifactory.cli import GROUPS, group_options
 
 ROOT = Path(__file__).resolve().parent.parent
-REGION = re.compile(r"(<!-- BEGIN GENERATED: (?P<group>[\w/]+) -->\n)(?P<body>.*?)(<!-- END GENERATED -->)", re.S)
+REGION = re.compile(
+    r"(<!-- BEGIN GENERATED: (?P<group>[\w/]+) -->\n)(?P<body>.*?)(<!-- END GENERATED -->)", re.S
+)
 
 
 def escape(text: str) -> str:
@@ -37,7 +39,9 @@ def escape(text: str) -> str:
 def table(group: str) -> str:
     """The Markdown table of one config group: `group=option` and its description."""
     if group not in GROUPS:
-        raise SystemExit(f"error: unknown config group {group!r} in a generated region; one of: {', '.join(GROUPS)}")
+        raise SystemExit(
+            f"error: unknown config group {group!r} in a generated region; one of: {', '.join(GROUPS)}"
+        )
     rows = [f"| `{group}={name}` | {escape(text)} |" for name, text in group_options(group).items()]
     return "\n".join(["| option | what it is |", "| --- | --- |", *rows]) + "\n"
 
@@ -54,7 +58,9 @@ def documents(root: Path = ROOT) -> list[Path]:
 
 def stale(root: Path = ROOT) -> list[Path]:
     """The files whose generated regions differ from what the configs give now."""
-    return [path for path in documents(root) if path.is_file() and render(path.read_text()) != path.read_text()]
+    return [
+        path for path in documents(root) if path.is_file() and render(path.read_text()) != path.read_text()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     out_of_date = stale()
     if args.check:
         for path in out_of_date:
-            print(f"error: {path.relative_to(ROOT)}: generated tables are out of date; run "
-                  "python scripts/gen_docs_tables.py", file=sys.stderr)
+            print(
+                f"error: {path.relative_to(ROOT)}: generated tables are out of date; run "
+                "python scripts/gen_docs_tables.py",
+                file=sys.stderr,
+            )
         return 1 if out_of_date else 0
     for path in out_of_date:
         path.write_text(render(path.read_text()))
