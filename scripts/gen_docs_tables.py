@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from archifactory.cli import GROUPS, group_options
+from archifactory.config.compose import GROUPS, group_options
 
 ROOT = Path(__file__).resolve().parent.parent
 REGION = re.compile(

@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from archifactory.cli import GROUPS, VERBS, check_group_choices, config_dir
-from archifactory.config import register_configs
-from archifactory.registry import components
-from archifactory.validation import validate_config
+from archifactory.cli.hydra_app import check_group_choices
+from archifactory.cli.main import VERBS
+from archifactory.config.compose import GROUPS, config_dir
+from archifactory.config.schema import register_configs
+from archifactory.config.validation import validate_config
+from archifactory.core.registry import components
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -189,8 +191,8 @@ def hydra_args(args: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("command", params())
 def test_doc_command_runs(command: Command, hydra_compose) -> None:
-    from archifactory.eval.cli import RUNNERS, parse, plan
-    from archifactory.generate_cli import EXPORT_OPTIONS, GENERATE_OPTIONS, parse_options
+    from archifactory.cli.eval import RUNNERS, parse, plan
+    from archifactory.cli.generate import EXPORT_OPTIONS, GENERATE_OPTIONS, parse_options
 
     args = list(command.args)
     assert command.verb in VERBS, f"{command.where}: unknown verb {command.verb!r}"

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.model.ffn.base import GatedFeedForward
 from archifactory.core.registry import register_ffn
+from archifactory.model.ffn.base import GatedFeedForward
 
 
 @register_ffn("geglu")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from archifactory.model.ffn.base import GatedFeedForward
 from archifactory.core.registry import register_ffn
+from archifactory.model.ffn.base import GatedFeedForward
 
 
 @register_ffn("swiglu")

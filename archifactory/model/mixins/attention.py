@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
 from archifactory.model.mixins.kit import append_cache, grouped_heads
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
-from archifactory.core.registry import register_mixin
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "fused", "reference")
 

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
 from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
-from archifactory.core.registry import register_mixin
 
 FUSED_KERNEL = ("forgetting_attn", "parallel_forgetting_attn")
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
 from archifactory.model.mixins.kit import (
     ShortConvolution,
@@ -27,7 +28,6 @@ from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.gla import chunk_gla, gla_step
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
-from archifactory.core.registry import register_mixin
 
 FUSED_KERNEL = ("gla", "chunk_gla")
 

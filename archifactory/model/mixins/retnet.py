@@ -7,13 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
 from archifactory.model.mixins.kit import fla_backend, scaled_width
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, simple_gla_forward
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
-from archifactory.core.registry import register_mixin
 
 
 def retention_log_decay(num_heads: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
 from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm, token_shift
 from archifactory.model.mixins.reference.common import compute_dtype
@@ -14,7 +15,6 @@ from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step
 from archifactory.model.mixins.rwkv6 import depth_ratios
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
-from archifactory.core.registry import register_mixin
 
 NUM_MIXES = 6  # token-shift lerps, in this order: r, w, k, v, a, g
 MAX_LOG_DECAY = 0.6065306597126334  # exp(-0.5): log w_t = -exp(-0.5) · sigmoid(·) ∈ (-0.607, 0)
