@@ -10,7 +10,7 @@ Peak memory is the most bytes live during one step, parameters and gradients inc
 
     python scripts/bench_ffn.py                       # CPU, hidden 256, 4 x 256 tokens
     python scripts/bench_ffn.py --device cuda --dtype bf16 --hidden 1024 --batch 8 --seq 2048
-    python scripts/bench_ffn.py --markdown            # the README table
+    python scripts/bench_ffn.py --markdown            # the table in docs/results.md
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Init roles (ARCHITECTURE.md §4): every component declares what writes into the residual stream and
+"""Init roles (docs/architecture.md, "The component contract"): every component declares what writes into the residual stream and
 what it initialises itself, and the init scheme follows the declaration, never attribute names.
 
 Parametrized over every registered mixin and FFN, so a new component is checked with no edit here:

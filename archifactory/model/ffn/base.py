@@ -1,4 +1,4 @@
-"""The FFN contract (ARCHITECTURE.md §4).
+"""The FFN contract (docs/architecture.md, "The component contract").
 
 An FFN maps [B, T, D] -> [B, T, D] position-wise, never touching the residual or the norm. `forward`
 returns `(y, aux)`: `aux` is a dict of tensors; the key `"loss"` (a scalar, already weighted) is added to

@@ -1,4 +1,4 @@
-"""The mixin contract (ARCHITECTURE.md §4).
+"""The mixin contract (docs/architecture.md, "The component contract").
 
 A mixin maps hidden states [B, T, D] -> [B, T, D]. It never touches the residual or the norm (the Block
 does). It is causal and batch-independent. Decoding goes through an explicit state: a dict of tensors
