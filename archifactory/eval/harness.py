@@ -29,7 +29,7 @@ from archifactory.eval.job import EvalJob, TaskResult
 
 log = logging.getLogger(__name__)
 
-LOCAL_HINT = "run local tasks with eval.include_path=<folder of lm-eval task YAMLs> (see docs/evaluation.md, "Offline")"
+LOCAL_HINT = "run local tasks with eval.include_path=<folder of lm-eval task YAMLs> (see docs/evaluation.md, 'Offline')"
 # Result keys that are not metrics.
 NOT_METRICS = {"alias", "samples", "name", "sample_len", " "}
 

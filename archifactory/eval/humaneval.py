@@ -191,13 +191,6 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     os.replace(partial, path)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 @dataclass(frozen=True)
 class ExecutionSettings:
     """How completions are executed: sandbox mode, parallelism and the per-program limits."""

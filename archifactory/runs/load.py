@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTPUTS_DIR = layout.OUTPUTS_DIR
+CONFIG = f"{layout.HYDRA_DIR}/{layout.CONFIG_FILE}"  # for messages
 
 
 @dataclass
@@ -96,7 +97,7 @@ def resolve_run(run: str | Path | None, outputs_dir: Path | str = OUTPUTS_DIR) -
         if layout.config_path(candidate).is_file():
             return candidate
     raise ArchiFactoryError(
-        f"run={run} is not a run directory (no .hydra/config.yaml there or under {outputs_dir}/); "
+        f"run={run} is not a run directory (no {CONFIG} there or under {outputs_dir}/); "
         "pass the folder a training run wrote, e.g. run=outputs/<run_name>"
     )
 
@@ -108,7 +109,7 @@ def load_run_config(run_dir: Path) -> DictConfig:
         cfg = OmegaConf.load(path)
         OmegaConf.resolve(cfg)
     except FileNotFoundError as error:
-        raise ArchiFactoryError(f"{run_dir} is not a run directory (no .hydra/config.yaml)") from error
+        raise ArchiFactoryError(f"{run_dir} is not a run directory (no {CONFIG})") from error
     except (OSError, ValueError, YAMLError, OmegaConfBaseException) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ArchiFactoryError(f"{path} is unreadable ({first})") from error

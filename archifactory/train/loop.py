@@ -5,9 +5,10 @@ schedule, data, recorder, counters): `train_step` (micro-batches, clipping, the 
 optimizer step), `log_step` (the log-step record and the progress line) and `validate` / `checkpoint`.
 Host syncs (`.item()` / `float(tensor)`) happen only on log, validation and checkpoint steps, plus one
 scalar per step for the non-finite guard (the gradient norm decides whether the step is taken).
-Everything else is one call into its own module: data (`archifactory.data`), model
-(`archifactory.model.build`), optimizer and schedule (`optim`, `schedule`), checkpoints, distributed
-wrapping, metrics. The loop knows no component by name: per-step component hooks go through
+Everything else is one call into its own module: the run's setup (`setup.py`: data, model, optimizer,
+schedule, resume), stop signals (`signals.py`), the step plan (`schedule.plan_steps`), validation
+(`archifactory.eval.evaluate`), checkpoints, distributed wrapping, metrics, the run directory
+(`archifactory.runs`). The loop knows no component by name: per-step component hooks go through
 `model.after_optimizer_step()`, component metrics through `metrics.progress_fields`.
 """
 
@@ -126,7 +127,7 @@ def _run(
                 wall_seconds=time.perf_counter() - wall_start,
             )
         except Exception as record_error:
-            log.warning("could not record status %s in summary.json: %s", status, record_error)
+            log.warning("could not record status %s in %s: %s", status, layout.SUMMARY, record_error)
         raise
     finally:
         distributed.teardown()

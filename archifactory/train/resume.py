@@ -34,6 +34,8 @@ from archifactory.train.checkpoint import remove_temporaries, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
+DAMAGED_SUMMARY = "%s: %s was damaged; rebuilt it from the metrics and the last checkpoint"
+
 SAFE_TO_CHANGE = (
     "run_name",
     "experiment_name",
@@ -152,7 +154,9 @@ def plan_run(cfg: DictConfig, run_dir: Path, planned_steps: int) -> RunPlan:
                 "another run with run_name=<new name>"
             )
     elif checkpoints:
-        log.warning("%s has no readable .hydra/config.yaml: resuming without comparing configs", run_dir)
+        log.warning(
+            "%s has no readable %s: resuming without comparing configs", run_dir, layout.config_path("")
+        )
     if not checkpoints:
         if status == "completed":
             done = summary.get("steps") or 0  # type: ignore[union-attr]
@@ -183,9 +187,7 @@ def finish_completed(run_dir: Path, plan: RunPlan, is_main: bool) -> dict[str, A
     if is_main:
         if plan.rebuilt_summary:
             replace_summary(run_dir, summary)
-            log.warning(
-                "%s: summary.json was damaged; rebuilt it from the metrics and the last checkpoint", run_dir
-            )
+            log.warning(DAMAGED_SUMMARY, run_dir, layout.SUMMARY)
         log.info(
             "%s is already completed (%s steps): nothing to do; raise trainer.max_steps to continue it",
             run_dir,
@@ -207,6 +209,4 @@ def claim_run(cfg: DictConfig, run_dir: Path, overrides: list[str], plan: RunPla
     if plan.safe_changes:
         log.info("resume: changed settings (safe to change): %s", "; ".join(plan.safe_changes))
     if plan.rebuilt_summary:
-        log.warning(
-            "%s: summary.json was damaged; rebuilt it from the metrics and the last checkpoint", run_dir
-        )
+        log.warning(DAMAGED_SUMMARY, run_dir, layout.SUMMARY)
