@@ -25,7 +25,7 @@ def test_wheel_contains_configs(tmp_path: Path) -> None:
     assert repo_configs, "no configs in the repository?"
     for config in repo_configs:
         assert f"archifactory/{config}" in names, f"{config} missing from the wheel"
-    assert "archifactory/cli.py" in names
+    assert "archifactory/cli/main.py" in names
     assert "hydra_plugins/archifactory_launcher/parallel_launcher.py" in names  # hydra/launcher=gpus|parallel
 
 
