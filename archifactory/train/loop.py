@@ -125,9 +125,10 @@ def evaluate(
     autocast: Autocast,
     bytes_per_token: float | None,
     document_eos: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches; for a
-    dataset without bytes (a synthetic probe, `bytes_per_token` None): loss and accuracy on its answers."""
+    dataset without bytes (a synthetic probe, `bytes_per_token` None): loss and accuracy on its answers.
+    No target token at all: every figure is None (nothing was measured; never a loss of 0.0)."""
     if bytes_per_token is None:
         return probe_metrics(model, batches, device, autocast)
     model.eval()
@@ -141,7 +142,9 @@ def evaluate(
         total += out.lm_loss.float() * tokens
         count += tokens
     model.train()
-    loss = float(total) / max(count, 1)
+    if count == 0:
+        return {"val_loss": None, "val_bpb": None}
+    loss = float(total) / count
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
 
 
@@ -423,11 +426,14 @@ def validate(run: RunContext, progress: Progress) -> None:
     val = evaluate(
         run.model, run.val_batches, run.device, run.autocast, run.data.val_bytes_per_token, run.document_eos
     )
-    elapsed = time.perf_counter() - run.wall_start  # the wall-clock axis of `archifactory report`'s plots
-    run.recorder.log(
-        {"step": run.state.step, "tokens_seen": run.state.tokens_seen, "elapsed_seconds": elapsed, **val}
-    )
-    progress.write(f"step {run.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+    if val["val_loss"] is None:
+        _note_no_validation(run, val)
+    else:
+        elapsed = time.perf_counter() - run.wall_start  # the wall-clock axis of `archifactory report`'s plots
+        run.recorder.log(
+            {"step": run.state.step, "tokens_seen": run.state.tokens_seen, "elapsed_seconds": elapsed, **val}
+        )
+        progress.write(f"step {run.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
     run.last.update(val)
     run.recorder.update_summary(
         steps=run.state.step,
@@ -436,6 +442,16 @@ def validate(run: RunContext, progress: Progress) -> None:
         peak_memory_mb=peak_memory_mb(run.device),
         wall_seconds=time.perf_counter() - run.wall_start,
     )
+
+
+def _note_no_validation(run: RunContext, val: dict[str, float | None]) -> None:
+    """One log line per session (the first validation that found nothing) saying why the figures are null."""
+    if "val_loss" not in run.last:
+        log.warning(
+            "no held-out target tokens to validate on: %s stay null in summary.json (hold out more data: "
+            "dataset.val_fraction, or a longer trainer.seq_len if held-out rows were cut)",
+            " and ".join(val),
+        )
 
 
 def checkpoint(run: RunContext, loss_window: tuple[Tensor, int] | None = None) -> None:

@@ -289,3 +289,78 @@ def test_generate_chat_needs_an_instruction_tuned_run(pretrained: Path, tmp_path
     result = _run_cli("generate", f"run={pretrained}", "chat=true", "prompt=hello", cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("run:")]
     assert result.returncode != 0 and lines == [lines[0]] and "no chat template" in lines[0], result.stderr
+
+
+def _chat_lines(path: Path, count: int, user: str = "what color is the sky?") -> Path:
+    line = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "blue"}]}
+    path.write_text("".join(json.dumps(line) + "\n" for _ in range(count)))
+    return path
+
+
+def _chat_cfg(pretrained: Path, chat: Path, cache: Path, *overrides: str):
+    return compose_config(
+        [f"init_from={pretrained}", "dataset=chat_jsonl", f"dataset.path={chat}", f"dataset.cache_dir={cache}",
+         *overrides]
+    )  # fmt: skip
+
+
+def test_a_few_conversations_still_hold_one_out(pretrained: Path, tmp_path: Path) -> None:
+    """12 conversations at the default val_fraction 0.05 (0.6 of one): one is held out, not none; the
+    share rounds up and is spread evenly; never every conversation."""
+    cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "c.jsonl", 12), tmp_path).dataset
+    data = ChatData(cfg, seq_len=32, seed=0)
+    assert len(data.val) == 1 and len(data.train) == 11 and "1 validation" in data.description
+    from archifactory.sft.data import held_out
+
+    assert held_out(12, 0.05, "x") == {11} and held_out(60, 0.05, "x") == {19, 39, 59}
+    assert held_out(3, 0.5, "x") == {0, 2} and held_out(2, 0.5, "x") == {1}
+
+
+def test_one_conversation_is_refused_in_one_line(pretrained: Path, tmp_path: Path) -> None:
+    cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "c.jsonl", 1), tmp_path).dataset
+    with pytest.raises(ArchiFactoryError, match="1 conversation.*at least 2") as error:
+        ChatData(cfg, seq_len=32, seed=0)
+    assert "\n" not in str(error.value)
+    result = _cli(f"init_from={pretrained}", "dataset=chat_jsonl", f"dataset.path={tmp_path / 'c.jsonl'}",
+                  f"dataset.cache_dir={tmp_path}", "trainer.max_steps=2", cwd=tmp_path)  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and "at least 2" in lines[0], result.stderr[-1500:]
+
+
+def test_nothing_to_validate_writes_null_and_one_line_and_the_report_ranks_it_last(
+    pretrained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held-out rows cut before their assistant turn (seq_len shorter than the question): no target token,
+    so val_loss and val_accuracy are null in summary.json (never 0.0), one warning says why, and a report
+    over it and a validated run ranks the validated one and gives the null no gap and no test."""
+    import logging
+
+    from archifactory.report import sweep_report
+    from archifactory.report.runs import find_runs
+    from archifactory.sft.cli import with_pretrained_architecture
+
+    long_question = " ".join(["the cat sat on the mat."] * 12)
+    chat = _chat_lines(tmp_path / "c.jsonl", 6, user=long_question)
+    common = ("trainer=sft", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.checkpoint_every=100")
+    cfg = _chat_cfg(pretrained, chat, tmp_path / "cache", *common, "trainer.seq_len=8")
+    caplog.set_level(logging.INFO, logger="archifactory")
+    with caplog.at_level(logging.INFO):
+        summary = train(with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "short")
+    written = json.loads((tmp_path / "runs" / "short" / "summary.json").read_text())
+    for figures in (summary, written):
+        assert (
+            figures["status"] == "completed"
+            and figures["val_loss"] is None
+            and figures["val_accuracy"] is None
+        )
+    notes = [r.getMessage() for r in caplog.records if "no held-out target tokens" in r.getMessage()]
+    assert len(notes) == 1 and "val_loss and val_accuracy" in notes[0]
+    metrics = (tmp_path / "runs" / "short" / "metrics.jsonl").read_text()
+    assert '"val_loss"' not in metrics  # no null validation records to plot
+    cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "ok.jsonl", 6), tmp_path / "cache", *common,
+                    "trainer.seq_len=32")  # fmt: skip
+    assert train(with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "ok")["val_loss"] > 0
+    table, _ = sweep_report(find_runs([tmp_path / "runs"]), tmp_path / "report")
+    by_path = {v.runs[0].path.name: (v, c) for v, c in zip(table.variants, table.comparisons)}
+    assert table.variants[0].runs[0].path.name == "ok" and by_path["ok"][1].verdict == "best"
+    assert by_path["short"][1].gap is None and by_path["short"][1].verdict == "n/a"
