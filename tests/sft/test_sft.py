@@ -4,6 +4,7 @@ tiny end-to-end instruction tuning on a local chat fixture (offline)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -364,3 +365,33 @@ def test_nothing_to_validate_writes_null_and_one_line_and_the_report_ranks_it_la
     by_path = {v.runs[0].path.name: (v, c) for v, c in zip(table.variants, table.comparisons)}
     assert table.variants[0].runs[0].path.name == "ok" and by_path["ok"][1].verdict == "best"
     assert by_path["short"][1].gap is None and by_path["short"][1].verdict == "n/a"
+
+
+def test_perplexity_of_an_sft_run_on_its_chat_validation_and_on_text(
+    pretrained: Path, chat_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`eval perplexity run=<SFT run>`: its held-out conversations, scored as its validation was (the loss
+    and accuracy on assistant tokens equal summary.json's); `dataset=text dataset.path=…` scores plain text."""
+    from archifactory.eval.cli import eval_main
+    from archifactory.sft.cli import with_pretrained_architecture
+
+    cfg = _chat_cfg(
+        pretrained, chat_file, tmp_path / "cache", "trainer=sft", "trainer.seq_len=48", "trainer.max_steps=4",
+        "trainer.eval_every=4", "trainer.checkpoint_every=4", "trainer.eval_tokens=100000",
+    )  # fmt: skip
+    run_dir = tmp_path / "outputs" / "sft"
+    summary = train(with_pretrained_architecture(cfg, pretrained), run_dir)
+    assert eval_main(["perplexity", f"run={run_dir}", "eval.show_progress=false"]) == 0
+    corpus = pretrained.parent.parent / "corpus"
+    assert eval_main(["perplexity", f"run={run_dir}", "dataset=text", f"dataset.path={corpus}",
+                      f"dataset.cache_dir={tmp_path / 'cache'}"]) == 0  # fmt: skip
+    section = json.loads((run_dir / "summary.json").read_text())["eval"]
+    own = section["perplexity"]
+    assert own["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert own["value"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-5)
+    assert own["accuracy"] == pytest.approx(summary["val_accuracy"]) and "bits_per_byte" not in own
+    text = section["perplexity_text"]
+    assert text["dataset"] == "text" and text["value"] > 1 and text["bits_per_byte"] > 0
+    saved = json.loads((run_dir / "eval" / "perplexity.json").read_text())["results"]
+    assert saved["dataset"]["format"] == "chat_jsonl" and saved["tokens"] > 0
+    assert "perplexity_text" in capsys.readouterr().out
