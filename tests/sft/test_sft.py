@@ -361,7 +361,8 @@ def test_nothing_to_validate_writes_null_and_one_line_and_the_report_ranks_it_la
     cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "ok.jsonl", 6), tmp_path / "cache", *common,
                     "trainer.seq_len=32")  # fmt: skip
     assert train(with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "ok")["val_loss"] > 0
-    table, _ = sweep_report(find_runs([tmp_path / "runs"]), tmp_path / "report")
+    (section,) = sweep_report(find_runs([tmp_path / "runs"]), tmp_path / "report").sections
+    table = section.table
     by_path = {v.runs[0].path.name: (v, c) for v, c in zip(table.variants, table.comparisons)}
     assert table.variants[0].runs[0].path.name == "ok" and by_path["ok"][1].verdict == "best"
     assert by_path["short"][1].gap is None and by_path["short"][1].verdict == "n/a"
