@@ -243,6 +243,10 @@ def test_runs_of_other_protocols_or_datasets_get_their_own_tables(
         extra = {"val_loss": 0.1 if mixin == "rnn" else 0.5, "val_accuracy": 0.9, "dataset": "mqar"}
         make_run(sweep_dir, f"probe_{mixin}", [f"mixin={mixin}", "dataset=mqar"], summary_for(mixin, 0, **extra),
                  val_metrics(mixin, 0), config=probe)  # fmt: skip
+    # a probe job that failed before Hydra wrote its config: its summary's dataset puts it with the probes
+    make_run(
+        sweep_dir, "probe_failed", ["mixin=mla", "dataset=mqar"], {"status": "failed", "dataset": "mqar"}
+    )
     out = tmp_path / "out"
     assert main(["report", str(sweep_dir), "--out", str(out)]) == 0
     captured = capsys.readouterr()
@@ -255,7 +259,8 @@ def test_runs_of_other_protocols_or_datasets_get_their_own_tables(
     pretrain, sft, probe_section = (section.table for section in report.sections)
     assert [v.label for v in pretrain.variants] == ["mixin=gqa", "mixin=rnn"]  # the SFT run is not "best"
     assert [v.label for v in sft.variants] == ["gqa swiglu rope"] and sft.comparisons[0].verdict == "best"
-    assert [v.label for v in probe_section.variants] == ["mixin=rnn", "mixin=gqa"]
+    assert [v.label for v in probe_section.variants] == ["mixin=rnn", "mixin=gqa", "mixin=mla"]
+    assert len(report.sections[0].pool.runs) == 7 and len(report.sections[2].pool.runs) == 3
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [(r["pool"], r["variant"]) for r in rows][:3] == [
         ("pretrain on text path=./corpus", "mixin=gqa"), ("pretrain on text path=./corpus", "mixin=rnn"),

@@ -39,10 +39,10 @@ def protocol(run: Run) -> str:
 
 
 def dataset_identity(run: Run) -> str | None:
-    """The dataset as people name it (`text path=./corpus`, `mqar task=mqar`), from the config or, for a
-    run without one, summary.json's `dataset`; None when neither says (a job that failed very early)."""
+    """The dataset as people name it (`text path=./corpus`, `mqar task=mqar`), from the saved config;
+    None for a run without one (a sweep job that failed before Hydra wrote it)."""
     node = _dataset_node(run)
-    name = node.get("name") or run.summary.get("dataset")
+    name = node.get("name")
     if not name:
         return None
     details = [f"{key}={node[key]}" for key in _IDENTITY_KEYS if node.get(key) and node[key] != name]
@@ -68,17 +68,31 @@ class Pool:
 
 
 def split_pools(runs: list[Run]) -> list[Pool]:
-    """The runs in pools of one (protocol, dataset), pretraining first, then SFT, then probes. A run that
-    names no dataset (it failed before writing one) joins the pool of its protocol when there is just one."""
-    keys = [(protocol(run), dataset_identity(run)) for run in runs]
-    known = {key for key in keys if key[1] is not None}
+    """The runs in pools of one (protocol, dataset), pretraining first, then SFT, then probes."""
+    configured = {(protocol(run), identity) for run in runs if (identity := dataset_identity(run))}
+    named = {("pretrain", str(run.summary["dataset"])) for run in runs if run.summary.get("dataset")}
     pools: dict[tuple[str, str], Pool] = {}
-    for run, (kind, dataset) in zip(runs, keys):
-        if dataset is None:
-            same_protocol = [key for key in known if key[0] == kind]
-            dataset = same_protocol[0][1] if len(same_protocol) == 1 else "an unknown dataset"
-        pools.setdefault((kind, dataset), Pool(kind, dataset, [])).runs.append(run)
+    for run in runs:
+        key = _pool_key(run, configured, named)
+        pools.setdefault(key, Pool(*key, [])).runs.append(run)
     return sorted(pools.values(), key=lambda pool: PROTOCOLS.index(pool.protocol))
+
+
+def _pool_key(run: Run, configured: set[tuple[str, str]], named: set[tuple[str, str]]) -> tuple[str, str]:
+    """A run's (protocol, dataset). One without a saved config (a sweep job that failed before Hydra wrote
+    it) joins the one configured pool on the dataset its summary names, else a pool of that name; one that
+    names no dataset joins the only pool there is."""
+    identity = dataset_identity(run)
+    if identity is not None:
+        return protocol(run), identity
+    name = run.summary.get("dataset")
+    same = {key for key in configured if name is None or key[1].split(" ")[0] == str(name)}
+    if len(same) == 1:
+        return same.pop()
+    if name:
+        return "pretrain", str(name)
+    every = configured | named
+    return every.pop() if len(every) == 1 else ("pretrain", "an unknown dataset")
 
 
 def pools_warning(pools: list[Pool]) -> str | None:
