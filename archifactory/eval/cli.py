@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from archifactory.errors import ArchiFactoryError
 from archifactory.eval.job import EvalConfig, EvalJob, TaskResult
@@ -246,7 +247,7 @@ def eval_main(args: list[str]) -> int:
                 skipped += 1
                 continue
         try:
-            evaluate_run(run_dir, todo, EvalJob([], None, request.options, device, autocast), rows)
+            evaluate_run(run_dir, todo, request.options, device, autocast, rows)
         except Exception as error:
             if not folder:
                 raise
@@ -262,23 +263,30 @@ def eval_main(args: list[str]) -> int:
     return 1 if failed else 0
 
 
-def evaluate_run(run_dir: Path, steps: list[Step], base: EvalJob, rows: list[tuple[str, TaskResult]]) -> None:
-    """Load one run, run each step on it, write its results as each runner finishes (kept if a later one
-    fails) and add the results to `rows`. `base` carries the options, device and autocast."""
+def evaluate_run(
+    run_dir: Path,
+    steps: list[Step],
+    options: EvalConfig,
+    device: Any,
+    autocast: Callable[[], Any],
+    rows: list[tuple[str, TaskResult]],
+) -> None:
+    """Load one run, run each step on it, write its results as each runner finishes and add them to the
+    table's `rows` (so a later runner's failure keeps what finished, in the files and in the table)."""
     from archifactory.eval.results import write_results
     from archifactory.runs import load_run
 
     print(f"evaluating {run_dir}", flush=True)
-    run = load_run(run_dir, device=base.device, step=base.options.step)
-    print(f"  checkpoint step {run.step}, {run.params['total']:,} parameters, on {base.device}", flush=True)
+    run = load_run(run_dir, device=device, step=options.step)
+    print(f"  checkpoint step {run.step}, {run.params['total']:,} parameters, on {device}", flush=True)
     for runner, names, extra in steps:
         if run.tokenizer is None and runner is not RUNNERS["accuracy"]:
             raise ArchiFactoryError(
                 f"run {run.name} is a synthetic probe (token ids, no text): evaluate it with `accuracy`"
             )
-        job = EvalJob(names, run, base.options, base.device, base.autocast, extra)
+        job = EvalJob(names, run, options, device, autocast, extra)
         results = runner.load()(job)
-        for path in write_results(run, results, base.options):
+        for path in write_results(run, results, options):
             print(f"  wrote {path}")
         rows.extend((run.name, result) for result in results)
 

@@ -396,3 +396,12 @@ def test_perplexity_of_an_sft_run_on_its_chat_validation_and_on_text(
     saved = json.loads((run_dir / "eval" / "perplexity.json").read_text())["results"]
     assert saved["dataset"]["format"] == "chat_jsonl" and saved["tokens"] > 0
     assert "perplexity_text" in capsys.readouterr().out
+    # `dataset.<key>=…` alone edits the run's chat data (another held-out share); a typo is one line
+    assert (
+        eval_main(["perplexity", f"run={run_dir}", "dataset.val_fraction=0.5", "eval.show_progress=false"])
+        == 0
+    )
+    other = json.loads((run_dir / "summary.json").read_text())["eval"]["perplexity_chat_jsonl"]
+    assert other["tokens"] > own["tokens"]  # half the conversations held out, not 3 of 60
+    with pytest.raises(ArchiFactoryError, match="val_fractio"):
+        eval_main(["perplexity", f"run={run_dir}", "dataset.val_fractio=0.5"])
