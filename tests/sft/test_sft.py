@@ -340,13 +340,15 @@ def test_nothing_to_validate_writes_null_and_one_line_and_the_report_ranks_it_la
     from archifactory.report.runs import find_runs
     from archifactory.sft.cli import with_pretrained_architecture
 
-    long_question = " ".join(["the cat sat on the mat."] * 12)
+    long_question = " ".join(["the cat sat on the mat."] * 4)
     chat = _chat_lines(tmp_path / "c.jsonl", 6, user=long_question)
     common = ("trainer=sft", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.checkpoint_every=100")
     cfg = _chat_cfg(pretrained, chat, tmp_path / "cache", *common, "trainer.seq_len=8")
     caplog.set_level(logging.INFO, logger="archifactory")
     with caplog.at_level(logging.INFO):
-        summary = train(with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "short")
+        summary = train(
+            with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "short", ["trainer.seq_len=8"]
+        )
     written = json.loads((tmp_path / "runs" / "short" / "summary.json").read_text())
     for figures in (summary, written):
         assert (
@@ -358,9 +360,11 @@ def test_nothing_to_validate_writes_null_and_one_line_and_the_report_ranks_it_la
     assert len(notes) == 1 and "val_loss and val_accuracy" in notes[0]
     metrics = (tmp_path / "runs" / "short" / "metrics.jsonl").read_text()
     assert '"val_loss"' not in metrics  # no null validation records to plot
-    cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "ok.jsonl", 6), tmp_path / "cache", *common,
-                    "trainer.seq_len=32")  # fmt: skip
-    assert train(with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "ok")["val_loss"] > 0
+    cfg = _chat_cfg(pretrained, chat, tmp_path / "cache", *common, "trainer.seq_len=64")  # the same data
+    ok = train(
+        with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "ok", ["trainer.seq_len=64"]
+    )
+    assert ok["val_loss"] > 0
     (section,) = sweep_report(find_runs([tmp_path / "runs"]), tmp_path / "report").sections
     table = section.table
     by_path = {v.runs[0].path.name: (v, c) for v, c in zip(table.variants, table.comparisons)}
