@@ -69,6 +69,7 @@ def test_perplexity_on_a_dataset_given_by_path_reads_the_same_split(trained: dic
     run's dataset (another held-out share: other documents, another figure)."""
     run_dir = trained["run_dir"]
     common = [f"run={run_dir}", "eval.show_progress=false"]
+    assert eval_main(["perplexity", *common]) == 0  # its own split: not left to another test (pytest -n)
     assert eval_main(["perplexity", *common, "dataset=text", f"dataset.path={trained['corpus']}"]) == 0
     assert eval_main(["perplexity", *common, "dataset.val_fraction=0.2"]) == 0
     section = json.loads((run_dir / "summary.json").read_text())["eval"]
