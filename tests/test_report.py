@@ -26,12 +26,15 @@ def make_run(
     overrides: list[str],
     summary: dict,
     metrics: list[dict] | None = None,
+    config: dict | None = None,
 ) -> Path:
     """A run dir as `archifactory train` writes it (only the files the report reads)."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": summary.get("seed")}))
+    (run / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"seed": summary.get("seed"), **(config or {})})
+    )
     (run / "summary.json").write_text(json.dumps(summary))
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics or []))
     return run
@@ -90,7 +93,8 @@ def sweep_dir(tmp_path: Path) -> Path:
 
 
 def test_table_numbers_are_the_summaries(sweep_dir: Path) -> None:
-    table, figures = sweep_report(find_runs([sweep_dir]), sweep_dir)
+    report = sweep_report(find_runs([sweep_dir]), sweep_dir)
+    ((table, figures),) = [(section.table, section.figures) for section in report.sections]
     rows = {row["variant"]: row for row in csv.DictReader((sweep_dir / "report.csv").open())}
     assert set(rows) == {"mixin=gqa", "mixin=rnn"}
     for mixin in ("gqa", "rnn"):
@@ -222,3 +226,100 @@ def test_document_masked_runs_are_never_pooled_with_unmasked_ones(tmp_path: Path
     make_run(tmp_path, "b", ["seed=1"], summary_for("gqa", 1, document_mask=True))
     labels = sorted(v.label for v in group_variants(find_runs([tmp_path])))
     assert len(labels) == 2 and any(label.endswith("[document_mask]") for label in labels)
+
+
+def test_runs_of_other_protocols_or_datasets_get_their_own_tables(
+    sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A folder with a text sweep, an SFT run (its loss 0.9: lower than any text run) and two MQAR probe
+    runs: three pools, each its own table and figures, none ranked against another; one warning line."""
+    text = {"dataset": {"name": "text", "source": "text", "path": "./corpus"}}
+    for name in [p.name for p in sweep_dir.iterdir()]:
+        (sweep_dir / name / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 0, **text}))
+    chat = {"dataset": {"name": "chat_jsonl", "source": "chat", "path": "c.jsonl"}, "init_from": "/runs/pre"}
+    make_run(sweep_dir, "sft", ["dataset=chat_jsonl"], summary_for("gqa", 0, val_loss=0.9), config=chat)
+    probe = {"dataset": {"name": "mqar", "source": "synthetic", "task": "mqar"}}
+    for mixin in ("gqa", "rnn"):
+        extra = {"val_loss": 0.1 if mixin == "rnn" else 0.5, "val_accuracy": 0.9, "dataset": "mqar"}
+        make_run(sweep_dir, f"probe_{mixin}", [f"mixin={mixin}", "dataset=mqar"], summary_for(mixin, 0, **extra),
+                 val_metrics(mixin, 0), config=probe)  # fmt: skip
+    # a probe job that failed before Hydra wrote its config: its summary's dataset puts it with the probes
+    make_run(
+        sweep_dir, "probe_failed", ["mixin=mla", "dataset=mqar"], {"status": "failed", "dataset": "mqar"}
+    )
+    out = tmp_path / "out"
+    assert main(["report", str(sweep_dir), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "3 protocols/datasets" in warnings[0]
+    assert "pretrain on text path=./corpus (7 runs)" in warnings[0] and "sft on chat_jsonl" in warnings[0]
+    report = sweep_report(find_runs([sweep_dir]), tmp_path / "again")
+    titles = [section.pool.title for section in report.sections]
+    assert titles == ["pretrain on text path=./corpus", "sft on chat_jsonl path=c.jsonl", "probe on mqar"]
+    pretrain, sft, probe_section = (section.table for section in report.sections)
+    assert [v.label for v in pretrain.variants] == ["mixin=gqa", "mixin=rnn"]  # the SFT run is not "best"
+    assert [v.label for v in sft.variants] == ["gqa swiglu rope"] and sft.comparisons[0].verdict == "best"
+    assert [v.label for v in probe_section.variants] == ["mixin=rnn", "mixin=gqa", "mixin=mla"]
+    assert len(report.sections[0].pool.runs) == 7 and len(report.sections[2].pool.runs) == 3
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["pool"], r["variant"]) for r in rows][:3] == [
+        ("pretrain on text path=./corpus", "mixin=gqa"), ("pretrain on text path=./corpus", "mixin=rnn"),
+        ("sft on chat_jsonl path=c.jsonl", "gqa swiglu rope"),
+    ]  # fmt: skip
+    markdown = (out / "report.md").read_text()
+    assert "## probe on mqar" in markdown and "## sft on chat_jsonl path=c.jsonl" in markdown
+    assert (out / "val_loss_vs_tokens-1-pretrain-text.png").is_file()
+    assert (out / "val_loss_vs_tokens-3-probe-mqar.png").is_file()
+    assert "## pretrain on text" in captured.out and "## probe on mqar" in captured.out
+
+
+def test_a_repeated_seed_counts_once_and_the_newest_run_is_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two seed-0 runs (a rerun) and one seed-1 run of gqa, beside rnn: gqa has n=2, not 3; its mean uses
+    the newer seed-0 run; one warning line names the run left out."""
+    import os
+
+    old = make_run(tmp_path, "gqa_s0_old", ["mixin=gqa", "seed=0"], summary_for("gqa", 0, val_loss=9.0))
+    os.utime(old / "summary.json", (1_000_000, 1_000_000))  # written long before the rerun
+    make_run(tmp_path, "gqa_s0_new", ["mixin=gqa", "seed=0"], summary_for("gqa", 0))
+    make_run(tmp_path, "gqa_s1", ["mixin=gqa", "seed=1"], summary_for("gqa", 1))
+    make_run(tmp_path, "rnn_s0", ["mixin=rnn", "seed=0"], summary_for("rnn", 0))
+    variants = {v.label: v for v in group_variants(find_runs([tmp_path]))}
+    gqa = variants["mixin=gqa"]
+    assert gqa.stat("val_loss").values == [LOSSES[("gqa", 0)], LOSSES[("gqa", 1)]]
+    assert [(a.path.name, b.path.name) for a, b in gqa.duplicates] == [("gqa_s0_old", "gqa_s0_new")]
+    records = {r["variant"]: r for r in build_table(list(variants.values())).records()}
+    assert records["mixin=gqa"]["n"] == 2 and records["mixin=rnn"]["n"] == 1
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "gqa_s0_old" in warnings[0] and "kept gqa_s0_new" in warnings[0]
+    alone = tmp_path / "alone"  # the same three runs with no other variant: still one variant, n=2
+    alone.mkdir()
+    for name in ("gqa_s0_old", "gqa_s0_new", "gqa_s1"):
+        (tmp_path / name).rename(alone / name)
+    os.utime(alone / "gqa_s0_old" / "summary.json", (1_000_000, 1_000_000))
+    (variant,) = group_variants(find_runs([alone]))
+    assert len(variant.runs) == 2 and len(variant.duplicates) == 1
+
+
+def test_long_labels_keep_the_legend_inside_the_figure(tmp_path: Path) -> None:
+    """Eight variants with 90-character labels: the legend (below the axes, labels wrapped) lies within
+    the figure's bounding box, and the PNG is written."""
+    from archifactory.report.plots import Series, draw_sweep, sweep_figure
+
+    series = [
+        Series(f"mixin=gated_deltanet ffn=moe ffn.num_experts={k} ffn.top_k=2 model.target_params=50M v{k}",
+               [1.0, 2.0, 3.0], [3.0, 2.5, 2.0 + k / 10], [2.9, 2.4, 1.9], [3.1, 2.6, 2.1], 3)
+        for k in range(8)
+    ]  # fmt: skip
+    figure = sweep_figure(series, "tokens", "validation loss vs tokens seen (mean ± std over seeds)")
+    figure.canvas.draw()
+    (legend,) = figure.legends
+    box, frame = legend.get_window_extent(), figure.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    for ax in figure.axes:  # and it does not cover the panels
+        assert not box.overlaps(ax.get_window_extent())
+    assert len(legend.get_texts()) == 8 and "\n" in legend.get_texts()[0].get_text()
+    path = draw_sweep(series, "tokens", tmp_path / "long.png", "validation loss vs tokens seen")
+    assert path.stat().st_size > 1000

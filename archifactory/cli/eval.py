@@ -7,10 +7,14 @@
     archifactory eval my_task eval.include_path=./my_lm_eval_tasks     # local lm-eval YAML tasks, offline
 
 `run=` is a run directory, a run name under `outputs/`, or a folder holding runs (a sweep): every
-completed run in it is evaluated. Without `run=`, the most recently finished run (named on the first
-line). Each name goes to one *runner*; the dispatcher loads each run once (`archifactory.runs.load_run`,
-newest finished checkpoint or `eval.step`), calls the runners, then writes `<run>/eval/<name>.json`, the
-`eval` section of `summary.json` and a table (`archifactory.eval.results`).
+completed run in it that the names apply to is evaluated — a run they do not apply to (a synthetic-probe
+run for perplexity or an lm-eval task, a text run for `accuracy`) is skipped with one line, and a run
+whose evaluation fails gets one `error: <run>: …` line while the others still run; the table then shows
+every result that finished, and the exit status is 1 only when a run failed. Without `run=`, the most
+recently finished run (named on the first line). Each name goes to one *runner*; the dispatcher loads
+each run once (`archifactory.runs.load_run`, newest finished checkpoint or `eval.step`), calls the
+runners, then writes `<run>/eval/<name>.json`, the `eval` section of `summary.json` and a table
+(`archifactory.eval.results`).
 
 Adding an evaluation (the plug-in point): write `run_<thing>(job: EvalJob) -> list[TaskResult]` in a
 module of this package (see `archifactory/eval/job.py` for both types; `perplexity.py` is the smallest
@@ -28,6 +32,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.eval.job import EvalConfig, EvalJob, TaskResult
@@ -39,6 +44,7 @@ class Runner:
     description: str
     accepts: tuple[str, ...] = ()  # extra top-level keys it reads: `key=…` and `key.sub=…`
     model_free_with: str | None = None  # with this key given and no run=, it runs without loading a model
+    scores: str = "text"  # the runs it applies to: "text" (a tokenizer) or "probe" (synthetic token ids)
 
     def load(self) -> Callable[[EvalJob], list[TaskResult]]:
         module, _, function = self.target.partition(":")
@@ -49,6 +55,7 @@ RUNNERS: dict[str, Runner] = {
     "accuracy": Runner(
         "archifactory.eval.probe:run_accuracy",
         "answer accuracy of a synthetic-probe run (dataset=mqar|mad) on its fixed validation set",
+        scores="probe",
     ),
     "perplexity": Runner(
         "archifactory.eval.perplexity:run_perplexity",
@@ -125,9 +132,12 @@ def parse(args: list[str]) -> Request:
     return Request(names, run, options, extra)
 
 
-def plan(names: list[str], extra: list[str]) -> list[tuple[Runner, list[str], list[str]]]:
+Step = tuple[Runner, list[str], list[str]]  # a runner, the names it evaluates, its extra args
+
+
+def plan(names: list[str], extra: list[str]) -> list[Step]:
     """(runner, its names, its extra args): our runners one by one, all lm-eval tasks in one call."""
-    steps: list[tuple[Runner, list[str], list[str]]] = []
+    steps: list[Step] = []
     harness = [name for name in names if name not in RUNNERS]
     for name in dict.fromkeys(names):
         if name in RUNNERS:
@@ -146,12 +156,13 @@ def plan(names: list[str], extra: list[str]) -> list[tuple[Runner, list[str], li
     return steps
 
 
-def resolve_runs(run: str | None) -> list[Path]:
-    """A run directory, a run name under outputs/, a folder of runs (its completed ones), or the latest."""
+def resolve_runs(run: str | None) -> tuple[list[Path], bool]:
+    """(run dirs, whether `run` was a folder of runs): a run directory, a run name under outputs/, a folder
+    of runs (its completed ones), or the latest."""
     from archifactory.runs.load import completed_runs, resolve_run
 
     if run is None or run == "":
-        return [resolve_run(None)]
+        return [resolve_run(None)], False
     path = Path(run).expanduser()
     if not (path / ".hydra" / "config.yaml").is_file() and path.is_dir():
         runs = sorted(completed_runs(path))
@@ -159,8 +170,38 @@ def resolve_runs(run: str | None) -> list[Path]:
             raise ArchiFactoryError(
                 f"run={run} holds no completed run (no summary.json with status completed)"
             )
-        return runs
-    return [resolve_run(run)]
+        return runs, True
+    return [resolve_run(run)], False
+
+
+def run_scores(run_dir: Path) -> str:
+    """What a run can be scored on: "probe" (a synthetic probe's token ids) or "text"."""
+    from archifactory.runs.load import load_run_config
+
+    return "probe" if load_run_config(run_dir).dataset.get("source") == "synthetic" else "text"
+
+
+def applicable(run_dir: Path, steps: list[Step]) -> tuple[list[Step], str | None]:
+    """(the steps that apply to this run, one `skipped …` line naming the others and why, or None)."""
+    kind = run_scores(run_dir)
+    keep = [step for step in steps if step[0].scores == kind]
+    left = [name for step in steps if step[0].scores != kind for name in step[1]]
+    if not left:
+        return keep, None
+    why = (
+        "a synthetic-probe run has token ids, no text: score it with `accuracy`"
+        if kind == "probe"
+        else "accuracy scores synthetic-probe runs (dataset=mqar|mad), this one was trained on text"
+    )
+    return keep, f"skipped {run_dir}: {','.join(left)} ({why})"
+
+
+def failure_line(run_dir: Path, error: Exception) -> str:
+    """One `error: <run>: …` line for a run whose evaluation failed (the traceback of a bug goes to the log)."""
+    from archifactory.cli.guard import unexpected_error_line
+
+    line = f"error: {error}" if isinstance(error, ArchiFactoryError) else unexpected_error_line(error)
+    return f"error: {run_dir}: {line.removeprefix('error: ')}"
 
 
 def resolve_device(requested: str):
@@ -187,32 +228,67 @@ def eval_main(args: list[str]) -> int:
     steps = plan(request.names, request.extra)
     if request.run is None and all(model_free(runner, extra) for runner, _, extra in steps):
         return eval_without_model(steps, request.options)
-    run_dirs = resolve_runs(request.run)
+    run_dirs, folder = resolve_runs(request.run)
 
-    from archifactory.eval.results import format_table, write_results
-    from archifactory.runs.load import load_run
+    from archifactory.eval.results import format_table
     from archifactory.train.runtime import autocast_factory
 
     device = resolve_device(request.options.device)
     autocast = autocast_factory(request.options.precision, device)
     rows: list[tuple[str, TaskResult]] = []
+    failed = skipped = 0
     for run_dir in run_dirs:
-        print(f"evaluating {run_dir}", flush=True)
-        run = load_run(run_dir, device=device, step=request.options.step)
-        print(f"  checkpoint step {run.step}, {run.params['total']:,} parameters, on {device}", flush=True)
-        for runner, names, extra in steps:
-            if run.tokenizer is None and runner is not RUNNERS["accuracy"]:
-                raise ArchiFactoryError(
-                    f"run {run.name} is a synthetic probe (token ids, no text): evaluate it with `accuracy`"
-                )
-            job = EvalJob(names, run, request.options, device, autocast, extra)
-            results = runner.load()(job)
-            written = write_results(run, results, request.options)  # per runner: kept if a later one fails
-            for path in written:
-                print(f"  wrote {path}")
-            rows.extend((run.name, result) for result in results)
-    print(format_table(rows))
-    return 0
+        todo = steps
+        if folder:  # a sweep folder: runs the names do not apply to are skipped, one line each
+            todo, line = applicable(run_dir, steps)
+            if line:
+                print(line, flush=True)
+            if not todo:
+                skipped += 1
+                continue
+        try:
+            evaluate_run(run_dir, todo, request.options, device, autocast, rows)
+        except Exception as error:
+            if not folder:
+                raise
+            print(failure_line(run_dir, error), file=sys.stderr, flush=True)
+            failed += 1
+    if skipped == len(run_dirs):
+        raise ArchiFactoryError(
+            f"none of the {len(run_dirs)} runs in run={request.run} can be scored by {','.join(request.names)} "
+            "(each is named above)"
+        )
+    if rows:
+        print(format_table(rows))
+    return 1 if failed else 0
+
+
+def evaluate_run(
+    run_dir: Path,
+    steps: list[Step],
+    options: EvalConfig,
+    device: Any,
+    autocast: Callable[[], Any],
+    rows: list[tuple[str, TaskResult]],
+) -> None:
+    """Load one run, run each step on it, write its results as each runner finishes and add them to the
+    table's `rows` (so a later runner's failure keeps what finished, in the files and in the table)."""
+    from archifactory.eval.results import write_results
+    from archifactory.runs.load import load_run
+
+    print(f"evaluating {run_dir}", flush=True)
+    run = load_run(run_dir, device=device, step=options.step)
+    print(f"  checkpoint step {run.step}, {run.params['total']:,} parameters, on {device}", flush=True)
+    for runner, names, extra in steps:
+        if run.tokenizer is None and runner is not RUNNERS["accuracy"]:
+            raise ArchiFactoryError(
+                f"run {run.name} is a synthetic probe (token ids, no text): evaluate it with `accuracy`"
+            )
+        job = EvalJob(names, run, options, device, autocast, extra)
+        results = runner.load()(job)
+        for path in write_results(run, results, options):
+            print(f"  wrote {path}")
+        rows.extend((run.name, result) for result in results)
 
 
 def model_free(runner: Runner, extra: list[str]) -> bool:
@@ -221,7 +297,7 @@ def model_free(runner: Runner, extra: list[str]) -> bool:
     )
 
 
-def eval_without_model(steps: list[tuple[Runner, list[str], list[str]]], options: EvalConfig) -> int:
+def eval_without_model(steps: list[Step], options: EvalConfig) -> int:
     """Runners that need no model (`humaneval completions=…`): no run is loaded, each writes its own files."""
     import contextlib
 

@@ -24,9 +24,10 @@ def evaluate(
     autocast: Autocast,
     bytes_per_token: float | None,
     document_eos: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Token-weighted validation loss (nats) and bits per byte over the fixed validation batches; for a
-    dataset without bytes (a synthetic probe, `bytes_per_token` None): loss and accuracy on its answers."""
+    dataset without bytes (a synthetic probe, `bytes_per_token` None): loss and accuracy on its answers.
+    No target token at all: every figure is None (nothing was measured; never a loss of 0.0)."""
     if bytes_per_token is None:
         return probe_metrics(model, batches, device, autocast)
     model.eval()
@@ -40,5 +41,7 @@ def evaluate(
         total += out.lm_loss.float() * tokens
         count += tokens
     model.train()
-    loss = float(total) / max(count, 1)
+    if count == 0:
+        return {"val_loss": None, "val_bpb": None}
+    loss = float(total) / count
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}

@@ -1,4 +1,4 @@
-"""lm-eval's generation options, read for `ArchiFactoryLM.generate_until` (which runs `archifactory.generate`).
+"""lm-eval's generation options, read for `ArchiFactoryLM.generate_until` (which runs `archifactory.generate.sampling`).
 
 Each request is `(context, gen_kwargs)`; requests with the same `gen_kwargs` run together, in batches of
 the adapter's batch size (sorted by prompt length, so `generate`'s equal-length groups are large).

@@ -32,6 +32,7 @@ from archifactory.eval.humaneval import (
     truncate,
 )
 from archifactory.eval.job import EvalJob, TaskResult
+from archifactory.train.rundir import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,15 @@ def completions_path(extra: Sequence[str]) -> Path | None:
     return None
 
 
+def coverage_line(scores: dict[str, Any]) -> str:
+    """`pass@1 0.4000 over 5/164 problems`, saying so when the score covers part of the benchmark only."""
+    scored, total = scores["problems"], scores["problems_total"]
+    line = f"pass@1 {scores['pass@1']:.4f} over {scored}/{total} problems"
+    if scored < total:
+        line += " (a partial score: not comparable with a figure over all of HumanEval)"
+    return line
+
+
 def run_humaneval(job: EvalJob) -> list[TaskResult]:
     """The `humaneval` runner of `archifactory eval`: sample from `job.run` or score `completions=`.
 
@@ -192,8 +202,17 @@ def run_humaneval(job: EvalJob) -> list[TaskResult]:
             truncated_prompts=truncated,
         )
     scores["results_file"] = str(results_path)
+    scores["problems_total"] = len(
+        load_problems()
+    )  # the benchmark's 164: pass@k over a part is no full score
     print(f"  humaneval: sandbox {scores['sandbox']}, outcomes {scores['outcomes']}", flush=True)
+    print(f"  humaneval: {coverage_line(scores)}", flush=True)
     print(f"  wrote {results_path}", flush=True)
+    if job.run is None:  # no run to hold eval/humaneval.json: the scores go next to the per-sample file
+        scores_path = results_path.with_suffix(".json")
+        write_json_atomic(scores_path, scores)
+        print(f"  wrote {scores_path}", flush=True)
     extra = {k: v for k, v in scores.items() if k.startswith("pass@") and not k.endswith("_stderr")}
-    extra.update(sandbox=scores["sandbox"], problems=scores["problems"], samples=scores["samples"])
+    extra.update(sandbox=scores["sandbox"], samples=scores["samples"])
+    extra.update(problems=scores["problems"], problems_total=scores["problems_total"])
     return [TaskResult("humaneval", "pass@1", scores["pass@1"], scores["pass@1_stderr"], scores, extra)]

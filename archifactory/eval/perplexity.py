@@ -15,6 +15,10 @@ which compares variants with different tokenizers fairly.
 - `eval.max_tokens` caps the tokens read (default: the whole split).
 - A run trained with `dataset.document_mask=true` is scored with packed documents kept apart, as its
   validation was. A synthetic probe (MQAR, MAD) has no text: refused, its score is `val_accuracy`.
+- An SFT run (chat data): by default its own held-out conversations (the same split as its training,
+  rebuilt with the run's chat tokenizer), scored like its validation — loss and next-token accuracy on
+  assistant tokens only, no bits per byte (the template's tokens have no bytes); `dataset=text …` scores
+  it on plain text like any run.
 """
 
 from __future__ import annotations
@@ -24,23 +28,34 @@ from typing import Any
 
 import torch
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from archifactory.config.compose import compose
 from archifactory.config.schema import DatasetConfig
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
+from archifactory.data.chat.dataset import chat_val_batches, encode_chat
 from archifactory.data.dataset import as_dataset_config
 from archifactory.data.prepare import routed_parts
 from archifactory.data.sources import make_source
 from archifactory.eval.evaluate import evaluate
 from archifactory.eval.job import EvalJob, TaskResult
 
+Dataset = DatasetConfig | DictConfig  # text/Hub data, or a chat node (SFT conversations, resolved)
 
-def dataset_config(job: EvalJob) -> tuple[DatasetConfig, bool]:
+
+def as_dataset(node: Any) -> Dataset:
+    """A composed `dataset` node as what the splits read: a `DatasetConfig`, or for chat data (whose keys
+    are not a DatasetConfig's) the node itself with its values resolved."""
+    if isinstance(node, DictConfig) and node.get("source") == "chat":
+        return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    return as_dataset_config(node)
+
+
+def dataset_config(job: EvalJob) -> tuple[Dataset, bool]:
     """(the dataset to evaluate on, whether it is the run's own) from the run's config and `job.extra`."""
-    own = as_dataset_config(job.run.config.dataset)
+    own = as_dataset(job.run.config.dataset)
     if not job.extra:
         return own, True
     if any(arg.split("=", 1)[0] == "dataset" for arg in job.extra):
@@ -48,14 +63,16 @@ def dataset_config(job: EvalJob) -> tuple[DatasetConfig, bool]:
             node = compose(job.extra).dataset
         except (HydraException, OmegaConfBaseException) as error:
             raise ArchiFactoryError(f"perplexity: {str(error).splitlines()[0]}") from error
-        other = as_dataset_config(node)
+        other = as_dataset(node)
     else:
         try:
             keys = OmegaConf.from_dotlist([arg.removeprefix("dataset.") for arg in job.extra])
-            merged = OmegaConf.merge(OmegaConf.structured(own), keys)
+            base = own if isinstance(own, DictConfig) else OmegaConf.structured(own)
+            OmegaConf.set_struct(base, True)  # a mistyped key is refused, for chat nodes too
+            merged = OmegaConf.merge(base, keys)
         except Exception as error:  # OmegaConf's validation errors: one line naming the key
             raise ArchiFactoryError(f"perplexity: {str(error).splitlines()[0]}") from error
-        other = as_dataset_config(merged)
+        other = as_dataset(merged)
     return other, other == own
 
 
@@ -107,6 +124,16 @@ def other_split(
     return batches, nbytes / max(len(ids), 1), len(ids)
 
 
+def chat_split(
+    job: EvalJob, dataset: DictConfig, seq_len: int, max_tokens: int | None
+) -> tuple[list, None, int]:
+    """(batches, None: no bytes, tokens) of the held-out conversations of chat data, encoded with the run's
+    tokenizer (an SFT run's carries the template's tokens) exactly as its training split them."""
+    _, val, _ = encode_chat(dataset, job.run.tokenizer, seq_len)
+    batches = chat_val_batches(val, seq_len, job.options.batch_size, max_tokens)
+    return batches, None, len(val) * seq_len
+
+
 def run_perplexity(job: EvalJob) -> list[TaskResult]:
     if job.names != ["perplexity"]:
         raise ArchiFactoryError(f"the perplexity runner evaluates `perplexity`, not {job.names}")
@@ -118,7 +145,9 @@ def run_perplexity(job: EvalJob) -> list[TaskResult]:
             "val_accuracy in the run's summary.json; pass dataset=<a text dataset> for perplexity"
         )
     max_tokens = job.options.max_tokens
-    if own:
+    if dataset.source == "chat":
+        batches, bytes_per_token, split_tokens = chat_split(job, dataset, seq_len, max_tokens)
+    elif own:
         batches, bytes_per_token, split_tokens = own_split(job, seq_len, max_tokens)
     else:
         batches, bytes_per_token, split_tokens = other_split(job, dataset, seq_len, max_tokens)
@@ -128,9 +157,18 @@ def run_perplexity(job: EvalJob) -> list[TaskResult]:
     figures = evaluate(model, batches, job.device, job.autocast, bytes_per_token, document_eos)
     model.eval()  # `evaluate` hands the model back in training mode
     loss = figures["val_loss"]
-    tokens = sum(int(targets.numel()) for _, targets in batches)
+    if loss is None:
+        raise ArchiFactoryError(
+            f"perplexity: the validation split of {dataset.name} has no target token for run {job.run.name} "
+            "(every held-out row was cut before its answer); raise trainer.seq_len or hold out more data"
+        )
+    tokens = sum(int((targets != -100).sum()) for _, targets in batches)
+    scores = {k: v for k, v in figures.items() if k != "val_loss"}  # val_bpb, or chat's val_accuracy
+    scores = {"bits_per_byte" if k == "val_bpb" else k.removeprefix("val_"): v for k, v in scores.items()}
     details: dict[str, Any] = {
-        "dataset": OmegaConf.to_container(OmegaConf.structured(dataset)),
+        "dataset": OmegaConf.to_container(
+            dataset if isinstance(dataset, DictConfig) else OmegaConf.structured(dataset)
+        ),
         "own_dataset": own,
         "document_mask": document_eos is not None,
         "seq_len": seq_len,
@@ -139,8 +177,8 @@ def run_perplexity(job: EvalJob) -> list[TaskResult]:
         "bytes_per_token": bytes_per_token,
         "loss": loss,
         "perplexity": math.exp(loss),
-        "bits_per_byte": figures["val_bpb"],
+        **scores,
     }
     name = "perplexity" if own else f"perplexity_{dataset.name}"
-    extra = {"loss": loss, "bits_per_byte": figures["val_bpb"], "tokens": tokens, "dataset": dataset.name}
+    extra = {"loss": loss, **scores, "tokens": tokens, "dataset": dataset.name}
     return [TaskResult(name, "perplexity", math.exp(loss), None, details, extra)]

@@ -50,8 +50,9 @@ def probe_metrics(
     batches: Iterable[tuple[Tensor, Tensor]],
     device: torch.device | str = "cpu",
     autocast: Callable[[], AbstractContextManager] = nullcontext,
-) -> dict[str, float]:
-    """`val_loss` (nats, answer positions) and `val_accuracy` over fixed `(inputs, targets)` batches."""
+) -> dict[str, float | None]:
+    """`val_loss` (nats, answer positions) and `val_accuracy` over fixed `(inputs, targets)` batches; both
+    None when there is no answer position at all (nothing measured, never 0.0)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -69,7 +70,9 @@ def probe_metrics(
         correct += batch_correct
         answers += batch_answers
     model.train(was_training)
-    count = max(int(answers), 1)  # the one host sync
+    count = int(answers)  # the one host sync
+    if count == 0:
+        return {"val_loss": None, "val_accuracy": None}
     return {"val_loss": float(loss_sum) / count, "val_accuracy": int(correct) / count}
 
 

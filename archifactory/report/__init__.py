@@ -9,6 +9,12 @@ bits per byte as mean ± std over seeds (n shown), eval scores (`summary.json`'s
 whether it exceeds the seed-to-seed spread (`report/table.py` says which test), tokens/s, MFU, peak
 memory and decode-state size. A recipe's `published` figures (seed_tinystories) are printed beside ours.
 
+Runs of different protocols or datasets (pretraining on text, SFT on chat data, a synthetic probe; see
+`report/pools.py`) are never pooled or ranked together: each pool gets its own table (a `## <pool>`
+section of report.md, a `pool` column in report.csv) and figures (`val_loss_vs_tokens-<pool>.png`), and
+one `warning:` line says so. A repeated seed counts once (the newest run; one `warning:` line names the
+runs left out). Legends sit below the axes, labels wrapped, so long variant names stay in the figure.
+
 One run dir: `report.md` with its summary and `run.png` (losses, learning rate, tokens/s, gradient norm,
 MoE expert-load imbalance). Files go to `--out` (default: the sweep dir or the run dir given; `report/`
 for several run dirs).
@@ -17,12 +23,17 @@ for several run dirs).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.report.plots import X_AXES, draw_run, draw_sweep, run_panels, sweep_series
-from archifactory.report.runs import Run, Variant, find_runs, group_variants
+from archifactory.report.pools import Pool, pools_warning, split_pools
+from archifactory.report.runs import Run, Variant, duplicate_warning, find_runs, group_variants
 from archifactory.report.table import Table, build_table
 from archifactory.report.table import __doc__ as TEST_DOC
 
@@ -41,39 +52,101 @@ def published_losses(variants: list[Variant]) -> dict[str, float]:
     return found
 
 
-def sweep_report(runs: list[Run], out: Path) -> tuple[Table, list[Path]]:
-    variants = group_variants(runs)
-    table = build_table(variants, published_losses(variants))
+@dataclass
+class Section:
+    """One pool's part of a sweep report: its runs, table and figures."""
+
+    pool: Pool
+    table: Table
+    figures: list[Path]
+
+
+@dataclass
+class SweepReport:
+    sections: list[Section]
+    warnings: list[str]  # one line each: several pools, repeated seeds
+
+    @property
+    def figures(self) -> list[Path]:
+        return [figure for section in self.sections for figure in section.figures]
+
+    def text(self) -> str:
+        """The table(s) for the terminal: one, or each under its pool's title."""
+        if len(self.sections) == 1:
+            return self.sections[0].table.markdown()
+        return "\n\n".join(f"## {s.pool.title}\n\n{s.table.markdown()}" for s in self.sections)
+
+
+def sweep_report(runs: list[Run], out: Path) -> SweepReport:
+    """report.md, report.csv and the figures of `runs`, one table per (protocol, dataset) pool."""
+    pools = split_pools(runs)
     out.mkdir(parents=True, exist_ok=True)
-    figures = []
-    for axis, (_, filename) in X_AXES.items():
-        series = sweep_series(table.variants, axis)
-        if series:
-            title = f"validation loss vs {X_AXES[axis][0]} (mean ± std over seeds)"
-            figures.append(draw_sweep(series, axis, out / filename, title))
-    (out / "report.csv").write_text(table.csv())
-    (out / "report.md").write_text(_sweep_markdown(table, runs, figures))
-    return table, figures
+    sections = []
+    for index, pool in enumerate(pools, start=1):
+        variants = group_variants(pool.runs)
+        table = build_table(variants, published_losses(variants))
+        tag = f"-{pool.slug(index)}" if len(pools) > 1 else ""
+        figures = []
+        for axis, (_, filename) in X_AXES.items():
+            series = sweep_series(table.variants, axis)
+            if series:
+                title = f"validation loss vs {X_AXES[axis][0]} (mean ± std over seeds)"
+                path = out / filename.replace(".png", f"{tag}.png")
+                figures.append(draw_sweep(series, axis, path, title))
+        sections.append(Section(pool, table, figures))
+    variants = [variant for section in sections for variant in section.table.variants]
+    warnings = [line for line in (pools_warning(pools), duplicate_warning(variants)) if line]
+    report = SweepReport(sections, warnings)
+    (out / "report.csv").write_text(_csv(sections))
+    (out / "report.md").write_text(_sweep_markdown(report, runs))
+    return report
 
 
-def _sweep_markdown(table: Table, runs: list[Run], figures: list[Path]) -> str:
-    lines = [f"# Report: {len(runs)} runs, {len(table.variants)} variants", "", table.markdown(), ""]
+def _csv(sections: list[Section]) -> str:
+    if len(sections) == 1:
+        return sections[0].table.csv()
+    records = [{"pool": s.pool.title, **record} for s in sections for record in s.table.records()]
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: "" if record.get(k) is None else record[k] for k in columns})
+    return out.getvalue()
+
+
+def _sweep_markdown(report: SweepReport, runs: list[Run]) -> str:
+    several = len(report.sections) > 1
+    variants = sum(len(s.table.variants) for s in report.sections)
+    head = f"# Report: {len(runs)} runs, {variants} variants"
+    lines = [
+        head + (f" in {len(report.sections)} pools (never ranked against each other)" if several else ""),
+        "",
+    ]
+    for section in report.sections:
+        if several:
+            lines += [f"## {section.pool.title}", ""]
+        lines += [section.table.markdown(), ""]
+        failed = [run for run in section.pool.runs if not run.completed]
+        if failed:
+            lines += [
+                f"{'###' if several else '##'} Runs that did not complete",
+                "",
+            ]  # failed, interrupted, running
+            for run in failed:
+                error = str(run.summary.get("error") or "").splitlines()[0:1]
+                lines.append(f"- `{run.path.name}`: {run.status}" + (f" — {error[0]}" if error else ""))
+            lines.append("")
+        for figure in section.figures:
+            lines += [f"![{figure.stem}]({figure.name})", ""]
     lines.append(
-        "Mean ± sample standard deviation over the completed seeds (n). Final validation loss in "
-        "nats/token; bpb = bits per byte of the validation text."
+        "Mean ± sample standard deviation over the completed seeds (n, each seed counted once). Final "
+        "validation loss in nats/token; bpb = bits per byte of the validation text."
     )
     test = TEST_DOC.split("**Which test.**", 1)[1].strip()
     lines += ["", "**Significance.** " + " ".join(test.split()), ""]
-    failed = [run for run in runs if not run.completed]
-    if failed:
-        lines += ["## Runs that did not complete", ""]  # failed, interrupted, or still running
-        for run in failed:
-            error = str(run.summary.get("error") or "").splitlines()[0:1]
-            lines.append(f"- `{run.path.name}`: {run.status}" + (f" — {error[0]}" if error else ""))
-        lines.append("")
-    for figure in figures:
-        lines += [f"![{figure.stem}]({figure.name})", ""]
-    return "\n".join(lines)
+    lines += [f"**Note.** {warning}" for warning in report.warnings]
+    return "\n".join(lines) + "\n"
 
 
 SINGLE_KEYS = (
@@ -130,9 +203,11 @@ def main(args: list[str]) -> int:
             out = options.paths[0]
         else:
             out = options.out or Path("report")
-        table, figures = sweep_report(runs, out)
-        text = table.markdown()
-        if not any(v.completed for v in table.variants):
+        report = sweep_report(runs, out)
+        text, figures = report.text(), report.figures
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if not any(v.completed for s in report.sections for v in s.table.variants):
             print(text)
             raise ArchiFactoryError(f"none of the {len(runs)} runs completed; see {out / 'report.md'}")
     print(text)

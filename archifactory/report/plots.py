@@ -11,8 +11,10 @@ for routed FFNs, the per-layer expert-load imbalance (max/mean load), each again
 from __future__ import annotations
 
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from archifactory.report.runs import Run, Variant
 
@@ -117,10 +119,40 @@ def _pyplot():
     return plt
 
 
+LEGEND_WRAP = 48  # characters per legend line: a long variant label wraps instead of leaving the figure
+LEGEND_COLUMNS = 3
+
+
+def legend_below(figure: Any, ax: Any, fontsize: float = 8) -> Any:
+    """The axes' legend below the panels (constrained layout makes room), labels wrapped, in columns."""
+    handles, labels = ax.get_legend_handles_labels()
+    wrapped = [textwrap.fill(label, LEGEND_WRAP) for label in labels]
+    columns = min(LEGEND_COLUMNS, len(wrapped))
+    return figure.legend(
+        handles, wrapped, loc="outside lower center", ncol=columns, fontsize=fontsize, frameon=False
+    )
+
+
+def _legend_lines(series: list[Series]) -> int:
+    """Text lines the legend below takes: the tallest wrapped label per row of columns."""
+    heights = [len(textwrap.wrap(f"{s.label} (n={s.n})", LEGEND_WRAP)) or 1 for s in series]
+    rows = [heights[i : i + LEGEND_COLUMNS] for i in range(0, len(heights), LEGEND_COLUMNS)]
+    return sum(max(row) for row in rows)
+
+
 def draw_sweep(series: list[Series], axis: str, path: Path, title: str) -> Path:
-    """Two panels: the whole run, and the second half of it (where the variants separate)."""
+    figure = sweep_figure(series, axis, title)
+    figure.savefig(path)
+    _pyplot().close(figure)
+    return path
+
+
+def sweep_figure(series: list[Series], axis: str, title: str) -> Any:
+    """Two panels: the whole run, and the second half of it (where the variants separate); the legend
+    below both, the figure as tall as it needs to hold it."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.3), dpi=120)
+    height = 4.3 + 0.16 * _legend_lines(series)
+    figure, axes = plt.subplots(1, 2, figsize=(11, height), dpi=120, layout="constrained")
     for ax, tail in zip(axes, (False, True)):
         for s in series:
             start = _tail_start(s.x) if tail else 0
@@ -134,11 +166,8 @@ def draw_sweep(series: list[Series], axis: str, path: Path, title: str) -> Path:
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title("second half (zoom)" if tail else title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    legend_below(figure, axes[0])
+    return figure
 
 
 def _tail_start(x: list[float]) -> int:
@@ -161,8 +190,8 @@ def draw_run(panels: dict[str, list[Series]], path: Path, title: str) -> Path:
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("tokens seen")
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
-            ax.legend(fontsize=7)
+        if len(lines) > 1:  # many layers' imbalance lines: columns of 8 keep the legend in its panel
+            ax.legend(fontsize=7, ncol=(len(lines) + 7) // 8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     figure.suptitle(title, fontsize=11)

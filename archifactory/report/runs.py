@@ -4,7 +4,9 @@ A run directory is any folder with a `summary.json` (what `archifactory train` w
 job gets one too, see `archifactory/sweep.py`). A sweep folder is searched for them. Runs are grouped
 into *variants*: runs whose command-line overrides agree on everything but the seed. A variant is named
 by the overrides that differ between variants (e.g. `mixin=rwkv6`), or by its mixin/ffn/positional when
-the overrides do not tell runs apart.
+the overrides do not tell runs apart. A variant counts each seed once: when several completed runs share
+a seed (a rerun, a copy), the newest (summary.json last written) is kept and the others are set aside in
+`Variant.duplicates`, so n is the number of distinct seeds and no seed weighs twice in a mean or a test.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ class Run:
     @property
     def seed(self) -> Any:
         return self.summary.get("seed", self.config.get("seed"))
+
+    @property
+    def written(self) -> float:
+        """When summary.json was last written (seconds since the epoch): which of two reruns is newer."""
+        try:
+            return (self.path / "summary.json").stat().st_mtime
+        except OSError:
+            return 0.0
 
     def number(self, key: str) -> float | None:
         """A numeric summary figure (dotted keys reach into sections: `eval.mmlu.value`)."""
@@ -121,9 +131,6 @@ def variant_labels(runs: list[Run]) -> list[str]:
             f"{label} [document_mask]" if run.summary.get("document_mask") else label
             for label, run in zip(labels, runs)
         ]
-    if len(set(labels)) == 1 and len(runs) > 1 and len({run.seed for run in runs}) < len(runs):
-        # same overrides, same seed: not seeds of one variant but separate runs; keep them apart
-        labels = [f"{label} ({run.path.name})" for label, run in zip(labels, runs)]
     return labels
 
 
@@ -149,7 +156,8 @@ class Stat:
 @dataclass
 class Variant:
     label: str
-    runs: list[Run]
+    runs: list[Run]  # one completed run per seed (plus the runs that did not complete)
+    duplicates: list[tuple[Run, Run]] = field(default_factory=list)  # (left out, the kept run of its seed)
 
     @property
     def completed(self) -> list[Run]:
@@ -175,10 +183,42 @@ class Variant:
 
 
 def group_variants(runs: list[Run]) -> list[Variant]:
+    """Runs grouped by variant label, each seed's completed run counted once (`one_run_per_seed`)."""
     variants: dict[str, Variant] = {}
     for label, run in zip(variant_labels(runs), runs):
         variants.setdefault(label, Variant(label, [])).runs.append(run)
+    for variant in variants.values():
+        one_run_per_seed(variant)
     return list(variants.values())
+
+
+def one_run_per_seed(variant: Variant) -> None:
+    """Keep the newest completed run of each seed in `variant.runs`; the older ones go to `duplicates`."""
+    newest: dict[str, Run] = {}
+    for run in variant.completed:
+        kept = newest.get(str(run.seed))
+        if kept is None or run.written > kept.written:
+            newest[str(run.seed)] = run
+    for run in variant.completed:
+        kept = newest[str(run.seed)]
+        if run is not kept:
+            variant.duplicates.append((run, kept))
+    dropped = {id(run) for run, _ in variant.duplicates}
+    variant.runs = [run for run in variant.runs if id(run) not in dropped]
+
+
+def duplicate_warning(variants: list[Variant]) -> str | None:
+    """One line naming every run left out because a newer run of its variant has the same seed."""
+    pairs = [(v, old, kept) for v in variants for old, kept in v.duplicates]
+    if not pairs:
+        return None
+    named = "; ".join(
+        f"{v.label} seed {old.seed}: {old.path} (kept {kept.path.name})" for v, old, kept in pairs
+    )
+    return (
+        f"{len(pairs)} run(s) repeat a seed of their variant and are left out (the newest run of each seed "
+        f"counts once): {named}"
+    )
 
 
 def eval_keys(variants: list[Variant]) -> list[tuple[str, str]]:

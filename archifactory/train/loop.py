@@ -8,7 +8,7 @@ scalar per step for the non-finite guard (the gradient norm decides whether the 
 Everything else is one call into its own module: the run's setup (`setup.py`: data, model, optimizer,
 schedule, resume), stop signals (`signals.py`), the step plan (`schedule.plan_steps`), validation
 (`archifactory.eval.evaluate`), checkpoints, distributed wrapping, metrics, the run directory
-(`archifactory.runs`). The loop knows no component by name: per-step component hooks go through
+(`archifactory.runs.load`). The loop knows no component by name: per-step component hooks go through
 `model.after_optimizer_step()`, component metrics through `metrics.progress_fields`.
 """
 
@@ -33,7 +33,7 @@ from archifactory.generate.export import write_model_folder
 from archifactory.model.build import check_buildable
 from archifactory.model.documents import documents_for
 from archifactory.model.match import MatchResult, apply_match
-from archifactory.runs import layout
+from archifactory.runs.load import layout
 from archifactory.runs.checkpoints import finished_checkpoints
 from archifactory.runs.lock import locked
 from archifactory.runs.log import detach_log_file
@@ -205,11 +205,14 @@ def validate(run: RunContext, progress: Progress) -> None:
     val = evaluate(
         run.model, run.val_batches, run.device, run.autocast, run.data.val_bytes_per_token, run.document_eos
     )
-    elapsed = time.perf_counter() - run.wall_start  # the wall-clock axis of `archifactory report`'s plots
-    run.recorder.log(
-        {"step": run.state.step, "tokens_seen": run.state.tokens_seen, "elapsed_seconds": elapsed, **val}
-    )
-    progress.write(f"step {run.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+    if val["val_loss"] is None:
+        _note_no_validation(run, val)
+    else:
+        elapsed = time.perf_counter() - run.wall_start  # the wall-clock axis of `archifactory report`'s plots
+        run.recorder.log(
+            {"step": run.state.step, "tokens_seen": run.state.tokens_seen, "elapsed_seconds": elapsed, **val}
+        )
+        progress.write(f"step {run.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
     run.last.update(val)
     run.recorder.update_summary(
         steps=run.state.step,
@@ -218,6 +221,17 @@ def validate(run: RunContext, progress: Progress) -> None:
         peak_memory_mb=peak_memory_mb(run.device),
         wall_seconds=time.perf_counter() - run.wall_start,
     )
+
+
+def _note_no_validation(run: RunContext, val: dict[str, float | None]) -> None:
+    """One log line per session (the first validation that found nothing) saying why the figures are null."""
+    if "val_loss" not in run.last:
+        log.warning(
+            "no held-out target tokens to validate on: %s stay null in %s (hold out more data: "
+            "dataset.val_fraction, or a longer trainer.seq_len if held-out rows were cut)",
+            " and ".join(val),
+            layout.SUMMARY,
+        )
 
 
 def checkpoint(run: RunContext, loss_window: tuple[Tensor, int] | None = None) -> None:

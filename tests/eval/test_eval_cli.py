@@ -69,6 +69,7 @@ def test_perplexity_on_a_dataset_given_by_path_reads_the_same_split(trained: dic
     run's dataset (another held-out share: other documents, another figure)."""
     run_dir = trained["run_dir"]
     common = [f"run={run_dir}", "eval.show_progress=false"]
+    assert eval_main(["perplexity", *common]) == 0  # its own split: not left to another test (pytest -n)
     assert eval_main(["perplexity", *common, "dataset=text", f"dataset.path={trained['corpus']}"]) == 0
     assert eval_main(["perplexity", *common, "dataset.val_fraction=0.2"]) == 0
     section = json.loads((run_dir / "summary.json").read_text())["eval"]
@@ -147,3 +148,42 @@ def test_perplexity_of_a_document_masked_run_equals_its_val_loss(trained: dict, 
     batches, bytes_per_token, _ = own_split(EvalJob(["perplexity"], run, EvalConfig(), None, None), 64, None)
     plain = evaluate(run.model, batches, torch.device("cpu"), contextlib.nullcontext, bytes_per_token)
     assert abs(plain["val_loss"] - entry["loss"]) > 1e-3
+
+
+def test_a_folder_of_mixed_runs_skips_what_does_not_apply_and_reports_a_failure_per_run(
+    trained: dict, tmp_path: Path
+) -> None:
+    """`eval perplexity run=<folder>` over two text runs, an MQAR probe run and a run whose checkpoint is
+    damaged: the probe is skipped in one line, the damaged run is one `error:` line naming it, both text
+    runs are evaluated (results written, both in the table) and the exit status is 1 for the failure."""
+    from tests.helpers import compose_config
+
+    folder = tmp_path / "outputs"
+    for name in ("a_text", "c_text", "d_broken"):
+        shutil.copytree(trained["run_dir"], folder / name, ignore=shutil.ignore_patterns("eval"))
+    for weights in (folder / "d_broken" / "checkpoints").glob("*/model.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    probe = compose_config(["dataset=mqar", "dataset.vocab_size=16", "dataset.num_kv_pairs=2",
+                            "dataset.val_examples=8", "model=tiny", "model.hidden_size=32", "trainer=smoke",
+                            "trainer.seq_len=16", "trainer.max_steps=2", "run_name=b_probe"])  # fmt: skip
+    assert loop.train(probe, folder / "b_probe")["status"] == "completed"
+    result = cli("eval", "perplexity", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {folder / 'd_broken'}: "), result.stderr[-3000:]
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {folder / 'b_probe'}: perplexity (")
+    assert "score it with `accuracy`" in skipped[0]
+    table = result.stdout[result.stdout.rindex("run ") :]
+    assert "a_text" not in table  # the table names runs by run_name: both copies are "tiny"
+    assert table.count("tiny") == 2 and "perplexity" in table
+    for name in ("a_text", "c_text"):
+        assert (folder / name / "eval" / "perplexity.json").is_file()
+    assert not (folder / "d_broken" / "eval").exists()
+    shutil.rmtree(folder / "d_broken")  # nothing failed: exit 0, the probe still skipped in one line
+    result = cli("eval", "perplexity", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr[-3000:]
+    assert result.stdout.count("skipped") == 1
+    result = cli("eval", "accuracy", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.count("skipped") == 2, result.stderr[-3000:]
+    assert (folder / "b_probe" / "eval" / "accuracy.json").is_file()

@@ -82,3 +82,18 @@ def test_bad_humaneval_options_are_one_line(option: str, message: str, tmp_path:
     assert main(["eval", "humaneval", *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_completions_file_for_some_problems_says_how_many_were_scored(tmp_path: Path, capsys) -> None:
+    """5 of the 164 problems in the file: the output says `over 5/164 problems` (a partial score), and
+    the scores file next to it records both counts."""
+    problems = load_problems(limit=5)
+    path = tmp_path / "samples.jsonl"
+    lines = [{"task_id": t, "completion": p["canonical_solution"]} for t, p in problems.items()]
+    lines[0]["completion"] = "    return None\n"  # one wrong: pass@1 = 4/5
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["eval", "humaneval", f"completions={path}", "eval.workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "pass@1 0.8000 over 5/164 problems (a partial score" in out
+    scores = json.loads((tmp_path / "samples_humaneval.json").read_text())
+    assert scores["problems"] == 5 and scores["problems_total"] == 164 and scores["pass@1"] == 0.8

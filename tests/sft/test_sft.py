@@ -4,6 +4,7 @@ tiny end-to-end instruction tuning on a local chat fixture (offline)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -289,3 +290,123 @@ def test_generate_chat_needs_an_instruction_tuned_run(pretrained: Path, tmp_path
     result = _run_cli("generate", f"run={pretrained}", "chat=true", "prompt=hello", cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("run:")]
     assert result.returncode != 0 and lines == [lines[0]] and "no chat template" in lines[0], result.stderr
+
+
+def _chat_lines(path: Path, count: int, user: str = "what color is the sky?") -> Path:
+    line = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "blue"}]}
+    path.write_text("".join(json.dumps(line) + "\n" for _ in range(count)))
+    return path
+
+
+def _chat_cfg(pretrained: Path, chat: Path, cache: Path, *overrides: str):
+    return compose_config(
+        [f"init_from={pretrained}", "dataset=chat_jsonl", f"dataset.path={chat}", f"dataset.cache_dir={cache}",
+         *overrides]
+    )  # fmt: skip
+
+
+def test_a_few_conversations_still_hold_one_out(pretrained: Path, tmp_path: Path) -> None:
+    """12 conversations at the default val_fraction 0.05 (0.6 of one): one is held out, not none; the
+    share rounds up and is spread evenly; never every conversation."""
+    cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "c.jsonl", 12), tmp_path).dataset
+    data = ChatData(cfg, seq_len=32, seed=0)
+    assert len(data.val) == 1 and len(data.train) == 11 and "1 validation" in data.description
+    from archifactory.data.chat.dataset import held_out
+
+    assert held_out(12, 0.05, "x") == {11} and held_out(60, 0.05, "x") == {19, 39, 59}
+    assert held_out(3, 0.5, "x") == {0, 2} and held_out(2, 0.5, "x") == {1}
+
+
+def test_one_conversation_is_refused_in_one_line(pretrained: Path, tmp_path: Path) -> None:
+    cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "c.jsonl", 1), tmp_path).dataset
+    with pytest.raises(ArchiFactoryError, match="1 conversation.*at least 2") as error:
+        ChatData(cfg, seq_len=32, seed=0)
+    assert "\n" not in str(error.value)
+    result = _cli(f"init_from={pretrained}", "dataset=chat_jsonl", f"dataset.path={tmp_path / 'c.jsonl'}",
+                  f"dataset.cache_dir={tmp_path}", "trainer.max_steps=2", cwd=tmp_path)  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and "at least 2" in lines[0], result.stderr[-1500:]
+
+
+def test_nothing_to_validate_writes_null_and_one_line_and_the_report_ranks_it_last(
+    pretrained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held-out rows cut before their assistant turn (seq_len shorter than the question): no target token,
+    so val_loss and val_accuracy are null in summary.json (never 0.0), one warning says why, and a report
+    over it and a validated run ranks the validated one and gives the null no gap and no test."""
+    import logging
+
+    from archifactory.cli.sft import with_pretrained_architecture
+
+    from archifactory.report import sweep_report
+    from archifactory.report.runs import find_runs
+
+    long_question = " ".join(["the cat sat on the mat."] * 4)
+    chat = _chat_lines(tmp_path / "c.jsonl", 6, user=long_question)
+    common = ("trainer=sft", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.checkpoint_every=100")
+    cfg = _chat_cfg(pretrained, chat, tmp_path / "cache", *common, "trainer.seq_len=8")
+    caplog.set_level(logging.INFO, logger="archifactory")
+    with caplog.at_level(logging.INFO):
+        summary = train(
+            with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "short", ["trainer.seq_len=8"]
+        )
+    written = json.loads((tmp_path / "runs" / "short" / "summary.json").read_text())
+    for figures in (summary, written):
+        assert (
+            figures["status"] == "completed"
+            and figures["val_loss"] is None
+            and figures["val_accuracy"] is None
+        )
+    notes = [r.getMessage() for r in caplog.records if "no held-out target tokens" in r.getMessage()]
+    assert len(notes) == 1 and "val_loss and val_accuracy" in notes[0]
+    metrics = (tmp_path / "runs" / "short" / "metrics.jsonl").read_text()
+    assert '"val_loss"' not in metrics  # no null validation records to plot
+    cfg = _chat_cfg(pretrained, chat, tmp_path / "cache", *common, "trainer.seq_len=64")  # the same data
+    ok = train(
+        with_pretrained_architecture(cfg, pretrained), tmp_path / "runs" / "ok", ["trainer.seq_len=64"]
+    )
+    assert ok["val_loss"] > 0
+    (section,) = sweep_report(find_runs([tmp_path / "runs"]), tmp_path / "report").sections
+    table = section.table
+    by_path = {v.runs[0].path.name: (v, c) for v, c in zip(table.variants, table.comparisons)}
+    assert table.variants[0].runs[0].path.name == "ok" and by_path["ok"][1].verdict == "best"
+    assert by_path["short"][1].gap is None and by_path["short"][1].verdict == "n/a"
+
+
+def test_perplexity_of_an_sft_run_on_its_chat_validation_and_on_text(
+    pretrained: Path, chat_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`eval perplexity run=<SFT run>`: its held-out conversations, scored as its validation was (the loss
+    and accuracy on assistant tokens equal summary.json's); `dataset=text dataset.path=…` scores plain text."""
+    from archifactory.cli.eval import eval_main
+    from archifactory.cli.sft import with_pretrained_architecture
+
+    cfg = _chat_cfg(
+        pretrained, chat_file, tmp_path / "cache", "trainer=sft", "trainer.seq_len=48", "trainer.max_steps=4",
+        "trainer.eval_every=4", "trainer.checkpoint_every=4", "trainer.eval_tokens=100000",
+    )  # fmt: skip
+    run_dir = tmp_path / "outputs" / "sft"
+    summary = train(with_pretrained_architecture(cfg, pretrained), run_dir)
+    assert eval_main(["perplexity", f"run={run_dir}", "eval.show_progress=false"]) == 0
+    corpus = pretrained.parent.parent / "corpus"
+    assert eval_main(["perplexity", f"run={run_dir}", "dataset=text", f"dataset.path={corpus}",
+                      f"dataset.cache_dir={tmp_path / 'cache'}"]) == 0  # fmt: skip
+    section = json.loads((run_dir / "summary.json").read_text())["eval"]
+    own = section["perplexity"]
+    assert own["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert own["value"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-5)
+    assert own["accuracy"] == pytest.approx(summary["val_accuracy"]) and "bits_per_byte" not in own
+    text = section["perplexity_text"]
+    assert text["dataset"] == "text" and text["value"] > 1 and text["bits_per_byte"] > 0
+    saved = json.loads((run_dir / "eval" / "perplexity.json").read_text())["results"]
+    assert saved["dataset"]["format"] == "chat_jsonl" and saved["tokens"] > 0
+    assert "perplexity_text" in capsys.readouterr().out
+    # `dataset.<key>=…` alone edits the run's chat data (another held-out share); a typo is one line
+    assert (
+        eval_main(["perplexity", f"run={run_dir}", "dataset.val_fraction=0.5", "eval.show_progress=false"])
+        == 0
+    )
+    other = json.loads((run_dir / "summary.json").read_text())["eval"]["perplexity_chat_jsonl"]
+    assert other["tokens"] > own["tokens"]  # half the conversations held out, not 3 of 60
+    with pytest.raises(ArchiFactoryError, match="val_fractio"):
+        eval_main(["perplexity", f"run={run_dir}", "dataset.val_fractio=0.5"])

@@ -60,3 +60,18 @@ def test_cross_entropy_is_the_mean_over_targets_that_are_not_ignored(chunk_size:
     one[7] = 3  # a single target: its own loss, not halved
     torch.testing.assert_close(loss(one).double(), -log_probs[7, 3], rtol=1e-5, atol=1e-6)
     assert float(loss(torch.full((10,), -100))) == 0.0, "nothing to predict: zero, not NaN"
+
+
+def test_nothing_to_validate_gives_null_figures_never_zero() -> None:
+    """No batch, or batches whose every target is ignored: the figures are None (written as null), not a
+    loss of 0.0 that a report would rank best; the probe/chat path (no bytes) likewise."""
+    from archifactory.eval.probe import probe_metrics
+
+    ignored = torch.full((2, 3), -100)
+    cpu = torch.device("cpu")
+    for batches in ([], [(torch.zeros(2, 3, dtype=torch.long), ignored)]):
+        text = evaluate(FixedLoss([0.0]), batches, cpu, contextlib.nullcontext, bytes_per_token=1.5)
+        assert text == {"val_loss": None, "val_bpb": None}
+    model = nn.Sequential()  # never called: no batch
+    assert probe_metrics(model, [], cpu) == {"val_loss": None, "val_accuracy": None}
+    assert evaluate(model, [], cpu, contextlib.nullcontext, None) == {"val_loss": None, "val_accuracy": None}

@@ -7,12 +7,17 @@ ignored (-100), so padding, system and user tokens never carry the loss and no c
 another. Validation reports the loss and the next-token accuracy on assistant tokens. The training order
 is a seeded permutation per epoch; the loader's position is checkpointed, so a resumed run continues
 the same order.
+
+Held out for validation: `ceil(val_fraction × conversations)` of them, evenly spread (every k-th), at least
+one and never all — 12 conversations at the default 0.05 hold out one, so `val_loss` always measures
+something. A single conversation cannot be split: refused with one line (`held_out`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,44 @@ def encode_conversation(tokenizer: Tokenizer, messages: list[Message], seq_len: 
     return (inputs, targets), truncated
 
 
+def held_out(count: int, val_fraction: float, name: str) -> set[int]:
+    """Indices of the validation conversations among `count`: ceil(count × val_fraction), at least 1 and
+    at most count − 1, evenly spread (60 at 0.05: 19, 39, 59)."""
+    if count < 2:
+        raise ArchiFactoryError(
+            f"dataset {name} has {count} conversation(s), too few to hold one out for validation; give it "
+            "at least 2 (dataset.path, dataset.max_conversations)"
+        )
+    share = math.ceil(round(count * val_fraction, 9))  # round first: 60 × 0.05 is 3.0000000000000004
+    held = min(count - 1, max(1, share))
+    return {(j + 1) * count // held - 1 for j in range(held)}
+
+
+def encode_chat(cfg: Any, tokenizer: Tokenizer, seq_len: int) -> tuple[list[Example], list[Example], int]:
+    """(training rows, validation rows, conversations cut) of the chat `dataset` node `cfg`, encoded with
+    `tokenizer` (one with the chat template's tokens); also how `eval perplexity` rebuilds the split."""
+    examples: list[Example] = []
+    truncated = 0
+    for index, messages in enumerate(conversations(cfg)):
+        if cfg.max_conversations is not None and index >= cfg.max_conversations:
+            break
+        example, cut = encode_conversation(tokenizer, messages, seq_len)
+        truncated += cut
+        examples.append(example)
+    val_index = held_out(len(examples), cfg.val_fraction, cfg.name)
+    train = [e for i, e in enumerate(examples) if i not in val_index]
+    val = [e for i, e in enumerate(examples) if i in val_index]
+    return train, val, truncated
+
+
+def chat_val_batches(
+    rows: list[Example], seq_len: int, batch_size: int, max_tokens: int | None
+) -> list[Batch]:
+    """Fixed validation batches: every held-out conversation (up to `max_tokens` tokens of rows)."""
+    rows = rows if max_tokens is None else rows[: max(1, max_tokens // seq_len)]
+    return [_stack(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
 class ChatData:
     """Conversations of `cfg` (a chat `dataset` node) tokenized with `base` (the pretrained run's tokenizer,
     which the caller loads from `cfg.tokenizer_from`) plus the chat template's special tokens."""
@@ -55,9 +98,7 @@ class ChatData:
         self.eos_id = self.tokenizer.eos_id
         self.val_bytes_per_token = None  # the loop then reports loss and accuracy on assistant tokens
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
-        train, val, truncated = self._encode(cfg, seq_len)
-        if not train:
-            raise ArchiFactoryError(f"dataset {cfg.name}: no training conversations; check dataset.path")
+        train, val, truncated = encode_chat(cfg, self.tokenizer, seq_len)
         self.train, self.val = train, val
         self.examples_per_epoch = len(train)
         self.truncated = truncated
@@ -70,27 +111,12 @@ class ChatData:
             f"chat template with {self.vocab_size - base.vocab_size} new special tokens"
         )
 
-    def _encode(self, cfg: Any, seq_len: int) -> tuple[list[Example], list[Example], int]:
-        """Every `round(1 / val_fraction)`-th conversation is held out for validation."""
-        every = max(2, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else 0
-        train: list[Example] = []
-        val: list[Example] = []
-        truncated = 0
-        for index, messages in enumerate(conversations(cfg)):
-            if cfg.max_conversations is not None and index >= cfg.max_conversations:
-                break
-            example, cut = encode_conversation(self.tokenizer, messages, seq_len)
-            truncated += cut
-            (val if every and index % every == every - 1 else train).append(example)
-        return train, val, truncated
-
     def train_loader(self, batch_size: int, pin_memory: bool = False) -> ChatLoader:
         return ChatLoader(self, batch_size, self.rank, self.world_size, pin_memory)
 
     def val_batches(self, batch_size: int, max_tokens: int | None = None) -> list[Batch]:
         """Fixed validation batches: every held-out conversation (up to `max_tokens` tokens of rows)."""
-        rows = self.val if max_tokens is None else self.val[: max(1, max_tokens // self.seq_len)]
-        return [_stack(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+        return chat_val_batches(self.val, self.seq_len, batch_size, max_tokens)
 
 
 def _stack(examples: list[Example]) -> Batch:
