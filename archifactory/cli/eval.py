@@ -36,6 +36,7 @@ from typing import Any
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.eval.job import EvalConfig, EvalJob, TaskResult
+from archifactory.runs import layout
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,11 @@ def resolve_runs(run: str | None) -> tuple[list[Path], bool]:
     if run is None or run == "":
         return [resolve_run(None)], False
     path = Path(run).expanduser()
-    if not (path / ".hydra" / "config.yaml").is_file() and path.is_dir():
+    if not layout.config_path(path).is_file() and path.is_dir():
         runs = sorted(completed_runs(path))
         if not runs:
             raise ArchiFactoryError(
-                f"run={run} holds no completed run (no summary.json with status completed)"
+                f"run={run} holds no completed run (no {layout.SUMMARY} with status completed)"
             )
         return runs, True
     return [resolve_run(run)], False

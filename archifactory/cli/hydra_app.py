@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from archifactory.cli.main import guard
+from archifactory.cli import guard
 from archifactory.cli.sweep import FAILED_JOBS, failure_report, is_multirun, record_failed_job
 from archifactory.config.compose import GROUPS, config_dir, group_options
 from archifactory.config.schema import register_configs

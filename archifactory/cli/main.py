@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from archifactory.cli.main import guard
+from archifactory.cli import guard
 from archifactory.core.errors import ArchiFactoryError
 
 USAGE = """usage: archifactory [--debug] <verb> [key=value ...] [-m] [--cfg job] [--help]

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.runs.load import layout
+from archifactory.runs import layout
 from archifactory.runs.files import write_atomic
 from archifactory.runs.records import update_summary
 

@@ -41,6 +41,7 @@ from archifactory.data.prepare import routed_parts
 from archifactory.data.sources import make_source
 from archifactory.eval.evaluate import evaluate
 from archifactory.eval.job import EvalJob, TaskResult
+from archifactory.runs import layout
 
 Dataset = DatasetConfig | DictConfig  # text/Hub data, or a chat node (SFT conversations, resolved)
 
@@ -142,7 +143,7 @@ def run_perplexity(job: EvalJob) -> list[TaskResult]:
     if dataset.source == "synthetic":
         raise ArchiFactoryError(
             f"perplexity needs text, and dataset {dataset.name} is a synthetic probe: its answer accuracy is "
-            "val_accuracy in the run's summary.json; pass dataset=<a text dataset> for perplexity"
+            f"val_accuracy in the run's {layout.SUMMARY}; pass dataset=<a text dataset> for perplexity"
         )
     max_tokens = job.options.max_tokens
     if dataset.source == "chat":

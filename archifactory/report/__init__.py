@@ -36,6 +36,7 @@ from archifactory.report.pools import Pool, pools_warning, split_pools
 from archifactory.report.runs import Run, Variant, duplicate_warning, find_runs, group_variants
 from archifactory.report.table import Table, build_table
 from archifactory.report.table import __doc__ as TEST_DOC
+from archifactory.runs import layout
 
 USAGE = "archifactory report <sweep dir | run dir …> [--out DIR]"
 
@@ -194,7 +195,7 @@ def main(args: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where report.md/csv and the PNGs go")
     options = parser.parse_args(args)
     runs = find_runs(options.paths)
-    single = len(runs) == 1 and len(options.paths) == 1 and (options.paths[0] / "summary.json").is_file()
+    single = len(runs) == 1 and len(options.paths) == 1 and layout.summary_path(options.paths[0]).is_file()
     if single:
         out = options.out or options.paths[0]
         text, figures = run_report(runs[0], out)

@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.runs import layout
+from archifactory.runs.records import read_metrics
 
 # Overrides that never define a variant: the seed, where outputs go, and how the job is run.
 _NOT_VARIANT = ("seed", "run_name", "trainer.resume", "hydra.", "hydra/", "trainer.device", "wandb.")
@@ -50,7 +52,7 @@ class Run:
     def written(self) -> float:
         """When summary.json was last written (seconds since the epoch): which of two reruns is newer."""
         try:
-            return (self.path / "summary.json").stat().st_mtime
+            return layout.summary_path(self.path).stat().st_mtime
         except OSError:
             return 0.0
 
@@ -73,22 +75,15 @@ def _read_yaml(path: Path) -> Any:
 
 def load_run(path: Path) -> Run:
     try:
-        summary = json.loads((path / "summary.json").read_text())
+        summary = json.loads(layout.summary_path(path).read_text())
     except (OSError, ValueError) as error:
-        raise ArchiFactoryError(f"{path / 'summary.json'} cannot be read: {error}") from error
+        raise ArchiFactoryError(f"{layout.summary_path(path)} cannot be read: {error}") from error
     overrides: dict[str, str] = {}
-    for item in _read_yaml(path / ".hydra" / "overrides.yaml") or []:
+    for item in _read_yaml(layout.overrides_path(path)) or []:
         key, _, value = str(item).partition("=")
         overrides[key.lstrip("+~")] = value
-    metrics = []
-    metrics_path = path / "metrics.jsonl"
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a kill: the rest is still good
-    config = _read_yaml(path / ".hydra" / "config.yaml") or {}
+    metrics = read_metrics(layout.metrics_path(path))  # a line cut by a kill is dropped: the rest is good
+    config = _read_yaml(layout.config_path(path)) or {}
     return Run(path, summary if isinstance(summary, dict) else {}, overrides, config, metrics)
 
 
@@ -98,13 +93,13 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for path in paths:
         if not path.exists():
             raise ArchiFactoryError(f"{path} does not exist")
-        if (path / "summary.json").is_file():
+        if layout.summary_path(path).is_file():
             found.append(path)
         else:
-            found += sorted(p.parent for p in path.rglob("summary.json") if ".hydra" not in p.parts)
+            found += sorted(p.parent for p in path.rglob(layout.SUMMARY) if layout.HYDRA_DIR not in p.parts)
     if not found:
         raise ArchiFactoryError(
-            f"no run directory (a folder with summary.json) in {', '.join(map(str, paths))}"
+            f"no run directory (a folder with {layout.SUMMARY}) in {', '.join(map(str, paths))}"
         )
     unique = list(dict.fromkeys(p.resolve() for p in found))
     return [load_run(p) for p in unique]

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.hashing import file_digest
-from archifactory.runs.load import layout
+from archifactory.runs import layout
 from archifactory.runs.checkpoints import list_checkpoints
 from archifactory.runs.files import fsync_dir
 

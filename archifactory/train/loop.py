@@ -8,7 +8,7 @@ scalar per step for the non-finite guard (the gradient norm decides whether the 
 Everything else is one call into its own module: the run's setup (`setup.py`: data, model, optimizer,
 schedule, resume), stop signals (`signals.py`), the step plan (`schedule.plan_steps`), validation
 (`archifactory.eval.evaluate`), checkpoints, distributed wrapping, metrics, the run directory
-(`archifactory.runs.load`). The loop knows no component by name: per-step component hooks go through
+(`archifactory.runs`). The loop knows no component by name: per-step component hooks go through
 `model.after_optimizer_step()`, component metrics through `metrics.progress_fields`.
 """
 
@@ -33,7 +33,7 @@ from archifactory.generate.export import write_model_folder
 from archifactory.model.build import check_buildable
 from archifactory.model.documents import documents_for
 from archifactory.model.match import MatchResult, apply_match
-from archifactory.runs.load import layout
+from archifactory.runs import layout
 from archifactory.runs.checkpoints import finished_checkpoints
 from archifactory.runs.lock import locked
 from archifactory.runs.log import detach_log_file

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from archifactory.runs.load import layout, records
+from archifactory.runs import layout, records
 from archifactory.runs.files import write_atomic
 
 log = logging.getLogger(__name__)

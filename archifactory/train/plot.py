@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from archifactory.runs import layout
 from archifactory.runs.records import read_metrics
 
 
@@ -52,12 +53,12 @@ def curves_figure(lines: list[dict[str, Any]], title: str) -> Any:
 
 def plot_loss_curves(run_dir: Path, title: str) -> Path | None:
     """Draw metrics.jsonl's curves to `curves.png`; returns the image path (None when nothing is logged)."""
-    figure = curves_figure(read_metrics(run_dir / "metrics.jsonl"), title)  # a torn line is dropped
+    figure = curves_figure(read_metrics(layout.metrics_path(run_dir)), title)  # a torn line is dropped
     if figure is None:
         return None
     import matplotlib.pyplot as plt
 
-    path = run_dir / "curves.png"
+    path = run_dir / layout.CURVES
     figure.savefig(path)
     plt.close(figure)
     return path

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.runs.load import layout
+from archifactory.runs import layout
 from archifactory.runs.checkpoints import finished_checkpoints
 from archifactory.runs.files import remove_stale_writes, write_atomic
 from archifactory.runs.log import attach_log_file

@@ -21,6 +21,7 @@ from archifactory.eval.evaluate import evaluate
 from archifactory.eval.job import EvalConfig, EvalJob
 from archifactory.eval.perplexity import own_split
 from archifactory.runs.load import load_run
+from archifactory.train.loop import train
 from tests.eval.mmlu_fixture import write_mmlu_tasks
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
@@ -166,7 +167,7 @@ def test_a_folder_of_mixed_runs_skips_what_does_not_apply_and_reports_a_failure_
     probe = compose_config(["dataset=mqar", "dataset.vocab_size=16", "dataset.num_kv_pairs=2",
                             "dataset.val_examples=8", "model=tiny", "model.hidden_size=32", "trainer=smoke",
                             "trainer.seq_len=16", "trainer.max_steps=2", "run_name=b_probe"])  # fmt: skip
-    assert loop.train(probe, folder / "b_probe")["status"] == "completed"
+    assert train(probe, folder / "b_probe")["status"] == "completed"
     result = cli("eval", "perplexity", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""The component contract (docs/architecture.md, "The component contract"), parametrized over every registered mixin and FFN.
+"""The component contract (docs/architecture.md), parametrized over every registered mixin and FFN.
 
 Each component is built from its own YAML in `configs/` (so the config and the class are tested
 together) at hidden 64 / 4 heads, with every parameter perturbed away from its init so that equivalence

@@ -1,5 +1,5 @@
-"""Init roles (docs/architecture.md, "The component contract"): every component declares what writes into the residual stream and
-what it initialises itself, and the init scheme follows the declaration, never attribute names.
+"""Init roles (docs/architecture.md, "The component contract"): every component declares what writes into the
+residual stream and what it initialises itself, and the init scheme follows the declaration, never attribute names.
 
 Parametrized over every registered mixin and FFN, so a new component is checked with no edit here:
 - it declares at least one residual projection, and only its own parameters;

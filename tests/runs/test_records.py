@@ -8,7 +8,7 @@ import json
 import threading
 from pathlib import Path
 
-from archifactory.runs.load import layout, records
+from archifactory.runs import layout, records
 from archifactory.train.metrics import RunRecorder
 
 PACKAGE = Path(__file__).resolve().parents[2] / "archifactory"

@@ -25,8 +25,9 @@ from archifactory.data.chat.template import (
     render,
     special_id,
 )
+from archifactory.data.tokenizer import Tokenizer
 from archifactory.generate.sampling import generate
-from archifactory.runs.load import load_run
+from archifactory.runs.load import load_run, load_run_config, load_run_tokenizer
 from archifactory.train.init_from import grow_rows, init_from_pretrained
 from archifactory.train.loop import train
 from tests.helpers import compose_config
@@ -61,6 +62,11 @@ def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(pretrained: Path, tmp_path_factory: pytest.TempPathFactory):
     return chat_tokenizer(load_run(pretrained).tokenizer, tmp_path_factory.mktemp("tok") / "chat")
+
+
+def base_tokenizer(pretrained: Path) -> Tokenizer:
+    """The pretrained run's tokenizer, which `archifactory sft` hands the chat data."""
+    return load_run_tokenizer(pretrained, load_run_config(pretrained))
 
 
 def test_special_tokens_extend_the_vocabulary_without_changing_text(pretrained: Path, tokenizer) -> None:
@@ -132,13 +138,13 @@ def test_chat_data_counts_truncation_and_keeps_conversations_apart(
             f"dataset.cache_dir={tmp_path}",
         ]
     ).dataset
-    data = ChatData(cfg, seq_len=64, seed=0)
+    data = ChatData(cfg, base_tokenizer(pretrained), seq_len=64, seed=0)
     assert len(data.train) + len(data.val) == 60 and data.truncated == 0 and len(data.val) == 3
     first_tokens = {int(row[0]) for row, _ in data.train}
     assert first_tokens <= {special_id(data.tokenizer, "<|user|>"), special_id(data.tokenizer, "<|system|>")}
     for inputs, _ in data.train:  # exactly one conversation per row: one user turn each
         assert int((inputs == special_id(data.tokenizer, "<|user|>")).sum()) == 1
-    short = ChatData(cfg, seq_len=8, seed=0)
+    short = ChatData(cfg, base_tokenizer(pretrained), seq_len=8, seed=0)
     assert short.truncated == 60 and "60 cut" in short.description
     loader = data.train_loader(4)
     first = next(loader)[0]
@@ -309,7 +315,7 @@ def test_a_few_conversations_still_hold_one_out(pretrained: Path, tmp_path: Path
     """12 conversations at the default val_fraction 0.05 (0.6 of one): one is held out, not none; the
     share rounds up and is spread evenly; never every conversation."""
     cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "c.jsonl", 12), tmp_path).dataset
-    data = ChatData(cfg, seq_len=32, seed=0)
+    data = ChatData(cfg, base_tokenizer(pretrained), seq_len=32, seed=0)
     assert len(data.val) == 1 and len(data.train) == 11 and "1 validation" in data.description
     from archifactory.data.chat.dataset import held_out
 
@@ -320,7 +326,7 @@ def test_a_few_conversations_still_hold_one_out(pretrained: Path, tmp_path: Path
 def test_one_conversation_is_refused_in_one_line(pretrained: Path, tmp_path: Path) -> None:
     cfg = _chat_cfg(pretrained, _chat_lines(tmp_path / "c.jsonl", 1), tmp_path).dataset
     with pytest.raises(ArchiFactoryError, match="1 conversation.*at least 2") as error:
-        ChatData(cfg, seq_len=32, seed=0)
+        ChatData(cfg, base_tokenizer(pretrained), seq_len=32, seed=0)
     assert "\n" not in str(error.value)
     result = _cli(f"init_from={pretrained}", "dataset=chat_jsonl", f"dataset.path={tmp_path / 'c.jsonl'}",
                   f"dataset.cache_dir={tmp_path}", "trainer.max_steps=2", cwd=tmp_path)  # fmt: skip
@@ -336,10 +342,9 @@ def test_nothing_to_validate_writes_null_and_one_line_and_the_report_ranks_it_la
     over it and a validated run ranks the validated one and gives the null no gap and no test."""
     import logging
 
-    from archifactory.cli.sft import with_pretrained_architecture
-
     from archifactory.report import sweep_report
     from archifactory.report.runs import find_runs
+    from archifactory.sft.run import with_pretrained_architecture
 
     long_question = " ".join(["the cat sat on the mat."] * 4)
     chat = _chat_lines(tmp_path / "c.jsonl", 6, user=long_question)
@@ -379,7 +384,7 @@ def test_perplexity_of_an_sft_run_on_its_chat_validation_and_on_text(
     """`eval perplexity run=<SFT run>`: its held-out conversations, scored as its validation was (the loss
     and accuracy on assistant tokens equal summary.json's); `dataset=text dataset.path=…` scores plain text."""
     from archifactory.cli.eval import eval_main
-    from archifactory.cli.sft import with_pretrained_architecture
+    from archifactory.sft.run import with_pretrained_architecture
 
     cfg = _chat_cfg(
         pretrained, chat_file, tmp_path / "cache", "trainer=sft", "trainer.seq_len=48", "trainer.max_steps=4",

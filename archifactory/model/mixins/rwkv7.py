@@ -43,8 +43,8 @@ class RWKV7TimeMix(Mixin):
     (fla's DPLR form with α = −κ̂, β = κ̂ ⊙ a; computed chunkwise, `reference/delta_rule.chunk_dplr`).
     Then a per-head GroupNorm, the bonus (Σ r ⊙ k ⊙ r_k) v, the gate g = sigmoid(x_g G₁) G₂ and out_proj.
     Not included: the value residual across layers (v lerped toward layer 0's v), because a mixin sees only
-    its own layer's input (docs/architecture.md, "The component contract"); every layer uses its own v. Decode state: S [B, H, K, V]
-    (>= fp32) and the token-shift buffer [B, D].
+    its own layer's input (docs/architecture.md, "The component contract"); every layer uses its own v.
+    Decode state: S [B, H, K, V] (>= fp32) and the token-shift buffer [B, D].
 
     Init (RWKV-7's, depth-dependent through a = l/(L−1), b = 1 − l/L for layer l of the model's L layers;
     `num_layers` is supplied by the model, a layer built alone uses a = b = 0.5): lerps
