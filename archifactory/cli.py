@@ -138,12 +138,18 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
     from omegaconf import DictConfig
 
     from archifactory.config import register_configs
+    from archifactory.validation import check_known_keys
 
     args = check_group_choices(args)
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def app(cfg: DictConfig) -> None:
+        try:  # a `+key` no schema has fails here as a typo does at compose: the whole command stops
+            check_known_keys(cfg)
+        except ArchiFactoryError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
         # Hydra would print a traceback for an exception; every failure is one line and exit 1 instead.
         try:
             task(cfg)

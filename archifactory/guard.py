@@ -106,14 +106,36 @@ def is_config_error(error: BaseException) -> bool:
     return isinstance(error, (HydraException, OmegaConfBaseException))
 
 
+def unknown_key_line(error: BaseException) -> str | None:
+    """`error: unknown key trainer.max_step; did you mean trainer.max_steps?` when `error` is Hydra
+    refusing a key that a typed node lacks; None for any other compose error."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from archifactory.validation import schema_keys, unknown_key_message
+
+    cause = error.__cause__
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not cause.full_key:
+        return None
+    known = schema_keys(cause.object_type)
+    if known is None or cause.full_key.rpartition(".")[2] in known:
+        return None
+    return "error: " + unknown_key_message(cause.full_key, known)
+
+
 def config_error_line(error: BaseException) -> str:
-    """Hydra's compose error and its cause (the OmegaConf validation message) folded onto one line."""
+    """Hydra's compose error and its cause (the OmegaConf validation message) folded onto one line; an
+    unknown key is named with the nearest valid one, never with Hydra's `+key` append advice."""
+    unknown = unknown_key_line(error)
+    if unknown is not None:
+        return unknown
     lines: list[str] = []
     current: BaseException | None = error
     while current is not None and len(lines) < 8:
         for line in str(current).splitlines():
             line = line.strip()
-            skip = line.startswith(("object_type=", "reference_type=", "See https://", "Set the environment"))
+            skip = line.startswith(
+                ("object_type=", "reference_type=", "See https://", "Set the environment", "To append")
+            )
             if line and not skip and line not in lines:
                 lines.append(line)
         current = current.__cause__
