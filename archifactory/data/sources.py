@@ -134,6 +134,16 @@ def resolve_files(pattern: str) -> list[Path]:
     return files
 
 
+def check_dataset_path(cfg: Any) -> None:
+    """Refuse a local dataset (`dataset.source=text`) whose `dataset.path` names no file, in one line, before
+    a run directory is claimed: a typo reads "does not exist", never as a clash with another run."""
+    if cfg.get("source") != "text":
+        return
+    if not cfg.get("path"):
+        raise ArchiFactoryError("dataset=text needs dataset.path=<file|folder|glob>")
+    resolve_files(str(cfg.path))
+
+
 class LocalText(Source):
     """`.txt` / `.jsonl` / `.parquet` files on disk."""
 

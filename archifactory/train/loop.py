@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from archifactory import guard
-from archifactory.data import load_data
+from archifactory.data import check_dataset_path, load_data
 from archifactory.data.dataset import TokenData
 from archifactory.data.loader import PackedLoader
 from archifactory.data.synthetic import SyntheticData, SyntheticLoader
@@ -186,24 +186,38 @@ class StepResult:
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one variant into `run_dir`: check the config, lock the directory, decide (read-only) what to
-    do with it, claim it, run. A refusal at any step before the claim leaves the directory untouched."""
-    validate_config(cfg)  # before anything is prepared, built or written
-    cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
-    check_buildable(cfg)  # every component constructor's own checks, on the meta device
+    do with it, claim it, run. A refusal at any step before the claim leaves the directory untouched; a
+    directory this command found empty is removed again on a refusal, or on a user error or interrupt
+    before the first step (nothing but the config was written: no `failed` folder to clean up)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
-    with rundir.locked(run_dir, enabled=is_main):
-        plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])
-        if plan.completed is not None:
-            return finish_completed(run_dir, plan, is_main)
-        if is_main:
-            claim_run(cfg, run_dir, overrides or [], plan)
-        summary = _run(cfg, run_dir, plan, is_main, match)
+    fresh = is_main and rundir.is_empty(run_dir)
+    try:
+        validate_config(cfg)  # before anything is prepared, built or written
+        cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
+        check_buildable(cfg)  # every component constructor's own checks, on the meta device
+        check_dataset_path(cfg.dataset)  # a mistyped dataset.path: "does not exist", before the directory
+        with rundir.locked(run_dir, enabled=is_main):
+            plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])
+            if plan.completed is not None:
+                return finish_completed(run_dir, plan, is_main)
+            if is_main:
+                claim_run(cfg, run_dir, overrides or [], plan)
+            summary = _run(cfg, run_dir, plan, is_main, match, discard_untrained=fresh)
+    except (ArchiFactoryError, KeyboardInterrupt):
+        if fresh and rundir.is_empty(run_dir):
+            rundir.discard(run_dir)
+        raise
     guard.detach_log_file()  # on an error the CLI's guard still writes the traceback to it, then detaches
     return summary
 
 
 def _run(
-    cfg: DictConfig, run_dir: Path, plan: RunPlan, is_main: bool, match: MatchResult | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    plan: RunPlan,
+    is_main: bool,
+    match: MatchResult | None = None,
+    discard_untrained: bool = False,
 ) -> dict[str, Any]:
     trainer = cfg.trainer
     if not is_main:  # rank-0-only logging: the other ranks report warnings and errors only
@@ -239,11 +253,17 @@ def _run(
                 match.shape.describe(),
             )
     wall_start = time.perf_counter()
+    run: RunContext | None = None
     try:
         with StopRequest() as stop:
             run = setup_run(cfg, run_dir, info, device, recorder, plan.resume_from, wall_start)
             return _train(run, stop)
     except BaseException as error:
+        untrained = run is None or run.state.step == 0
+        if discard_untrained and untrained and isinstance(error, (ArchiFactoryError, KeyboardInterrupt)):
+            guard.detach_log_file()
+            rundir.discard(run_dir)  # a bug keeps its folder: the traceback is in its log
+            raise
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         try:  # where the disk allows: a full disk must not turn the real error into another one
             recorder.finish(
