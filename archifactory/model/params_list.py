@@ -129,7 +129,7 @@ def no_shape_hint(failed: list[dict[str, object]], args: list[str]) -> str | Non
     fixes = []
     if rounded and not any(arg.startswith("ffn.multiple_of=") for arg in args):
         fixes.append(
-            f"a finer FFN width rounding ffn.multiple_of=8 (ffn={','.join(rounded)} round their width to a multiple of it)"
+            f"ffn.multiple_of=8 (ffn={','.join(rounded)} round the FFN width up to a multiple of it)"
         )
     fixes += ["a wider model.match_tolerance=0.05", "the other model.match (width|layers)"]
     return f"hint: {len(unmatched)} pair(s) have no shape within the tolerance; try " + ", or ".join(fixes)
