@@ -39,6 +39,7 @@ from torch import Tensor
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from archifactory.data.files import share_as_umask_allows
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.errors import ArchiFactoryError
 from archifactory.hf_config import MODEL_TYPE, ArchiFactoryConfig, register_auto_config
@@ -238,6 +239,7 @@ def save_pretrained(
         eos = tokenizer.eos_id
         GenerationConfig(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
         transformers_tokenizer(tokenizer).save_pretrained(tmp)
+        share_as_umask_allows(tmp)  # mkdtemp's 0700 and safetensors' 0600 would lock others out
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
+from archifactory.data.files import share_as_umask_allows
 from archifactory.data.tokenizer import Tokenizer, load_tokenizer
 from archifactory.errors import ArchiFactoryError
 from archifactory.hashing import file_digest
@@ -191,6 +192,7 @@ def save_run_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=target.parent))
     for name in ("tokenizer.json", "meta.json"):
         shutil.copy2(Path(tokenizer.path) / name, tmp / name)
+    share_as_umask_allows(tmp)  # mkdtemp makes it 0700
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from archifactory.config import DatasetConfig
 from archifactory.data import hub
+from archifactory.data.files import share_as_umask_allows
 from archifactory.data.shards import ShardWriter, token_dtype, verify_shards
 from archifactory.data.sources import Source, make_source
 from archifactory.data.tokenizer import Tokenizer, fetch_hub_tokenizer, load_tokenizer, train_bpe
@@ -335,6 +336,7 @@ def prepare(cfg: DatasetConfig) -> Prepared:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            share_as_umask_allows(tmp)  # mkdtemp makes it 0700: a shared cache is for every user
             os.rename(tmp, folder)
         finally:
             if tmp.exists():

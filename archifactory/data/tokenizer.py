@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from archifactory.data.files import share_as_umask_allows
 from archifactory.errors import ArchiFactoryError
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def _save(backend, eos_id: int, kind: str, name: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     backend.save(str(tmp / "tokenizer.json"))
     (tmp / "meta.json").write_text(json.dumps({"kind": kind, "name": name, "eos_id": eos_id}, indent=2))
+    share_as_umask_allows(tmp)  # mkdtemp makes it 0700
     try:
         os.rename(tmp, target)
     except OSError:  # another process finished the same tokenizer first; theirs is identical
