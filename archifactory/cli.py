@@ -135,6 +135,7 @@ def check_group_choices(args: list[str]) -> list[str]:
 
 def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
     from archifactory.config import register_configs
@@ -153,6 +154,11 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
         # Hydra would print a traceback for an exception; every failure is one line and exit 1 instead.
         try:
             task(cfg)
+            if verb in (
+                "train",
+                "sft",
+            ):  # the last stdout line, whatever the logs did: where and how it ended
+                print(run_closing_line(Path(HydraConfig.get().runtime.output_dir)))
         except Exception as error:
             if is_multirun():  # a failed sweep job is recorded; the sweep goes on (archifactory/sweep.py)
                 print(f"error: {error}", file=sys.stderr)
@@ -182,6 +188,19 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     return failure_report()
+
+
+def run_closing_line(run_dir: Path) -> str:
+    """`done: <run dir>: completed, 300 steps, val_loss 3.2101, 412.5s`, from the run's summary.json."""
+    from archifactory.train.rundir import read_summary
+
+    summary = read_summary(run_dir) or {}
+    val_loss, wall = summary.get("val_loss"), summary.get("wall_seconds")
+    return (
+        f"done: {run_dir}: {summary.get('status', 'no summary.json')}, {summary.get('steps') or 0} steps, "
+        f"val_loss {'n/a' if val_loss is None else f'{val_loss:.4f}'}, "
+        f"{'n/a' if wall is None else f'{wall:.1f}s'}"
+    )
 
 
 def train_task(cfg) -> None:
