@@ -154,10 +154,7 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
         # Hydra would print a traceback for an exception; every failure is one line and exit 1 instead.
         try:
             task(cfg)
-            if verb in (
-                "train",
-                "sft",
-            ):  # the last stdout line, whatever the logs did: where and how it ended
+            if verb in RUN_VERBS:  # the last stdout line, whatever the logs did: where and how it ended
                 print(run_closing_line(Path(HydraConfig.get().runtime.output_dir)))
         except Exception as error:
             if is_multirun():  # a failed sweep job is recorded; the sweep goes on (archifactory/sweep.py)
@@ -188,6 +185,9 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     return failure_report()
+
+
+RUN_VERBS = ("train", "sft")  # the Hydra verbs whose job directory is a training run
 
 
 def run_closing_line(run_dir: Path) -> str:
