@@ -283,13 +283,11 @@ def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     walks the composed tree (interpolations unresolved) and names every such key."""
     problems: list[str] = []
     known = schema_keys(cfg)
-    for key in cfg:
+    for key, child in cfg.items_ex(resolve=False):
         full_key = f"{prefix}{key}"
         if known is not None and key not in known:
             problems.append(unknown_key_message(full_key, known))
-            continue
-        child = cfg._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+        elif isinstance(child, DictConfig):
             problems += unknown_keys(child, f"{full_key}.")
     return problems
 
