@@ -297,6 +297,7 @@ class HubDataset(Source):
         self.cfg = cfg
         self.has_val_split = cfg.val_split is not None
         self.description = f"hf:{self.name}" + (f"/{cfg.hf_config}" if cfg.hf_config else "")
+        self.controls = ControlCharacters()
         self.fingerprint = {
             "kind": "hf",
             "name": self.name,
@@ -341,9 +342,16 @@ class HubDataset(Source):
                 "set dataset.text_field="
             )
         data = data.select_columns([cfg.text_field])
+        if not self.controls.warned:  # a pass cut short (the BPE's character budget) counts afresh
+            self.controls = ControlCharacters()
+        row = 0
         with hub.hub_errors(what, env_name=cfg.token_env):
             for batch in data.iter(batch_size=1024):
-                yield from (text or "" for text in batch[cfg.text_field])
+                for text in batch[cfg.text_field]:
+                    self.controls.note(text or "", f"{self.description} split {split_name} row {row}")
+                    row += 1
+                    yield text or ""
+        self.controls.warn_once()
 
     def revision(self) -> str | None:
         """The commit the data came from (asked of the Hub once, at preparation)."""

@@ -90,3 +90,27 @@ def test_split_one_file_or_many_files_warn_nothing(
         )
         assert len(list(LocalText(make_cfg(path=str(folder))).documents("x"))) == 2
     assert warnings(caplog) == []
+
+
+def test_control_characters_in_a_hub_dataset_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import datasets
+
+    from archifactory.data.dataset import as_dataset_config
+    from archifactory.data.sources import HubDataset
+    from tests.helpers import compose_config
+
+    rows = {"train": ["clean", "a bell\x07 rings", "back\x08space"]}
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, config=None, *, split, streaming, revision, token: datasets.Dataset.from_dict(
+            {"text": rows[split]}
+        ),
+    )
+    cfg = compose_config(["dataset=hf", "dataset.path=org/set", f"dataset.cache_dir={tmp_path}"]).dataset
+    with caplog.at_level(logging.WARNING):
+        assert list(HubDataset(as_dataset_config(cfg)).documents("train")) == rows["train"]
+    (line,) = warnings(caplog)
+    assert "2 control character(s)" in line and "hf:org/set split train row 1, character 6 ('\\x07')" in line
