@@ -38,9 +38,8 @@ def test_default_run_dir_holds_config_overrides_log_and_metrics(
     args = [*corpus_args, "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=2"]
     result = cli("train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = (
-        tmp_path / "outputs" / "gqa_swiglu_rope_tiny_text_s0"
-    )  # <mixin>_<ffn>_<positional>_<model>_<dataset>_s<seed>
+    # <mixin>_<ffn>_<positional>_<model>_<dataset>-<digest of the dataset identity>_s<seed>
+    (run_dir,) = (tmp_path / "outputs").glob("gqa_swiglu_rope_tiny_text-??????_s0")
     assert yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) == args
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert config["trainer"]["max_steps"] == 4 and config["mixin"]["name"] == "gqa"

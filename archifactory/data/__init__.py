@@ -20,6 +20,15 @@ Cache layout under `dataset.cache_dir` (default `$ARCHIFACTORY_CACHE` or `~/.cac
 
 from archifactory.data.dataset import TokenData, load_data, prepare_task
 from archifactory.data.loader import PackedLoader
+from archifactory.data.sources import check_dataset_path
 from archifactory.data.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["PackedLoader", "TokenData", "Tokenizer", "load_data", "load_tokenizer", "prepare_task"]
+__all__ = [
+    "PackedLoader",
+    "TokenData",
+    "Tokenizer",
+    "check_dataset_path",
+    "load_data",
+    "load_tokenizer",
+    "prepare_task",
+]

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from archifactory.config.schema import DatasetConfig
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.files import share_as_umask_allows
 from archifactory.data import hub
 from archifactory.data.shards import ShardWriter, token_dtype, verify_shards
 from archifactory.data.sources import Source, make_source
@@ -335,6 +336,7 @@ def prepare(cfg: DatasetConfig) -> Prepared:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            share_as_umask_allows(tmp)  # mkdtemp makes it 0700: a shared cache is for every user
             os.rename(tmp, folder)
         finally:
             if tmp.exists():

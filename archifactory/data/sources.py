@@ -14,7 +14,10 @@ Decoding is strict: `.txt` and `.jsonl` files are read as `dataset.encoding` (UT
 UTF-8 byte-order mark is dropped), and the first undecodable byte stops preparation with one line naming
 the file and its byte offset. `dataset.decode_errors=replace` opts in to U+FFFD replacement instead (the
 log then says how many characters of which file were replaced). A file that decodes to text full of NUL
-or other control characters is refused as binary, whatever the encoding.
+or other control characters is refused as binary, whatever the encoding; text with a few stray control
+characters (backspace, BEL, ESC: C0 other than tab, newline, carriage return and form feed) is kept and
+reported in one warning line (how many, and where the first is). A one-file `.txt` corpus that stays one
+document (no `dataset.doc_separator`, or one not found in it) is warned about too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import codecs
 import glob
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,33 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 BINARY_SAMPLE = 1 << 16  # characters looked at to tell text from binary
 BINARY_CONTROL_SHARE = 0.01  # more control characters than this (or any NUL) = a binary file
 TEXT_CONTROLS = set("\t\n\r\f\v\x1b")  # control characters that real text files contain
+STRAY_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f]")  # C0 but tab, newline, carriage return, form feed
+
+
+class ControlCharacters:
+    """Counts stray control characters over a pass through the documents; one warning line at its end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: str | None = None
+        self.warned = False
+
+    def note(self, text: str, where: str) -> None:
+        found = STRAY_CONTROL.findall(text)
+        if found and self.first is None:
+            offset = STRAY_CONTROL.search(text).start()  # type: ignore[union-attr]
+            self.first = f"{where}, character {offset} ({found[0]!r})"
+        self.count += len(found)
+
+    def warn_once(self) -> None:
+        if self.count and not self.warned:
+            self.warned = True
+            log.warning(
+                "the text holds %d control character(s) (backspace, BEL, ESC, …), the first in %s; "
+                "they are kept and tokenized: clean the corpus if they are not meant to be there",
+                self.count,
+                self.first,
+            )
 
 
 def looks_binary(text: str) -> bool:
@@ -134,6 +165,16 @@ def resolve_files(pattern: str) -> list[Path]:
     return files
 
 
+def check_dataset_path(cfg: Any) -> None:
+    """Refuse a local dataset (`dataset.source=text`) whose `dataset.path` names no file, in one line, before
+    a run directory is claimed: a typo reads "does not exist", never as a clash with another run."""
+    if cfg.get("source") != "text":
+        return
+    if not cfg.get("path"):
+        raise ArchiFactoryError("dataset=text needs dataset.path=<file|folder|glob>")
+    resolve_files(str(cfg.path))
+
+
 class LocalText(Source):
     """`.txt` / `.jsonl` / `.parquet` files on disk."""
 
@@ -150,6 +191,8 @@ class LocalText(Source):
             cfg.doc_separator.replace("\\n", "\n").replace("\\t", "\t") if cfg.doc_separator else None
         )
         self.description = f"local files {cfg.path} ({len(self.files)} files)"
+        self.controls = ControlCharacters()
+        self.one_document_warned = False
         self.size_bytes = sum(f.stat().st_size for f in self.files)
         root = Path(cfg.path).expanduser()
         base = root if root.is_dir() else None
@@ -161,15 +204,39 @@ class LocalText(Source):
         }
 
     def documents(self, split: str) -> Iterator[str]:
+        if not self.controls.warned:  # a pass cut short (the BPE's character budget) counts afresh
+            self.controls = ControlCharacters()
         for path in self.files:
             if path.suffix == ".txt":
                 text = self.decoder.decode(path.read_bytes(), path)
                 self.decoder.check_text(text, path)
-                yield from text.split(self.separator) if self.separator else [text]
+                self.controls.note(text, str(path))
+                pieces = text.split(self.separator) if self.separator else [text]
+                if len(self.files) == 1 and len(pieces) == 1:
+                    self._warn_one_document(path)
+                yield from pieces
             elif path.suffix == ".jsonl":
                 yield from self._jsonl(path)
             else:
                 yield from self._parquet(path)
+        self.controls.warn_once()
+
+    def _warn_one_document(self, path: Path) -> None:
+        """A one-file corpus with no separator found in it: one long document (cut once for validation)."""
+        if self.one_document_warned:
+            return
+        self.one_document_warned = True
+        found = (
+            f"dataset.doc_separator={self.separator!r} is not in it"
+            if self.separator
+            else "no dataset.doc_separator"
+        )
+        log.warning(
+            "%s is the whole corpus and one document (%s); set dataset.doc_separator to split it into "
+            "documents, e.g. dataset.doc_separator='\\n\\n' or '<|endoftext|>'",
+            path,
+            found,
+        )
 
     def _lines(self, path: Path) -> Iterator[tuple[int, str]]:
         """(line number, decoded line) of a file, streamed when the encoding allows it."""
@@ -196,7 +263,9 @@ class LocalText(Source):
                     f"{path}:{number} has no field {self.text_field!r} (it has: {keys}); "
                     "set dataset.text_field="
                 )
-            yield str(record[self.text_field] or "")
+            text = str(record[self.text_field] or "")
+            self.controls.note(text, f"{path}:{number}")
+            yield text
 
     def _parquet(self, path: Path) -> Iterator[str]:
         import pyarrow.parquet as pq
@@ -208,8 +277,12 @@ class LocalText(Source):
                 f"{path} has no column {self.text_field!r} (it has: {', '.join(names)}); "
                 "set dataset.text_field="
             )
+        row = 0
         for batch in parquet.iter_batches(columns=[self.text_field], batch_size=4096):
-            yield from (text or "" for text in batch.column(0).to_pylist())
+            for text in batch.column(0).to_pylist():
+                self.controls.note(text or "", f"{path} row {row}")
+                row += 1
+                yield text or ""
 
 
 class HubDataset(Source):
@@ -224,6 +297,7 @@ class HubDataset(Source):
         self.cfg = cfg
         self.has_val_split = cfg.val_split is not None
         self.description = f"hf:{self.name}" + (f"/{cfg.hf_config}" if cfg.hf_config else "")
+        self.controls = ControlCharacters()
         self.fingerprint = {
             "kind": "hf",
             "name": self.name,
@@ -268,9 +342,16 @@ class HubDataset(Source):
                 "set dataset.text_field="
             )
         data = data.select_columns([cfg.text_field])
+        if not self.controls.warned:  # a pass cut short (the BPE's character budget) counts afresh
+            self.controls = ControlCharacters()
+        row = 0
         with hub.hub_errors(what, env_name=cfg.token_env):
             for batch in data.iter(batch_size=1024):
-                yield from (text or "" for text in batch[cfg.text_field])
+                for text in batch[cfg.text_field]:
+                    self.controls.note(text or "", f"{self.description} split {split_name} row {row}")
+                    row += 1
+                    yield text or ""
+        self.controls.warn_once()
 
     def revision(self) -> str | None:
         """The commit the data came from (asked of the Hub once, at preparation)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.files import share_as_umask_allows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -99,6 +100,7 @@ def _save(backend, eos_id: int, kind: str, name: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     backend.save(str(tmp / "tokenizer.json"))
     (tmp / "meta.json").write_text(json.dumps({"kind": kind, "name": name, "eos_id": eos_id}, indent=2))
+    share_as_umask_allows(tmp)  # mkdtemp makes it 0700
     try:
         os.rename(tmp, target)
     except OSError:  # another process finished the same tokenizer first; theirs is identical

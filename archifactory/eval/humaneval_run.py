@@ -32,7 +32,7 @@ from archifactory.eval.humaneval import (
     truncate,
 )
 from archifactory.eval.job import EvalJob, TaskResult
-from archifactory.train.rundir import write_json_atomic
+from archifactory.runs.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

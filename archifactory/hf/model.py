@@ -38,6 +38,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from archifactory.config.hybrid import layer_mixin_configs, pattern_entries
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.files import share_as_umask_allows
 from archifactory.core.hashing import file_digest
 from archifactory.data.tokenizer import Tokenizer, transformers_tokenizer
 from archifactory.hf.config import ArchiFactoryConfig, register_auto_config
@@ -192,6 +193,7 @@ def save_pretrained(
         eos = tokenizer.eos_id
         GenerationConfig(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
         transformers_tokenizer(tokenizer).save_pretrained(tmp)
+        share_as_umask_allows(tmp)  # mkdtemp's 0700 and safetensors' 0600 would lock others out
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

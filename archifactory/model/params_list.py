@@ -9,6 +9,8 @@ size; a Hub tokenizer's real vocabulary is only known once it is loaded).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from archifactory.config.compose import composer
@@ -98,4 +100,31 @@ def list_params(args: list[str]) -> int:
     failed = [row for row in rows if "error" in row]
     for row in failed:
         print(f"{row['mixin']}/{row['ffn']}: {row['error']}")
+    hint = no_shape_hint(failed, args)
+    if hint:
+        print(hint)
     return 1 if failed and len(failed) == len(rows) else 0
+
+
+def no_shape_hint(failed: list[dict[str, object]], args: list[str]) -> str | None:
+    """What fixes the pairs with no shape in one line: at small sizes one step of an FFN's width rounding
+    (`ffn.multiple_of`, 32-64 by default) is worth more parameters than the tolerance allows, so a finer
+    rounding is the usual fix; a wider `model.match_tolerance` or the other `model.match` the rest."""
+    unmatched = [row for row in failed if "no shape of" in str(row["error"])]
+    if not unmatched:
+        return None
+    ffns = components("ffn")
+    rounded = sorted(
+        {
+            str(row["ffn"])
+            for row in unmatched
+            if row["ffn"] in ffns and "multiple_of" in inspect.signature(ffns[row["ffn"]].__init__).parameters
+        }
+    )
+    fixes = []
+    if rounded and not any(arg.startswith("ffn.multiple_of=") for arg in args):
+        fixes.append(
+            f"ffn.multiple_of=8 (ffn={','.join(rounded)} round the FFN width up to a multiple of it)"
+        )
+    fixes += ["a wider model.match_tolerance=0.05", "the other model.match (width|layers)"]
+    return f"hint: {len(unmatched)} pair(s) have no shape within the tolerance; try " + ", or ".join(fixes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,18 @@ def remove_stale_writes(folder: Path) -> None:
     for stale in folder.glob(".*.tmp-*") if folder.is_dir() else []:
         with contextlib.suppress(OSError):
             stale.unlink()
+
+
+def is_empty(run_dir: Path) -> bool:
+    """True when `run_dir` is missing or holds nothing (Hydra made it for this command): a refusal or a
+    failure before the first step may then remove it again without losing anyone's record."""
+    return not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir()))
+
+
+def discard(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but what this command wrote before its first step (the
+    config, an empty log, a `failed` summary): best effort, a leftover is only a folder to delete."""
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

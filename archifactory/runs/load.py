@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.files import share_as_umask_allows
 from archifactory.data.dataset import as_dataset_config
 from archifactory.data.prepare import cache_root, tokenizer_folder
 from archifactory.data.sources import make_source
@@ -128,6 +129,7 @@ def save_run_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=target.parent))
     for name in ("tokenizer.json", "meta.json"):
         shutil.copy2(Path(tokenizer.path) / name, tmp / name)
+    share_as_umask_allows(tmp)  # mkdtemp makes it 0700
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.files import share_as_umask_allows
 from archifactory.core.hashing import file_digest
 from archifactory.runs import layout
 from archifactory.runs.checkpoints import list_checkpoints
@@ -148,6 +149,7 @@ def _write(
         "sha256": {name: file_digest(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")},
     }
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+    share_as_umask_allows(tmp)  # safetensors writes its file 0600
     for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with path.open("rb") as handle:
             os.fsync(handle.fileno())

@@ -28,6 +28,7 @@ from torch import Tensor
 from archifactory.config.hybrid import cfg_variant_label
 from archifactory.config.validation import validate_config
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.data import check_dataset_path
 from archifactory.eval.evaluate import evaluate
 from archifactory.generate.export import write_model_folder
 from archifactory.model.build import check_buildable
@@ -35,6 +36,7 @@ from archifactory.model.documents import documents_for
 from archifactory.model.match import MatchResult, apply_match
 from archifactory.runs import layout
 from archifactory.runs.checkpoints import finished_checkpoints
+from archifactory.runs.files import discard, is_empty
 from archifactory.runs.lock import locked
 from archifactory.runs.log import detach_log_file
 from archifactory.train import distributed
@@ -61,24 +63,38 @@ class StepResult:
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one variant into `run_dir`: check the config, lock the directory, decide (read-only) what to
-    do with it, claim it, run. A refusal at any step before the claim leaves the directory untouched."""
-    validate_config(cfg)  # before anything is prepared, built or written
-    cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
-    check_buildable(cfg)  # every component constructor's own checks, on the meta device
+    do with it, claim it, run. A refusal at any step before the claim leaves the directory untouched; a
+    directory this command found empty is removed again on a refusal, or on a user error or interrupt
+    before the first step (nothing but the config was written: no `failed` folder to clean up)."""
     is_main = int(os.environ.get("RANK", "0")) == 0
-    with locked(run_dir, enabled=is_main):
-        plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])
-        if plan.completed is not None:
-            return finish_completed(run_dir, plan, is_main)
-        if is_main:
-            claim_run(cfg, run_dir, overrides or [], plan)
-        summary = _run(cfg, run_dir, plan, is_main, match)
+    fresh = is_main and is_empty(run_dir)
+    try:
+        validate_config(cfg)  # before anything is prepared, built or written
+        cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
+        check_buildable(cfg)  # every component constructor's own checks, on the meta device
+        check_dataset_path(cfg.dataset)  # a mistyped dataset.path: "does not exist", before the directory
+        with locked(run_dir, enabled=is_main):
+            plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])
+            if plan.completed is not None:
+                return finish_completed(run_dir, plan, is_main)
+            if is_main:
+                claim_run(cfg, run_dir, overrides or [], plan)
+            summary = _run(cfg, run_dir, plan, is_main, match, discard_untrained=fresh)
+    except (ArchiFactoryError, KeyboardInterrupt):
+        if fresh and is_empty(run_dir):
+            discard(run_dir)
+        raise
     detach_log_file()  # on an error the CLI's guard still writes the traceback to it, then detaches
     return summary
 
 
 def _run(
-    cfg: DictConfig, run_dir: Path, plan: RunPlan, is_main: bool, match: MatchResult | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    plan: RunPlan,
+    is_main: bool,
+    match: MatchResult | None = None,
+    discard_untrained: bool = False,
 ) -> dict[str, Any]:
     trainer = cfg.trainer
     if not is_main:  # rank-0-only logging: the other ranks report warnings and errors only
@@ -114,11 +130,17 @@ def _run(
                 match.shape.describe(),
             )
     wall_start = time.perf_counter()
+    run: RunContext | None = None
     try:
         with StopRequest() as stop:
             run = setup_run(cfg, run_dir, info, device, recorder, plan.resume_from, wall_start)
             return _train(run, stop)
     except BaseException as error:
+        untrained = run is None or run.state.step == 0
+        if discard_untrained and untrained and isinstance(error, (ArchiFactoryError, KeyboardInterrupt)):
+            detach_log_file()
+            discard(run_dir)  # a bug keeps its folder: the traceback is in its log
+            raise
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         try:  # where the disk allows: a full disk must not turn the real error into another one
             recorder.finish(

@@ -116,11 +116,11 @@ def test_keep_checkpoints_prunes_the_oldest(tmp_path: Path) -> None:
 
 
 def test_default_run_name_names_the_variant() -> None:
-    assert compose_config([]).run_name == "gqa_swiglu_rope_tiny_tinystories_s0"
+    assert compose_config([]).run_name == "gqa_swiglu_rope_tiny_tinystories-c57ecc_s0"
     cfg = compose_config(
         ["mixin=rwkv6", "ffn=moe", "positional=none", "model=small", "dataset=text", "seed=3"]
     )
-    assert cfg.run_name == "rwkv6_moe_none_small_text_s3"
+    assert cfg.run_name == "rwkv6_moe_none_small_text-159e0e_s3"
 
 
 @pytest.mark.parametrize(

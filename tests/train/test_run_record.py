@@ -284,3 +284,60 @@ def test_component_options_fail_before_the_data_is_prepared(
     with pytest.raises(ArchiFactoryError, match=message):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_user_error_before_the_first_step_leaves_no_folder(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #30: a run that wrote nothing but its config (the data was refused while loading) leaves no
+    `status: failed` folder with an empty log behind."""
+
+    def refused(*args, **kwargs):
+        raise ArchiFactoryError("the corpus was refused")
+
+    monkeypatch.setattr(loop, "load_data", refused)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ArchiFactoryError, match="the corpus was refused"):
+        train(config(world), run_dir)
+    assert not run_dir.exists()
+
+
+def test_a_refused_dataset_path_leaves_no_folder_and_says_it_does_not_exist(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # as Hydra makes it before the job runs
+    missing = tmp_path / "no_such_corpus"
+    with pytest.raises(ArchiFactoryError, match="does not exist"):
+        train(config(world, f"dataset.path={missing}"), run_dir)
+    assert not run_dir.exists()
+
+
+def test_a_user_error_after_a_step_keeps_the_record(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_step = loop.train_step
+
+    def fail_at_step_3(run):
+        if run.state.step == 2:
+            raise ArchiFactoryError("stopped at step 3")
+        return real_step(run)
+
+    monkeypatch.setattr(loop, "train_step", fail_at_step_3)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ArchiFactoryError, match="stopped at step 3"):
+        train(config(world), run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "stopped at step 3"
+
+
+def test_a_user_error_in_a_directory_that_held_files_keeps_them(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    monkeypatch.setattr(loop, "load_data", lambda *a, **k: (_ for _ in ()).throw(ArchiFactoryError("no")))
+    with pytest.raises(ArchiFactoryError):
+        train(config(world), run_dir)
+    assert (run_dir / "notes.txt").read_text() == "mine"
