@@ -3,7 +3,7 @@
 The same Hydra app as `train` (so trainer overrides, `-m` sweeps and `--cfg job` work), with three
 differences: the architecture (`model`, `mixin`, `ffn`, `positional`) is the pretrained run's — an
 override of any of them is refused with one line —, the trainer preset defaults to `trainer=sft`, and the
-run directory is `outputs/<pretrained run name>-sft-<dataset name>`. The loop then starts from the
+run directory is `outputs/<pretrained run name>-sft-<dataset name>-<dataset digest>`. The loop then starts from the
 pretrained weights (`train/init_from.py`) on chat data (`data/chat/`); everything else — summary, metrics,
 checkpoints, resume with `trainer.resume=true` — is the run-directory contract of `train`.
 """
@@ -43,7 +43,10 @@ def sft_arguments(args: list[str]) -> tuple[Path, list[str]]:
     pretrained = resolve_run(init_from[0]).resolve()
     name = str(load_run_config(pretrained).get("run_name") or pretrained.name)
     hydra_args = [arg for arg in args if _key(arg) != "init_from"]
-    hydra_args += [f"init_from={pretrained}", f"run_name='{name}-sft-${{dataset.name}}'"]
+    hydra_args += [
+        f"init_from={pretrained}",
+        f"run_name='{name}-sft-${{dataset.name}}-${{dataset_digest:${{dataset}}}}'",  # a second corpus: a new run
+    ]
     if not any(_key(arg) == "trainer" for arg in args):
         hydra_args.append("trainer=sft")
     return pretrained, hydra_args

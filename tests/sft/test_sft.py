@@ -286,7 +286,7 @@ def test_cli_sft_writes_its_own_run_dir(pretrained: Path, chat_file: Path, tmp_p
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = tmp_path / "outputs" / "tiny_pre-sft-chat_jsonl"
+    (run_dir,) = (tmp_path / "outputs").glob("tiny_pre-sft-chat_jsonl-??????")  # the corpus digest ends it
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6 and "val_accuracy" in summary
     assert has_chat_template(load_run(run_dir).tokenizer)
