@@ -215,4 +215,5 @@ def main(args: list[str]) -> int:
     print(f"\nwrote {out / 'report.md'}" + ("" if single else f", {out / 'report.csv'}"))
     for figure in figures:
         print(f"wrote {figure}")
+    print(f"done: report of {len(runs)} run(s) in {out}")
     return 0
