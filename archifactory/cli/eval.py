@@ -261,12 +261,6 @@ def eval_main(args: list[str]) -> int:
         )
     if rows:
         print(format_table(rows))
-    scored = len(run_dirs) - skipped - failed
-    print(
-        f"done: {len(rows)} result(s) from {scored} run(s)"
-        + (f", {skipped} skipped" if skipped else "")
-        + (f", {failed} failed" if failed else "")
-    )
     return 1 if failed else 0
 
 
@@ -318,7 +312,6 @@ def eval_without_model(steps: list[Step], options: EvalConfig) -> int:
         results = runner.load()(job)
         rows.extend(("-", result) for result in results)
     print(format_table(rows))
-    print(f"done: {len(rows)} result(s), no run loaded")
     return 0
 
 

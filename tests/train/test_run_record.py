@@ -19,7 +19,7 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.runs.layout import LOCK as LOCK_NAME
 from archifactory.runs.lock import RunDirLock
 from archifactory.train import checkpoint as checkpoint_module
-from archifactory.train import loop
+from archifactory.train import loop, setup
 from archifactory.train.checkpoint import list_checkpoints, verify_checkpoint
 from archifactory.train.loop import train
 from archifactory.train.resume import config_changes
@@ -295,7 +295,7 @@ def test_a_user_error_before_the_first_step_leaves_no_folder(
     def refused(*args, **kwargs):
         raise ArchiFactoryError("the corpus was refused")
 
-    monkeypatch.setattr(loop, "load_data", refused)
+    monkeypatch.setattr(setup, "load_data", refused)
     run_dir = tmp_path / "run"
     with pytest.raises(ArchiFactoryError, match="the corpus was refused"):
         train(config(world), run_dir)
@@ -337,7 +337,7 @@ def test_a_user_error_in_a_directory_that_held_files_keeps_them(
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
-    monkeypatch.setattr(loop, "load_data", lambda *a, **k: (_ for _ in ()).throw(ArchiFactoryError("no")))
+    monkeypatch.setattr(setup, "load_data", lambda *a, **k: (_ for _ in ()).throw(ArchiFactoryError("no")))
     with pytest.raises(ArchiFactoryError):
         train(config(world), run_dir)
     assert (run_dir / "notes.txt").read_text() == "mine"
