@@ -13,6 +13,7 @@ from archifactory.model.mixins.gated_deltaproduct import (
 )
 from archifactory.model.mixins.reference.delta_rule import l2_normalize
 from archifactory.model.positional import NoPositional, PositionContext
+from tests.model.oracles import load_fla_naive
 
 B, H, K, V = 2, 3, 8, 6  # H != B and K != V so a wrong layout raises instead of passing
 NO_POS = NoPositional(32, 64)
@@ -68,8 +69,9 @@ def test_chunked_product_equals_token_steps(gated: bool, seq_len: int, steps: in
 def test_matches_fla_naive_oracle(gated: bool) -> None:
     """fla's `naive_recurrent_gated_delta_product` ([B, T, H, D], k/v/β interleaved per token as ours),
     fp32, T = 19 tokens with 3 sub-steps and chunks of 16 sub-steps: outputs, final state, gradients."""
-    pytest.importorskip("fla")
-    from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
+    naive_recurrent_gated_delta_product = load_fla_naive(
+        "gated_delta_product"
+    ).naive_recurrent_gated_delta_product
 
     steps = 3
     inputs, state = product_inputs(19, steps, gated, dtype=torch.float32)
