@@ -115,8 +115,8 @@ class PaTHAttention(Mixin):
         k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
         if self.q_norm_weight is not None:
-            q = head_rms_norm(q, self.q_norm_weight, self.norm_eps).view_as(q).to(x.dtype)
-            k = head_rms_norm(k, self.k_norm_weight, self.norm_eps).view_as(k).to(x.dtype)
+            q = head_rms_norm(q, self.q_norm_weight, self.norm_eps).view_as(q).to(q.dtype)
+            k = head_rms_norm(k, self.k_norm_weight, self.norm_eps).view_as(k).to(k.dtype)
         w, conv_state = self.w_proj(x), None
         if self.conv is not None:
             w, conv_state = self.conv(w, None if state is None else state["conv"])
