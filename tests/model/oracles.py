@@ -39,3 +39,23 @@ def recurrent_simple_gla(
     if initial_state is not None:
         state = initial_state.to(dtype)
     return recurrent(simple_gla_step, q, k, v, g, state=state, scale=scale)
+
+
+def load_fla_naive(op: str):
+    """fla's pure-PyTorch oracle file `fla/ops/<op>/naive.py` (e.g. 'comba', 'mesa_net'), loaded on its own:
+    those files import only torch and einops, while `import fla.ops...` pulls in triton and every kernel
+    (seconds). Skips the calling test when fla is not installed (shared notes/oracles.md, "Import").
+    Imports are local so that this file stays append-only for parallel branches."""
+    import importlib.util
+    import pathlib
+
+    import pytest
+
+    spec = importlib.util.find_spec("fla")
+    if spec is None or spec.origin is None:
+        pytest.skip("fla is not installed")
+    path = pathlib.Path(spec.origin).parent / "ops" / op / "naive.py"
+    module_spec = importlib.util.spec_from_file_location(f"fla_naive_{op.replace('/', '_')}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

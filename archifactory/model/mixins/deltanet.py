@@ -57,6 +57,7 @@ class DeltaRuleMixin(Mixin):
         norm_eps: float,
         chunk_size: int,
         backend: str,
+        num_householder: int = 1,
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         name = f"mixin={self.registry_name}"
@@ -76,9 +77,12 @@ class DeltaRuleMixin(Mixin):
         self.num_heads, self.head_v_dim = num_heads, int(head_v_dim)
         self.key_dim, self.value_dim = hidden_size, num_heads * self.head_v_dim
         self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate
-        self.qkv_proj = nn.Linear(hidden_size, 2 * self.key_dim + self.value_dim, bias=False)
-        self.conv = ShortConvolution(2 * self.key_dim + self.value_dim, conv_size) if use_short_conv else None
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        # GatedDeltaProduct's n keys, values and βs per token (n = 1: one delta step, the other mixers)
+        self.num_householder = num_householder
+        width = self.key_dim + num_householder * (self.key_dim + self.value_dim)
+        self.qkv_proj = nn.Linear(hidden_size, width, bias=False)
+        self.conv = ShortConvolution(width, conv_size) if use_short_conv else None
+        self.b_proj = nn.Linear(hidden_size, num_heads * num_householder, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
@@ -118,11 +122,13 @@ class DeltaRuleMixin(Mixin):
             qkv, conv_state = self.conv(qkv, None if state is None else state["conv"])
         else:
             qkv = F.silu(qkv)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        steps = self.num_householder  # k, v and β come as `steps` sub-steps per token: [B, T·steps, H, *]
+        q, k, v = qkv.split([self.key_dim, steps * self.key_dim, steps * self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))  # [B, T, H, K]
-        k = l2_normalize(k.reshape(batch, seq_len, self.num_heads, self.head_k_dim))
-        v = v.reshape(batch, seq_len, self.num_heads, self.head_v_dim)  # [B, T, H, V]
+        k = l2_normalize(k.reshape(batch, seq_len * steps, self.num_heads, self.head_k_dim))
+        v = v.reshape(batch, seq_len * steps, self.num_heads, self.head_v_dim)  # [B, T·steps, H, V]
         beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype)))  # [B, T, H]
+        beta = beta.reshape(batch, seq_len * steps, self.num_heads)
         if self.allow_neg_eigval:  # β in (0, 2): eigenvalues of I - β k kᵀ in (-1, 1)
             beta = 2 * beta
         g = self.log_decay(x)
@@ -170,12 +176,14 @@ class DeltaRuleMixin(Mixin):
         conv = 0 if self.conv is None else self.conv.flops_per_token()
         # chunked delta rule per head and token: k·k and q·k scores, the (I + A)⁻¹ solve (C³/3 per chunk),
         # W_v and W_k, and per token the u = W_v − W_k S, q·S, and state-update products
-        chunk = min(self.chunk_size, max(seq_len, 1))
+        # (GatedDeltaProduct: per Householder sub-step, chunks counted in sub-steps)
+        steps = self.num_householder
+        chunk = min(self.chunk_size, max(seq_len * steps, 1))
         k_dim, v_dim = self.head_k_dim, self.head_v_dim
         rule = self.num_heads * (
             6 * chunk * k_dim + 4 * chunk * v_dim + 2 * chunk * chunk / 3 + 6 * k_dim * v_dim
         )
-        return projections + conv + rule
+        return projections + conv + steps * rule
 
     def state_size(self, seq_len: int) -> int:
         conv = 0 if self.conv is None else self.conv.state_size()
