@@ -39,3 +39,22 @@ def recurrent_simple_gla(
     if initial_state is not None:
         state = initial_state.to(dtype)
     return recurrent(simple_gla_step, q, k, v, g, state=state, scale=scale)
+
+
+def load_fla_naive(op: str):
+    """fla's pure-PyTorch oracle module `fla/ops/<op>/naive.py`, loaded from its file without importing
+    fla itself (importing fla imports triton: seconds, and it needs triton installed). Skips the test
+    when fla is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    spec = importlib.util.find_spec("fla")
+    if spec is None or spec.origin is None:
+        pytest.skip("fla is not installed")
+    path = Path(spec.origin).parent / "ops" / op / "naive.py"
+    loader = importlib.util.spec_from_file_location(f"fla_naive_{op.replace('/', '_')}", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
