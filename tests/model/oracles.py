@@ -64,7 +64,9 @@ def recurrent_diagonal(x: Tensor, g: Tensor, initial_state: Tensor | None = None
     """The element-wise recurrence h_t = exp(g_t) ⊙ h_{t-1} + x_t over x, g [B, T, D], token by token in
     the compute dtype (HGRN; Mamba's selective scan with D = d_inner · d_state). Returns (h [B, T, D], h_T)."""
     dtype = compute_dtype(x.dtype)
-    state = x.new_zeros(x.shape[0], x.shape[2], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    state = (
+        x.new_zeros(x.shape[0], x.shape[2], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    )
     outputs = []
     for t in range(x.shape[1]):
         state = g[:, t].to(dtype).exp() * state + x[:, t].to(dtype)

@@ -24,7 +24,13 @@ HIDDEN = 32
 @functools.cache
 def compose(*overrides: str):
     return compose_config(
-        ["mixin=simple_gla", "positional=none", f"model.hidden_size={HIDDEN}", "model.num_heads=4", *overrides]
+        [
+            "mixin=simple_gla",
+            "positional=none",
+            f"model.hidden_size={HIDDEN}",
+            "model.num_heads=4",
+            *overrides,
+        ]
     )
 
 
@@ -132,7 +138,9 @@ def test_fused_matches_reference_on_gpu() -> None:
         layer.backend = backend
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y, _ = layer(x, context)
-        grads = torch.autograd.grad(y.float().square().mean(), [x, layer.gk_proj.weight, layer.qkv_proj.weight])
+        grads = torch.autograd.grad(
+            y.float().square().mean(), [x, layer.gk_proj.weight, layer.qkv_proj.weight]
+        )
         results[backend] = (y, grads)
         assert layer.backend_name() == backend
     (y_f, grads_f), (y_r, grads_r) = results["fused"], results["reference"]

@@ -68,7 +68,9 @@ class HGRN(Mixin):
         return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
-        return {"recurrent": torch.zeros(batch_size, self.input_dim, device=device, dtype=compute_dtype(dtype))}
+        return {
+            "recurrent": torch.zeros(batch_size, self.input_dim, device=device, dtype=compute_dtype(dtype))
+        }
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(the recurrence input (1 − f)·SiLU(i), log f, the output gate's pre-activation), each
@@ -76,7 +78,9 @@ class HGRN(Mixin):
         i, f, gate = self.ifg_proj(x).split(self.input_dim, dim=-1)
         g = F.logsigmoid(f.to(compute_dtype(x.dtype)))  # log f_t without the bound
         if self.lower_bound > 0:  # log(lb + (1 − lb) f), computed in log space
-            g = torch.logaddexp(torch.full_like(g, math.log(self.lower_bound)), math.log1p(-self.lower_bound) + g)
+            g = torch.logaddexp(
+                torch.full_like(g, math.log(self.lower_bound)), math.log1p(-self.lower_bound) + g
+            )
         return F.silu(i.to(g.dtype)) * -torch.expm1(g), g, gate
 
     def forward(

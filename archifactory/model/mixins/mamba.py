@@ -75,8 +75,10 @@ class Mamba(Mixin):
         self.x_proj = nn.Linear(self.inner_dim, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.inner_dim, bias=True)
         with torch.no_grad():
-            nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
-            dt = torch.exp(torch.rand(self.inner_dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+            dt = torch.exp(
+                torch.rand(self.inner_dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            )
             dt = dt.clamp(min=1e-4)
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt
         a = torch.arange(1, d_state + 1, dtype=torch.float32).expand(self.inner_dim, d_state)
@@ -89,7 +91,9 @@ class Mamba(Mixin):
         return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), self.dt_proj, self.conv1d))
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
-        ssm = torch.zeros(batch_size, self.inner_dim * self.d_state, device=device, dtype=compute_dtype(dtype))
+        ssm = torch.zeros(
+            batch_size, self.inner_dim * self.d_state, device=device, dtype=compute_dtype(dtype)
+        )
         return {"ssm": ssm, "conv": self.conv1d.init_state(batch_size, device, dtype)}
 
     def forward(

@@ -9,7 +9,13 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import ShortConvolution, fla_backend, grouped_heads, head_rms_norm, scaled_width
+from archifactory.model.mixins.kit import (
+    ShortConvolution,
+    fla_backend,
+    grouped_heads,
+    head_rms_norm,
+    scaled_width,
+)
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, expand_heads, simple_gla_forward
 from archifactory.model.positional import PositionContext
@@ -56,7 +62,9 @@ class SimpleGLA(Mixin):
         super().__init__(hidden_size, layer_idx)
         name = "mixin=simple_gla"
         if chunk_size < 1 or conv_size < 1 or gate_logit_normalizer <= 0:
-            raise ArchiFactoryError(f"{name}: chunk_size and conv_size must be >= 1 and gate_logit_normalizer > 0")
+            raise ArchiFactoryError(
+                f"{name}: chunk_size and conv_size must be >= 1 and gate_logit_normalizer > 0"
+            )
         self.backend = check_backend(backend, name)  # availability is checked per call
         _, self.num_kv_heads = grouped_heads(hidden_size, num_heads, num_kv_heads, name)
         self.num_heads, self.normalizer = num_heads, gate_logit_normalizer

@@ -35,7 +35,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, b
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
         return attention_reference(q, k, v, mask, bias)
     if bias is not None:
-        mask = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf")) + bias
+        mask = (
+            torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf")) + bias
+        )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
 
 
@@ -138,7 +140,9 @@ class SlidingWindowAttention(Mixin):
         path = self.backend_name()
         if path == "fused" and state is None and bias is None:
             y = fla_op(*FUSED_KERNEL)(
-                *(t.transpose(1, 2).contiguous() for t in (q, k, v)), scale=self.head_dim**-0.5, window_size=self.window
+                *(t.transpose(1, 2).contiguous() for t in (q, k, v)),
+                scale=self.head_dim**-0.5,
+                window_size=self.window,
             )  # [B, T, H, D]
             return self.out_proj(y.reshape(batch, seq_len, self.hidden_size)), None
         backend = "reference" if path == "reference" else "sdpa"
