@@ -112,7 +112,7 @@ class Mamba(Mixin):
         h, ssm_state = diagonal_scan(
             inputs, log_decay, None if state is None else state["ssm"], self.backend_name(), self.chunk_size
         )
-        y = (h.view(batch, seq_len, self.inner_dim, self.d_state) * c[:, :, None, :]).sum(-1)
+        y = (h.view(batch, seq_len, self.inner_dim, self.d_state) @ c[..., None]).squeeze(-1)  # C_t h_t
         y = (y + xs * self.D.to(dtype)) * F.silu(z.to(dtype))
         new_state = None if state is None else {"ssm": ssm_state, "conv": conv_state}
         return self.out_proj(y.to(x.dtype)), new_state

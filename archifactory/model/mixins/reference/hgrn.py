@@ -38,23 +38,34 @@ def chunk_hgrn(
     size = max(1, min(chunk_size, seq_len))
     pad = (-seq_len) % size  # x = 0 and g = 0 (no decay) past the end: the final state stays exact
     chunks = (seq_len + pad) // size
-    xc = F.pad(x.to(dtype), (0, 0, 0, pad)).view(batch, chunks, size, width)
-    gc = F.pad(g.to(dtype), (0, 0, 0, pad)).view(batch, chunks, size, width)
+    xc, gc = (F.pad(t.to(dtype), (0, 0, 0, pad)) if pad else t.to(dtype) for t in (x, g))
+    xc, gc = xc.view(batch, chunks, size, width), gc.view(batch, chunks, size, width)
     # 1. every chunk from a zero state, all chunks at once (unbind: one gradient buffer, not one per step)
-    steps, decays = xc.unbind(2), gc.exp().unbind(2)
+    steps, log_decays = xc.unbind(2), gc.unbind(2)
+    decays = gc.exp().unbind(2)
     h = steps[0]
     local = [h]
     for x_j, a_j in zip(steps[1:], decays[1:]):
-        h = a_j * h + x_j
+        h = torch.addcmul(x_j, a_j, h)  # a_j ⊙ h + x_j
         local.append(h)
     local_h = torch.stack(local, dim=2)  # [B, N, C, D]
-    # 2. the carry: chunk n's state enters chunk n + 1 decayed by the chunk's total decay
-    cum = gc.cumsum(2)  # [B, N, C, D]: log-decay from the chunk's start to each position, inclusive
+    if initial_state is None and chunks == 1:  # nothing enters the only chunk
+        final = local_h[:, 0, seq_len - 1] if output_final_state else None
+        return local_h[:, 0, :seq_len].to(x.dtype), final
+    # 2. the carry: chunk n's state enters chunk n + 1 decayed by the chunk's total decay. The log-decay
+    # from the chunk's start to each position (inclusive) is summed step by step: torch's cumsum along a
+    # middle dimension is several times slower on CPU
+    cum_j = log_decays[0]
+    running = [cum_j]
+    for g_j in log_decays[1:]:
+        cum_j = cum_j + g_j
+        running.append(cum_j)
+    cum = torch.stack(running, dim=2)  # [B, N, C, D]
     state = x.new_zeros(batch, width, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     entering, final = carry_chunks(
         state, local_h[:, :, -1].transpose(1, 2), cum[:, :, -1].exp().transpose(1, 2)
     )  # entering [B, D, N]
-    out = local_h + cum.exp() * entering.transpose(1, 2)[:, :, None]
+    out = torch.addcmul(local_h, cum.exp(), entering.transpose(1, 2)[:, :, None])
     out = out.reshape(batch, chunks * size, width)[:, :seq_len].to(x.dtype)
     return out, final if output_final_state else None
 
