@@ -48,7 +48,7 @@ def sliding_window_attention(
     [B, H_kv, past + Tq, E] (`past` cached keys first, past < window). Without a bias and with more queries
     than the window, blocked: the queries are cut into blocks of `window` and each block attends to its
     own keys and the block before (2·window keys), O(T·window); otherwise one banded [Tq, Tk] mask."""
-    batch, heads, seq_len, _ = q.shape
+    seq_len = q.shape[2]
     if bias is not None or seq_len <= window:
         mask = band_mask(seq_len, k.shape[2], past, window, q.device)
         return attend(q, k, v, mask, bias, backend)
@@ -58,14 +58,14 @@ def sliding_window_attention(
     # [n·W, (n+1)·W) see padded keys [n·W, n·W + 2W); local query i sees local key j for i < j <= i + W
     q = F.pad(q, (0, 0, 0, end_pad)).unflatten(2, (blocks, window)).transpose(1, 2)  # [B, N, H, W, E]
 
-    def key_blocks(t: Tensor) -> Tensor:  # [B, H_kv, Tk, E] -> [B, N, H_kv, 2W, E]
-        t = F.pad(t, (0, 0, window - past, end_pad))
-        pairs = [t[:, :, n * window : (n + 2) * window] for n in range(blocks)]
-        return torch.stack(pairs, dim=1)
+    def key_blocks(t: Tensor) -> Tensor:  # [B, H_kv, Tk, E] -> [B, N, H_kv, 2W, E], overlapping views
+        t = F.pad(t, (0, 0, window - past, end_pad))  # (N + 1)·W keys
+        return t.unfold(2, 2 * window, window).permute(0, 2, 1, 4, 3)
 
     local = band_mask(window, 2 * window, window, window, q.device)  # i < j <= i + W
-    first = torch.arange(2 * window, device=q.device) >= window - past  # block 0: the front padding
-    mask = torch.stack([local & first] + [local] * (blocks - 1))[:, None]  # [N, 1, W, 2W]
+    starts = torch.arange(blocks, device=q.device)[:, None] * window  # [N, 1]
+    real = starts + torch.arange(2 * window, device=q.device) >= window - past  # [N, 2W]: not front padding
+    mask = local & real[:, None, None, :]  # [N, 1, W, 2W]
     y = attend(q, key_blocks(k), key_blocks(v), mask, None, backend)  # [B, N, H, W, Ev]
     return y.transpose(1, 2).flatten(2, 3)[:, :, :seq_len]
 
