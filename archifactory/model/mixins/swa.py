@@ -46,28 +46,30 @@ def sliding_window_attention(
 ) -> Tensor:
     """Causal attention of the queries q [B, H, Tq, E] over the last `window` keys each, with k, v
     [B, H_kv, past + Tq, E] (`past` cached keys first, past < window). Without a bias and with more queries
-    than the window, blocked: the queries are cut into blocks of `window` and each block attends to its
-    own keys and the block before (2·window keys), O(T·window); otherwise one banded [Tq, Tk] mask."""
-    seq_len = q.shape[2]
+    than the window, blocked, O(T·window): the queries are cut into blocks of b = window / 4 and each
+    block attends to the window + b keys that reach it (b / (window + b) of the work is masked out;
+    larger blocks waste more, smaller ones copy the keys more often); otherwise one banded [Tq, Tk] mask."""
+    batch, _, seq_len, _ = q.shape
     if bias is not None or seq_len <= window:
         mask = band_mask(seq_len, k.shape[2], past, window, q.device)
         return attend(q, k, v, mask, bias, backend)
-    blocks = -(-seq_len // window)
-    end_pad = blocks * window - seq_len
+    block = max(1, window // 4)
+    blocks = -(-seq_len // block)
+    end_pad = blocks * block - seq_len
     # keys laid out as [window - past zeros, past keys, this call's keys, end padding]: block n's queries
-    # [n·W, (n+1)·W) see padded keys [n·W, n·W + 2W); local query i sees local key j for i < j <= i + W
-    q = F.pad(q, (0, 0, 0, end_pad)).unflatten(2, (blocks, window)).transpose(1, 2)  # [B, N, H, W, E]
+    # [n·b, (n+1)·b) see padded keys [n·b, n·b + W + b); local query i sees local key j for i < j <= i + W
+    q = F.pad(q, (0, 0, 0, end_pad)).unflatten(2, (blocks, block)).transpose(1, 2).flatten(0, 1)
 
-    def key_blocks(t: Tensor) -> Tensor:  # [B, H_kv, Tk, E] -> [B, N, H_kv, 2W, E], overlapping views
-        t = F.pad(t, (0, 0, window - past, end_pad))  # (N + 1)·W keys
-        return t.unfold(2, 2 * window, window).permute(0, 2, 1, 4, 3)
+    def key_blocks(t: Tensor) -> Tensor:  # [B, H_kv, Tk, E] -> [B·N, H_kv, W + b, E]
+        t = F.pad(t, (0, 0, window - past, end_pad))  # W + N·b keys
+        return t.unfold(2, window + block, block).permute(0, 2, 1, 4, 3).flatten(0, 1)
 
-    local = band_mask(window, 2 * window, window, window, q.device)  # i < j <= i + W
-    starts = torch.arange(blocks, device=q.device)[:, None] * window  # [N, 1]
-    real = starts + torch.arange(2 * window, device=q.device) >= window - past  # [N, 2W]: not front padding
-    mask = local & real[:, None, None, :]  # [N, 1, W, 2W]
-    y = attend(q, key_blocks(k), key_blocks(v), mask, None, backend)  # [B, N, H, W, Ev]
-    return y.transpose(1, 2).flatten(2, 3)[:, :, :seq_len]
+    local = band_mask(block, window + block, window, window, q.device)  # i < j <= i + W
+    starts = torch.arange(blocks, device=q.device)[:, None] * block  # [N, 1]
+    real = starts + torch.arange(window + block, device=q.device) >= window - past  # not front padding
+    mask = (local & real[:, None, None, :]).repeat(batch, 1, 1, 1)  # [B·N, 1, b, W + b]
+    y = attend(q, key_blocks(k), key_blocks(v), mask, None, backend)  # [B·N, H, b, Ev]
+    return y.unflatten(0, (batch, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :seq_len]
 
 
 @register_mixin("swa")
@@ -78,7 +80,7 @@ class SlidingWindowAttention(Mixin):
     Causal multi-head attention in which query t attends to keys t - window + 1 .. t only, with grouped
     key/value heads as `gqa` (MHA / GQA / MQA through num_kv_heads). Positions come from the model's
     scheme (rope rotates q/k, alibi adds a bias). Linear in the sequence length: the reference cuts the
-    queries into blocks of `window` that attend to their own and the previous block's keys. Decode state:
+    queries into blocks that attend to the window + block keys reaching them. Decode state:
     the last window - 1 keys and values ([B, H_kv, min(T, window - 1), d] each), so memory stays bounded.
     Usable alone or as the attention layer of a hybrid (`model.attention_mixin=swa`).
 
