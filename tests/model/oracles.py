@@ -59,3 +59,17 @@ def load_fla_naive(op: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def recurrent_diagonal(x: Tensor, g: Tensor, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The element-wise recurrence h_t = exp(g_t) ⊙ h_{t-1} + x_t over x, g [B, T, D], token by token in
+    the compute dtype (HGRN; Mamba's selective scan with D = d_inner · d_state). Returns (h [B, T, D], h_T)."""
+    dtype = compute_dtype(x.dtype)
+    state = (
+        x.new_zeros(x.shape[0], x.shape[2], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    )
+    outputs = []
+    for t in range(x.shape[1]):
+        state = g[:, t].to(dtype).exp() * state + x[:, t].to(dtype)
+        outputs.append(state)
+    return torch.stack(outputs, dim=1), state
