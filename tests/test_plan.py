@@ -21,7 +21,8 @@ import torch
 from archifactory.cli.main import main
 from archifactory.model.build import build_model
 from archifactory.runs import layout
-from archifactory.train.plan import build_plan, render_plan, trace_activations
+from archifactory.train.activations import trace_activations
+from archifactory.train.plan import build_plan, render_plan
 from archifactory.train.schedule import plan_steps
 from tests.helpers import compose_config
 from tests.run_helpers import train_tiny_run, write_small_corpus
@@ -36,7 +37,7 @@ TINY = [
     "mixin.num_kv_heads=2",
     "model.vocab_size=128",
     "trainer.seq_len=32",
-    "trainer.micro_batch_size=8",
+    "trainer.micro_batch_size=2",
     "trainer.max_steps=10",
     "trainer.device=cpu",
     "trainer.precision=fp32",
@@ -226,7 +227,9 @@ def test_plan_pints_1b_prints_the_table_in_seconds_offline(tmp_path: Path) -> No
 
 def test_wall_time_is_total_flops_over_gpus_peak_and_mfu() -> None:
     plan = build_plan(compose_config(["experiment=pints_1b"]), world_size=8, mfu=0.5)
-    assert plan.wall_seconds(989e12) == pytest.approx(3 * plan.flops_per_token * plan.tokens / (8 * 989e12 * 0.5))
+    assert plan.wall_seconds(989e12) == pytest.approx(
+        3 * plan.flops_per_token * plan.tokens / (8 * 989e12 * 0.5)
+    )
     assert "50% MFU of 989 TFLOP/s" in render_plan(plan) and "165 TFLOP/s" in render_plan(plan)
 
 
