@@ -348,8 +348,8 @@ def write_run_plan(cfg: DictConfig, run_dir: Path, world_size: int, vocab_size: 
     made is a warning in the log, never the end of the run it describes; None then."""
     try:
         plan = build_plan(cfg, world_size, vocab_size=vocab_size)
-    except ArchiFactoryError as error:
-        log.warning("%s not written: %s", layout.PLAN, error)
+    except Exception as error:  # whatever it is, the run itself goes on
+        log.warning("%s not written: %s: %s", layout.PLAN, type(error).__name__, error)
         return None
     path = layout.plan_path(run_dir)
     write_atomic(path, render_plan(plan))
