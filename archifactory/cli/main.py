@@ -28,6 +28,8 @@ verbs:
   list       every option of every config group, with its description
              (`list --params model.target_params=30M`: the matched shape of every mixin x FFN)
   report     `report <sweep dir | run dir ...>`: results table (mean ± std over seeds) and plots
+  plan       `plan [overrides…] [plan.world_size=N] [plan.mfu=0.4]`: parameters, FLOPs, memory per GPU
+             and wall time of a run, from the meta device (no data, no GPU)
 
 --debug (or ARCHIFACTORY_DEBUG=1): show the traceback of an unexpected error instead of one line
 
@@ -82,6 +84,12 @@ def _export(args: list[str]) -> int:
     return export_verb(args)
 
 
+def _plan(args: list[str]) -> int:
+    from archifactory.cli.plan import plan_main
+
+    return plan_main(args)
+
+
 def _report(args: list[str]) -> int:
     from archifactory.cli.report import report_cli
 
@@ -97,6 +105,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "generate": _generate,
     "export": _export,
     "report": _report,
+    "plan": _plan,
 }
 
 

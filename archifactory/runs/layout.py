@@ -11,6 +11,7 @@
   eval/<task>.json       one file per evaluation
   archifactory.log       every log line of every command that used the run
   curves.png             loss (and probe accuracy) curves
+  plan.md                the run's plan (size, FLOPs, memory per GPU, wall time), written when it starts
   .archifactory.lock     held by the command that owns the run (train, sft) for its lifetime
   .summary.lock          held for each read-modify-write of summary.json (train and eval interleave)
 """
@@ -31,6 +32,7 @@ MODEL = "model"
 EVAL_DIR = "eval"
 LOG = "archifactory.log"
 CURVES = "curves.png"
+PLAN = "plan.md"
 LOCK = ".archifactory.lock"
 SUMMARY_LOCK = ".summary.lock"
 TRACEBACK = "traceback.txt"
@@ -63,6 +65,10 @@ def checkpoint_name(step: int) -> str:
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def plan_path(run_dir: Path) -> Path:
+    return Path(run_dir) / PLAN
 
 
 def log_path(run_dir: Path) -> Path:

@@ -31,6 +31,7 @@ from archifactory.train.checkpoint import TrainerState, load_checkpoint, model_s
 from archifactory.train.init_from import init_from_pretrained
 from archifactory.train.metrics import RunRecorder
 from archifactory.train.optim import build_optimizer
+from archifactory.train.plan import write_run_plan
 from archifactory.train.runtime import autocast_factory, seed_everything
 from archifactory.train.schedule import build_scheduler, plan_steps
 
@@ -130,6 +131,8 @@ def setup_run(
             info.world_size,
             f"{total_steps * tokens_per_step:,}",
         )
+        if resume_from is None:  # the run's plan: size, FLOPs, memory per GPU, wall time (plan.md)
+            write_run_plan(cfg, run_dir, info.world_size, data.vocab_size)
     for block in raw_model.blocks:
         block.activation_checkpointing = trainer.activation_checkpointing
         if trainer.compile:

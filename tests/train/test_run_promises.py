@@ -174,7 +174,7 @@ def test_train_wires_budget_accumulation_metrics_chunked_loss_and_compile(
     monkeypatch.setattr(loop, "peak_flops", lambda device: 1e12)  # a pretend accelerator: MFU is computed
 
     def counting_forward(self, *args, **kwargs):
-        if self.training:
+        if self.training and args[0].device.type != "meta":  # plan.md's activation trace runs on meta
             train_forwards.append(args[0].shape)
         return real_forward(self, *args, **kwargs)
 
