@@ -21,6 +21,12 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return matrix
 
 
+# b_res off the diagonal: H_res starts at e/(e + n − 1) on the diagonal (0.48 for n = 4). A wider spread
+# of the logits (a sharper identity) slows Sinkhorn–Knopp's convergence (the error shrinks by at most tanh(spread/2)² per
+# round, Franklin & Lorenz 1989), so 20 rounds would no longer hold the rows to 1e-6.
+RES_OFF_DIAGONAL = -1.0
+
+
 @register_residual("mhc")
 class ManifoldHyperConnection(StreamResidual):
     """mHC: Manifold-Constrained Hyper-Connections (Xie et al., DeepSeek-AI, 2025, arXiv:2512.24880).
@@ -39,14 +45,23 @@ class ManifoldHyperConnection(StreamResidual):
     norm ≤ 1 and the set is closed under products, so the composite residual mapping ∏ H_res across depth
     stays doubly stochastic — it preserves the streams' mean and cannot amplify them, where HC's
     unconstrained A_r compose to gains of ~3000 at 27B (paper Fig. 3, 7: mHC stays near 1.6).
-    Iterations are fixed (no convergence test, no host sync); with 20 the rows sum to 1 within 1e-6
-    in our tests. The mappings are computed in fp32 (autocast off), as the paper keeps them.
+    Iterations are fixed (no convergence test, no host sync). After the last round the columns sum to 1
+    exactly and the rows to within a gap that shrinks geometrically, at a rate set by the spread of the
+    logits: with 20 rounds and logits spread as at init the rows are within 1e-6 (tested at every step of
+    a short run); logits trained far apart leave a gap, the approximation mHC-lite (arXiv:2601.05732)
+    points out. The mappings are computed in fp32 or wider (autocast off), as the paper keeps them.
 
     Init (the paper leaves it open; ours starts at HC's static init mapped through the constraints):
     φ = 0 and α = 0.01, so the mappings start static; b_pre gives σ ≈ 0.88 on stream k mod n and 0.12
     on the others (HC's read-in e_{k mod n}, unsaturated); b_post = 0 (H_post = 1: every stream gets the
-    output, HC's B = 1); b_res = 0 on the diagonal and −4 off it (H_res ≈ 0.95·I for n = 4, near HC's
-    A_r = I). The streams start as copies, so the model starts as the pre-norm residual up to the norm.
+    output, HC's B = 1); b_res = 0 on the diagonal and −1 off it (H_res leans to HC's A_r = I with
+    0.48 on the diagonal for n = 4, a spread Sinkhorn–Knopp converges on quickly). The streams start as
+    copies and every H_res is doubly stochastic, so the model starts as the pre-norm residual up to the
+    final norm's scale.
+
+    Two H_res are inert by construction, and get no gradient: the first sub-layer's (its streams are still
+    copies of the embedding, which a doubly stochastic matrix maps to themselves) and the last one's (the
+    streams are summed after it, and its columns sum to 1).
 
     Options: `expansion` (n, the paper's 4), `sinkhorn_iters` (t_max, the paper's 20).
     """
@@ -63,18 +78,19 @@ class ManifoldHyperConnection(StreamResidual):
         self.alpha = nn.Parameter(torch.full((3,), 0.01))  # α_pre, α_post, α_res
         self.b_pre = nn.Parameter(torch.where(torch.arange(n) == k % n, 2.0, -2.0))
         self.b_post = nn.Parameter(torch.zeros(n))
-        self.b_res = nn.Parameter(-4.0 * (1 - torch.eye(n)))
+        self.b_res = nn.Parameter(RES_OFF_DIAGONAL * (1 - torch.eye(n)))
 
     def mappings(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(H_pre [B, T, n], H_post [B, T, n], H_res [B, T, n, n]) in fp32 for the streams h [B, T, n, D]."""
-        n = self.expansion
+        """(H_pre [B, T, n], H_post [B, T, n], H_res [B, T, n, n]) for the streams h [B, T, n, D], in fp32 at
+        least (autocast off: bf16 would leave H_res visibly off the doubly stochastic set)."""
+        n, dtype = self.expansion, torch.promote_types(h.dtype, torch.float32)
         with torch.autocast(h.device.type, enabled=False):
-            flat = F.rms_norm(h.flatten(-2).float(), (n * self.hidden_size,))  # [B, T, nD]
-            pre, post, res = (flat @ self.phi.float()).split([n, n, n * n], dim=-1)
-            alpha = self.alpha.float()
-            h_pre = torch.sigmoid(alpha[0] * pre + self.b_pre.float())
-            h_post = 2 * torch.sigmoid(alpha[1] * post + self.b_post.float())
-            res = alpha[2] * res.unflatten(-1, (n, n)) + self.b_res.float()  # [B, T, n, n]
+            flat = F.rms_norm(h.flatten(-2).to(dtype), (n * self.hidden_size,))  # [B, T, nD]
+            pre, post, res = (flat @ self.phi.to(dtype)).split([n, n, n * n], dim=-1)
+            alpha = self.alpha.to(dtype)
+            h_pre = torch.sigmoid(alpha[0] * pre + self.b_pre.to(dtype))
+            h_post = 2 * torch.sigmoid(alpha[1] * post + self.b_post.to(dtype))
+            res = alpha[2] * res.unflatten(-1, (n, n)) + self.b_res.to(dtype)  # [B, T, n, n]
             return h_pre, h_post, sinkhorn(res, self.sinkhorn_iters)
 
     def read(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
