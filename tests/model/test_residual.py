@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from archifactory.config.compose import group_options
 from archifactory.config.hybrid import cfg_variant_label
@@ -23,7 +24,10 @@ from archifactory.model.documents import DocumentLayout
 from archifactory.model.residual.base import Residual
 from archifactory.model.residual.mhc import ManifoldHyperConnection
 from archifactory.model.stack import StackedMixinForCausalLM
+from archifactory.train import loop
+from archifactory.train.loop import train
 from tests.helpers import compose_config
+from tests.train.test_loop import read_metrics, smoke_config, write_corpus
 
 RESIDUALS = sorted(components("residual"))
 V = 64
@@ -288,3 +292,43 @@ def test_a_config_without_a_residual_section_builds_the_standard_residual() -> N
     model = StackedMixinForCausalLM.from_sections(sections)
     assert {type(b.mixin_residual).registry_name for b in model.blocks} == {"standard"}
     assert model.parameter_breakdown()["residual"] == 0
+
+
+def test_an_mhc_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after step 6 (checkpoint at 4), then `trainer.resume=true`: the weights at step 8 (the
+    connection weights included) and the loss curve equal an uninterrupted run's."""
+    corpus, cache = write_corpus(tmp_path / "corpus", documents=100), tmp_path / "cache"
+    overrides = ["residual=mhc", "residual.expansion=2", "trainer.max_steps=8", "trainer.checkpoint_every=4"]
+    overrides += ["trainer.eval_every=4", "trainer.log_every=2"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train(smoke_config(corpus, cache, *overrides), full)
+
+    real_zero_grad = loop.torch.optim.Optimizer.zero_grad
+    calls = {"n": 0}
+
+    def crash_after_6(self, set_to_none: bool = True) -> None:
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated crash")
+        real_zero_grad(self, set_to_none=set_to_none)
+
+    monkeypatch.setattr(loop.torch.optim.Optimizer, "zero_grad", crash_after_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(smoke_config(corpus, cache, *overrides), crashed)
+    monkeypatch.undo()
+    train(smoke_config(corpus, cache, *overrides, "trainer.resume=true"), crashed)
+
+    final = "checkpoints/step_0000008/model.safetensors"
+    a, b = load_file(str(full / final)), load_file(str(crashed / final))
+    assert any("residual" in name for name in a)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    curve_a, curve_b = (
+        [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in read_metrics(run)]
+        for run in (full, crashed)
+    )
+    assert [c[0] for c in curve_a] == [c[0] for c in curve_b]
+    for (_, ta, va), (_, tb, vb) in zip(curve_a, curve_b):
+        assert abs((ta or 0) - (tb or 0)) < 1e-5 and abs((va or 0) - (vb or 0)) < 1e-5
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["mixin"] == "gqa[residual=mhc]"
