@@ -59,8 +59,11 @@ class HyperConnection(StreamResidual):
         return alpha, beta
 
     def read(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        alpha, beta = self.weights(h)
-        mixed = alpha.transpose(-1, -2).to(h.dtype) @ h  # [B, T, n+1, D]: row 0 the input, rows 1.. A_rᵀ H
+        # the streams are the residual path: mixed in their own dtype (fp32 under bf16 autocast), as the
+        # standard residual adds in it
+        with torch.autocast(h.device.type, enabled=False):
+            alpha, beta = self.weights(h)
+            mixed = alpha.transpose(-1, -2).to(h.dtype) @ h  # [B, T, n+1, D]: row 0 the input, 1.. A_rᵀ H
         return mixed[..., 0, :], (mixed[..., 1:, :], beta.to(h.dtype))
 
     def write(self, carry: tuple[Tensor, Tensor], out: Tensor) -> Tensor:

@@ -22,8 +22,8 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
 
 
 # b_res off the diagonal: H_res starts at e/(e + n − 1) on the diagonal (0.48 for n = 4). A wider spread
-# of the logits (a sharper identity) slows Sinkhorn–Knopp's convergence (the error shrinks by at most tanh(spread/2)² per
-# round, Franklin & Lorenz 1989), so 20 rounds would no longer hold the rows to 1e-6.
+# of the logits (a sharper identity) slows Sinkhorn–Knopp's convergence (the error shrinks by at most
+# tanh(spread/2)² per round, Franklin & Lorenz 1989), so 20 rounds would no longer hold the rows to 1e-6.
 RES_OFF_DIAGONAL = -1.0
 
 
@@ -95,8 +95,11 @@ class ManifoldHyperConnection(StreamResidual):
 
     def read(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         h_pre, h_post, h_res = self.mappings(h)
-        x = (h_pre.unsqueeze(-2).to(h.dtype) @ h).squeeze(-2)  # H_pre x: [B, T, D]
-        return x, (h_res.to(h.dtype) @ h, h_post.to(h.dtype))  # H_res x: [B, T, n, D]
+        # the streams are the residual path: mixed in their own dtype (fp32 under bf16 autocast)
+        with torch.autocast(h.device.type, enabled=False):
+            x = (h_pre.unsqueeze(-2).to(h.dtype) @ h).squeeze(-2)  # H_pre x: [B, T, D]
+            residual = h_res.to(h.dtype) @ h  # H_res x: [B, T, n, D]
+        return x, (residual, h_post.to(h.dtype))
 
     def write(self, carry: tuple[Tensor, Tensor], out: Tensor) -> Tensor:
         residual, h_post = carry
