@@ -15,15 +15,15 @@ class HyperConnection(StreamResidual):
 
     The hidden state is widened to `expansion` (n) streams H ∈ R^{n×D} per token (the embedding copied into
     each; summed before the final norm). Each sub-layer T (mixin or FFN, with its pre-norm) has the
-    connection matrix HC = [[0, B], [A_m, A_r]] ∈ R^{(n+1)×(n+1)} (paper Eq. 1–5):
+    connection matrix HC = [[0, B], [A_m, A_r]] ∈ R^{(n+1)×(n+1)}:
 
         h_in = A_mᵀ H                 width connection: the sub-layer's input, a learned mix of the streams
         H'   = A_rᵀ H + Bᵀ T(h_in)    depth connection: streams mixed by A_r, the output written with weights B
 
-    Static init (paper §2.2/App.): B = 1, A_m = e_{k mod n} (sub-layer k reads stream k mod n), A_r = I; so
+    The paper's static init: B = 1, A_m = e_{k mod n} (sub-layer k reads stream k mod n), A_r = I; so
     n = 1 is exactly the pre-norm residual h + T(norm(h)), bit for bit.
 
-    `dynamic=true` is the paper's DHC (Eq. 8–10): with H̄ = norm(H) (LayerNorm over D, per stream),
+    `dynamic=true` is the paper's DHC: with H̄ = norm(H) (LayerNorm over D, per stream),
         A_m(H) = A_m + s_α · tanh(H̄ W_m),  A_r(H) = A_r + s_α · tanh(H̄ W_r),  B(H) = B + s_β · tanh(H̄ W_β)ᵀ
     with W_m, W_r (stored together as `alpha_fn` [D, n+1]) and W_β (`beta_fn` [D]) zero-initialised and the
     scales s_α, s_β initialised to 0.01, so a dynamic connection starts as the static one.

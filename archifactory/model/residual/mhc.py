@@ -32,7 +32,7 @@ class ManifoldHyperConnection(StreamResidual):
     """mHC: Manifold-Constrained Hyper-Connections (Xie et al., DeepSeek-AI, 2025, arXiv:2512.24880).
 
     Hyper-connections (`residual=hyper`) over n = `expansion` streams x ∈ R^{n×C}, with the update (paper
-    Eq. 3) x' = H_res x + H_postᵀ F(H_pre x) and the three mappings computed per token (Eq. 7–8) from the
+    Eq. 3) x' = H_res x + H_postᵀ F(H_pre x) and the three mappings computed per token from the
     flattened, RMS-normalised streams x̃ = RMSNorm(vec(x)) ∈ R^{nC} (the norm's weight absorbed into φ):
 
         H̃_pre  = α_pre  · (x̃ φ_pre)      + b_pre     H_pre  = σ(H̃_pre)            ∈ R^{1×n}
@@ -44,14 +44,14 @@ class ManifoldHyperConnection(StreamResidual):
     t_max = 20). The stability claim this option lets a sweep test: a doubly stochastic matrix has spectral
     norm ≤ 1 and the set is closed under products, so the composite residual mapping ∏ H_res across depth
     stays doubly stochastic — it preserves the streams' mean and cannot amplify them, where HC's
-    unconstrained A_r compose to gains of ~3000 at 27B (paper Fig. 3, 7: mHC stays near 1.6).
+    unconstrained A_r compose to gains of ~3000 at 27B (mHC stays near 1.6, paper Fig. 7).
     Iterations are fixed (no convergence test, no host sync). After the last round the columns sum to 1
     exactly and the rows to within a gap that shrinks geometrically, at a rate set by the spread of the
     logits: with 20 rounds and logits spread as at init the rows are within 1e-6 (tested at every step of
     a short run); logits trained far apart leave a gap, the approximation mHC-lite (arXiv:2601.05732)
     points out. The mappings are computed in fp32 or wider (autocast off), as the paper keeps them.
 
-    Init (the paper leaves it open; ours starts at HC's static init mapped through the constraints):
+    Init (our choice: HC's static init mapped through the constraints; the paper asks only for small α):
     φ = 0 and α = 0.01, so the mappings start static; b_pre gives σ ≈ 0.88 on stream k mod n and 0.12
     on the others (HC's read-in e_{k mod n}, unsaturated); b_post = 0 (H_post = 1: every stream gets the
     output, HC's B = 1); b_res = 0 on the diagonal and −1 off it (H_res leans to HC's A_r = I with
