@@ -76,6 +76,24 @@ def test_save_then_load_gives_identical_logits_and_generations(mixin: str, token
     assert produced[0, ids.shape[1] :].tolist() == expected
 
 
+@pytest.mark.parametrize("residual", sorted(components("residual")))
+def test_every_residual_option_round_trips(residual: str, tokenizer, tmp_path: Path) -> None:
+    """config.json carries the `residual` section; loading rebuilds the same connections and generates the same."""
+    model, folder = saved_model(tokenizer, tmp_path / "model", "gqa", "swiglu", f"residual={residual}")
+    assert json.loads((folder / "config.json").read_text())["residual"]["name"] == residual
+    ids = torch.tensor([tokenizer.encode("the queen said to the king")])
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(folder)
+        torch.testing.assert_close(
+            StackedMixinForCausalLM.from_pretrained(folder)(ids).logits, reference, rtol=0, atol=0
+        )
+        torch.testing.assert_close(hf(ids).logits, reference, rtol=0, atol=0)
+    expected = generate(model, ids, max_new_tokens=8)[0].tokens
+    produced = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert produced[0, ids.shape[1] :].tolist() == expected
+
+
 def test_stateful_ffn_round_trips(tokenizer, tmp_path: Path) -> None:
     model, folder = saved_model(tokenizer, tmp_path / "model", "gqa", "rwkv_cmix")
     ids = torch.tensor([tokenizer.encode("the bird sat")])

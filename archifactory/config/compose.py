@@ -19,7 +19,18 @@ from omegaconf import DictConfig
 
 from archifactory.config.schema import register_configs
 
-GROUPS = ("mixin", "ffn", "positional", "dataset", "task", "mqar_cell", "trainer", "model", "experiment")
+GROUPS = (
+    "mixin",
+    "ffn",
+    "positional",
+    "residual",
+    "dataset",
+    "task",
+    "mqar_cell",
+    "trainer",
+    "model",
+    "experiment",
+)
 
 
 def config_dir() -> Path:

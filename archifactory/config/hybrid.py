@@ -112,9 +112,34 @@ def layer_mixin_configs(cfg: Any) -> list[DictConfig]:
 
 
 def variant_label(
+    mixin: str,
+    layer_pattern: ListConfig | list | None,
+    attention_every: int,
+    attention_mixin: str,
+    residual: str = "standard",
+) -> str:
+    """The model's variant as the report and summary.json's `mixin` show it: the mixin, or the pattern
+    run-length encoded (`gated_deltanet3+gqa`), with a non-standard residual option (`gqa[residual=mhc]`)."""
+    label = _mixin_label(mixin, layer_pattern, attention_every, attention_mixin)
+    return label if residual == "standard" else f"{label}[residual={residual}]"
+
+
+def run_name_label(
+    mixin: str,
+    layer_pattern: ListConfig | list | None,
+    attention_every: int,
+    attention_mixin: str,
+    residual: str = "standard",
+) -> str:
+    """The variant part of a run name: `variant_label` without brackets a shell would glob (`gqa-mhc`)."""
+    label = _mixin_label(mixin, layer_pattern, attention_every, attention_mixin)
+    return label if residual == "standard" else f"{label}-{residual}"
+
+
+def _mixin_label(
     mixin: str, layer_pattern: ListConfig | list | None, attention_every: int, attention_mixin: str
 ) -> str:
-    """The mixin part of a run name: the mixin, or the pattern run-length encoded (`gated_deltanet3+gqa`)."""
+    """The mixin, or the pattern run-length encoded (`gated_deltanet3+gqa`)."""
     if layer_pattern:
         names = [_entry_name_and_options(entry)[0] for entry in layer_pattern]
     elif attention_every and attention_every > 1:
@@ -128,5 +153,8 @@ def variant_label(
 
 
 def cfg_variant_label(cfg: Any) -> str:
-    """`variant_label` of a composed config."""
-    return variant_label(cfg.mixin.name, *_hybrid_keys(cfg))
+    """`variant_label` of a composed config (one saved before the residual group has the standard one)."""
+    residual = cfg.get("residual")
+    return variant_label(
+        cfg.mixin.name, *_hybrid_keys(cfg), "standard" if residual is None else residual.name
+    )

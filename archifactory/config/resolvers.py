@@ -50,10 +50,12 @@ DATASET_IDENTITY = (
 )
 
 
-def _variant(mixin: str, layer_pattern: Any, attention_every: int, attention_mixin: str) -> str:
-    from archifactory.config.hybrid import variant_label  # lazy: keeps `import archifactory` light
+def _variant(
+    mixin: str, layer_pattern: Any, attention_every: int, attention_mixin: str, residual: str = "standard"
+) -> str:
+    from archifactory.config.hybrid import run_name_label  # lazy: keeps `import archifactory` light
 
-    return variant_label(mixin, layer_pattern, attention_every, attention_mixin)
+    return run_name_label(mixin, layer_pattern, attention_every, attention_mixin, residual)
 
 
 def dataset_digest(dataset: Any) -> str:
@@ -70,7 +72,8 @@ def dataset_digest(dataset: Any) -> str:
 
 
 def register_resolvers() -> None:
-    """`${variant:mixin,layer_pattern,attention_every,attention_mixin}`: the mixin part of a run name;
+    """`${variant:mixin,layer_pattern,attention_every,attention_mixin[,residual]}`: the variant part of a run
+    name (a run config saved before the residual group passes four arguments);
     `${dataset_digest:${dataset}}`: the short digest of the dataset identity that follows its name."""
     if not OmegaConf.has_resolver("variant"):
         OmegaConf.register_new_resolver("variant", _variant)

@@ -1,7 +1,7 @@
 """Typed config schemas, so a typo in a key or a wrong type fails at compose time with Hydra's message.
 
 The fixed groups (`model`, `trainer`, `dataset`, `wandb`) are dataclasses here. The component groups
-(`mixin`, `ffn`, `positional`) get one schema per registered class, generated from its constructor
+(`mixin`, `ffn`, `positional`, `residual`) get one schema per registered class, generated from its constructor
 signature — the options a YAML may set are exactly the constructor's keyword arguments. Each YAML names
 its schema in its defaults list (`- _schema_<name>`), the Hydra "structured config as schema" pattern.
 """
@@ -51,7 +51,8 @@ DecodeErrors = choices("DecodeErrors", ["strict", "replace"])
 WandbMode = choices("WandbMode", ["auto", "online", "offline", "disabled"])
 
 # Constructor arguments the model supplies; everything else is a user option.
-_MODEL_SUPPLIED = {"self", "hidden_size", "layer_idx", "max_seq_len", "num_layers"}
+# (`sublayer`: a residual connection's place in its block, 0 = mixin, 1 = FFN)
+_MODEL_SUPPLIED = {"self", "hidden_size", "layer_idx", "max_seq_len", "num_layers", "sublayer"}
 
 
 @dataclass
@@ -215,6 +216,7 @@ class RootConfig:
     mixin: Any = MISSING
     ffn: Any = MISSING
     positional: Any = MISSING
+    residual: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dataset: Any = (
@@ -293,6 +295,6 @@ def register_configs() -> None:
     store.store(group="dataset", name="_schema_mqar", node=MQARDatasetConfig)
     store.store(group="dataset", name="_schema_mad", node=MADDatasetConfig)
     store.store(group="dataset", name="_schema_chat", node=ChatDatasetConfig)
-    for kind in ("mixin", "ffn", "positional"):
+    for kind in ("mixin", "ffn", "positional", "residual"):
         for name, cls in components(kind).items():
             store.store(group=kind, name=f"_schema_{name}", node=component_schema(kind, name, cls))

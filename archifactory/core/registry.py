@@ -1,8 +1,8 @@
 """Names -> component classes. The only place that maps a config name to a class.
 
 Components register themselves with a decorator in their own file; importing
-`archifactory.model.mixins` / `archifactory.model.ffn` imports every file in those folders,
-so a new file is picked up with no other edit.
+`archifactory.model.mixins` / `archifactory.model.ffn` / `archifactory.model.residual` imports every file
+in those folders, so a new file is picked up with no other edit.
 """
 
 from __future__ import annotations
@@ -18,9 +18,20 @@ T = TypeVar("T", bound=type)
 MIXINS: dict[str, type] = {}
 FFNS: dict[str, type] = {}
 POSITIONALS: dict[str, type] = {}
+RESIDUALS: dict[str, type] = {}
 
-_KINDS: dict[str, dict[str, type]] = {"mixin": MIXINS, "ffn": FFNS, "positional": POSITIONALS}
-_PACKAGES = ("archifactory.model.mixins", "archifactory.model.ffn", "archifactory.model.positional")
+_KINDS: dict[str, dict[str, type]] = {
+    "mixin": MIXINS,
+    "ffn": FFNS,
+    "positional": POSITIONALS,
+    "residual": RESIDUALS,
+}
+_PACKAGES = (
+    "archifactory.model.mixins",
+    "archifactory.model.ffn",
+    "archifactory.model.positional",
+    "archifactory.model.residual",
+)
 _loaded = False
 
 
@@ -46,6 +57,10 @@ def register_ffn(name: str):
 
 def register_positional(name: str):
     return _register("positional", name)
+
+
+def register_residual(name: str):
+    return _register("residual", name)
 
 
 def load_components() -> None:

@@ -13,8 +13,9 @@ class ArchiFactoryConfig(PreTrainedConfig):
     """A StackedMixinForCausalLM by its config sections, components by registry name and options.
 
     `model` is the run's `model` section (shape, norm, init, vocab size; a hybrid's `layer_pattern` with
-    every layer's mixin written out in full, so loading needs no YAML); `mixin`, `ffn` and `positional` are
-    `{"name": …, <options>}` as the YAMLs write them. `hidden_size`, `num_hidden_layers`, `vocab_size` and
+    every layer's mixin written out in full, so loading needs no YAML); `mixin`, `ffn`, `positional` and
+    `residual` are `{"name": …, <options>}` as the YAMLs write them (a folder without `residual`, exported
+    before the group existed, has the standard residual). `hidden_size`, `num_hidden_layers`, `vocab_size` and
     `max_position_embeddings` repeat figures from `model` under the names transformers tooling reads.
     """
 
@@ -24,6 +25,7 @@ class ArchiFactoryConfig(PreTrainedConfig):
     mixin: dict | None = None
     ffn: dict | None = None
     positional: dict | None = None
+    residual: dict | None = None
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
     vocab_size: int | None = None
@@ -35,7 +37,13 @@ class ArchiFactoryConfig(PreTrainedConfig):
     def build(self) -> StackedMixinForCausalLM:
         """A freshly initialised model of this shape, built through the registry (as training builds it)."""
         return StackedMixinForCausalLM.from_sections(
-            {"model": self.model, "mixin": self.mixin, "ffn": self.ffn, "positional": self.positional}
+            {
+                "model": self.model,
+                "mixin": self.mixin,
+                "ffn": self.ffn,
+                "positional": self.positional,
+                "residual": self.residual,
+            }
         )
 
 

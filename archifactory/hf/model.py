@@ -2,7 +2,7 @@
 
 A finished run writes `<run>/model/` (and `archifactory export` writes it for any checkpoint):
 
-    config.json              ArchiFactoryConfig: shape + the mixin/ffn/positional by registry name and options
+    config.json              ArchiFactoryConfig: shape + mixin/ffn/positional/residual by registry name, options
     model.safetensors        the weights (keys `model.<name>` of StackedMixinForCausalLM)
     generation_config.json   EOS / BOS / PAD ids
     tokenizer.json, tokenizer_config.json   the run's tokenizer as a PreTrainedTokenizerFast
@@ -43,7 +43,7 @@ from archifactory.core.hashing import file_digest
 from archifactory.data.tokenizer import Tokenizer, transformers_tokenizer
 from archifactory.hf.config import ArchiFactoryConfig, register_auto_config
 from archifactory.model.folder import PREFIX, WEIGHTS, check_weights, read_folder_config
-from archifactory.model.stack import DecodeState, StackedMixinForCausalLM
+from archifactory.model.stack import DecodeState, StackedMixinForCausalLM, residual_config
 
 
 def config_from_run(cfg: DictConfig, vocab_size: int) -> ArchiFactoryConfig:
@@ -56,6 +56,7 @@ def config_from_run(cfg: DictConfig, vocab_size: int) -> ArchiFactoryConfig:
         ]
         model["attention_every"] = 0
     parts = {kind: OmegaConf.to_container(cfg[kind], resolve=True) for kind in ("mixin", "ffn", "positional")}
+    parts["residual"] = OmegaConf.to_container(residual_config(cfg), resolve=True)
     return ArchiFactoryConfig(
         model=model,
         **parts,

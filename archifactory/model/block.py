@@ -1,4 +1,6 @@
-"""The one place with residual + norm logic: x + mixin(norm(x)), then x + ffn(norm(x))."""
+"""The one place with residual + norm wiring: around the mixin, then the FFN, the block's residual
+connections (`model/residual/`) read the sub-layer's input from the hidden state and write its output back.
+The default, `residual=standard`, is x + mixin(norm(x)), then x + ffn(norm(x))."""
 
 from __future__ import annotations
 
@@ -13,23 +15,42 @@ from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState
 from archifactory.model.mixins.base import Mixin, MixinState
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
+from archifactory.model.residual.base import Residual
+from archifactory.model.residual.standard import StandardResidual
 
 
 @dataclass
 class LayerState:
-    """One block's decode state: the mixin's and the FFN's (empty for position-wise FFNs)."""
+    """One block's decode state: the mixin's and the FFN's (empty for position-wise FFNs). The residual
+    streams are per token, so a residual option adds none."""
 
     mixin: MixinState
     ffn: FFNState
 
 
 class Block(nn.Module):
-    """A pre-norm residual block: N × [norm → mixin → +residual, norm → FFN → +residual]."""
+    """A pre-norm block: norm → mixin → residual connection, norm → FFN → residual connection.
 
-    def __init__(self, mixin: Mixin, ffn: FeedForward, hidden_size: int, norm: str, norm_eps: float) -> None:
+    `mixin_residual` / `ffn_residual`: the connections around each sub-layer (default: the standard
+    residual, h + F(norm(h))); the hidden state `h` the block maps is what they carry ([B, T, D], or
+    [B, T, n, D] for a multi-stream option).
+    """
+
+    def __init__(
+        self,
+        mixin: Mixin,
+        ffn: FeedForward,
+        hidden_size: int,
+        norm: str,
+        norm_eps: float,
+        mixin_residual: Residual | None = None,
+        ffn_residual: Residual | None = None,
+    ) -> None:
         super().__init__()
+        self.mixin_residual = mixin_residual or StandardResidual(hidden_size, mixin.layer_idx, 0)
         self.mixin_norm = build_norm(norm, hidden_size, norm_eps)
         self.mixin = mixin
+        self.ffn_residual = ffn_residual or StandardResidual(hidden_size, mixin.layer_idx, 1)
         self.ffn_norm = build_norm(norm, hidden_size, norm_eps)
         self.ffn = ffn
         self.activation_checkpointing = (
@@ -43,7 +64,7 @@ class Block(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
+        h: Tensor,
         ctx: PositionContext,
         state: LayerState | None = None,
         documents: DocumentLayout | None = None,
@@ -51,29 +72,43 @@ class Block(nn.Module):
         """With `documents` (document-aware packing, `model/documents.py`) the mixin, and an FFN that reads
         earlier tokens, run on each document alone; `ctx` then holds the per-document positions."""
         if self.activation_checkpointing and self.training and state is None:
-            return checkpoint(self._forward, x, ctx, None, documents, use_reentrant=False)
-        return self._forward(x, ctx, state, documents)
+            return checkpoint(self._forward, h, ctx, None, documents, use_reentrant=False)
+        return self._forward(h, ctx, state, documents)
 
     def _forward(
         self,
-        x: Tensor,
+        h: Tensor,
         ctx: PositionContext,
         state: LayerState | None,
         documents: DocumentLayout | None = None,
     ) -> tuple[Tensor, LayerState | None, FFNAux]:
+        x, carry = self.mixin_residual.read(h)
+        mixed, mixin_state = self._mix(x, ctx, None if state is None else state.mixin, documents)
+        h = self.mixin_residual.write(carry, mixed)
+        x, carry = self.ffn_residual.read(h)
+        fed, aux, ffn_state = self._feed(x, None if state is None else state.ffn, documents)
+        h = self.ffn_residual.write(carry, fed)
+        return h, None if state is None else LayerState(mixin_state, ffn_state), aux
+
+    def _mix(
+        self, x: Tensor, ctx: PositionContext, state: MixinState | None, documents: DocumentLayout | None
+    ) -> tuple[Tensor, MixinState | None]:
+        """The mixin's output for its input x [B, T, D] (normed here), and its new state when decoding."""
         if documents is not None:
             normed = documents.unpack(self.mixin_norm(x))  # [N, L, D]
-            x = x + documents.pack(self.mixin(normed, ctx)[0], x)
-            if self.ffn.state_size() == 0:  # position-wise: packed as it is
-                fed, aux = self.ffn(self.ffn_norm(x))
-                return x + fed, None, aux
-            fed, aux = self.ffn(documents.unpack(self.ffn_norm(x)))
-            return x + documents.pack(fed, x), None, aux
+            return documents.pack(self.mixin(normed, ctx)[0], x), None
         if state is None:
-            x = x + self.mixin(self.mixin_norm(x), ctx)[0]
+            return self.mixin(self.mixin_norm(x), ctx)[0], None
+        return self.mixin(self.mixin_norm(x), ctx, state)
+
+    def _feed(
+        self, x: Tensor, state: FFNState | None, documents: DocumentLayout | None
+    ) -> tuple[Tensor, FFNAux, FFNState | None]:
+        """The FFN's output for its input x [B, T, D] (normed here), its aux losses, and its new state."""
+        if state is not None:
+            return self.ffn.forward_with_state(self.ffn_norm(x), state)
+        if documents is None or self.ffn.state_size() == 0:  # position-wise: packed as it is
             fed, aux = self.ffn(self.ffn_norm(x))
-            return x + fed, None, aux
-        mixed, mixin_state = self.mixin(self.mixin_norm(x), ctx, state.mixin)
-        x = x + mixed
-        fed, aux, ffn_state = self.ffn.forward_with_state(self.ffn_norm(x), state.ffn)
-        return x + fed, LayerState(mixin_state, ffn_state), aux
+            return fed, aux, None
+        fed, aux = self.ffn(documents.unpack(self.ffn_norm(x)))
+        return documents.pack(fed, x), aux, None

@@ -22,7 +22,8 @@ MODEL_TYPE = "archifactory"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 PREFIX = "model."  # transformers' wrapper holds our model as `self.model`
-SECTIONS = ("model", "mixin", "ffn", "positional")
+SECTIONS = ("model", "mixin", "ffn", "positional", "residual")
+OPTIONAL_SECTIONS = ("residual",)  # absent from folders exported before the residual group: the standard one
 
 
 def read_folder_config(folder: Path) -> dict[str, Any]:
@@ -48,14 +49,15 @@ def check_weights(folder: Path, sha256: str | None) -> Path:
 
 
 def sections_config(sections: dict[str, Any]) -> DictConfig:
-    """The `model`/`mixin`/`ffn`/`positional` sections as the config the builder reads."""
-    for kind in SECTIONS:
+    """The `model`/`mixin`/`ffn`/`positional`(/`residual`) sections as the config the builder reads."""
+    present = [kind for kind in SECTIONS if kind not in OPTIONAL_SECTIONS or sections.get(kind) is not None]
+    for kind in present:
         part = sections.get(kind)
         if not isinstance(part, dict) or (kind != "model" and not isinstance(part.get("name"), str)):
             raise ArchiFactoryError(
                 f"{CONFIG}: `{kind}` must be an object" + (kind != "model") * " with a `name`"
             )
-    return OmegaConf.create({kind: sections[kind] for kind in SECTIONS})
+    return OmegaConf.create({kind: sections[kind] for kind in present})
 
 
 def read_weights(weights: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,9 @@
 - what it declares `matrices` (plain stacked weights, e.g. MoE expert inputs) gets N(0, initializer_range²);
 - what it declares `keep` keeps its constructor init, which the component's docstring documents
   (decays, gates, LoRA factors, convolutions, torch RNNs, zero-initialised adapter outputs);
-- norms keep weight 1 (and bias 0).
+- norms keep weight 1 (and bias 0);
+- residual connections (`model/residual/`) keep their constructor init (HC's identity-like static
+  matrices, zero-initialised dynamic projections): their `init_roles` keep everything.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from archifactory.model.ffn.base import FeedForward
 from archifactory.model.mixins.base import Mixin
+from archifactory.model.residual.base import Residual
 from archifactory.model.roles import parameter_ids
 
 
@@ -30,7 +33,7 @@ def init_weights(module: nn.Module, initializer_range: float, num_layers: int) -
     residual: set[int] = set()
     matrices: set[int] = set()
     for sub in module.modules():
-        if isinstance(sub, (Mixin, FeedForward)):
+        if isinstance(sub, (Mixin, FeedForward, Residual)):
             roles = sub.init_roles()
             keep |= parameter_ids(roles.keep)
             residual |= parameter_ids(roles.residual)

@@ -1,12 +1,15 @@
-"""StackedMixinForCausalLM: embed -> positional -> N blocks -> final norm -> LM head; loss; accounting."""
+"""StackedMixinForCausalLM: embed -> positional -> (widen to the residual streams) -> N blocks -> (narrow)
+-> final norm -> LM head; loss; accounting."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
@@ -27,6 +30,8 @@ from archifactory.model.loss import lm_cross_entropy, logits_cross_entropy
 from archifactory.model.mixins.base import Mixin
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import NoPositional, PositionalScheme, PositionContext
+from archifactory.model.residual.base import Residual
+from archifactory.model.residual.standard import StandardResidual
 
 
 @dataclass
@@ -65,6 +70,8 @@ class StackedMixinForCausalLM(nn.Module):
         num_layers, hidden_size, vocab_size: the shape.
         mixin_module, ffn_module: factories called as `factory(layer_idx=i)` for each block.
         positional_module: a `PositionalScheme` (default: none).
+        residual_module: a factory called as `factory(layer_idx=i, sublayer=j)` for the residual connection
+            around block i's mixin (j = 0) and FFN (j = 1) (`model/residual/`; default: the standard one).
         embedding_module, lm_head_module, final_norm_module: pass pretrained modules to reuse them; None
             builds fresh ones. Passed-in modules are not re-initialised.
         freeze_lm_modules: freeze the passed-in embedding / head / final norm (fresh ones never are).
@@ -83,6 +90,7 @@ class StackedMixinForCausalLM(nn.Module):
         mixin_module: ModuleFactory,
         ffn_module: ModuleFactory,
         positional_module: PositionalScheme | None = None,
+        residual_module: ModuleFactory | None = None,
         embedding_module: nn.Embedding | None = None,
         lm_head_module: nn.Linear | None = None,
         final_norm_module: nn.Module | None = None,
@@ -104,12 +112,16 @@ class StackedMixinForCausalLM(nn.Module):
 
         self.embedding = embedding_module or nn.Embedding(vocab_size, hidden_size)
         self.positional = positional_module or NoPositional(hidden_size, max_seq_len=0)
+        residual_module = residual_module or functools.partial(StandardResidual, hidden_size=hidden_size)
         self.blocks = nn.ModuleList()
         for layer_idx in range(num_layers):
             mixin, ffn = mixin_module(layer_idx=layer_idx), ffn_module(layer_idx=layer_idx)
             if not isinstance(mixin, Mixin) or not isinstance(ffn, FeedForward):
                 raise TypeError("mixin_module / ffn_module must build Mixin / FeedForward instances")
-            self.blocks.append(Block(mixin, ffn, hidden_size, norm, norm_eps))
+            around = [residual_module(layer_idx=layer_idx, sublayer=j) for j in (0, 1)]
+            if not all(isinstance(r, Residual) for r in around):
+                raise TypeError("residual_module must build Residual instances")
+            self.blocks.append(Block(mixin, ffn, hidden_size, norm, norm_eps, *around))
         self.final_norm = final_norm_module or build_norm(norm, hidden_size, norm_eps)
         self.lm_head = (
             None if tie_embeddings else (lm_head_module or nn.Linear(hidden_size, vocab_size, bias=False))
@@ -144,6 +156,12 @@ class StackedMixinForCausalLM(nn.Module):
             )
 
     @property
+    def streams(self) -> Residual:
+        """The residual connection that widens the embedding into the hidden state the blocks carry and
+        narrows the last one (every connection of a model is of one option)."""
+        return self.blocks[0].mixin_residual
+
+    @property
     def head_weight(self) -> Tensor:
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
@@ -171,6 +189,7 @@ class StackedMixinForCausalLM(nn.Module):
             ctx = PositionContext(self.positional, start, input_ids.shape[1], input_ids.device)
             x = self.positional.embed(self.embedding(input_ids), ctx.positions)
 
+        x = self.streams.widen(x)  # [B, T, D], or [B, T, n, D] for a multi-stream residual
         new_layer_states: list[LayerState] = []
         aux_loss: Tensor | None = None
         metrics: dict[str, Tensor] = {}
@@ -184,7 +203,7 @@ class StackedMixinForCausalLM(nn.Module):
                 else:
                     metrics[f"layers.{i}.{key}"] = value.detach()
         new_state = None if state is None else DecodeState(new_layer_states, start + input_ids.shape[1])
-        return BackboneOutput(self.final_norm(x), aux_loss, metrics, new_state)
+        return BackboneOutput(self.final_norm(self.streams.narrow(x)), aux_loss, metrics, new_state)
 
     def _embed_documents(
         self, input_ids: Tensor, documents: DocumentLayout
@@ -231,8 +250,9 @@ class StackedMixinForCausalLM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
-        """The model a composed config describes (cfg.model, cfg.mixin, cfg.ffn, cfg.positional), built through
-        the registry; a constructor's refusal is one line."""
+        """The model a composed config describes (cfg.model, cfg.mixin, cfg.ffn, cfg.positional,
+        cfg.residual), built through the registry; a constructor's refusal is one line. A config saved
+        before the residual group existed has no `residual` and gets the standard one."""
         model_cfg = cfg.model
         vocab_size = model_cfg.vocab_size or vocab_size
         if model_cfg.hidden_size % model_cfg.num_heads:
@@ -251,6 +271,7 @@ class StackedMixinForCausalLM(nn.Module):
                 positional_module=build_positional(
                     cfg.positional, model_cfg.hidden_size, model_cfg.max_seq_len
                 ),
+                residual_module=component_factory("residual", residual_config(cfg), model_cfg.hidden_size),
                 tie_embeddings=model_cfg.tie_embeddings,
                 initializer_range=model_cfg.initializer_range,
                 norm=model_cfg.norm,
@@ -266,7 +287,7 @@ class StackedMixinForCausalLM(nn.Module):
 
     @classmethod
     def from_sections(cls, sections: dict[str, Any]) -> StackedMixinForCausalLM:
-        """A freshly initialised model from a `config.json`'s model/mixin/ffn/positional sections."""
+        """A freshly initialised model from a `config.json`'s model/mixin/ffn/positional(/residual) sections."""
         cfg = sections_config(sections)
         try:
             return cls.from_config(cfg, cfg.model.get("vocab_size") or 0)
@@ -290,13 +311,15 @@ class StackedMixinForCausalLM(nn.Module):
         return model.to(device).eval()
 
     def parameter_breakdown(self) -> dict[str, int]:
-        """Parameter counts by part. `non_embedding` = blocks + final norm (no embedding, positional table
-        or LM head); `active` counts only the FFN parameters a token uses (MoE)."""
+        """Parameter counts by part. `non_embedding` = blocks (their residual connections included) + final
+        norm (no embedding, positional table or LM head); `active` counts only the FFN parameters a token
+        uses (MoE)."""
 
         def count(module: nn.Module | None) -> int:
             return 0 if module is None else sum(p.numel() for p in module.parameters())
 
         mixin = sum(count(b.mixin) for b in self.blocks)
+        residual = sum(count(b.mixin_residual) + count(b.ffn_residual) for b in self.blocks)
         ffn = sum(count(b.ffn) for b in self.blocks)
         ffn_active = sum(b.ffn.active_parameters() for b in self.blocks)
         norms = sum(count(b.mixin_norm) + count(b.ffn_norm) for b in self.blocks) + count(self.final_norm)
@@ -306,24 +329,37 @@ class StackedMixinForCausalLM(nn.Module):
             "mixin": mixin,
             "ffn": ffn,
             "norms": norms,
+            "residual": residual,
             "head": count(self.lm_head),
         }
         breakdown["total"] = sum(breakdown.values())
         for block in self.blocks:  # per mixin kind (a hybrid has several): "mixin.<name>"
             key = f"mixin.{block.mixin.registry_name}"
             breakdown[key] = breakdown.get(key, 0) + count(block.mixin)
-        breakdown["non_embedding"] = mixin + ffn + norms
+        breakdown["non_embedding"] = mixin + ffn + norms + residual
         breakdown["active"] = breakdown["total"] - ffn + ffn_active
-        breakdown["active_non_embedding"] = mixin + ffn_active + norms
+        breakdown["active_non_embedding"] = mixin + ffn_active + norms + residual
         return breakdown
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token at context `seq_len`: every block's mixin and FFN plus the LM head.
-        Training costs 3× this (forward + backward)."""
-        blocks = sum(b.mixin.flops_per_token(seq_len) + b.ffn.flops_per_token() for b in self.blocks)
+        """Forward FLOPs per token at context `seq_len`: every block's mixin, FFN and residual connections
+        plus the LM head. Training costs 3× this (forward + backward)."""
+        blocks = sum(
+            b.mixin.flops_per_token(seq_len)
+            + b.ffn.flops_per_token()
+            + b.mixin_residual.flops_per_token()
+            + b.ffn_residual.flops_per_token()
+            for b in self.blocks
+        )
         return blocks + 2 * self.hidden_size * self.vocab_size
 
     def decode_state_size(self, seq_len: int) -> int:
         """Elements of one sequence's decode state after `seq_len` tokens, summed over layers (mixins and
         stateful FFNs)."""
         return sum(b.mixin.state_size(seq_len) + b.ffn.state_size() for b in self.blocks)
+
+
+def residual_config(cfg: Any) -> DictConfig:
+    """The run's `residual` section, or the standard residual for a config saved before the group existed."""
+    residual = cfg.get("residual")
+    return OmegaConf.create({"name": "standard"}) if residual is None else residual
