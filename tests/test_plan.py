@@ -195,7 +195,10 @@ def test_memory_estimate_is_within_15_percent_of_a_measured_cpu_peak() -> None:
         "trainer.device=cpu",
         "trainer.precision=fp32",
     ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    # a clean environment: nothing an earlier test in this process set (threads, allocator, debug) leaks in
+    keep = ("PATH", "HOME", "PYTHONPATH", "TMPDIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    env = {key: os.environ[key] for key in keep if key in os.environ}
+    env |= {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, *shape], capture_output=True, text=True, env=env, check=True
     )
