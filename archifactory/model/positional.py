@@ -62,6 +62,10 @@ class PositionContext:
     start: int  # absolute position of the first token of this call (the model's decode counter)
     length: int  # tokens in this call
     device: torch.device | None = None
+    # [B, T] bool, True at this call's real tokens and False at padding (`attention_mask == 0`); None when
+    # the batch has no padding. Mixins never read it directly: the kit's `zero_pads` / `fill_pads` turn
+    # it into identity steps of a recurrence, attention turns it into a key mask.
+    pad_mask: Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property

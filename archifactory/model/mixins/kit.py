@@ -8,6 +8,10 @@
 - `ShortConvolution`: the short causal depthwise convolution + SiLU with an explicit decode buffer;
 - `append_cache`: the KV cache of the attention mixers (new keys appended to the cached ones);
 - `token_shift`: RWKV's previous-token input, continuing from a decode buffer;
+- padding: `zero_pads` / `fill_pads` make every pad position of a padded batch (`ctx.pad_mask`) an identity
+  step of a recurrence — zero key/value/input contribution, zero log-decay (or a gate of 1), a zero input
+  to every short convolution and token shift — so a left-padded row ends in exactly the state of the row
+  run alone, and a right-padded row's real outputs are untouched;
 - the fla loader: `fla_op` imports `fla.ops.<module>.<name>` once, and when it cannot it says why (fla
   not installed, or installed but failing to import, e.g. a broken triton) in one log line per op;
   `fla_backend` turns a `backend` option into the path a layer takes.
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.mixins.base import resolve_backend
 from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.positional import PositionContext
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,29 @@ def append_cache(
         return fresh, None
     full = {name: torch.cat([state[name], tensor], dim=dim) for name, tensor in fresh.items()}
     return full, dict(full)
+
+
+def _pad_mask_like(x: Tensor, ctx: PositionContext) -> Tensor | None:
+    """ctx.pad_mask [B, T] shaped to broadcast over x [B, T, ...] (None: no padding in this call)."""
+    if ctx.pad_mask is None:
+        return None
+    mask = ctx.pad_mask
+    return mask.view(*mask.shape, *([1] * (x.dim() - mask.dim())))
+
+
+def zero_pads(x: Tensor, ctx: PositionContext) -> Tensor:
+    """x [B, T, ...] with every pad position set to 0 and no gradient through it: the identity input of a
+    recurrence for keys, values, input gates, log-decays, short-convolution and token-shift inputs.
+    Unchanged when the call has no padding."""
+    mask = _pad_mask_like(x, ctx)
+    return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def fill_pads(x: Tensor, ctx: PositionContext, value: float) -> Tensor:
+    """x [B, T, ...] with every pad position set to `value` (e.g. a multiplicative decay gate of 1, a
+    Mamba step size of 0); unchanged when the call has no padding."""
+    mask = _pad_mask_like(x, ctx)
+    return x if mask is None else torch.where(mask, x, torch.full((), value, dtype=x.dtype, device=x.device))
 
 
 def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
