@@ -3,7 +3,8 @@
 The layer shape is `deltanet.py`'s (fused q/k/v projection, short conv + SiLU, β = sigmoid(b_proj x), a
 Mamba2-style per-head decay, gated per-head RMSNorm, out_proj); the recurrence is a diagonal-plus-low-rank
 rule, so the reference is `reference/delta_rule.py`'s chunked DPLR form (`chunk_dplr`, `dplr_step`) with
-a scalar decay. On CUDA fla's `chunk_comba`.
+a scalar decay. On CUDA fla's `chunk_comba`. Pads of a padded batch are identity steps as in `deltanet.py`
+(zero conv input, β = 0, log-decay 0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import MixinState, projection_flops
 from archifactory.model.mixins.deltanet import DeltaRuleMixin, inverse_softplus_dt
-from archifactory.model.mixins.kit import fla_op, head_rms_norm
+from archifactory.model.mixins.kit import fla_op, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step, l2_normalize
 from archifactory.model.positional import PositionContext
@@ -108,7 +109,7 @@ class Comba(DeltaRuleMixin):
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
-        qkv = self.qkv_proj(x)
+        qkv = zero_pads(self.qkv_proj(x), ctx)  # pads: a zero input to the short conv
         conv_state = None
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, None if state is None else state["conv"])
@@ -122,8 +123,9 @@ class Comba(DeltaRuleMixin):
         if self.D is not None:
             q = (q - self.D[:, None] * p).to(k.dtype)
         q, k, p = l2_normalize(q), l2_normalize(k), l2_normalize(p)
-        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype)))  # [B, T, H]
-        g = self.log_decay(x)
+        # pads are identity steps: β = 0 (no write, no correction) and log-decay 0 (α = 1)
+        beta = zero_pads(torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype))), ctx)  # [B, T, H]
+        g = zero_pads(self.log_decay(x), ctx)
         past = None if state is None else state["recurrent"]
         if self.backend_name() == "fused" and not (past is not None and seq_len == 1):
             out, new_state = self._fused_comba(q, k, v, p, beta, g, past)

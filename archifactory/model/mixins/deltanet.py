@@ -4,6 +4,10 @@ They share one layer shape (fla's): a fused q/k/v projection, a short causal dep
 q, k and v, L2-normalised q and k per head, β = sigmoid(b_proj x), the chunked delta rule of
 `reference/delta_rule.py` (fla's Triton kernel on CUDA), a per-head RMSNorm (gated when the layer has an
 output gate) and `out_proj`. They differ only in the decay: none, one scalar per head, one per channel.
+
+Padded batches (`ctx.pad_mask`): a pad position is an identity step — a zero input to the short conv,
+β = 0 (no write) and log-decay 0 (no decay) — set on the layer's inputs, so the reference and the fused
+kernel both leave the state of a left-padded row exactly as the row alone would.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from archifactory.model.mixins.kit import (
     fla_backend,
     fla_op,
     head_rms_norm,
+    zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_delta_rule, delta_rule_step, l2_normalize
@@ -116,7 +121,7 @@ class DeltaRuleMixin(Mixin):
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
-        qkv = self.qkv_proj(x)
+        qkv = zero_pads(self.qkv_proj(x), ctx)  # pads: a zero input to the short conv
         conv_state = None
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, None if state is None else state["conv"])
@@ -127,11 +132,13 @@ class DeltaRuleMixin(Mixin):
         q = l2_normalize(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))  # [B, T, H, K]
         k = l2_normalize(k.reshape(batch, seq_len * steps, self.num_heads, self.head_k_dim))
         v = v.reshape(batch, seq_len * steps, self.num_heads, self.head_v_dim)  # [B, T·steps, H, V]
-        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype)))  # [B, T, H]
+        # pads are identity steps of the delta rule: β = 0 (no write) and log-decay 0 (no decay)
+        beta = zero_pads(torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype))), ctx)  # [B, T, H·steps]
         beta = beta.reshape(batch, seq_len * steps, self.num_heads)
         if self.allow_neg_eigval:  # β in (0, 2): eigenvalues of I - β k kᵀ in (-1, 1)
             beta = 2 * beta
         g = self.log_decay(x)
+        g = None if g is None else zero_pads(g, ctx)
         past = None if state is None else state["recurrent"]
         out, new_state = self._delta_rule(q, k, v, beta, g, past)
         out = head_rms_norm(out, self.norm_weight, self.norm_eps, self.output_gate(x), self.gate_activation)

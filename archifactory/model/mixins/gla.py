@@ -1,7 +1,9 @@
 """Gated linear attention mixers with a per-channel data-dependent decay: GLA and HGRN2.
 
 Both run `reference/gla.py` (chunked, plain PyTorch) or fla's `chunk_gla` Triton kernel on CUDA; they
-differ in how q, k, v and the decay come from the input.
+differ in how q, k, v and the decay come from the input. Pads of a padded batch (`ctx.pad_mask`) are
+identity steps: a zero input to the short conv, k = 0 (no write) and log-decay 0 (no decay), set on the
+kernel's inputs so the reference and fla's kernel both keep a left-padded row's state exact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from archifactory.model.mixins.kit import (
     fla_op,
     head_rms_norm,
     scaled_width,
+    zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.gla import chunk_gla, gla_step
@@ -43,9 +46,10 @@ class GLAFamily(Mixin):
 
     @abstractmethod
     def projections(
-        self, x: Tensor, conv_state: Tensor | None
+        self, x: Tensor, ctx: PositionContext, conv_state: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """q, k, g [B, T, H, K], v [B, T, H, V] and the new conv buffer (None without one)."""
+        """q, k, g [B, T, H, K], v [B, T, H, V] and the new conv buffer (None without one); a short conv
+        gets zeros at the pads of `ctx`."""
 
     @abstractmethod
     def readout(self, x: Tensor, out: Tensor) -> Tensor:
@@ -62,7 +66,8 @@ class GLAFamily(Mixin):
     def forward(
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
-        q, k, v, g, conv_state = self.projections(x, None if state is None else state.get("conv"))
+        q, k, v, g, conv_state = self.projections(x, ctx, None if state is None else state.get("conv"))
+        k, g = zero_pads(k, ctx), zero_pads(g, ctx)  # pads: no write, no decay
         past = None if state is None else state["recurrent"]
         if past is not None and x.shape[1] == 1:
             out, new_state = gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], past)
@@ -167,10 +172,10 @@ class GatedLinearAttention(GLAFamily):
         return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), *conv))
 
     def projections(
-        self, x: Tensor, conv_state: Tensor | None
+        self, x: Tensor, ctx: PositionContext, conv_state: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         batch, seq_len, _ = x.shape
-        qkv, new_conv = self.qkv_proj(x), None
+        qkv, new_conv = zero_pads(self.qkv_proj(x), ctx), None
         if self.conv is not None:
             qkv, new_conv = self.conv(qkv, conv_state)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -237,7 +242,7 @@ class HGRN2(GLAFamily):
         return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
     def projections(
-        self, x: Tensor, conv_state: Tensor | None
+        self, x: Tensor, ctx: PositionContext, conv_state: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         batch, seq_len, _ = x.shape
         q, f = self.qf_proj(x).split([self.forget_dim, self.forget_dim], dim=-1)

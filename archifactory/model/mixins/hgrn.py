@@ -1,4 +1,7 @@
-"""HGRN: the hierarchically gated recurrent network's element-wise gated linear recurrence."""
+"""HGRN: the hierarchically gated recurrent network's element-wise gated linear recurrence.
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps: zero input and log-forget-gate 0 (f = 1).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import fla_backend, head_rms_norm
+from archifactory.model.mixins.kit import fla_backend, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.hgrn import FUSED_KERNEL, diagonal_scan
 from archifactory.model.positional import PositionContext
@@ -87,6 +90,7 @@ class HGRN(Mixin):
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
         inputs, g, gate = self.gates(x)
+        inputs, g = zero_pads(inputs, ctx), zero_pads(g, ctx)  # pads: h_t = h_{t-1}
         past = None if state is None else state["recurrent"]
         h, new_state = diagonal_scan(inputs, g, past, self.backend_name(), self.chunk_size)
         y = head_rms_norm(h[..., None, :], self.norm_weight, self.norm_eps, gate)  # one group: all of it

@@ -1,4 +1,8 @@
-"""Linear attention (Katharopoulos et al., 2020): a feature map instead of the softmax."""
+"""Linear attention (Katharopoulos et al., 2020): a feature map instead of the softmax.
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps: φ(k) = 0 at a pad, so neither the state nor
+the normaliser's key sum z (the ones column) moves.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import fla_backend, scaled_width
+from archifactory.model.mixins.kit import fla_backend, scaled_width, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, simple_gla_forward
 from archifactory.model.positional import PositionContext
@@ -83,7 +87,7 @@ class LinearAttention(Mixin):
         q, k, v = self.qkv_proj(x).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         phi = FEATURE_MAPS[self.feature_map]
         q = phi(q).view(batch, seq_len, self.num_heads, self.head_k_dim)  # [B, T, H, K]
-        k = phi(k).view(batch, seq_len, self.num_heads, self.head_k_dim)
+        k = zero_pads(phi(k).view(batch, seq_len, self.num_heads, self.head_k_dim), ctx)  # pads: no write
         v = v.view(batch, seq_len, self.num_heads, self.head_v_dim)  # [B, T, H, V]
         if self.normalize:  # a column of ones: its output is φ(q)·z, its state column is z
             v = torch.cat([v, v.new_ones(batch, seq_len, self.num_heads, 1)], dim=-1)

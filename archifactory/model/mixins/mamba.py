@@ -1,4 +1,8 @@
-"""Mamba (Mamba-1): the selective state-space model."""
+"""Mamba (Mamba-1): the selective state-space model.
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps: a zero conv input and a step size dt = 0, so
+exp(dt·A) = 1 and dt·B·x = 0 and the scan's state passes through unchanged.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import ShortConvolution, fla_backend
+from archifactory.model.mixins.kit import ShortConvolution, fla_backend, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.hgrn import FUSED_KERNEL, diagonal_scan
 from archifactory.model.positional import PositionContext
@@ -101,10 +105,10 @@ class Mamba(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
         xs, z = self.in_proj(x).split(self.inner_dim, dim=-1)
-        xs, conv_state = self.conv1d(xs, None if state is None else state["conv"])  # [B, T, d_inner]
+        xs, conv_state = self.conv1d(zero_pads(xs, ctx), None if state is None else state["conv"])
         dt_low, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.dt_proj(dt_low).to(dtype))  # [B, T, d_inner]
+        dt = zero_pads(F.softplus(self.dt_proj(dt_low).to(dtype)), ctx)  # [B, T, d_inner]; pads: dt = 0
         xs, b, c = xs.to(dtype), b.to(dtype), c.to(dtype)
         # channels (d, n) flattened: decay dt·A, input dt·x·B, both [B, T, d_inner · N]
         log_decay = (dt[..., None] * -torch.exp(self.A_log.to(dtype))).flatten(2)

@@ -1,4 +1,8 @@
-"""Mamba2 (state-space duality)."""
+"""Mamba2 (state-space duality).
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps: a zero conv input and a step size dt = 0, so
+the decay exp(dt·A) is 1 and the input dt·x is 0 (on the reference and the fused path alike).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import ShortConvolution, fla_backend, head_rms_norm
+from archifactory.model.mixins.kit import ShortConvolution, fla_backend, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, simple_gla_forward
 from archifactory.model.positional import PositionContext
@@ -107,7 +111,7 @@ class Mamba2(Mixin):
         batch, seq_len, _ = x.shape
         heads, groups = self.num_heads, self.n_groups
         z, xbc, dt = self.in_proj(x).split([self.inner_dim, self.conv_dim, heads], dim=-1)
-        xbc, conv_state = self.conv1d(xbc, None if state is None else state["conv"])
+        xbc, conv_state = self.conv1d(zero_pads(xbc, ctx), None if state is None else state["conv"])
         xs, b, c = xbc.split([self.inner_dim, groups * self.d_state, groups * self.d_state], dim=-1)
         xs = xs.reshape(batch, seq_len, heads, self.head_dim)  # [B, T, H, P]
         # B and C per group [B, T, G, N], shared by the heads of the group: simple GLA takes grouped q/k
@@ -115,7 +119,7 @@ class Mamba2(Mixin):
         b = b.reshape(batch, seq_len, groups, self.d_state)
         c = c.reshape(batch, seq_len, groups, self.d_state)
         dtype = compute_dtype(x.dtype)
-        dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
+        dt = zero_pads(F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)), ctx)  # [B, T, H]; pads: dt = 0
         log_decay = -torch.exp(self.A_log.to(dtype)) * dt  # A·dt <= 0
         y, ssm_state = simple_gla_forward(
             c, b, xs * dt[..., None].to(xs.dtype), log_decay, 1.0,

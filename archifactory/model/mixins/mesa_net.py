@@ -1,4 +1,8 @@
-"""MesaNet: a linear-time layer whose output solves a ridge regression over the past (the mesa layer)."""
+"""MesaNet: a linear-time layer whose output solves a ridge regression over the past (the mesa layer).
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps: a zero conv input, β = 0 (neither the key
+covariance H nor G is written) and log-decay 0.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from archifactory.model.mixins.kit import (
     fla_backend,
     fla_op,
     head_rms_norm,
+    zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import l2_normalize
@@ -112,12 +117,12 @@ class MesaNet(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
         dtype = compute_dtype(x.dtype)
-        qk, conv_state = self.conv(self.qk_proj(x), None if state is None else state["conv"])
+        qk, conv_state = self.conv(zero_pads(self.qk_proj(x), ctx), None if state is None else state["conv"])
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         q, k = (l2_normalize(t.reshape(shape)) for t in qk.chunk(2, dim=-1))  # [B, T, H, d]
         v = self.v_proj(x).reshape(shape)
-        g = F.logsigmoid(self.a_proj(x).to(dtype))  # [B, T, H]
-        beta = torch.sigmoid(self.b_proj(x).to(dtype))
+        g = zero_pads(F.logsigmoid(self.a_proj(x).to(dtype)), ctx)  # [B, T, H]; pads: no decay
+        beta = zero_pads(torch.sigmoid(self.b_proj(x).to(dtype)), ctx)  # pads: no write
         lamb = self.ridge(dtype)
         past = None if state is None else (state["kk"], state["kv"])
         if past is not None and seq_len == 1:

@@ -1,4 +1,7 @@
-"""Multi-scale retention (RetNet)."""
+"""Multi-scale retention (RetNet).
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps: k = 0 and log-decay 0 at a pad.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import fla_backend, scaled_width
+from archifactory.model.mixins.kit import fla_backend, scaled_width, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, simple_gla_forward
 from archifactory.model.positional import PositionContext
@@ -94,6 +97,7 @@ class MultiScaleRetention(Mixin):
         q, k = ctx.rotate(q), ctx.rotate(k)
         log_decay = retention_log_decay(self.num_heads, x.device, x.dtype)
         g = log_decay.expand(batch, seq_len, self.num_heads)  # [B, T, H]
+        k, g = zero_pads(k, ctx), zero_pads(g, ctx)  # pads: no write, no decay
         past = None if state is None else state["retention"]
         out, new_state = simple_gla_forward(
             q, k, v, g, self.head_k_dim**-0.5, past, self.backend_name(), self.chunk_size

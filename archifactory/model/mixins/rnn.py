@@ -4,12 +4,19 @@ The inner recurrent network runs with `batch_first=True` over [B, T, D], so ever
 its own recurrence (running it with the default time-first layout on batch-first tensors would recur over
 the batch axis and mix sequences). States are stored batch-first, [B, layers, size], like every other
 mixin's state, and transposed to torch's [layers, B, size] at the call.
+
+Padded batches (`ctx.pad_mask`): an LSTM/RNN moves its state on every input, a zero one included, so a pad
+cannot be made an identity step by zeroing inputs. Instead each row's real tokens are gathered to the
+front in order (`compact`), run as a packed sequence (torch's own length-aware kernels, cuDNN on CUDA),
+which stops every row's recurrence at its last real token, and the outputs are scattered back to their
+positions (zeros at the pads). The state thus holds across every pad, wherever the pads are, exactly.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
@@ -24,6 +31,13 @@ def _check_positive(name: str, **sizes: int) -> None:
     for key, value in sizes.items():
         if value < 1:
             raise ArchiFactoryError(f"mixin={name}: {key}={value} must be a positive integer")
+
+
+def compact(pad_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """For pad_mask [B, T] (True = real token): the positions of each row's real tokens in order, then its
+    pads ([B, T], a stable sort), and the number of real tokens per row [B]."""
+    order = torch.sort((~pad_mask).to(torch.uint8), dim=1, stable=True).indices
+    return order, pad_mask.sum(1)
 
 
 class _TorchRecurrentMixin(Mixin):
@@ -50,14 +64,42 @@ class _TorchRecurrentMixin(Mixin):
     def forward(
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
+        if ctx.pad_mask is not None:
+            return self._forward_padded(x, ctx.pad_mask, state)
         if state is None:
             out, _ = self.rnn(x)  # zero initial state
             return self.out_proj(out), None
+        out, final = self.rnn(x, self._torch_state(state))  # out [B, T, size]
+        return self.out_proj(out), self._mixin_state(final)
+
+    def _torch_state(self, state: MixinState) -> Tensor | tuple[Tensor, ...]:
+        """Our batch-first state -> torch's ([layers, B, size], one tensor or the LSTM's (h, c))."""
         torch_state = tuple(state[name].transpose(0, 1).contiguous() for name in self.state_names)
-        out, final = self.rnn(x, torch_state if len(torch_state) > 1 else torch_state[0])  # out [B, T, size]
+        return torch_state if len(torch_state) > 1 else torch_state[0]
+
+    def _mixin_state(self, final: Tensor | tuple[Tensor, ...]) -> MixinState:
+        """torch's final state -> ours, batch-first [B, layers, size]."""
         final = final if isinstance(final, tuple) else (final,)
-        new_state = {name: t.transpose(0, 1) for name, t in zip(self.state_names, final)}  # [B, layers, size]
-        return self.out_proj(out), new_state
+        return {name: t.transpose(0, 1) for name, t in zip(self.state_names, final)}
+
+    def _forward_padded(
+        self, x: Tensor, pad_mask: Tensor, state: MixinState | None
+    ) -> tuple[Tensor, MixinState | None]:
+        """The recurrence over each row's real tokens only (see the module docstring); a row with no real
+        token keeps its state. Reads the row lengths back to the host (pack_padded_sequence needs them)."""
+        order, lengths = compact(pad_mask)  # [B, T], [B]
+        packed_x = x.gather(1, order[..., None].expand_as(x))  # real tokens first, in order
+        cpu_lengths = lengths.clamp(min=1).cpu()  # an all-pad row runs one step, discarded below
+        packed = pack_padded_sequence(packed_x, cpu_lengths, batch_first=True, enforce_sorted=False)
+        torch_state = None if state is None else self._torch_state(state)
+        out, final = self.rnn(packed, torch_state)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # zeros past a length
+        out = torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)  # back to positions
+        if state is None:
+            return self.out_proj(out), None
+        new_state = self._mixin_state(final)
+        empty = (lengths == 0)[:, None, None]
+        return self.out_proj(out), {name: torch.where(empty, state[name], t) for name, t in new_state.items()}
 
     def backend_name(self) -> str:
         device = self.out_proj.weight.device

@@ -13,6 +13,9 @@ Two reference implementations of it live here, both in plain PyTorch:
   sub-chunk need a pairwise [S, S, K] decay; pairs across sub-chunks are matrix products of decayed r and
   k; across chunks the state is carried by a loop over chunks. Log-decays and the state are kept in at least fp32.
 - `wkv6_recurrent`: token by token, the decode step (and the oracle for the chunked form).
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps, set on the layer's inputs: zeros shifted in
+by the token shift, k = 0 and log-decay 0, so a left-padded row ends in the state of the row alone.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm, token_shift
+from archifactory.model.mixins.kit import (
+    check_divisible,
+    fla_backend,
+    fla_op,
+    head_group_norm,
+    token_shift,
+    zero_pads,
+)
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
@@ -242,7 +252,8 @@ class RWKV6TimeMix(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, dim = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        delta = token_shift(x, None if state is None else state["shift"]) - x  # x_{t-1} - x_t, [B, T, D]
+        # x_{t-1} - x_t [B, T, D]; pads shift in zeros, as the start of a sequence does
+        delta = token_shift(zero_pads(x, ctx), None if state is None else state["shift"]) - x
 
         # ddlerp: five data-dependent interpolations between x_t and x_{t-1}
         lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(
@@ -257,6 +268,7 @@ class RWKV6TimeMix(Mixin):
         shape = (batch, seq_len, heads, head_dim)
         r, k, v = self.receptance(x_r).view(shape), self.key(x_k).view(shape), self.value(x_v).view(shape)
         g = log_decay.view(shape)
+        k, g = zero_pads(k, ctx), zero_pads(g, ctx)  # pads: no write, no decay (identity WKV steps)
 
         wkv_state = None if state is None else state["wkv"]
         out, final = self._wkv(r, k, v, g, wkv_state)  # [B, T, H, V]

@@ -1,4 +1,8 @@
-"""RWKV-7 "Goose" time-mix: the generalised delta rule with vector-valued decay and in-context learning rate."""
+"""RWKV-7 "Goose" time-mix: the generalised delta rule with vector-valued decay and in-context learning rate.
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps, set on the layer's inputs: zeros shifted in by
+the token shift, k = 0, a = 0 (so β = κ̂ ⊙ a = 0) and log-decay 0.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,14 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
-from archifactory.model.mixins.kit import check_divisible, fla_backend, fla_op, head_group_norm, token_shift
+from archifactory.model.mixins.kit import (
+    check_divisible,
+    fla_backend,
+    fla_op,
+    head_group_norm,
+    token_shift,
+    zero_pads,
+)
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step
 from archifactory.model.mixins.rwkv6 import depth_ratios
@@ -127,7 +138,8 @@ class RWKV7TimeMix(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
-        delta = token_shift(x, None if state is None else state["shift"]) - x  # x_{t-1} - x_t, [B, T, D]
+        # x_{t-1} - x_t [B, T, D]; pads shift in zeros, as the start of a sequence does
+        delta = token_shift(zero_pads(x, ctx), None if state is None else state["shift"]) - x
         mixed = x[:, :, None] + delta[:, :, None] * self.time_mix  # [B, T, 6, D]
         x_r, x_w, x_k, x_v, x_a, x_g = mixed.unbind(dim=2)
         dtype = compute_dtype(x.dtype)
@@ -138,6 +150,8 @@ class RWKV7TimeMix(Mixin):
         kappa = F.normalize((k * self.k_k).view(shape), dim=-1)  # κ̂ [B, T, H, K]
         k = k * (1 + (a - 1) * self.k_a)  # the replacement key
         r, k, v, a, log_w = r.view(shape), k.view(shape), v.view(shape), a.view(shape), log_w.view(shape)
+        # pads are identity steps: no write (k = 0), no removal (a = 0 in β = κ̂ ⊙ a), no decay
+        k, a, log_w = zero_pads(k, ctx), zero_pads(a, ctx), zero_pads(log_w, ctx)
         past = None if state is None else state["recurrent"]
         out, new_state = self._recurrence(r, log_w, k, v, -kappa, kappa * a, past)  # [B, T, H, V]
         out = head_group_norm(out, self.norm_weight, self.norm_bias, self.norm_eps)  # [B, T, D]

@@ -1,4 +1,8 @@
-"""Simple gated linear attention: GLA with one data-dependent scalar decay per head and step."""
+"""Simple gated linear attention: GLA with one data-dependent scalar decay per head and step.
+
+Pads of a padded batch (`ctx.pad_mask`) are identity steps: a zero input to the short conv, k = 0 and
+log-decay 0, set on the kernel's inputs (reference and fused path alike).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from archifactory.model.mixins.kit import (
     grouped_heads,
     head_rms_norm,
     scaled_width,
+    zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.simple_gla import FUSED_KERNEL, expand_heads, simple_gla_forward
@@ -97,7 +102,7 @@ class SimpleGLA(Mixin):
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
-        qkv, conv_state = self.qkv_proj(x), None
+        qkv, conv_state = zero_pads(self.qkv_proj(x), ctx), None  # pads: a zero conv input
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, None if state is None else state["conv"])
         q, k, v = qkv.split(self.widths, dim=-1)
@@ -105,6 +110,7 @@ class SimpleGLA(Mixin):
         k = expand_heads(k.view(batch, seq_len, self.num_kv_heads, self.head_k_dim), self.num_heads, 2)
         v = expand_heads(v.view(batch, seq_len, self.num_kv_heads, self.head_v_dim), self.num_heads, 2)
         g = F.logsigmoid(self.gk_proj(x).to(compute_dtype(x.dtype))) / self.normalizer  # [B, T, H]
+        k, g = zero_pads(k, ctx), zero_pads(g, ctx)  # pads: no write, no decay
         past = None if state is None else state["recurrent"]
         out, new_state = simple_gla_forward(
             q, k, v, g, self.head_k_dim**-0.5, past, self.backend_name(), self.chunk_size
