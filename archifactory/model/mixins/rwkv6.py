@@ -253,7 +253,8 @@ class RWKV6TimeMix(Mixin):
         batch, seq_len, dim = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         # x_{t-1} - x_t [B, T, D]; pads shift in zeros, as the start of a sequence does
-        delta = token_shift(zero_pads(x, ctx), None if state is None else state["shift"]) - x
+        shift_in = zero_pads(x, ctx)  # its last token is the decode buffer (a trailing pad leaves 0)
+        delta = token_shift(shift_in, None if state is None else state["shift"]) - x
 
         # ddlerp: five data-dependent interpolations between x_t and x_{t-1}
         lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(
@@ -275,7 +276,7 @@ class RWKV6TimeMix(Mixin):
 
         out = head_group_norm(out, self.norm_weight, self.norm_bias, self.norm_eps).to(x.dtype)  # [B, T, D]
         y = self.out_proj(out * F.silu(self.gate(x_g)))
-        new_state = None if state is None else {"wkv": final.to(state["wkv"].dtype), "shift": x[:, -1]}
+        new_state = None if state is None else {"wkv": final.to(state["wkv"].dtype), "shift": shift_in[:, -1]}
         return y, new_state
 
     def _wkv(

@@ -139,7 +139,8 @@ class RWKV7TimeMix(Mixin):
         batch, seq_len, dim = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         # x_{t-1} - x_t [B, T, D]; pads shift in zeros, as the start of a sequence does
-        delta = token_shift(zero_pads(x, ctx), None if state is None else state["shift"]) - x
+        shift_in = zero_pads(x, ctx)  # its last token is the decode buffer (a trailing pad leaves 0)
+        delta = token_shift(shift_in, None if state is None else state["shift"]) - x
         mixed = x[:, :, None] + delta[:, :, None] * self.time_mix  # [B, T, 6, D]
         x_r, x_w, x_k, x_v, x_a, x_g = mixed.unbind(dim=2)
         dtype = compute_dtype(x.dtype)
@@ -158,7 +159,7 @@ class RWKV7TimeMix(Mixin):
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, V]
         out = (out + bonus.to(out.dtype).reshape(batch, seq_len, dim)) * gate.to(out.dtype)
         y = self.out_proj(out.to(x.dtype))
-        new = None if state is None else {"recurrent": new_state, "shift": x[:, -1]}
+        new = None if state is None else {"recurrent": new_state, "shift": shift_in[:, -1]}
         return y, new
 
     def _recurrence(
