@@ -22,8 +22,8 @@ def attention_reference(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float | None = None
 ) -> Tensor:
     """Plain softmax attention. q [B, H, Tq, E], k [B, H, Tk, E], v [B, H, Tk, Ev], mask [Tq, Tk] or
-    [B, 1, Tq, Tk] bool (True = attend), bias [H, Tq, Tk] (or [B, H, Tq, Tk]) additive, logits scaled by `scale` (default 1/sqrt(E)), in fp32
-    (fp64 for fp64 inputs)."""
+    [B, 1, Tq, Tk] bool (True = attend), bias [H, Tq, Tk] (or [B, H, Tq, Tk]) additive, logits scaled by
+    `scale` (default 1/sqrt(E)), in fp32 (fp64 for fp64 inputs)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
     scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
