@@ -24,7 +24,12 @@ LENGTHS = (31, 30, 27, 24, 29)  # pads 0, 1, 4, 7, 2; chunked mixins use chunk 1
 # `ctx.pad_mask`: then this becomes `sorted(components("mixin"))` (archifactory.core.registry).
 COVERED = ("fox", "gqa", "mla", "path_attn", "swa")
 OPTIONS = {"swa": ["mixin.window=8"], "path_attn": ["mixin.chunk_size=16"]}
-HYBRID = ["mixin=path_attn", "mixin.chunk_size=16", "model.layer_pattern=[path_attn,{name:swa,window:8},mla]"]
+HYBRID = [
+    "mixin=path_attn",
+    "mixin.chunk_size=16",
+    "model.num_layers=3",
+    "model.layer_pattern=[path_attn,{name:swa,window:8},mla]",
+]
 ATOL = 1e-5
 
 

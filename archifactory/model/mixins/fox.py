@@ -30,7 +30,9 @@ class ForgettingAttention(Mixin):
     apply (rope rotates q/k, alibi adds its bias). Optional SiLU output gate and grouped K/V heads.
     Decode state: the KV cache [B, H_kv, T, d] and each cached key's c_j [B, H, T]; c of the newest token
     is the last entry. The reference materialises the [B, H, T, T] bias (SDPA with an additive mask, or
-    the explicit fp32 softmax); fla's `parallel_forgetting_attn` is the fused path on CUDA.
+    the explicit fp32 softmax); fla's `parallel_forgetting_attn` is the fused path on CUDA. In a padded
+    batch a pad forgets nothing (log f = 0) and its key is masked; the fused kernel has no mask, so a padded
+    call takes SDPA.
 
     Options:
         num_heads; num_kv_heads (null = num_heads); use_output_gate: SiLU(g_proj x) on the output;

@@ -43,7 +43,9 @@ class PaTHAttention(Mixin):
     encoding. Grouped K/V heads; optional per-head RMSNorm of q and k. The reference is blockwise
     (`reference/path_attn.py`, O(T²) like attention); on CUDA fla's `parallel_path_attn`. Decode state:
     the KV cache with every key already carried to the newest token [B, T, H_kv, d] (fp32), the values,
-    the gates' G per query head (with the forget gate) and the w conv buffer.
+    the gates' G per query head (with the forget gate) and the w conv buffer. In a padded batch a pad is
+    an identity step (β = 0, zero conv input, log f = 0) and its key is masked; a padded call runs the
+    reference (fla's kernel has no mask).
 
     Options:
         num_heads; num_kv_heads (null = num_heads); use_forget_gate; use_qk_norm (eps `norm_eps`);

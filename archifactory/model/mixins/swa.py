@@ -93,7 +93,9 @@ class SlidingWindowAttention(Mixin):
     scheme (rope rotates q/k, alibi adds a bias). Linear in the sequence length: the reference cuts the
     queries into blocks that attend to the window + block keys reaching them. Decode state:
     the last window - 1 keys and values ([B, H_kv, min(T, window - 1), d] each), so memory stays bounded.
-    Usable alone or as the attention layer of a hybrid (`model.attention_mixin=swa`).
+    Usable alone or as the attention layer of a hybrid (`model.attention_mixin=swa`). In a padded batch
+    the pad keys are masked (the window counts pads, which only ever precede a row's tokens); fla's kernel
+    has no mask, so a padded call takes SDPA.
 
     Options:
         num_heads: query heads; num_kv_heads: key/value heads (None = num_heads);
