@@ -151,8 +151,14 @@ def test_left_padded_rows_equal_each_row_alone(name: str) -> None:
     check_padded_equals_alone(tiny_model(f"mixin={name}", *OPTIONS.get(name, [])))
 
 
-@pytest.mark.parametrize("scheme", ["none", "learned", "sinusoidal", "rope", "alibi"])
-@pytest.mark.parametrize("name", ["gqa", "swa", "mla", "fox"])
+SCHEMES = ("none", "learned", "sinusoidal", "rope", "alibi")
+# every scheme with gqa and mla (its own decoupled rope); swa's and fox's bias / additive paths
+POSITIONAL_CASES = [(n, s) for n in ("gqa", "mla") for s in SCHEMES] + [
+    ("swa", "alibi"), ("swa", "learned"), ("fox", "alibi"), ("fox", "sinusoidal"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, scheme", POSITIONAL_CASES)
 def test_every_positional_scheme_counts_real_tokens_only(name: str, scheme: str) -> None:
     check_padded_equals_alone(tiny_model(f"mixin={name}", f"positional={scheme}", *OPTIONS.get(name, [])))
 
