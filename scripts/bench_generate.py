@@ -11,7 +11,11 @@ noisy shared machine):
   which grows with C; recurrent mixins: a constant-size state);
 - flat ×: the step time at the longest context over the shortest (recurrent mixins should stay near 1);
 - cached vs uncached at `--uncached-context`: the step time when every new token recomputes the full
-  forward over the whole sequence (what a model without a cache does), over the cached step time.
+  forward over the whole sequence (what a model without a cache does), over the cached step time;
+- mixed lengths: `--mixed-prompts` prompts of as many different lengths (`--mixed-min` + 4 i tokens),
+  `--mixed-new` greedy tokens each through `archifactory.generate`: new tokens per second with the prompts
+  in one left-padded batch (`padding=left`) and grouped by length (`padding=group`, one batch per length),
+  and their ratio (batched × grouped).
 
 Step times are CPU seconds of this process (`--clock cpu`, the default, with one torch thread) or wall
 seconds (`--clock wall`). On a shared machine whose other jobs outnumber the cores, wall time mostly
@@ -20,6 +24,7 @@ machine or a GPU, where `--device cuda` synchronises around every step).
 
     python scripts/bench_generate.py --markdown                 # contexts 128, 1024, 4096; every mixin
     python scripts/bench_generate.py --mixins gqa,rwkv6 --contexts 128,1024 --steps 8
+    python scripts/bench_generate.py --mixins gqa --contexts 128 --markdown   # + the mixed-length row
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ if str(REPO) not in sys.path:  # a script in the repository: run it without inst
     sys.path.insert(0, str(REPO))
 
 from archifactory.core.registry import components  # noqa: E402
+from archifactory.generate.sampling import generate  # noqa: E402
 from archifactory.model.build import build_model  # noqa: E402
 
 
@@ -51,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     parser.add_argument("--uncached-context", type=int, default=1024)
     parser.add_argument("--uncached-steps", type=int, default=3, help="timed full-recompute steps")
+    parser.add_argument("--mixed-prompts", type=int, default=16, help="prompts of distinct lengths (0: skip)")
+    parser.add_argument("--mixed-min", type=int, default=16, help="the shortest mixed prompt")
+    parser.add_argument("--mixed-new", type=int, default=32, help="new tokens per mixed prompt")
     parser.add_argument("--model", default="tiny", help="model size preset")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -135,8 +144,33 @@ def time_uncached(model, context: int, steps: int, vocab: int, device: str) -> f
     return statistics.median(times)
 
 
+@torch.inference_mode()
+def time_mixed(model, args: argparse.Namespace) -> tuple[float, float]:
+    """New tokens per second for `--mixed-prompts` prompts of distinct lengths: one left-padded batch,
+    and one batch per length (greedy, no stop tokens, so every row makes `--mixed-new` tokens)."""
+    lengths = [args.mixed_min + 4 * i for i in range(args.mixed_prompts)]
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, args.vocab, (n,), generator=generator).tolist() for n in lengths]
+    speeds = []
+    for padding in ("left", "group"):
+        generate(model, prompts[:2], 2, padding=padding)  # warm-up
+        sync(args.device)
+        start = clock()
+        generate(model, prompts, args.mixed_new, padding=padding)
+        sync(args.device)
+        speeds.append(len(prompts) * args.mixed_new / (clock() - start))
+    return speeds[0], speeds[1]
+
+
 def measure(mixin: str, args: argparse.Namespace, contexts: list[int]) -> dict[str, Any]:
-    max_len = max(contexts + [args.uncached_context]) + args.warmup + args.steps + args.uncached_steps + 8
+    mixed_len = args.mixed_min + 4 * args.mixed_prompts + args.mixed_new
+    max_len = (
+        max(contexts + [args.uncached_context, mixed_len])
+        + args.warmup
+        + args.steps
+        + args.uncached_steps
+        + 8
+    )
     torch.manual_seed(0)
     model = build(mixin, args.model, args.vocab, max_len, args.device)
     row: dict[str, Any] = {"mixin": mixin, "backend": model.blocks[0].mixin.backend_name()}
@@ -152,6 +186,9 @@ def measure(mixin: str, args: argparse.Namespace, contexts: list[int]) -> dict[s
         cached = cached[args.uncached_context][0]
     uncached = time_uncached(model, args.uncached_context, args.uncached_steps, args.vocab, args.device)
     row["uncached_speedup"] = uncached / cached
+    if args.mixed_prompts:
+        row["mixed_batched_tok_s"], row["mixed_grouped_tok_s"] = time_mixed(model, args)
+        row["mixed_ratio"] = row["mixed_batched_tok_s"] / row["mixed_grouped_tok_s"]
     return row
 
 
@@ -159,12 +196,18 @@ def markdown(rows: list[dict[str, Any]], contexts: list[int], uncached_context: 
     head = ["mixin", "backend"]
     head += [f"decode tok/s @{c}" for c in contexts] + [f"state MB @{c}" for c in contexts]
     head += [f"flat × ({contexts[-1]}/{contexts[0]})", f"cached vs uncached @{uncached_context}"]
+    mixed = "mixed_ratio" in rows[0]
+    if mixed:
+        head += ["mixed tok/s batched", "mixed tok/s grouped", "batched × grouped"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for row in rows:
         cells = [row["mixin"], row["backend"]]
         cells += [f"{row[f'tok_s_{c}']:,.0f}" for c in contexts]
         cells += [f"{row[f'state_mb_{c}']:.3f}" for c in contexts]
         cells += [f"{row['flat']:.2f}", f"{row['uncached_speedup']:.1f}×"]
+        if mixed:
+            cells += [f"{row['mixed_batched_tok_s']:,.0f}", f"{row['mixed_grouped_tok_s']:,.0f}"]
+            cells += [f"{row['mixed_ratio']:.1f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

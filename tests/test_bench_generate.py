@@ -21,6 +21,7 @@ def bench():
 
 def test_tiny_run_prints_a_table_with_growing_and_constant_states(bench, capsys) -> None:
     tiny = ["--contexts", "16,48", "--steps", "2", "--warmup", "1", "--uncached-context", "16"]
+    tiny += ["--mixed-prompts", "3", "--mixed-min", "5", "--mixed-new", "2"]
     code = bench.main(
         [*tiny, "--uncached-steps", "1", "--vocab", "64", "--threads", "1", "--mixins", "gqa,lstm"]
     )
@@ -29,6 +30,7 @@ def test_tiny_run_prints_a_table_with_growing_and_constant_states(bench, capsys)
     rows = {line.split(": ")[0].split(" ")[0]: line for line in out.splitlines()}
     assert set(rows) == {"gqa", "lstm"}
     assert "uncached_speedup=" in rows["gqa"] and "flat=" in rows["lstm"]
+    assert "mixed_ratio=" in rows["gqa"]
     code = bench.main(
         [*tiny, "--uncached-steps", "1", "--vocab", "64", "--threads", "1", "--mixins", "rnn", "--markdown"]
     )

@@ -175,12 +175,37 @@ def test_an_unknown_component_is_refused_in_one_line(tokenizer, tmp_path: Path) 
         StackedMixinForCausalLM.from_pretrained(folder)
 
 
-def test_padded_batches_are_refused_not_silently_wrong(tokenizer, tmp_path: Path) -> None:
-    _, folder = saved_model(tokenizer, tmp_path / "model", "rwkv6")
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_left_padded_batch_generates_each_row_as_alone(do_sample: bool, tokenizer, tmp_path: Path) -> None:
+    """transformers' generate() over a left-padded batch == each prompt alone, token for token (greedy;
+    sampling: the padded batch is reproducible per seed and its rows are valid continuations)."""
+    _, folder = saved_model(tokenizer, tmp_path / "model", "gqa")
     hf = AutoModelForCausalLM.from_pretrained(folder)
-    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
-    with pytest.raises(ArchiFactoryError, match="padded"):
-        hf.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]), max_new_tokens=2)
+    rows = [tokenizer.encode(t) for t in ("the queen said to the king", "the mat", "sing! the bird sat on")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    options = {"max_new_tokens": 8, "do_sample": do_sample, "eos_token_id": None, "pad_token_id": 0}
+    torch.manual_seed(0)
+    produced = hf.generate(ids, attention_mask=mask, **options)[:, width:]
+    if do_sample:
+        torch.manual_seed(0)
+        assert torch.equal(hf.generate(ids, attention_mask=mask, **options)[:, width:], produced)
+        return
+    for b, row in enumerate(rows):
+        alone = hf.generate(torch.tensor([row]), **options)[0, len(row) :]
+        assert produced[b].tolist() == alone.tolist()
+
+
+def test_right_padding_in_generate_is_refused_in_one_line(tokenizer, tmp_path: Path) -> None:
+    _, folder = saved_model(tokenizer, tmp_path / "model", "gqa")
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    with pytest.raises(ArchiFactoryError, match="right-padded") as error:
+        hf.generate(
+            ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2, pad_token_id=0
+        )
+    one_line(error)
 
 
 def test_import_archifactory_registers_the_auto_classes_lazily(tokenizer, tmp_path: Path) -> None:

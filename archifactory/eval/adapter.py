@@ -12,7 +12,8 @@ runs on a `StackedMixinForCausalLM` with the tokenizer it was trained with:
 - `loglikelihood_rolling` — lm-eval's disjoint rolling windows at the model's `max_seq_len` (each token
   predicted once, the first after EOS, later windows with full context), summed per document.
 - `generate_until` — greedy or sampled continuation through `archifactory.generate.generate`, contexts
-  left-truncated to leave room for `max_gen_toks`, stopped at the task's `until` strings and EOS.
+  left-truncated to leave room for `max_gen_toks`, stopped at the task's `until` strings and EOS; contexts
+  of different lengths share a batch, left-padded (each row exactly as alone).
 
 `truncated` counts the requests whose context was cut on the left; the eval runner reports it.
 """
@@ -167,7 +168,8 @@ class ArchiFactoryLM(TemplateLM):
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Greedy or sampled continuations through `archifactory.generate` (exact batched decoding); requests
-        with the same generation options run in batches of prompts sorted by length."""
+        with the same generation options run in left-padded batches of `batch_size` prompts of any lengths
+        (sorted by length first, so a batch holds little padding)."""
         stats = self._stats("generate_until")
         stats.requests += len(requests)
         stop_ids = [self.eot_token_id]

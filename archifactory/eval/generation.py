@@ -1,7 +1,7 @@
 """lm-eval's generation options, read for `ArchiFactoryLM.generate_until` (which runs `archifactory.generate.sampling`).
 
 Each request is `(context, gen_kwargs)`; requests with the same `gen_kwargs` run together, in batches of
-the adapter's batch size (sorted by prompt length, so `generate`'s equal-length groups are large).
+the adapter's batch size (sorted by prompt length, so a left-padded batch holds little padding).
 Options understood (lm-eval's / Hugging Face's names): `until` (stop strings, a string or a list),
 `max_gen_toks` (or `max_new_tokens`; default `eval.max_gen_toks`), `do_sample` (False: greedy),
 `temperature` (1.0 when sampling without one), `top_k`, `top_p`, `repetition_penalty`. Others are

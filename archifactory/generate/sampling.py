@@ -10,10 +10,11 @@ constant-size recurrent state; lstm/rnn: hidden cells) and the model owns the po
 prefill over the prompt followed by single-token steps gives exactly the logits of recomputing the full
 forward at every step (`use_cache=False` does the latter, for tests and the benchmark).
 
-Batches of prompts with different lengths: prompts are grouped by length and each group is prefilled and
-decoded as one batch. No padding ever enters a state, so recurrent mixins are exact too (left padding would
-need every mixin to mask padded steps out of its recurrence, and the one shared position counter would be
-wrong for the shorter prompts). A batch of equal-length prompts runs as one batch.
+Batches of prompts with different lengths (`padding`): `left` (the default) pads them on the left into one
+batch with an attention mask, so one prefill and one decode loop serve every prompt. The model makes a pad
+an identity step of every recurrence, masks pad keys in attention and counts positions over real tokens
+only (`model/padding.py`), so each row's tokens equal those of the prompt generated alone. `group` runs
+each group of equal-length prompts as its own batch instead (no padding; as fast only when few lengths).
 
 Sampling follows the usual processors in Hugging Face's order: repetition penalty (CTRL, Keskar et al.
 2019: a seen token's logit is divided by the penalty when positive, multiplied when negative), then
@@ -153,6 +154,20 @@ class StopChecker:
         return Generation(kept, text, reason, prompt)
 
 
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Prompts right-aligned in one [B, T] batch (pad id 0, never attended) and the attention mask
+    (1 = token), or None when every prompt has the same length."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    if all(len(p) == width for p in prompts):
+        return ids.to(device), None
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def generate(
     model: StackedMixinForCausalLM,
@@ -168,6 +183,7 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     use_cache: bool = True,
+    padding: str = "left",
 ) -> list[Generation]:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -178,20 +194,23 @@ def generate(
     seed: makes sampling reproducible (None: a fresh random seed).
     on_token(row, token): called for every accepted token, in order within a row (streaming).
     use_cache: False recomputes the full forward for every new token (the slow oracle the cache must equal).
+    padding: `left` (prompts of any lengths in one left-padded batch) or `group` (one batch per length).
     Returns one `Generation` per prompt, in the order given.
     """
     check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if padding not in ("left", "group"):
+        raise ArchiFactoryError(f"padding={padding!r} is not one of left, group")
     prompt_lists = as_prompt_lists(prompts)
     stopper = StopChecker(stop_token_ids, stop_strings, tokenizer)
     base_seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
-    by_length: dict[int, list[int]] = {}
+    batches: dict[int, list[int]] = {}
     for index, prompt in enumerate(prompt_lists):
-        by_length.setdefault(len(prompt), []).append(index)
+        batches.setdefault(len(prompt) if padding == "group" else 0, []).append(index)
     results: list[Generation | None] = [None] * len(prompt_lists)
     was_training = model.training
     model.eval()
     try:
-        for rows in by_length.values():
+        for rows in batches.values():
             group = [prompt_lists[i] for i in rows]
             generators = [torch.Generator().manual_seed((base_seed * 1_000_003 + i) % 2**64) for i in rows]
             emit = None if on_token is None else (lambda r, t, rows=rows: on_token(rows[r], t))
@@ -218,19 +237,20 @@ def _generate_group(
     emit: Callable[[int, int], None] | None,
     use_cache: bool,
 ) -> list[Generation]:
-    """Equal-length prompts as one batch: prefill once, then one token per step until every row stops."""
+    """Prompts as one left-padded batch: prefill once, then one token per step until every row stops."""
     device = model.head_weight.device
-    ids = torch.tensor(prompts, dtype=torch.long, device=device)  # [B, T]
+    ids, mask = left_pad(prompts, device)  # [B, T], [B, T] or None
     batch = ids.shape[0]
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, True)
+        for row, prompt in enumerate(prompts):
+            seen[row, torch.tensor(prompt, device=device)] = True
     state = model.init_state(batch, device) if use_cache else None
     new: list[list[int]] = [[] for _ in range(batch)]
     done: list[str | None] = [None] * batch
     if max_new_tokens > 0:
-        out = model(ids, state=state)
+        out = model(ids, state=state, attention_mask=mask)
         for step in range(max_new_tokens):
             logits = process_logits(out.logits[:, -1], seen, temperature, top_k, top_p, repetition_penalty)
             next_tokens = pick_tokens(logits, temperature, generators)  # [B]
@@ -245,8 +265,12 @@ def _generate_group(
             if seen is not None:
                 seen.scatter_(1, next_tokens[:, None], True)
             ids = torch.cat([ids, next_tokens[:, None]], dim=1)
+            mask = None if mask is None else torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             # finished rows keep stepping (a state's batch layout is the mixin's own); their tokens are dropped
-            out = model(next_tokens[:, None], state=out.state) if use_cache else model(ids)
+            # (the state keeps the prefill's pad counts: decode steps need no mask)
+            out = (
+                model(next_tokens[:, None], state=out.state) if use_cache else model(ids, attention_mask=mask)
+            )
     return [
         stopper.finish(tokens, reason or "length", prompt)
         for tokens, reason, prompt in zip(new, done, prompts)

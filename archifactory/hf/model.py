@@ -17,9 +17,11 @@ Load it without Hydra:
 The config names components and options, never import paths: loading builds them through the same
 registry as training (`archifactory.model.build`), so an unknown name is refused with one line. The
 wrapper's `generate()` is transformers' own, with the model's explicit decode state as its cache (greedy
-and sampling; beam search would need a state reorder no mixin offers). Prompts in one transformers batch
-must not be padded — padding would enter recurrent states; `archifactory.generate.sampling` batches prompts of any
-lengths exactly.
+and sampling; beam search would need a state reorder no mixin offers). A left-padded batch with its
+`attention_mask` (tokenizer.padding_side='left') generates each row exactly as alone: the model masks pad
+keys, makes pads identity steps of recurrences and counts positions over real tokens (`model/padding.py`;
+transformers' `position_ids` are not needed and are ignored). `forward` also takes right-padded masks
+(scoring).
 """
 
 from __future__ import annotations
@@ -121,12 +123,8 @@ class ArchiFactoryForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **_: Any,  # transformers passes extras (position_ids, output_attentions…) the model has no use for
     ) -> CausalLMOutputWithPast:
-        """input_ids [B, T]; labels [B, T] unshifted (HF convention), -100 ignored; cache: the decode state."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ArchiFactoryError(
-                "padded batches are not supported (padding would enter recurrent states); "
-                "use archifactory.generate.generate for prompts of different lengths"
-            )
+        """input_ids [B, T]; attention_mask [B, T] or [B, past + T] (1 = token, 0 = pad; left padding when
+        generating); labels [B, T] unshifted (HF convention), -100 ignored; cache: the decode state."""
         # A state only when generate() asks for one (use_cache=True): a plain forward (scoring, HFLM) takes the
         # training path, which is faster and gives exactly the logits of StackedMixinForCausalLM.forward.
         state = None
@@ -137,7 +135,7 @@ class ArchiFactoryForCausalLM(PreTrainedModel, GenerationMixin):
         targets = None
         if labels is not None:  # shift: the target of position t is label t+1
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        out = self.model(input_ids, targets=targets, state=state)
+        out = self.model(input_ids, targets=targets, state=state, attention_mask=attention_mask)
         return CausalLMOutputWithPast(
             loss=out.loss, logits=out.logits, cache=None if out.state is None else StateCache(out.state)
         )

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from archifactory.model.documents import DocumentLayout
 from archifactory.model.ffn.base import FeedForward, FFNAux, FFNState
 from archifactory.model.mixins.base import Mixin, MixinState
+from archifactory.model.mixins.kit import zero_pads
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
 from archifactory.model.residual.base import Residual
@@ -86,7 +87,7 @@ class Block(nn.Module):
         mixed, mixin_state = self._mix(x, ctx, None if state is None else state.mixin, documents)
         h = self.mixin_residual.write(carry, mixed)
         x, carry = self.ffn_residual.read(h)
-        fed, aux, ffn_state = self._feed(x, None if state is None else state.ffn, documents)
+        fed, aux, ffn_state = self._feed(x, ctx, None if state is None else state.ffn, documents)
         h = self.ffn_residual.write(carry, fed)
         return h, None if state is None else LayerState(mixin_state, ffn_state), aux
 
@@ -102,13 +103,18 @@ class Block(nn.Module):
         return self.mixin(self.mixin_norm(x), ctx, state)
 
     def _feed(
-        self, x: Tensor, state: FFNState | None, documents: DocumentLayout | None
+        self, x: Tensor, ctx: PositionContext, state: FFNState | None, documents: DocumentLayout | None
     ) -> tuple[Tensor, FFNAux, FFNState | None]:
-        """The FFN's output for its input x [B, T, D] (normed here), its aux losses, and its new state."""
+        """The FFN's output for its input x [B, T, D] (normed here), its aux losses, and its new state.
+        An FFN that reads earlier tokens (a token shift) sees zeros at pad positions: the input it would
+        see before a row's first token, so a left-padded row equals the row run alone."""
+        normed = self.ffn_norm(x)
+        if self.ffn.state_size() > 0:
+            normed = zero_pads(normed, ctx)
         if state is not None:
-            return self.ffn.forward_with_state(self.ffn_norm(x), state)
+            return self.ffn.forward_with_state(normed, state)
         if documents is None or self.ffn.state_size() == 0:  # position-wise: packed as it is
-            fed, aux = self.ffn(self.ffn_norm(x))
+            fed, aux = self.ffn(normed)
             return fed, aux, None
-        fed, aux = self.ffn(documents.unpack(self.ffn_norm(x)))
+        fed, aux = self.ffn(documents.unpack(normed))
         return documents.pack(fed, x), aux, None

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
@@ -64,31 +65,59 @@ class PositionContext:
     device: torch.device | None = None
     # [B, T] bool, True at this call's real tokens and False at padding (`attention_mask == 0`); None when
     # the batch has no padding. Mixins never read it directly: the kit's `zero_pads` / `fill_pads` turn
-    # it into identity steps of a recurrence, attention turns it into a key mask.
+    # it into identity steps of a recurrence, attention turns it into a key mask (`key_mask`).
     pad_mask: Tensor | None = None
+    # [B] long: the left pads before each row's first real token, counted from the sequence start (a
+    # prefill's pads stay counted in every later decode step); None when no row was ever left-padded.
+    # A row's positions count its real tokens only: position = absolute index - lead.
+    lead: Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
+    def absolute(self) -> Tensor:
+        """[T] absolute indices of this call's tokens in the (padded) sequence."""
+        if "absolute" not in self._cache:
+            self._cache["absolute"] = torch.arange(self.start, self.start + self.length, device=self.device)
+        return self._cache["absolute"]
+
+    @property
     def positions(self) -> Tensor:
-        """[T] absolute positions of this call's tokens."""
+        """Positions of this call's tokens: [T] without left padding, else [B, T] per row (absolute index
+        minus the row's left pads, 0 at the pads themselves), so a left-padded row's learned, sinusoidal
+        and rotary positions equal those of the row run alone."""
+        if self.lead is None:
+            return self.absolute
         if "positions" not in self._cache:
-            self._cache["positions"] = torch.arange(self.start, self.start + self.length, device=self.device)
+            self._cache["positions"] = (self.absolute[None, :] - self.lead[:, None]).clamp(min=0)
         return self._cache["positions"]
 
     def key_positions(self, past: int) -> Tensor:
-        """[past + T] absolute positions of the keys: `past` cached tokens, then this call's."""
+        """[past + T] absolute indices of the keys: `past` cached tokens, then this call's."""
         return torch.arange(self.start - past, self.start + self.length, device=self.device)
 
+    def key_mask(self, past: int) -> Tensor | None:
+        """[B, past + T] bool, True at the keys a query may attend (real tokens): the `past` cached keys
+        are real from each row's `lead` on, this call's where `pad_mask` says so. None without padding."""
+        if self.lead is None and self.pad_mask is None:
+            return None
+        if self.lead is None:
+            return F.pad(self.pad_mask, (past, 0), value=True)
+        real = self.key_positions(past)[None, :] >= self.lead[:, None]  # [B, past + T]
+        return real if self.pad_mask is None else real & F.pad(self.pad_mask, (past, 0), value=True)
+
     def rotate(self, x: Tensor) -> Tensor:
-        """Rotate x [B, T, H, D] by this call's positions (rope); identity for other schemes."""
+        """Rotate x [B, T, H, D] by this call's (per-row, when left-padded) positions (rope); identity for
+        other schemes."""
         key = (x.shape[-1], x.device)
         if key not in self._cache:
             self._cache[key] = self.scheme.rotation_tables(self.positions, x.shape[-1], x.device)
         return self.scheme.rotate(x, self.positions, self._cache[key])
 
     def attention_bias(self, num_heads: int, past: int) -> Tensor | None:
-        """Additive bias [H, T, past + T] for this call's queries over `past` cached keys and its own (alibi)."""
-        return self.scheme.attention_bias(num_heads, self.positions, self.key_positions(past))
+        """Additive bias [H, T, past + T] for this call's queries over `past` cached keys and its own (alibi).
+        Taken at absolute indices even in a left-padded batch: ALiBi depends on the query-key distance
+        only, which padding does not change between real tokens (pads are masked), so it stays exact."""
+        return self.scheme.attention_bias(num_heads, self.absolute, self.key_positions(past))
 
 
 @register_positional("none")
@@ -135,10 +164,10 @@ class SinusoidalPositional(PositionalScheme):
         freqs = torch.exp(
             -math.log(self.base) * torch.arange(half, device=x.device, dtype=torch.float32) / half
         )
-        angles = positions.to(torch.float32)[:, None] * freqs[None, :]  # [T, D/2]
-        table = torch.zeros(positions.shape[0], self.hidden_size, device=x.device, dtype=torch.float32)
-        table[:, 0 : 2 * half : 2] = torch.sin(angles)
-        table[:, 1 : 2 * half : 2] = torch.cos(angles)
+        angles = positions.to(torch.float32)[..., None] * freqs  # [(B,) T, D/2]
+        table = torch.zeros(*positions.shape, self.hidden_size, device=x.device, dtype=torch.float32)
+        table[..., 0 : 2 * half : 2] = torch.sin(angles)
+        table[..., 1 : 2 * half : 2] = torch.cos(angles)
         return x + table.to(x.dtype)
 
 
@@ -155,12 +184,14 @@ class RotaryPositional(PositionalScheme):
         self.theta = theta
 
     def rotation_tables(self, positions: Tensor, dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos, sin [1, T, 1, dim] in fp32 for the rotate-half layout."""
+        """cos, sin in fp32 for the rotate-half layout: [1, T, 1, dim] for positions [T], [B, T, 1, dim]
+        for per-row positions [B, T]."""
         if dim % 2:
             raise ArchiFactoryError(f"rope needs an even head dimension, got {dim}; change the head size")
         inv_freq = self.theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-        angles = positions.to(device, torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-        angles = torch.cat([angles, angles], dim=-1)[None, :, None, :]  # [1, T, 1, D]
+        angles = positions.to(device, torch.float32)[..., None] * inv_freq  # [(B,) T, D/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [(B,) T, D]
+        angles = angles.reshape(-1, positions.shape[-1], 1, dim)  # [1 or B, T, 1, D]
         return angles.cos(), angles.sin()
 
     def rotate(self, x: Tensor, positions: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> Tensor:

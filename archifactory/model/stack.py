@@ -29,6 +29,7 @@ from archifactory.model.init import init_weights
 from archifactory.model.loss import lm_cross_entropy, logits_cross_entropy
 from archifactory.model.mixins.base import Mixin
 from archifactory.model.norms import build_norm
+from archifactory.model.padding import padding
 from archifactory.model.positional import NoPositional, PositionalScheme, PositionContext
 from archifactory.model.residual.base import Residual
 from archifactory.model.residual.standard import StandardResidual
@@ -36,10 +37,13 @@ from archifactory.model.residual.standard import StandardResidual
 
 @dataclass
 class DecodeState:
-    """Per-layer states (mixin + FFN) plus the model-owned position counter."""
+    """Per-layer states (mixin + FFN) plus the model-owned position counter, and, after a left-padded
+    prefill, each row's pad count (`lead` [B]) so later steps without a mask keep per-row positions and
+    the attention key mask right (`model/padding.py`)."""
 
     layers: list[LayerState]
     position: int = 0
+    lead: Tensor | None = None
 
 
 @dataclass
@@ -173,20 +177,40 @@ class StackedMixinForCausalLM(nn.Module):
         return DecodeState([block.init_state(batch_size, device, dtype) for block in self.blocks], 0)
 
     def backbone(
-        self, input_ids: Tensor, state: DecodeState | None = None, documents: DocumentLayout | None = None
+        self,
+        input_ids: Tensor,
+        state: DecodeState | None = None,
+        documents: DocumentLayout | None = None,
+        attention_mask: Tensor | None = None,
     ) -> BackboneOutput:
         """Embedding, positional scheme, blocks and final norm: hidden states [B, T, D], no LM head.
-        `documents`: keep the packed documents of each row apart (`model/documents.py`; no decoding)."""
+        `documents`: keep the packed documents of each row apart (`model/documents.py`; no decoding).
+        `attention_mask`: [B, T] (or [B, past + T], transformers' layout), 1 = token, 0 = pad; left padding
+        for decoding, left or right for a full forward (`model/padding.py`)."""
+        start = 0 if state is None else state.position  # a Python int: no host sync under compile
         if documents is not None:
             if state is not None:
                 raise ArchiFactoryError(
                     "document masking applies to full forwards, not to decoding with a state"
                 )
+            if attention_mask is not None:
+                raise ArchiFactoryError(
+                    "attention_mask cannot be combined with document masking (dataset.document_mask=true); "
+                    "pass one or the other"
+                )
             x, ctx = self._embed_documents(input_ids, documents)
         else:
-            start = 0 if state is None else state.position  # a Python int: no host sync under compile
+            pads = padding(
+                attention_mask,
+                input_ids.shape,
+                start,
+                None if state is None else state.lead,
+                state is not None,
+            )
             self.positional.check_length(start + input_ids.shape[1])
-            ctx = PositionContext(self.positional, start, input_ids.shape[1], input_ids.device)
+            ctx = PositionContext(
+                self.positional, start, input_ids.shape[1], input_ids.device, pads.pad_mask, pads.lead
+            )
             x = self.positional.embed(self.embedding(input_ids), ctx.positions)
 
         x = self.streams.widen(x)  # [B, T, D], or [B, T, n, D] for a multi-stream residual
@@ -202,7 +226,9 @@ class StackedMixinForCausalLM(nn.Module):
                     aux_loss = value if aux_loss is None else aux_loss + value
                 else:
                     metrics[f"layers.{i}.{key}"] = value.detach()
-        new_state = None if state is None else DecodeState(new_layer_states, start + input_ids.shape[1])
+        new_state = None
+        if state is not None:
+            new_state = DecodeState(new_layer_states, start + input_ids.shape[1], ctx.lead)
         return BackboneOutput(self.final_norm(self.streams.narrow(x)), aux_loss, metrics, new_state)
 
     def _embed_documents(
@@ -223,10 +249,12 @@ class StackedMixinForCausalLM(nn.Module):
         state: DecodeState | None = None,
         return_logits: bool = True,
         documents: DocumentLayout | None = None,
+        attention_mask: Tensor | None = None,
     ) -> CausalLMOutput:
-        """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored;
-        `documents`: the packed rows' document layout when documents must not see each other."""
-        out = self.backbone(input_ids, state, documents)
+        """input_ids [B, T]; targets [B, T] already aligned (target t = token t+1), -100 ignored (give pads
+        -100); `documents`: the packed rows' document layout when documents must not see each other;
+        `attention_mask` [B, T] 1 = token, 0 = pad (`backbone`)."""
+        out = self.backbone(input_ids, state, documents, attention_mask)
         hidden = out.hidden
         logits = lm_loss = loss = None
         if targets is None or return_logits:  # one head matmul; the loss (if any) reuses these logits

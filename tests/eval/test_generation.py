@@ -87,3 +87,18 @@ def test_local_generative_task_exact_match_equals_hand_count(tmp_path: Path, tok
     assert result.metric == "exact_match"
     assert result.value == pytest.approx(targets.count("CCC") / len(targets))
     assert result.details["archifactory"]["requests"] == {"generate_until": len(targets)}
+
+
+def test_generate_until_batch_of_8_equals_batch_of_1(tokenizer) -> None:
+    """Contexts of different lengths in one left-padded batch (issue 23) give the texts of one at a time."""
+    model = tiny_model(tokenizer.vocab_size, max_seq_len=64)
+    contexts = ["the cat sat on", "a", "the queen said to the king and then", "the big red", "the dog ran",
+                "her bird sang over the tree", "the small king", "the mat"]  # fmt: skip
+    assert len({len(tokenizer.encode(c)) for c in contexts}) >= 6
+    batch = [request(c, until=["."], max_gen_toks=10) for c in contexts]
+    outputs = {}
+    for size in (1, 8):
+        lm = ArchiFactoryLM(model, tokenizer, max_length=64, batch_size=size, show_progress=False)
+        outputs[size] = lm.generate_until(batch)
+    assert outputs[8] == outputs[1]
+    assert any(text.strip() for text in outputs[8])

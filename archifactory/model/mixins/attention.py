@@ -21,9 +21,9 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "fused", "reference")
 def attention_reference(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, scale: float | None = None
 ) -> Tensor:
-    """Plain softmax attention. q [B, H, Tq, E], k [B, H, Tk, E], v [B, H, Tk, Ev], mask [Tq, Tk] bool
-    (True = attend), bias [H, Tq, Tk] additive, logits scaled by `scale` (default 1/sqrt(E)), in fp32
-    (fp64 for fp64 inputs)."""
+    """Plain softmax attention. q [B, H, Tq, E], k [B, H, Tk, E], v [B, H, Tk, Ev], mask [Tq, Tk] or
+    [B, 1, Tq, Tk] bool (True = attend), bias [H, Tq, Tk] (or [B, H, Tq, Tk]) additive, logits scaled by
+    `scale` (default 1/sqrt(E)), in fp32 (fp64 for fp64 inputs)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
     scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
@@ -34,17 +34,37 @@ def attention_reference(
     return (scores.softmax(dim=-1) @ v.to(dtype)).to(q.dtype)
 
 
+def with_key_mask(mask: Tensor, key_mask: Tensor | None, past: int) -> Tensor:
+    """A query-key mask [Tq, Tk] (True = attend; the queries are the last Tq keys) restricted to the real
+    keys of each row, key_mask [B, Tk]: [B, 1, Tq, Tk]. Every query keeps its own key, so a pad query,
+    whose earlier keys may all be pads, still gets a finite output (pad outputs are never used)."""
+    if key_mask is None:
+        return mask
+    ones = torch.ones_like(mask)
+    own = ones.tril(diagonal=past) & ~ones.tril(diagonal=past - 1)  # query i <-> key past + i
+    return mask & (key_mask[:, None, None, :] | own)
+
+
 def causal_attention(
-    q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None, backend: str, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past: int,
+    bias: Tensor | None,
+    backend: str,
+    scale: float | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal softmax attention shared by the attention mixins. q [B, H, Tq, E]; k [B, H_kv, Tk, E] and
     v [B, H_kv, Tk, Ev] with H_kv dividing H (grouped K/V); the queries are the last Tq of the Tk
     positions (`past` = Tk - Tq earlier ones are cached). `backend` is `reference` (explicit fp32 softmax,
-    the oracle) or `sdpa`. Returns [B, H, Tq, Ev]."""
+    the oracle) or `sdpa`. `key_mask` [B, Tk] (True = real token) masks the pad keys of a padded batch
+    (`PositionContext.key_mask`). Returns [B, H, Tq, Ev]."""
     seq_len, total, value_dim = q.shape[2], k.shape[2], v.shape[-1]
     grouped = k.shape[1] != q.shape[1]
     # query i (absolute past + i) may see keys j <= past + i
     mask = torch.ones(seq_len, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    mask = with_key_mask(mask, key_mask, past)  # [Tq, Tk], or [B, 1, Tq, Tk] with padding
     if backend == "reference":
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, Tk, E]
@@ -53,10 +73,10 @@ def causal_attention(
     # (exact: the padded columns only produce zero outputs); otherwise it falls back to the math kernel
     if q.shape[-1] > value_dim:
         v = F.pad(v, (0, q.shape[-1] - value_dim))
-    if bias is None and past == 0:  # SDPA shares each K/V head across its group (no copies)
+    if bias is None and past == 0 and key_mask is None:  # SDPA shares each K/V head across its group
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=grouped)
         return y[..., :value_dim]
-    float_mask = torch.zeros(seq_len, total, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    float_mask = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
     if bias is not None:
         float_mask = float_mask + bias.to(q.dtype)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, scale=scale, enable_gqa=grouped)
@@ -71,6 +91,7 @@ class GroupedQueryAttention(Mixin):
     et al., "GQA: Training Generalized Multi-Query Transformer Models", 2023) when it divides it, MQA
     (Shazeer, 2019) when it is 1. Positions come from the model's scheme: rope rotates q/k, alibi adds a
     bias, additive schemes act on the embeddings. Decode state is the KV cache ([B, H_kv, T, D] each).
+    In a padded batch the pad keys are masked (`PositionContext.key_mask`), also from the cache.
 
     Options:
         num_heads: query heads; num_kv_heads: key/value heads (None = num_heads);
@@ -126,7 +147,7 @@ class GroupedQueryAttention(Mixin):
         k, v = cache["k"], cache["v"]  # [B, H_kv, Tk, D]
         past = k.shape[2] - seq_len
         bias = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
-        y = causal_attention(q, k, v, past, bias, self.backend)  # [B, H, T, D]
+        y = causal_attention(q, k, v, past, bias, self.backend, key_mask=ctx.key_mask(past))  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(y), new_state
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS, causal_attention
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads
+from archifactory.model.mixins.kit import append_cache, fill_pads, fla_backend, fla_op, grouped_heads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
@@ -30,7 +30,9 @@ class ForgettingAttention(Mixin):
     apply (rope rotates q/k, alibi adds its bias). Optional SiLU output gate and grouped K/V heads.
     Decode state: the KV cache [B, H_kv, T, d] and each cached key's c_j [B, H, T]; c of the newest token
     is the last entry. The reference materialises the [B, H, T, T] bias (SDPA with an additive mask, or
-    the explicit fp32 softmax); fla's `parallel_forgetting_attn` is the fused path on CUDA.
+    the explicit fp32 softmax); fla's `parallel_forgetting_attn` is the fused path on CUDA. In a padded
+    batch a pad forgets nothing (log f = 0) and its key is masked; the fused kernel has no mask, so a padded
+    call takes SDPA.
 
     Options:
         num_heads; num_kv_heads (null = num_heads); use_output_gate: SiLU(g_proj x) on the output;
@@ -72,7 +74,8 @@ class ForgettingAttention(Mixin):
         q = ctx.rotate(q.view(batch, seq_len, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
         k = ctx.rotate(k.view(batch, seq_len, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        log_f = F.logsigmoid(self.f_proj(x).to(compute_dtype(x.dtype))).transpose(1, 2)  # [B, H, T]
+        # pads forget nothing (log f = 0), so the cached c_j of a left-padded row equal the row's alone
+        log_f = fill_pads(F.logsigmoid(self.f_proj(x).to(compute_dtype(x.dtype))), ctx, 0.0).transpose(1, 2)
         gate = log_f.cumsum(-1)  # c_t within this call
         if state is not None and state["gate"].shape[-1]:  # continue the sum from the newest cached token
             gate = gate + state["gate"][..., -1:]
@@ -80,13 +83,14 @@ class ForgettingAttention(Mixin):
         k, v, gate_keys = cache["k"], cache["v"], cache["gate"]  # [B, H_kv, Tk, D] (twice), [B, H, Tk]
         past = k.shape[2] - seq_len
         alibi = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
-        if self.backend_name() == "fused" and state is None and alibi is None:
+        key_mask = ctx.key_mask(past)  # [B, Tk] in a padded batch (fla's kernel has no mask: SDPA then)
+        if self.backend_name() == "fused" and state is None and alibi is None and key_mask is None:
             y = self._fused(q, k, v, log_f)
         else:
             bias = gate[..., :, None] - gate_keys[..., None, :]  # c_i − c_j [B, H, Tq, Tk]
             bias = bias if alibi is None else bias + alibi
             backend = "reference" if self.backend == "reference" else "sdpa"
-            y = causal_attention(q, k, v, past, bias.to(q.dtype), backend)  # [B, H, T, D]
+            y = causal_attention(q, k, v, past, bias.to(q.dtype), backend, key_mask=key_mask)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         if self.g_proj is not None:
             y = y * F.silu(self.g_proj(x))

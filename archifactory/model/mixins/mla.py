@@ -130,10 +130,11 @@ class MultiHeadLatentAttention(Mixin):
         c_kv, k_rope = cache["c_kv"], cache["k_rope"]  # [B, Tk, r], [B, Tk, d_r]
         past = c_kv.shape[1] - seq_len
         bias = ctx.attention_bias(self.num_heads, past)  # [H, Tq, Tk] or None
+        key_mask = ctx.key_mask(past)  # [B, Tk] in a padded batch, else None
         if state is None:
-            y = self._expanded(q_nope, q_rope, c_kv, k_rope, past, bias)
+            y = self._expanded(q_nope, q_rope, c_kv, k_rope, past, bias, key_mask)
         else:
-            y = self._absorbed(q_nope, q_rope, c_kv, k_rope, past, bias)
+            y = self._absorbed(q_nope, q_rope, c_kv, k_rope, past, bias, key_mask)
         return self.out_proj(y.reshape(batch, seq_len, self.num_heads * self.v_dim)), new_state
 
     def _rotate(self, x: Tensor, ctx: PositionContext) -> Tensor:
@@ -143,7 +144,14 @@ class MultiHeadLatentAttention(Mixin):
         return self.own_rope.rotate(x, ctx.positions)
 
     def _expanded(
-        self, q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, past: int, bias: Tensor | None
+        self,
+        q_nope: Tensor,
+        q_rope: Tensor,
+        c_kv: Tensor,
+        k_rope: Tensor,
+        past: int,
+        bias: Tensor | None,
+        key_mask: Tensor | None,
     ) -> Tensor:
         """Training form: up-project K/V from the latent and attend. Returns [B, T, H, d_v]."""
         batch, total, _ = c_kv.shape
@@ -152,11 +160,18 @@ class MultiHeadLatentAttention(Mixin):
         k_shared = k_rope[:, :, None, :].expand(batch, total, self.num_heads, self.rope_dim)
         k = torch.cat([k_nope, k_shared], dim=-1)  # [B, Tk, H, d_nope + d_r]
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, d_nope + d_r]
-        y = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, bias)
+        y = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), past, bias, key_mask)
         return y.transpose(1, 2)
 
     def _absorbed(
-        self, q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, past: int, bias: Tensor | None
+        self,
+        q_nope: Tensor,
+        q_rope: Tensor,
+        c_kv: Tensor,
+        k_rope: Tensor,
+        past: int,
+        bias: Tensor | None,
+        key_mask: Tensor | None,
     ) -> Tensor:
         """Decode form: fold W_uk into the query and W_uv after the attention, attending over the cached
         latent directly (q_nope·(W_uk c) = (q_nope W_uk)·c). Returns [B, T, H, d_v]."""
@@ -168,12 +183,16 @@ class MultiHeadLatentAttention(Mixin):
         shape = (batch, self.num_heads, total)
         k = torch.cat([c_kv, k_rope], dim=-1)[:, None].expand(*shape, self.kv_lora_rank + self.rope_dim)
         v = c_kv[:, None].expand(*shape, self.kv_lora_rank)  # [B, H, Tk, r], shared by heads
-        y_latent = self._attend(q, k, v, past, bias)  # [B, H, T, r]
+        y_latent = self._attend(q, k, v, past, bias, key_mask)  # [B, H, T, r]
         return torch.einsum("bhtr,hvr->bthv", y_latent, w_uv)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None) -> Tensor:
-        """Logits scaled by 1/sqrt(d_nope + d_r) whatever q's width (the absorbed form's q is wider)."""
-        return causal_attention(q, k, v, past, bias, self.backend, scale=1.0 / math.sqrt(self.qk_dim))
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, past: int, bias: Tensor | None, key_mask: Tensor | None
+    ) -> Tensor:
+        """Logits scaled by 1/sqrt(d_nope + d_r) whatever q's width (the absorbed form's q is wider);
+        pad keys of a padded batch masked."""
+        scale = 1.0 / math.sqrt(self.qk_dim)
+        return causal_attention(q, k, v, past, bias, self.backend, scale=scale, key_mask=key_mask)
 
     def backend_name(self) -> str:
         return self.backend

@@ -9,7 +9,15 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import ShortConvolution, fla_backend, fla_op, grouped_heads, head_rms_norm
+from archifactory.model.mixins.kit import (
+    ShortConvolution,
+    fill_pads,
+    fla_backend,
+    fla_op,
+    grouped_heads,
+    head_rms_norm,
+    zero_pads,
+)
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import l2_normalize
 from archifactory.model.mixins.reference.path_attn import path_attention, path_step
@@ -35,7 +43,9 @@ class PaTHAttention(Mixin):
     encoding. Grouped K/V heads; optional per-head RMSNorm of q and k. The reference is blockwise
     (`reference/path_attn.py`, O(T²) like attention); on CUDA fla's `parallel_path_attn`. Decode state:
     the KV cache with every key already carried to the newest token [B, T, H_kv, d] (fp32), the values,
-    the gates' G per query head (with the forget gate) and the w conv buffer.
+    the gates' G per query head (with the forget gate) and the w conv buffer. In a padded batch a pad is
+    an identity step (β = 0, zero conv input, log f = 0) and its key is masked; a padded call runs the
+    reference (fla's kernel has no mask).
 
     Options:
         num_heads; num_kv_heads (null = num_heads); use_forget_gate; use_qk_norm (eps `norm_eps`);
@@ -117,24 +127,31 @@ class PaTHAttention(Mixin):
         if self.q_norm_weight is not None:
             q = head_rms_norm(q, self.q_norm_weight, self.norm_eps).view_as(q).to(q.dtype)
             k = head_rms_norm(k, self.k_norm_weight, self.norm_eps).view_as(k).to(k.dtype)
-        w, conv_state = self.w_proj(x), None
+        # a pad is an identity step: zero conv input, β = 0 (H = I), log f = 0; its key is masked
+        w, conv_state = zero_pads(self.w_proj(x), ctx), None
         if self.conv is not None:
             w, conv_state = self.conv(w, None if state is None else state["conv"])
         w = l2_normalize(w.view(batch, seq_len, self.num_kv_heads, self.head_dim).to(dtype))
-        beta = 2 * torch.sigmoid(self.bt_proj(x).to(dtype))  # [B, T, H_kv], β ∈ (0, 2)
-        log_f = None if self.g_proj is None else F.logsigmoid(self.g_proj(x).to(dtype))  # [B, T, HQ]
+        beta = fill_pads(2 * torch.sigmoid(self.bt_proj(x).to(dtype)), ctx, 0.0)  # [B, T, H_kv], β ∈ (0, 2)
+        log_f = None if self.g_proj is None else fill_pads(F.logsigmoid(self.g_proj(x).to(dtype)), ctx, 0.0)
         gate = None if log_f is None else log_f.cumsum(1)  # G_t within this call
         if gate is not None and state is not None and state["gate"].shape[1]:  # continue from the cache
             gate = gate + state["gate"][:, -1:]
+        key_mask = ctx.key_mask(0 if state is None else state["k"].shape[1])  # [B, Tk] when padded
         if state is not None and seq_len == 1:
+            step_gate = None if gate is None else gate[:, 0]
             out, new = path_step(
-                q[:, 0], k[:, 0], v[:, 0], w[:, 0], beta[:, 0], None if gate is None else gate[:, 0], state
+                q[:, 0], k[:, 0], v[:, 0], w[:, 0], beta[:, 0], step_gate, state, key_mask=key_mask
             )
             out = out[:, None]
-        elif self.backend_name() == "fused" and (state is None or state["k"].shape[1] == 0):
+        elif (
+            self.backend_name() == "fused"
+            and key_mask is None
+            and (state is None or state["k"].shape[1] == 0)
+        ):
             out, new = self._fused(q, k, v, w, beta, log_f, state)
         else:
-            out, new = self._reference(q, k, v, w, beta, gate, state)
+            out, new = self._reference(q, k, v, w, beta, gate, state, key_mask)
         y = self.out_proj(out.reshape(batch, seq_len, self.hidden_size).to(x.dtype))
         if state is None:
             return y, None
@@ -151,8 +168,10 @@ class PaTHAttention(Mixin):
         beta: Tensor,
         gate: Tensor | None,
         state: MixinState | None,
+        key_mask: Tensor | None,
     ) -> tuple[Tensor, MixinState]:
-        """Blockwise PaTH; a cache enters as keys whose Householders are the identity (w = 0, β = 0)."""
+        """Blockwise PaTH; a cache enters as keys whose Householders are the identity (w = 0, β = 0);
+        key_mask [B, Tk] masks a padded batch's pad keys."""
         new: MixinState = {}
         gate_k = gate
         if state is not None:
@@ -165,7 +184,9 @@ class PaTHAttention(Mixin):
                 gate_k = torch.cat([state["gate"], gate.to(state["gate"].dtype)], dim=1)
                 new["gate"] = gate_k
             new["v"] = v
-        out, keys = path_attention(q, k, v, w, beta, gate, gate_k, None, self.chunk_size, state is not None)
+        out, keys = path_attention(
+            q, k, v, w, beta, gate, gate_k, None, self.chunk_size, state is not None, key_mask
+        )
         if state is not None:
             new["k"] = keys.to(state["k"].dtype)
         return out, new

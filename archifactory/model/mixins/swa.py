@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.attention import ATTENTION_BACKENDS, attention_reference
+from archifactory.model.mixins.attention import ATTENTION_BACKENDS, attention_reference, with_key_mask
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend
 from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads
 from archifactory.model.norms import RMSNorm
@@ -42,16 +42,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, b
 
 
 def sliding_window_attention(
-    q: Tensor, k: Tensor, v: Tensor, past: int, window: int, bias: Tensor | None, backend: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past: int,
+    window: int,
+    bias: Tensor | None,
+    backend: str,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of the queries q [B, H, Tq, E] over the last `window` keys each, with k, v
-    [B, H_kv, past + Tq, E] (`past` cached keys first, past < window). Without a bias and with more queries
-    than the window, blocked, O(T·window): the queries are cut into blocks of b = window / 4 and each
-    block attends to the window + b keys that reach it (b / (window + b) of the work is masked out;
-    larger blocks waste more, smaller ones copy the keys more often); otherwise one banded [Tq, Tk] mask."""
+    [B, H_kv, past + Tq, E] (`past` cached keys first, past < window); `key_mask` [B, past + Tq] (True =
+    real token) masks the pad keys of a padded batch. Without a bias and with more queries than the
+    window, blocked, O(T·window): the queries are cut into blocks of b = window / 4 and each block attends
+    to the window + b keys that reach it (b / (window + b) of the work is masked out; larger blocks waste
+    more, smaller ones copy the keys more often); otherwise one banded [Tq, Tk] mask."""
     batch, _, seq_len, _ = q.shape
     if bias is not None or seq_len <= window:
-        mask = band_mask(seq_len, k.shape[2], past, window, q.device)
+        mask = with_key_mask(band_mask(seq_len, k.shape[2], past, window, q.device), key_mask, past)
         return attend(q, k, v, mask, bias, backend)
     block = max(1, window // 4)
     blocks = -(-seq_len // block)
@@ -65,9 +73,12 @@ def sliding_window_attention(
         return t.unfold(2, window + block, block).permute(0, 2, 1, 4, 3).flatten(0, 1)
 
     local = band_mask(block, window + block, window, window, q.device)  # i < j <= i + W
-    starts = torch.arange(blocks, device=q.device)[:, None] * block  # [N, 1]
-    real = starts + torch.arange(window + block, device=q.device) >= window - past  # not front padding
-    mask = (local & real[:, None, None, :]).repeat(batch, 1, 1, 1)  # [B·N, 1, b, W + b]
+    own = band_mask(block, window + block, window, 1, q.device)  # j = i + W: the query's own key
+    real = torch.ones(batch, k.shape[2], dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    real = F.pad(real, (window - past, end_pad), value=False).unfold(
+        1, window + block, block
+    )  # [B, N, W + b]
+    mask = (local & (real[:, :, None, :] | own)).flatten(0, 1)[:, None]  # [B·N, 1, b, W + b]
     y = attend(q, key_blocks(k), key_blocks(v), mask, None, backend)  # [B·N, H, b, Ev]
     return y.unflatten(0, (batch, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :seq_len]
 
@@ -82,7 +93,9 @@ class SlidingWindowAttention(Mixin):
     scheme (rope rotates q/k, alibi adds a bias). Linear in the sequence length: the reference cuts the
     queries into blocks that attend to the window + block keys reaching them. Decode state:
     the last window - 1 keys and values ([B, H_kv, min(T, window - 1), d] each), so memory stays bounded.
-    Usable alone or as the attention layer of a hybrid (`model.attention_mixin=swa`).
+    Usable alone or as the attention layer of a hybrid (`model.attention_mixin=swa`). In a padded batch
+    the pad keys are masked (the window counts pads, which only ever precede a row's tokens); fla's kernel
+    has no mask, so a padded call takes SDPA.
 
     Options:
         num_heads: query heads; num_kv_heads: key/value heads (None = num_heads);
@@ -139,8 +152,9 @@ class SlidingWindowAttention(Mixin):
         k, v = cache["k"], cache["v"]  # [B, H_kv, past + T, D]
         past = k.shape[2] - seq_len
         bias = ctx.attention_bias(self.num_heads, past)  # [H, T, past + T] or None
+        key_mask = ctx.key_mask(past)  # [B, past + T] in a padded batch (fla's kernel has no mask: SDPA then)
         path = self.backend_name()
-        if path == "fused" and state is None and bias is None:
+        if path == "fused" and state is None and bias is None and key_mask is None:
             y = fla_op(*FUSED_KERNEL)(
                 *(t.transpose(1, 2).contiguous() for t in (q, k, v)),
                 scale=self.head_dim**-0.5,
@@ -148,7 +162,7 @@ class SlidingWindowAttention(Mixin):
             )  # [B, T, H, D]
             return self.out_proj(y.reshape(batch, seq_len, self.hidden_size)), None
         backend = "reference" if path == "reference" else "sdpa"
-        y = sliding_window_attention(q, k, v, past, self.window, bias, backend)  # [B, H, T, D]
+        y = sliding_window_attention(q, k, v, past, self.window, bias, backend, key_mask)  # [B, H, T, D]
         if new_state is not None:  # the next token sees the last window - 1 of these
             keep = max(0, k.shape[2] - (self.window - 1))
             new_state = {name: t[:, :, keep:] for name, t in new_state.items()}

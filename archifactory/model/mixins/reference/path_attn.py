@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from archifactory.model.mixins.attention import with_key_mask
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import Chunker
 
@@ -67,9 +68,11 @@ def path_attention(
     scale: float | None = None,
     chunk_size: int = 64,
     output_keys: bool = False,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """PaTH attention (module docstring) of q, the last Tq positions, over all Tk keys. gate_q/gate_k: the
-    cumulative log forget gates G at the query and key positions (None: no gate). Returns o [B, Tq, HQ, D]
+    cumulative log forget gates G at the query and key positions (None: no gate). key_mask [B, Tk] (True =
+    real token): the pad keys of a padded batch are not attended. Returns o [B, Tq, HQ, D]
     in q's dtype and, with `output_keys`, the keys carried to position Tk [B, Tk, H, D] (the decode cache)."""
     dtype = compute_dtype(q.dtype)
     batch, q_len, q_heads, head_dim = q.shape
@@ -110,6 +113,7 @@ def path_attention(
         logits = logits + gate_q[..., None] - gate_k[..., None, :]
     logits = logits * scale
     causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    causal = with_key_mask(causal, key_mask, k_len - q_len)  # [Tq, Tk] or [B, 1, Tq, Tk]
     probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
     out = probs @ per_query_head(v.to(dtype).transpose(1, 2))  # [B, HQ, Tq, D]
     out = out.transpose(1, 2).to(q.dtype)
@@ -127,10 +131,12 @@ def path_step(
     gate: Tensor | None,
     cache: dict[str, Tensor],
     scale: float | None = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One decode step: q [B, HQ, D], k/v/w [B, H, D], β [B, H], gate (G_t) [B, HQ] or None; cache `k`
-    (keys carried to the previous token) and `v` [B, Tc, H, D], `gate` [B, Tc, HQ] when gated. Returns
-    o [B, HQ, D] and the updated cache."""
+    (keys carried to the previous token) and `v` [B, Tc, H, D], `gate` [B, Tc, HQ] when gated; key_mask
+    [B, Tc + 1] (True = real token) masks a padded prefill's pad keys. Returns o [B, HQ, D] and the
+    updated cache."""
     dtype = cache["k"].dtype
     q, k, v, w, beta = (t.to(dtype) for t in (q, k, v, w, beta))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -147,5 +153,7 @@ def path_step(
     if gate is not None:
         new["gate"] = torch.cat([cache["gate"], gate[:, None].to(cache["gate"].dtype)], dim=1)
         logits = logits + gate.to(dtype)[..., None] - new["gate"].to(dtype).transpose(1, 2)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
     out = torch.einsum("bht,bthd->bhd", (scale * logits).softmax(-1), values)
     return out, new
