@@ -10,20 +10,26 @@ are checked too. Weights are perturbed away from their init so no equality holds
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import components
 from archifactory.model.build import build_model
 from archifactory.model.stack import DecodeState, StackedMixinForCausalLM
 from tests.helpers import compose_config
 
 VOCAB = 53
 LENGTHS = (31, 30, 27, 24, 29)  # pads 0, 1, 4, 7, 2; chunked mixins use chunk 16, so rows cross a boundary
-# The mixins whose pad handling this file checks. Every mixin is covered once each family honours
-# `ctx.pad_mask`: then this becomes `sorted(components("mixin"))` (archifactory.core.registry).
-COVERED = ("fox", "gqa", "mla", "path_attn", "swa")
-OPTIONS = {"swa": ["mixin.window=8"], "path_attn": ["mixin.chunk_size=16"]}
+# every registered mixin, through the whole model (positions, FFN, decode); chunked mixins use chunk 16
+COVERED = sorted(components("mixin"))
+OPTIONS = {
+    name: ["mixin.chunk_size=16"]
+    for name in COVERED
+    if "chunk_size" in inspect.signature(components("mixin")[name]).parameters
+} | {"swa": ["mixin.window=8"]}
 HYBRID = [
     "mixin=path_attn",
     "mixin.chunk_size=16",
