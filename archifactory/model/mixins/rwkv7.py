@@ -56,7 +56,8 @@ class RWKV7TimeMix(Mixin):
     Options:
         num_heads: heads; decay_rank / a_rank / gate_rank: LoRA ranks of w, a and g;
         norm_eps: GroupNorm epsilon per head-channel (× head size, as fla); chunk_size: chunk length of
-            the reference (sub-chunked, `reference/per_channel.py`: memory ~ (S + chunk_size/S) · D per token, S ≈ √chunk_size);
+            the reference (sub-chunked, `reference/per_channel.py`: memory ~ (S + chunk_size/S) · D
+            per token with sub-chunks of S ≈ √chunk_size);
         backend: `auto` (fla's `chunk_rwkv7` on CUDA), `reference` or `fused`.
     """
 
