@@ -141,7 +141,7 @@ class GatedLinearAttention(GLAFamily):
         use_short_conv: bool = False,
         conv_size: int = 4,
         norm_eps: float = 1e-5,
-        chunk_size: int = 16,
+        chunk_size: int = 32,
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)
@@ -216,7 +216,7 @@ class HGRN2(GLAFamily):
         expand_ratio: int | None = None,
         lower_bound: float = 0.0,
         norm_eps: float = 1e-5,
-        chunk_size: int = 16,
+        chunk_size: int = 32,
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)

@@ -67,7 +67,8 @@ class RWKV7TimeMix(Mixin):
     Options:
         num_heads: heads; decay_rank / a_rank / gate_rank: LoRA ranks of w, a and g;
         norm_eps: GroupNorm epsilon per head-channel (× head size, as fla); chunk_size: chunk length of
-            the reference (pairwise per-channel decays inside a chunk: memory ~ chunk_size · D per token);
+            the reference (sub-chunked, `reference/per_channel.py`: memory ~ (S + chunk_size/S) · D
+            per token with sub-chunks of S ≈ √chunk_size);
         backend: `auto` (fla's `chunk_rwkv7` on CUDA), `reference` or `fused`.
     """
 
@@ -80,7 +81,7 @@ class RWKV7TimeMix(Mixin):
         a_rank: int = 64,
         gate_rank: int = 128,
         norm_eps: float = 1e-5,
-        chunk_size: int = 16,
+        chunk_size: int = 32,
         backend: str = "auto",
         num_layers: int | None = None,
     ) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.per_channel import SubChunkDecay, sub_chunk_length
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -41,9 +42,10 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
 class Chunker:
     """Pads [B, T, H, ...] tensors to whole chunks and lays them out as [B, H, N, C, ...]."""
 
-    def __init__(self, seq_len: int, chunk_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, seq_len: int, chunk_size: int, dtype: torch.dtype, multiple: int = 1) -> None:
+        """`multiple`: the chunk length is rounded up to a multiple of it (the sub-chunk length)."""
         self.seq_len = seq_len
-        self.size = max(1, min(chunk_size, seq_len))
+        self.size = -(-max(1, min(chunk_size, seq_len)) // multiple) * multiple
         self.pad = (-seq_len) % self.size
         self.chunks = (seq_len + self.pad) // self.size
         self.dtype = dtype
@@ -102,18 +104,29 @@ def chunk_delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    sub_chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked (gated) delta rule; see the module docstring. g: None, [B, T, H] or [B, T, H, K].
+    A per-channel g goes through `per_channel.SubChunkDecay` (sub-chunks of `sub_chunk_size`, default
+    about sqrt(chunk_size)); a scalar or no decay through the [C, C] pairwise decay.
     Returns o [B, T, H, V] in q's dtype and, if asked, the final state [B, H, K, V] (compute dtype)."""
     dtype = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chunk = Chunker(q.shape[1], chunk_size, dtype)
+    per_channel = g is not None and g.dim() == 4
+    sub = sub_chunk_length(chunk_size, sub_chunk_size) if per_channel else 1
+    chunk = Chunker(q.shape[1], chunk_size, dtype, sub)
     qc, kc, vc, bc = chunk(q) * scale, chunk(k), chunk(v), chunk(beta)  # [B, H, N, C, *]; bc [.., C, 1]
     gc = chunk(g) if g is not None else torch.zeros_like(bc)
-    cum = gc.cumsum(-2)  # [B, H, N, C, W], non-increasing down the chunk
-    inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
-    kk = decayed_scores(kc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
-    qk = decayed_scores(qc, kc, inclusive)  # lower, diagonal included
+    if per_channel:
+        decay = SubChunkDecay(gc, sub)
+        cum = decay.cum
+        kk = decay.scores(kc, kc, strict=True)  # [B, H, N, C, C], strictly lower
+        qk = decay.scores(qc, kc)  # lower, diagonal included
+    else:
+        cum = gc.cumsum(-2)  # [B, H, N, C, 1], non-increasing down the chunk
+        inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
+        kk = decayed_scores(kc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
+        qk = decayed_scores(qc, kc, inclusive)  # lower, diagonal included
     solve = _unit_lower_inverse(bc * kk)  # (I + A)⁻¹, A_ts = β_t kk_ts
     w_v = solve @ (bc * vc)  # [B, H, N, C, V]
     w_k = solve @ (bc * kc * cum.exp())  # [B, H, N, C, K]
@@ -163,6 +176,7 @@ def chunk_dplr(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 32,
+    sub_chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked diagonal-plus-low-rank rule S_t = D_t S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ (RWKV-7's
     generalised delta rule; fla's `dplr_recurrence` convention: the low-rank term reads the undecayed
@@ -170,17 +184,16 @@ def chunk_dplr(
     and the h of a chunk solve (I − A_ab) H = Ã S₀ + A_ak V with A_xy[t, s] = Σ a_t y_s exp(B_{t−1} − B_s)."""
     dtype = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chunk = Chunker(q.shape[1], chunk_size, dtype)
+    sub = sub_chunk_length(chunk_size, sub_chunk_size)
+    chunk = Chunker(q.shape[1], chunk_size, dtype, sub)
     qc, kc, vc, ac, bc, gc = (chunk(t) for t in (q, k, v, a, b, g))
     qc = qc * scale
-    cum = gc.cumsum(-2)  # B_t
-    before = cum - gc  # B_{t-1} (exclusive)
-    inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t − B_s), s <= t
-    exclusive = pair_decay(before, cum, strict=True)  # exp(B_{t−1} − B_s), s < t
-    solve = _unit_lower_inverse(-decayed_scores(ac, bc, exclusive))  # (I − A_ab)⁻¹
+    decay = SubChunkDecay(gc, sub)  # pair decays exp(B_t − B_s) (s <= t) and exp(B_{t−1} − B_s) (s < t)
+    cum, before = decay.cum, decay.before  # B_t, B_{t-1}
+    solve = _unit_lower_inverse(-decay.scores(ac, bc, exclusive=True, strict=True))  # (I − A_ab)⁻¹
     w_state = solve @ (ac * before.exp())  # H = w_state S₀ + w_values
-    w_values = solve @ (decayed_scores(ac, kc, exclusive) @ vc)
-    qb, qk = decayed_scores(qc, bc, inclusive), decayed_scores(qc, kc, inclusive)
+    w_values = solve @ (decay.scores(ac, kc, exclusive=True, strict=True) @ vc)
+    qb, qk = decay.scores(qc, bc), decay.scores(qc, kc)
     last = cum[..., -1:, :]
     to_end = (last - cum).exp()
     b_end = bc * to_end

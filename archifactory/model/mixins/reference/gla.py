@@ -15,12 +15,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
-from archifactory.model.mixins.reference.delta_rule import (
-    Chunker,
-    decayed_scores,
-    initial_state_or_zeros,
-    pair_decay,
-)
+from archifactory.model.mixins.reference.delta_rule import Chunker, initial_state_or_zeros
+from archifactory.model.mixins.reference.per_channel import SubChunkDecay, sub_chunk_length
 
 
 def chunk_gla(
@@ -32,14 +28,18 @@ def chunk_gla(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 16,
+    sub_chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Chunked GLA. Returns o [B, T, H, V] in q's dtype and, if asked, the final state (compute dtype)."""
+    """Chunked GLA (sub-chunks of `sub_chunk_size` inside each chunk, default about sqrt(chunk_size)).
+    Returns o [B, T, H, V] in q's dtype and, if asked, the final state (compute dtype)."""
     dtype = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    chunk = Chunker(q.shape[1], chunk_size, dtype)
+    sub = sub_chunk_length(chunk_size, sub_chunk_size)
+    chunk = Chunker(q.shape[1], chunk_size, dtype, sub)
     qc, kc, vc, gc = chunk(q) * scale, chunk(k), chunk(v), chunk(g)  # [B, H, N, C, *]
-    cum = gc.cumsum(-2)  # B_t, non-increasing down the chunk
-    intra = decayed_scores(qc, kc, pair_decay(cum, cum, strict=False)) @ vc  # [B, H, N, C, V]
+    decay = SubChunkDecay(gc, sub)
+    cum = decay.cum  # B_t, non-increasing down the chunk
+    intra = decay.scores(qc, kc) @ vc  # [B, H, N, C, V]
     last = cum[..., -1:, :]
     chunk_kv = (kc * (last - cum).exp()).transpose(-1, -2) @ vc  # [B, H, N, K, V]
     chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, K, 1]
