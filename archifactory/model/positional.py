@@ -66,6 +66,9 @@ class PositionContext:
     # the batch has no padding. Mixins never read it directly: the kit's `zero_pads` / `fill_pads` turn
     # it into identity steps of a recurrence, attention turns it into a key mask.
     pad_mask: Tensor | None = None
+    # model.value_residual (model/value_residual.py): the first value-declaring layer's values [B, T, W] of
+    # this call, stored by that layer and mixed in by the later ones; per call, never kept across calls
+    first_values: Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
