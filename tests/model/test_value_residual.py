@@ -175,3 +175,18 @@ def test_compile_clean() -> None:
         torch._dynamo.reset()
     for result in results:
         assert result.graph_break_count == 0, [str(b) for b in result.break_reasons]
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    """Recomputing a block in backward stores the first layer's values again; the gradients must not change."""
+    model = model_for("gqa").float().train()
+    ids = torch.randint(0, V, (2, 9))
+    grads = []
+    for checkpointing in (False, True):
+        for block in model.blocks:
+            block.activation_checkpointing = checkpointing
+        model.zero_grad()
+        model(ids, targets=ids.roll(-1, 1)).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
