@@ -76,11 +76,21 @@ def test_save_then_load_gives_identical_logits_and_generations(mixin: str, token
     assert produced[0, ids.shape[1] :].tolist() == expected
 
 
-@pytest.mark.parametrize("residual", sorted(components("residual")))
-def test_every_residual_option_round_trips(residual: str, tokenizer, tmp_path: Path) -> None:
-    """config.json carries the `residual` section; loading rebuilds the same connections and generates the same."""
-    model, folder = saved_model(tokenizer, tmp_path / "model", "gqa", "swiglu", f"residual={residual}")
-    assert json.loads((folder / "config.json").read_text())["residual"]["name"] == residual
+@pytest.mark.parametrize(
+    "residual,extra",
+    [(name, []) for name in sorted(components("residual"))] + [("mhc", ["model.value_residual=true"])],
+)
+def test_every_residual_option_round_trips(
+    residual: str, extra: list[str], tokenizer, tmp_path: Path
+) -> None:
+    """config.json carries the `residual` section (and model.value_residual); loading rebuilds the same
+    connections and generates the same."""
+    model, folder = saved_model(
+        tokenizer, tmp_path / "model", "gqa", "swiglu", f"residual={residual}", *extra
+    )
+    config = json.loads((folder / "config.json").read_text())
+    assert config["residual"]["name"] == residual
+    assert config["model"].get("value_residual", False) == bool(extra)
     ids = torch.tensor([tokenizer.encode("the queen said to the king")])
     with torch.no_grad():
         reference = model(ids).logits

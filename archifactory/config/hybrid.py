@@ -117,11 +117,14 @@ def variant_label(
     attention_every: int,
     attention_mixin: str,
     residual: str = "standard",
+    value_residual: bool = False,
 ) -> str:
     """The model's variant as the report and summary.json's `mixin` show it: the mixin, or the pattern
-    run-length encoded (`gated_deltanet3+gqa`), with a non-standard residual option (`gqa[residual=mhc]`)."""
+    run-length encoded (`gated_deltanet3+gqa`), with the non-default depth options in brackets
+    (`gqa[residual=mhc]`, `gqa[residual=mhc,value_residual]`)."""
     label = _mixin_label(mixin, layer_pattern, attention_every, attention_mixin)
-    return label if residual == "standard" else f"{label}[residual={residual}]"
+    tags = [tag for tag, _ in _depth_tags(residual, value_residual)]
+    return f"{label}[{','.join(tags)}]" if tags else label
 
 
 def run_name_label(
@@ -130,10 +133,21 @@ def run_name_label(
     attention_every: int,
     attention_mixin: str,
     residual: str = "standard",
+    value_residual: bool = False,
 ) -> str:
-    """The variant part of a run name: `variant_label` without brackets a shell would glob (`gqa-mhc`)."""
+    """The variant part of a run name: `variant_label` without brackets a shell would glob (`gqa-mhc`,
+    `gqa-mhc-vres`)."""
     label = _mixin_label(mixin, layer_pattern, attention_every, attention_mixin)
-    return label if residual == "standard" else f"{label}-{residual}"
+    return "-".join([label, *(short for _, short in _depth_tags(residual, value_residual))])
+
+
+def _depth_tags(residual: str, value_residual: bool) -> list[tuple[str, str]]:
+    """(label tag, run-name tag) of each depth option away from its default: the residual option and
+    model.value_residual."""
+    tags = [] if residual == "standard" else [(f"residual={residual}", residual)]
+    if value_residual:
+        tags.append(("value_residual", "vres"))
+    return tags
 
 
 def _mixin_label(
@@ -156,5 +170,8 @@ def cfg_variant_label(cfg: Any) -> str:
     """`variant_label` of a composed config (one saved before the residual group has the standard one)."""
     residual = cfg.get("residual")
     return variant_label(
-        cfg.mixin.name, *_hybrid_keys(cfg), "standard" if residual is None else residual.name
+        cfg.mixin.name,
+        *_hybrid_keys(cfg),
+        "standard" if residual is None else residual.name,
+        bool(cfg.model.get("value_residual", False)),
     )

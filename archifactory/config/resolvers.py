@@ -51,11 +51,16 @@ DATASET_IDENTITY = (
 
 
 def _variant(
-    mixin: str, layer_pattern: Any, attention_every: int, attention_mixin: str, residual: str = "standard"
+    mixin: str,
+    layer_pattern: Any,
+    attention_every: int,
+    attention_mixin: str,
+    residual: str = "standard",
+    value_residual: bool = False,
 ) -> str:
     from archifactory.config.hybrid import run_name_label  # lazy: keeps `import archifactory` light
 
-    return run_name_label(mixin, layer_pattern, attention_every, attention_mixin, residual)
+    return run_name_label(mixin, layer_pattern, attention_every, attention_mixin, residual, value_residual)
 
 
 def dataset_digest(dataset: Any) -> str:
@@ -72,8 +77,9 @@ def dataset_digest(dataset: Any) -> str:
 
 
 def register_resolvers() -> None:
-    """`${variant:mixin,layer_pattern,attention_every,attention_mixin[,residual]}`: the variant part of a run
-    name (a run config saved before the residual group passes four arguments);
+    """`${variant:mixin,layer_pattern,attention_every,attention_mixin[,residual[,value_residual]]}`:
+    the variant part of a run name (a run config saved before the residual group passes four arguments,
+    one saved before model.value_residual five);
     `${dataset_digest:${dataset}}`: the short digest of the dataset identity that follows its name."""
     if not OmegaConf.has_resolver("variant"):
         OmegaConf.register_new_resolver("variant", _variant)

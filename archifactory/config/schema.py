@@ -68,6 +68,8 @@ class ModelConfig:
     norm: Norm = Norm.rmsnorm
     norm_eps: float = 1e-5
     loss_chunk_size: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = all at once
+    # later layers mix the first layer's values into theirs (model/value_residual.py)
+    value_residual: bool = False
     # hybrids (model/hybrid.py): per-layer mixins, repeated to the depth; entries are names or {name: …, options}
     layer_pattern: Optional[list[Any]] = None
     attention_every: int = 0  # shorthand: every k-th layer is `attention_mixin`, the rest `mixin=`; 0 = off

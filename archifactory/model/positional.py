@@ -71,6 +71,9 @@ class PositionContext:
     # prefill's pads stay counted in every later decode step); None when no row was ever left-padded.
     # A row's positions count its real tokens only: position = absolute index - lead.
     lead: Tensor | None = None
+    # model.value_residual (model/value_residual.py): the first value-declaring layer's values [B, T, W] of
+    # this call, stored by that layer and mixed in by the later ones; per call, never kept across calls
+    first_values: Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property

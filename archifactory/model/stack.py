@@ -33,6 +33,7 @@ from archifactory.model.padding import padding
 from archifactory.model.positional import NoPositional, PositionalScheme, PositionContext
 from archifactory.model.residual.base import Residual
 from archifactory.model.residual.standard import StandardResidual
+from archifactory.model.value_residual import attach_value_residual
 
 
 @dataclass
@@ -82,6 +83,7 @@ class StackedMixinForCausalLM(nn.Module):
         tie_embeddings: the LM head reuses the embedding matrix.
         initializer_range: std of the init scheme in `model/init.py`.
         norm, norm_eps: `rmsnorm` or `layernorm` for the blocks and the final norm.
+        value_residual: later layers mix the first layer's values into theirs (`model/value_residual.py`).
         loss_chunk_size: tokens per chunk of the chunked cross-entropy (0 = whole batch at once).
     """
 
@@ -104,6 +106,7 @@ class StackedMixinForCausalLM(nn.Module):
         norm: str = "rmsnorm",
         norm_eps: float = 1e-5,
         loss_chunk_size: int = 0,
+        value_residual: bool = False,
     ) -> None:
         super().__init__()
         if tie_embeddings and lm_head_module is not None:
@@ -126,6 +129,9 @@ class StackedMixinForCausalLM(nn.Module):
             if not all(isinstance(r, Residual) for r in around):
                 raise TypeError("residual_module must build Residual instances")
             self.blocks.append(Block(mixin, ffn, hidden_size, norm, norm_eps, *around))
+        if value_residual:
+            mixins = [b.mixin for b in self.blocks]
+            attach_value_residual(mixins, [m.registry_name for m in mixins])
         self.final_norm = final_norm_module or build_norm(norm, hidden_size, norm_eps)
         self.lm_head = (
             None if tie_embeddings else (lm_head_module or nn.Linear(hidden_size, vocab_size, bias=False))
@@ -305,6 +311,7 @@ class StackedMixinForCausalLM(nn.Module):
                 norm=model_cfg.norm,
                 norm_eps=model_cfg.norm_eps,
                 loss_chunk_size=model_cfg.loss_chunk_size,
+                value_residual=bool(model_cfg.get("value_residual", False)),
             )
         except (TypeError, ValueError, ZeroDivisionError, AssertionError) as error:
             # a constructor refused an option (or a combination `archifactory.config.validation` cannot see): one line
@@ -377,6 +384,7 @@ class StackedMixinForCausalLM(nn.Module):
             + b.ffn.flops_per_token()
             + b.mixin_residual.flops_per_token()
             + b.ffn_residual.flops_per_token()
+            + (0.0 if b.mixin.value_residual is None else b.mixin.value_residual.flops_per_token())
             for b in self.blocks
         )
         return blocks + 2 * self.hidden_size * self.vocab_size

@@ -75,16 +75,39 @@ def test_standard_is_the_default() -> None:
     assert compose_config([]).residual.name == "standard"
 
 
+EQUIVALENT = [name for name in RESIDUALS if components("residual")[name].standard_equivalent is not None]
+
+
+def test_hyper_declares_its_standard_equivalent() -> None:
+    assert components("residual")["hyper"].standard_equivalent == {"expansion": 1, "dynamic": False}
+    assert "mhc" not in EQUIVALENT  # doubly stochastic mixing of copies: the standard residual up to scale
+
+
 @pytest.mark.parametrize("mixin", ["gqa", "gated_deltanet"])
-def test_hyper_with_one_static_stream_is_the_standard_residual_bit_for_bit(mixin: str) -> None:
+@pytest.mark.parametrize("residual", EQUIVALENT)
+def test_the_standard_equivalent_setting_is_the_standard_residual_bit_for_bit(
+    residual: str, mixin: str
+) -> None:
+    """Every option that declares `standard_equivalent` (hyper: one static stream) is checked: same logits
+    and loss bit for bit, gradients to rounding."""
     ids = torch.randint(0, V, (2, 11))
     torch.manual_seed(0)
     standard = build_model(config("standard", f"mixin={mixin}"), V)
+    options = components("residual")[residual].standard_equivalent
     torch.manual_seed(0)
     hyper = build_model(
-        config("hyper", f"mixin={mixin}", "residual.expansion=1", "residual.dynamic=false"), V
+        compose_config(
+            [
+                *SHAPE,
+                f"residual={residual}",
+                f"mixin={mixin}",
+                *(f"residual.{k}={v}" for k, v in options.items()),
+            ]
+        ),
+        V,
     )
-    assert residual_parameters(hyper), "the static hyper-connection has weights (B, A_m, A_r)"
+    if residual == "hyper":
+        assert residual_parameters(hyper), "the static hyper-connection has weights (B, A_m, A_r)"
     a, b = standard(ids, targets=ids), hyper(ids, targets=ids)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
     a.loss.backward()
@@ -304,11 +327,27 @@ def test_a_config_without_a_residual_section_builds_the_standard_residual() -> N
     assert model.parameter_breakdown()["residual"] == 0
 
 
-def test_an_mhc_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+RESUMED = [
+    ([f"residual={name}", *OPTIONS.get(name, [])], "gqa" if name == "standard" else f"gqa[residual={name}]")
+    for name in RESIDUALS
+]
+RESUMED.append(
+    (
+        ["residual=mhc", "residual.expansion=2", "model.value_residual=true"],
+        "gqa[residual=mhc,value_residual]",
+    )
+)
+
+
+@pytest.mark.parametrize("options,label", RESUMED, ids=[" ".join(o) for o, _ in RESUMED])
+def test_a_run_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: list[str], label: str
+) -> None:
     """A crash after step 6 (checkpoint at 4), then `trainer.resume=true`: the weights at step 8 (the
-    connection weights included) and the loss curve equal an uninterrupted run's."""
+    connection weights included) and the loss curve equal an uninterrupted run's; every residual option,
+    and value residual on top of mHC."""
     corpus, cache = write_corpus(tmp_path / "corpus", documents=100), tmp_path / "cache"
-    overrides = ["residual=mhc", "residual.expansion=2", "trainer.max_steps=8", "trainer.checkpoint_every=4"]
+    overrides = [*options, "trainer.max_steps=8", "trainer.checkpoint_every=4"]
     overrides += ["trainer.eval_every=4", "trainer.log_every=2"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     train(smoke_config(corpus, cache, *overrides), full)
@@ -330,7 +369,7 @@ def test_an_mhc_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     final = "checkpoints/step_0000008/model.safetensors"
     a, b = load_file(str(full / final)), load_file(str(crashed / final))
-    assert any("residual" in name for name in a)
+    assert options[0] == "residual=standard" or any("residual" in name for name in a)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
     curve_a, curve_b = (
@@ -341,4 +380,4 @@ def test_an_mhc_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for (_, ta, va), (_, tb, vb) in zip(curve_a, curve_b):
         assert abs((ta or 0) - (tb or 0)) < 1e-5 and abs((va or 0) - (vb or 0)) < 1e-5
     summary = json.loads((full / "summary.json").read_text())
-    assert summary["mixin"] == "gqa[residual=mhc]"
+    assert summary["mixin"] == label

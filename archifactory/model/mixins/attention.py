@@ -14,6 +14,7 @@ from archifactory.model.mixins.kit import append_cache, grouped_heads
 from archifactory.model.norms import RMSNorm
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
+from archifactory.model.value_residual import ValueGate
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "fused", "reference")
 
@@ -126,6 +127,9 @@ class GroupedQueryAttention(Mixin):
     def init_roles(self) -> InitRoles:
         return InitRoles(residual=(self.out_proj,))
 
+    def value_gate(self) -> ValueGate:
+        return ValueGate(self.kv_size)
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return {"k": empty, "v": empty.clone()}
@@ -135,6 +139,7 @@ class GroupedQueryAttention(Mixin):
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.hidden_size, self.kv_size, self.kv_size], dim=-1)
+        v = self.mix_first_values(v, ctx)  # model.value_residual (ResFormer); else v itself
         q = q.view(batch, seq_len, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)

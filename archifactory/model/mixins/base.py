@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
+from archifactory.model.value_residual import ValueGate, ValueResidual
 
 MixinState = dict[str, Tensor]
 BACKENDS = ("auto", "reference", "fused")
@@ -47,6 +48,8 @@ class Mixin(nn.Module, ABC):
         super().__init__()
         self.hidden_size = hidden_size
         self.layer_idx = layer_idx
+        # model.value_residual=true: attached by the model to the layers whose `value_gate` is not None
+        self.value_residual: ValueResidual | None = None
 
     @abstractmethod
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
@@ -71,6 +74,16 @@ class Mixin(nn.Module, ABC):
         """What the model's init scheme must know: the projections that write into the residual stream
         (depth-scaled), plain stacked matrices, and what this component initialises itself (`keep`).
         See `model/roles.py`."""
+
+    def value_gate(self) -> ValueGate | None:
+        """What this mixin can mix with the first layer's values under `model.value_residual=true`
+        (`model/value_residual.py`): the width of the values it passes to `mix_first_values`, and a gate
+        rank. None (the default): the mixin has no value projection."""
+        return None
+
+    def mix_first_values(self, v: Tensor, ctx: PositionContext, x: Tensor | None = None) -> Tensor:
+        """v [B, T, W] with the first layer's values mixed in (model.value_residual), else v itself."""
+        return v if self.value_residual is None else self.value_residual(v, ctx, x)
 
     def after_optimizer_step(self) -> None:
         """Called by the training loop (through the model) once per optimizer step; a no-op unless the

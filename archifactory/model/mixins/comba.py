@@ -116,6 +116,7 @@ class Comba(DeltaRuleMixin):
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        v = self.mix_first_values(v, ctx)  # model.value_residual (ResFormer); else v itself
         q = q.reshape(batch, seq_len, self.num_heads, self.head_k_dim)  # [B, T, H, K]
         k = k.reshape(batch, seq_len, self.num_heads, self.head_k_dim)
         v = v.reshape(batch, seq_len, self.num_heads, self.head_v_dim)  # [B, T, H, V]

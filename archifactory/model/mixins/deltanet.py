@@ -33,6 +33,7 @@ from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_delta_rule, delta_rule_step, l2_normalize
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
+from archifactory.model.value_residual import ValueGate
 
 
 def inverse_softplus_dt(size: int, dt_min: float = 0.001, dt_max: float = 0.1) -> Tensor:
@@ -106,6 +107,9 @@ class DeltaRuleMixin(Mixin):
         # the short conv keeps its own init
         return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), self.conv))
 
+    def value_gate(self) -> ValueGate:
+        return ValueGate(self.num_householder * self.value_dim)
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         dtype = compute_dtype(dtype)
         state = {
@@ -129,6 +133,7 @@ class DeltaRuleMixin(Mixin):
             qkv = F.silu(qkv)
         steps = self.num_householder  # k, v and β come as `steps` sub-steps per token: [B, T·steps, H, *]
         q, k, v = qkv.split([self.key_dim, steps * self.key_dim, steps * self.value_dim], dim=-1)
+        v = self.mix_first_values(v, ctx)  # model.value_residual (ResFormer); else v itself
         q = l2_normalize(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))  # [B, T, H, K]
         k = l2_normalize(k.reshape(batch, seq_len * steps, self.num_heads, self.head_k_dim))
         v = v.reshape(batch, seq_len * steps, self.num_heads, self.head_v_dim)  # [B, T·steps, H, V]

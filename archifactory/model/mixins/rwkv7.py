@@ -26,6 +26,7 @@ from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step
 from archifactory.model.mixins.rwkv6 import depth_ratios
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
+from archifactory.model.value_residual import ValueGate, default_gate_rank
 
 NUM_MIXES = 6  # token-shift lerps, in this order: r, w, k, v, a, g
 MAX_LOG_DECAY = 0.6065306597126334  # exp(-0.5): log w_t = -exp(-0.5) · sigmoid(·) ∈ (-0.607, 0)
@@ -53,8 +54,9 @@ class RWKV7TimeMix(Mixin):
 
     (fla's DPLR form with α = −κ̂, β = κ̂ ⊙ a; computed chunkwise, `reference/delta_rule.chunk_dplr`).
     Then a per-head GroupNorm, the bonus (Σ r ⊙ k ⊙ r_k) v, the gate g = sigmoid(x_g G₁) G₂ and out_proj.
-    Not included: the value residual across layers (v lerped toward layer 0's v), because a mixin sees only
-    its own layer's input (docs/architecture.md, "The component contract"); every layer uses its own v.
+    The value residual across layers (v lerped toward the first layer's v, v ← v + (v_first − v) ⊙
+    σ(v₀ + x_v W_a W_b)) is on with `model.value_residual=true` (`model/value_residual.py`); off, every
+    layer uses its own v.
     Decode state: S [B, H, K, V] (>= fp32) and the token-shift buffer [B, D].
 
     Init (RWKV-7's, depth-dependent through a = l/(L−1), b = 1 − l/L for layer l of the model's L layers;
@@ -127,6 +129,9 @@ class RWKV7TimeMix(Mixin):
         # every raw parameter (mixes, decays, LoRA factors, bonus, group-norm affine) is drawn above
         return InitRoles(residual=(self.out_proj,), keep=own_parameters(self))
 
+    def value_gate(self) -> ValueGate:
+        return ValueGate(self.hidden_size, default_gate_rank(self.hidden_size))
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         shape = (batch_size, self.num_heads, self.head_dim, self.head_dim)
         return {
@@ -149,6 +154,7 @@ class RWKV7TimeMix(Mixin):
         a = torch.sigmoid(self.a0 + (x_a @ self.a1) @ self.a2)  # in-context learning rate, [B, T, D]
         gate = torch.sigmoid(x_g @ self.g1) @ self.g2
         r, k, v = self.r_proj(x_r), self.k_proj(x_k), self.v_proj(x_v)
+        v = self.mix_first_values(v, ctx, x_v)  # model.value_residual: RWKV-7's v_first; else v itself
         kappa = F.normalize((k * self.k_k).view(shape), dim=-1)  # κ̂ [B, T, H, K]
         k = k * (1 + (a - 1) * self.k_a)  # the replacement key
         r, k, v, a, log_w = r.view(shape), k.view(shape), v.view(shape), a.view(shape), log_w.view(shape)

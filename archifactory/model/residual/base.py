@@ -31,6 +31,10 @@ class Residual(nn.Module, ABC):
     them all: none is a projection the model's init scheme should redraw)."""
 
     registry_name: str
+    # The options under which this connection is the standard residual bit for bit at init (hyper-
+    # connections with one static stream), or None when no setting is; the contract suite checks the
+    # claim for every option that makes it (tests/model/test_residual.py).
+    standard_equivalent: dict[str, Any] | None = None
 
     def widen(self, x: Tensor) -> Tensor:
         """The embedding [B, T, D] as the hidden state this option carries between sub-layers."""

@@ -31,6 +31,8 @@ class HyperConnection(StreamResidual):
     Options: `expansion` (n, the paper's best is 4), `dynamic` (DHC, default; false: SHC).
     """
 
+    standard_equivalent = {"expansion": 1, "dynamic": False}
+
     def __init__(
         self, hidden_size: int, layer_idx: int, sublayer: int, expansion: int = 4, dynamic: bool = True
     ) -> None:

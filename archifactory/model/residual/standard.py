@@ -15,6 +15,8 @@ class StandardResidual(Residual):
     h ← h + F(norm(h)). No parameters, no options; the default, and what every other option is compared
     against."""
 
+    standard_equivalent = {}  # itself
+
     def __init__(self, hidden_size: int, layer_idx: int, sublayer: int) -> None:
         super().__init__()
 
