@@ -173,6 +173,14 @@ def test_hybrid_pattern() -> None:
     check_padded_equals_alone(tiny_model(*HYBRID))
 
 
+@pytest.mark.parametrize("name", ["gqa", "gated_deltanet", "rwkv7"])
+def test_value_residual_keeps_pads_out(name: str) -> None:
+    """model.value_residual mixes the first layer's values (pads included) into later layers' values."""
+    check_padded_equals_alone(
+        tiny_model(f"mixin={name}", "model.value_residual=true", *OPTIONS.get(name, []))
+    )
+
+
 def test_rwkv_channel_mix_token_shift_skips_pads() -> None:
     check_padded_equals_alone(tiny_model("mixin=gqa", "ffn=rwkv_cmix", "positional=learned"))
 
