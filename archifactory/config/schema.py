@@ -76,6 +76,10 @@ class ModelConfig:
     target_params: Optional[str] = None
     match: str = "width"  # width: solve the hidden size | layers: solve the depth
     match_tolerance: float = 0.02
+    # pretrained parts (hf/pretrained.py): a transformers checkpoint (Hub id or local folder) whose embedding,
+    # final norm and LM head the model starts from; the run then uses its tokenizer. null = off
+    pretrained_from: Optional[str] = None
+    freeze_pretrained: bool = False  # keep those pretrained parts fixed during training
 
 
 @dataclass

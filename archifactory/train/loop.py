@@ -31,6 +31,7 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import check_dataset_path
 from archifactory.eval.evaluate import evaluate
 from archifactory.generate.export import write_model_folder
+from archifactory.hf.pretrained import apply_pretrained
 from archifactory.model.build import check_buildable
 from archifactory.model.documents import documents_for
 from archifactory.model.match import MatchResult, apply_match
@@ -71,6 +72,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     try:
         validate_config(cfg)  # before anything is prepared, built or written
         cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
+        cfg = apply_pretrained(cfg)  # model.pretrained_from: its vocab, norm eps and tokenizer, saved too
         check_buildable(cfg)  # every component constructor's own checks, on the meta device
         check_dataset_path(cfg.dataset)  # a mistyped dataset.path: "does not exist", before the directory
         with locked(run_dir, enabled=is_main):

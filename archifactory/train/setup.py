@@ -18,11 +18,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
 from archifactory.data.chat.dataset import ChatData
 from archifactory.data.dataset import TokenData
 from archifactory.data.loader import PackedLoader
 from archifactory.data.synthetic import SyntheticData, SyntheticLoader
+from archifactory.hf.pretrained import load_pretrained_parts
 from archifactory.model.build import build_model, describe_backends
 from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.runs.load import load_run_config, load_run_tokenizer, resolve_run, save_run_tokenizer
@@ -110,7 +112,13 @@ def setup_run(
         data.vocab_size,
         data.description,
     )
-    raw_model = build_model(cfg, data.vocab_size)
+    if cfg.model.get("pretrained_from") and data.vocab_size > cfg.model.vocab_size:
+        raise ArchiFactoryError(
+            f"the tokenizer has {data.vocab_size} tokens but {cfg.model.pretrained_from} embeds only "
+            f"{cfg.model.vocab_size}; use a source whose embedding covers its tokenizer"
+        )
+    # model.pretrained_from: the source's embedding, final norm and head, passed to the constructor
+    raw_model = build_model(cfg, data.vocab_size, **load_pretrained_parts(cfg))
     if cfg.get("init_from"):  # `archifactory sft`: the pretrained weights, vocabulary grown for chat tokens
         init_from_pretrained(raw_model, resolve_run(cfg.init_from))
     raw_model = raw_model.to(device)
