@@ -45,6 +45,7 @@ Optimizer = choices("Optimizer", ["adamw", "muon", "ademamix"])
 Schedule = choices("Schedule", ["cosine", "wsd", "wsd_sqrt", "constant"])
 Precision = choices("Precision", ["auto", "fp32", "bf16"])
 Strategy = choices("Strategy", ["auto", "single", "ddp", "fsdp"])
+CheckpointFormat = choices("CheckpointFormat", ["full", "dcp"])
 Norm = choices("Norm", ["rmsnorm", "layernorm"])
 SourceKind = choices("SourceKind", ["text", "hf"])
 DecodeErrors = choices("DecodeErrors", ["strict", "replace"])
@@ -118,6 +119,9 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # full: rank 0 writes the gathered weights; dcp: every rank writes its shards (torch.distributed.checkpoint)
+    checkpoint_format: CheckpointFormat = CheckpointFormat.full
+    async_checkpoint: bool = False  # dcp: write in the background (dcp.async_save) while training goes on
     resume: bool = False
     compile: bool = False
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
