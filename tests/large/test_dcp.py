@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,8 @@ def test_dcp_run_resumes_exactly_under_one_and_two_processes(tmp_path: Path) -> 
     ids = torch.randint(0, ours.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=0, atol=0)
+    # gpu_check.sh's DCP check, run here on CPU against the same run
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check_dcp.py"
+    check = subprocess.run([sys.executable, str(script), str(two)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "step 8: max |logits" in check.stdout and "__1_0.distcp" in check.stdout
