@@ -91,3 +91,28 @@ def test_dcp_run_resumes_exactly_under_one_and_two_processes(tmp_path: Path) -> 
     check = subprocess.run([sys.executable, str(script), str(two)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr[-2000:]
     assert "step 8: max |logits" in check.stdout and "__1_0.distcp" in check.stdout
+
+
+def test_single_process_dcp_checkpoint_is_checked_and_exported(tmp_path: Path) -> None:
+    """One process, no torchrun: DCP checkpoints, `archifactory export` of one, and a truncated shard
+    refused by the resume with one line (nothing else written)."""
+    from archifactory.core.errors import ArchiFactoryError
+    from archifactory.generate.export import export_run
+
+    corpus = write_corpus(tmp_path / "corpus", documents=100)
+    data = [f"dataset.path={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}"]
+    run_dir = tmp_path / "run"
+    train(compose_config([*RECIPE, *data, *DCP, "trainer.max_steps=4"]), run_dir)
+    checkpoint = run_dir / "checkpoints/step_0000004"
+    meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert meta["format"] == "dcp" and set(meta["dcp_files"]) == {".metadata", "__0_0.distcp"}
+    out = export_run(run_dir, tmp_path / "exported", step=4)
+    weights, _ = load_checkpoint_weights(checkpoint)
+    exported = load_file(str(out / "model.safetensors"))
+    for name, tensor in weights.items():
+        torch.testing.assert_close(exported[f"model.{name}"].float(), tensor, rtol=0, atol=0)
+
+    shard = checkpoint / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ArchiFactoryError, match=r"is incomplete \(dcp/__0_0.distcp\)"):
+        train(compose_config([*RECIPE, *data, *DCP, "trainer.resume=true"]), run_dir)
