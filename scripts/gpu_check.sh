@@ -30,7 +30,11 @@ PY
 torchrun --standalone --nproc_per_node=1 -m archifactory train experiment=pints_1b dataset=text \
     dataset.path="$corpus" dataset.doc_separator='"\n\n"' dataset.cache_dir="$corpus/cache" model.vocab_size=32768 \
     trainer.max_steps=12 trainer.batch_tokens=131072 trainer.eval_tokens=65536 trainer.log_every=2 \
+    trainer.checkpoint_every=6 trainer.checkpoint_format=dcp trainer.async_checkpoint=true \
     run_name=gpu_check_1b hydra.run.dir="$corpus/run" 2>&1 | tail -n 20 | tee "$out/train_1b.txt"
+# the sharded (DCP) checkpoints: each rank's shards, and the model/ folder consolidated from them loads with
+# transformers with the checkpoint's logits (bf16 tolerance on the GPU)
+python scripts/gpu_check_dcp.py "$corpus/run" 2>&1 | tee "$out/dcp_1b.txt"
 cp "$corpus/run/plan.md" "$out/plan_1b.md"
 python -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('status','tokens_per_second','mfu','peak_memory_mb')})" \
     "$corpus/run/summary.json" | tee "$out/throughput_1b.txt"

@@ -45,6 +45,7 @@ Optimizer = choices("Optimizer", ["adamw", "muon", "ademamix"])
 Schedule = choices("Schedule", ["cosine", "wsd", "wsd_sqrt", "constant"])
 Precision = choices("Precision", ["auto", "fp32", "bf16"])
 Strategy = choices("Strategy", ["auto", "single", "ddp", "fsdp"])
+CheckpointFormat = choices("CheckpointFormat", ["full", "dcp"])
 Norm = choices("Norm", ["rmsnorm", "layernorm"])
 SourceKind = choices("SourceKind", ["text", "hf"])
 DecodeErrors = choices("DecodeErrors", ["strict", "replace"])
@@ -78,6 +79,10 @@ class ModelConfig:
     target_params: Optional[str] = None
     match: str = "width"  # width: solve the hidden size | layers: solve the depth
     match_tolerance: float = 0.02
+    # pretrained parts (hf/pretrained.py): a transformers checkpoint (Hub id or local folder) whose embedding,
+    # final norm and LM head the model starts from; the run then uses its tokenizer. null = off
+    pretrained_from: Optional[str] = None
+    freeze_pretrained: bool = False  # keep those pretrained parts fixed during training
 
 
 @dataclass
@@ -116,6 +121,9 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # full: rank 0 writes the gathered weights; dcp: every rank writes its shards (torch.distributed.checkpoint)
+    checkpoint_format: CheckpointFormat = CheckpointFormat.full
+    async_checkpoint: bool = False  # dcp: write in the background (dcp.async_save) while training goes on
     resume: bool = False
     compile: bool = False
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default

@@ -168,7 +168,8 @@ def get_tokenizer(cfg: DatasetConfig, source: Source, root: Path) -> Tokenizer:
             log.info("reusing tokenizer %s", target)
             return load_tokenizer(target)
         if cfg.tokenizer != "bpe":
-            hub.check_hub(f"tokenizer {cfg.tokenizer!r}")
+            if not Path(cfg.tokenizer).is_dir():  # a local transformers folder needs no Hub
+                hub.check_hub(f"tokenizer {cfg.tokenizer!r}")
             return fetch_hub_tokenizer(cfg.tokenizer, hub.hub_token(cfg.token_env), target)
         source.preflight()
         counter = {"documents": 0, "chars": 0}

@@ -16,9 +16,10 @@ from archifactory.model.stack import StackedMixinForCausalLM
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
-    """cfg: the root config (uses cfg.model, cfg.mixin, cfg.ffn, cfg.positional)."""
-    return StackedMixinForCausalLM.from_config(cfg, vocab_size)
+def build_model(cfg: Any, vocab_size: int, **parts: Any) -> StackedMixinForCausalLM:
+    """cfg: the root config (uses cfg.model, cfg.mixin, cfg.ffn, cfg.positional); `parts`: pretrained
+    embedding / head / final-norm modules for the constructor (`model.pretrained_from`)."""
+    return StackedMixinForCausalLM.from_config(cfg, vocab_size, **parts)
 
 
 def check_buildable(cfg: DictConfig) -> None:

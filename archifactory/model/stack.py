@@ -283,10 +283,11 @@ class StackedMixinForCausalLM(nn.Module):
             block.ffn.after_optimizer_step()
 
     @classmethod
-    def from_config(cls, cfg: Any, vocab_size: int) -> StackedMixinForCausalLM:
+    def from_config(cls, cfg: Any, vocab_size: int, **parts: Any) -> StackedMixinForCausalLM:
         """The model a composed config describes (cfg.model, cfg.mixin, cfg.ffn, cfg.positional,
         cfg.residual), built through the registry; a constructor's refusal is one line. A config saved
-        before the residual group existed has no `residual` and gets the standard one."""
+        before the residual group existed has no `residual` and gets the standard one. `parts`: the
+        constructor's embedding_module / lm_head_module / final_norm_module / freeze_lm_modules."""
         model_cfg = cfg.model
         vocab_size = model_cfg.vocab_size or vocab_size
         if model_cfg.hidden_size % model_cfg.num_heads:
@@ -312,6 +313,7 @@ class StackedMixinForCausalLM(nn.Module):
                 norm_eps=model_cfg.norm_eps,
                 loss_chunk_size=model_cfg.loss_chunk_size,
                 value_residual=bool(model_cfg.get("value_residual", False)),
+                **parts,
             )
         except (TypeError, ValueError, ZeroDivisionError, AssertionError) as error:
             # a constructor refused an option (or a combination `archifactory.config.validation` cannot see): one line

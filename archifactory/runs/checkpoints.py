@@ -47,16 +47,26 @@ def pick_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     raise ArchiFactoryError(f"run {run_dir} has no checkpoint at step {step}; it has: {steps}")
 
 
+def is_sharded(checkpoint: Path) -> bool:
+    """A `trainer.checkpoint_format=dcp` checkpoint: every rank's shards under `dcp/`."""
+    return (checkpoint / layout.DCP_DIR).is_dir()
+
+
 def load_checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """(model weights, step) of one checkpoint folder, verified against its recorded sha256."""
+    """(model weights, step) of one checkpoint folder, verified against its recorded sha256 (a sharded
+    one: its shard files against their recorded sizes, then consolidated in this process)."""
     fix = "pick another checkpoint or retrain"
     try:
-        meta = json.loads((checkpoint / "trainer_state.json").read_text())
-        step, digest = int(meta["step"]), meta["sha256"]["model.safetensors"]
+        meta = json.loads((checkpoint / layout.TRAINER_STATE).read_text())
+        step = int(meta["step"])
+        digest = None if is_sharded(checkpoint) else meta["sha256"]["model.safetensors"]
+        sizes = meta["dcp_files"] if is_sharded(checkpoint) else {}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ArchiFactoryError(
-            f"checkpoint {checkpoint} has no readable trainer_state.json ({error}); {fix}"
+            f"checkpoint {checkpoint} has no readable {layout.TRAINER_STATE} ({error}); {fix}"
         ) from error
+    if digest is None:
+        return consolidate_sharded(checkpoint, sizes), step
     weights = checkpoint / "model.safetensors"
     if not weights.is_file() or file_digest(weights) != digest:
         raise ArchiFactoryError(
@@ -66,3 +76,26 @@ def load_checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], 
         return load_file(str(weights)), step
     except (SafetensorError, OSError) as error:
         raise ArchiFactoryError(f"checkpoint {checkpoint} has unreadable weights ({error}); {fix}") from error
+
+
+def consolidate_sharded(checkpoint: Path, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The full model weights of a DCP checkpoint, read into this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = checkpoint / layout.DCP_DIR
+    for name, size in sizes.items():
+        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+            raise ArchiFactoryError(
+                f"checkpoint {checkpoint} is incomplete ({layout.DCP_DIR}/{name}); pick another checkpoint or retrain"
+            )
+    reader = dcp.FileSystemReader(str(folder))
+    prefix = "model."
+    weights = {
+        key.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    state = {"model": weights}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return {name: tensor.float() for name, tensor in state["model"].items()}

@@ -6,6 +6,8 @@
   summary.json           final figures and `status`; the `eval` section is `archifactory eval`'s
   metrics.jsonl          one JSON object per log / validation step
   checkpoints/step_NNNNNNN/  model.safetensors, optimizer.pt, rng.pt, trainer_state.json
+                         (trainer.checkpoint_format=dcp: dcp/ — every rank's shards of model and optimizer,
+                         torch.distributed.checkpoint's .metadata + *.distcp — plus extra.pt: schedule, RNG)
   tokenizer/             the run's copy of its tokenizer (tokenizer.json, meta.json)
   model/                 the final model in Hugging Face format
   eval/<task>.json       one file per evaluation
@@ -27,6 +29,9 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
+DCP_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder
+DCP_EXTRA = "extra.pt"  # a sharded checkpoint's LR schedule and RNG states (rank 0)
+TRAINER_STATE = "trainer_state.json"
 TOKENIZER = "tokenizer"
 MODEL = "model"
 EVAL_DIR = "eval"

@@ -16,10 +16,12 @@ the next save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,8 +97,39 @@ def save_checkpoint(
     final = directory / layout.checkpoint_name(trainer_state.step)
     tmp = directory / f".tmp_{final.name}"
     remove_temporaries(directory)
-    try:
+    with disk_errors(final, tmp):
         _write(tmp, model_state, optimizer_state, trainer_state)
+    return publish(tmp, final, keep)
+
+
+@contextlib.contextmanager
+def disk_errors(final: Path, tmp: Path) -> Iterator[None]:
+    """A write the disk refuses: remove `tmp` and stop with one line naming the resume point left."""
+    try:
+        yield
+    except (
+        OSError,
+        RuntimeError,
+        SafetensorError,
+    ) as error:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = list_checkpoints(final.parent)
+        keeps = f"{earlier[-1]} stays the resume point" if earlier else "no earlier checkpoint exists"
+        try:
+            free = f"{shutil.disk_usage(final.parent).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise ArchiFactoryError(
+            f"could not write checkpoint {final} ({reason}; {free}); {keeps}. "
+            "Free some space, then continue with trainer.resume=true"
+        ) from error
+
+
+def publish(tmp: Path, final: Path, keep: int) -> Path:
+    """Rename a fully written `tmp` into place as `final` (replacing a same-step one), then keep `keep`."""
+    directory = final.parent
+    with disk_errors(final, tmp):
         if final.exists():  # the same step saved again (a stop request right after a checkpoint step)
             old = directory / f".tmp_old_{final.name}"
             os.replace(final, old)
@@ -105,26 +138,18 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         fsync_dir(directory)
-    except (
-        OSError,
-        RuntimeError,
-        SafetensorError,
-    ) as error:  # torch.save reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        earlier = list_checkpoints(directory)
-        keeps = f"{earlier[-1]} stays the resume point" if earlier else "no earlier checkpoint exists"
-        try:
-            free = f"{shutil.disk_usage(directory).free / 2**20:,.1f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise ArchiFactoryError(
-            f"could not write checkpoint {final} ({reason}; {free}); {keeps}. "
-            "Free some space, then continue with trainer.resume=true"
-        ) from error
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sync_files(folder: Path) -> None:
+    """Make the bytes under `folder` durable before a rename publishes them."""
+    share_as_umask_allows(folder)  # safetensors writes its file 0600
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _write(
@@ -148,11 +173,8 @@ def _write(
         "model_signature": model_signature(weights),
         "sha256": {name: file_digest(tmp / name) for name in ("model.safetensors", "optimizer.pt", "rng.pt")},
     }
-    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
-    share_as_umask_allows(tmp)  # safetensors writes its file 0600
-    for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
+    (tmp / layout.TRAINER_STATE).write_text(json.dumps(meta, indent=1))
+    sync_files(tmp)
 
 
 @dataclass
@@ -173,20 +195,24 @@ META_KEYS: dict[str, type | tuple[type, ...]] = {
     "sha256": dict,
 }
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
+DCP_FILES = (layout.DCP_EXTRA,)  # a sharded checkpoint's hashed file; its shards are checked by size
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """`trainer_state.json` of a checkpoint whose files all pass their sha256; else one clear line."""
     fix = "delete that folder to resume from an earlier checkpoint"
     try:
-        meta = json.loads((path / "trainer_state.json").read_text())
+        meta = json.loads((path / layout.TRAINER_STATE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArchiFactoryError(f"checkpoint {path} is unreadable ({error}); {fix}") from error
     if not isinstance(meta, dict):
         raise ArchiFactoryError(f"checkpoint {path}: trainer_state.json is not a JSON object; {fix}")
     broken = [key for key, kind in META_KEYS.items() if not isinstance(meta.get(key), kind)]
-    if not broken and sorted(meta["sha256"]) != sorted(FILES):
+    sharded = meta.get("format") == "dcp"
+    if not broken and sorted(meta["sha256"]) != sorted(DCP_FILES if sharded else FILES):
         broken = ["sha256"]
+    if not broken and sharded and not isinstance(meta.get("dcp_files"), dict):
+        broken = ["dcp_files"]
     if broken:
         raise ArchiFactoryError(
             f"checkpoint {path}: trainer_state.json lacks or mangles {', '.join(broken)}; {fix}"
@@ -195,6 +221,10 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file() or file_digest(file) != digest:
             raise ArchiFactoryError(f"checkpoint {path} is corrupt ({name} fails its sha256 check); {fix}")
+    for name, size in meta.get("dcp_files", {}).items() if sharded else ():
+        file = path / layout.DCP_DIR / name
+        if not file.is_file() or file.stat().st_size != size:
+            raise ArchiFactoryError(f"checkpoint {path} is incomplete ({layout.DCP_DIR}/{name}); {fix}")
     return meta
 
 

@@ -31,6 +31,7 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import check_dataset_path
 from archifactory.eval.evaluate import evaluate
 from archifactory.generate.export import write_model_folder
+from archifactory.hf.pretrained import apply_pretrained
 from archifactory.model.build import check_buildable
 from archifactory.model.documents import documents_for
 from archifactory.model.match import MatchResult, apply_match
@@ -41,6 +42,7 @@ from archifactory.runs.lock import locked
 from archifactory.runs.log import detach_log_file
 from archifactory.train import distributed
 from archifactory.train.checkpoint import save_checkpoint
+from archifactory.train.dcp import finish_save, start_save
 from archifactory.train.metrics import Progress, RunRecorder, Throughput, peak_memory_mb
 from archifactory.train.plot import plot_loss_curves
 from archifactory.train.resume import RunPlan, claim_run, finish_completed, plan_run
@@ -71,6 +73,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     try:
         validate_config(cfg)  # before anything is prepared, built or written
         cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
+        cfg = apply_pretrained(cfg)  # model.pretrained_from: its vocab, norm eps and tokenizer, saved too
         check_buildable(cfg)  # every component constructor's own checks, on the meta device
         check_dataset_path(cfg.dataset)  # a mistyped dataset.path: "does not exist", before the directory
         with locked(run_dir, enabled=is_main):
@@ -267,6 +270,21 @@ def checkpoint(run: RunContext, loss_window: tuple[Tensor, int] | None = None) -
         loss_sum, loss_count = loss_window
         run.state.loss_sum = float(distributed.all_reduce_mean(loss_sum, run.info)) if loss_count else 0.0
         run.state.loss_count = loss_count
+    trainer = run.cfg.trainer
+    if trainer.get("checkpoint_format", "full") == "dcp":  # every rank writes its shards
+        finish_pending(run)
+        run.pending = start_save(
+            layout.checkpoints_dir(run.run_dir),
+            run.model,
+            run.optimizer,
+            run.scheduler.state_dict(),
+            run.state,
+            trainer.keep_checkpoints,
+            asynchronous=bool(trainer.get("async_checkpoint", False)),
+        )
+        if run.pending.future is None:
+            finish_pending(run)
+        return
     model_state, optim_state = distributed.full_state(run.model, run.optimizer, run.strategy)
     if run.info.is_main:
         path = save_checkpoint(
@@ -274,12 +292,31 @@ def checkpoint(run: RunContext, loss_window: tuple[Tensor, int] | None = None) -
             model_state,
             {"optimizer": optim_state, "scheduler": run.scheduler.state_dict()},
             run.state,
-            run.cfg.trainer.keep_checkpoints,
+            trainer.keep_checkpoints,
         )
-        log.info("checkpoint: %s", path)
-        # summary.json's steps never lag the newest checkpoint
-        run.recorder.update_summary(steps=run.state.step, tokens_seen=run.state.tokens_seen)
+        checkpoint_written(run, path)
     distributed.barrier(run.info)
+
+
+def finish_pending(run: RunContext) -> None:
+    """Publish the sharded checkpoint still being written (async) or just written; no-op without one."""
+    if run.pending is None:
+        return
+    pending, run.pending = run.pending, None
+    path = finish_save(pending)
+    if run.info.is_main:
+        checkpoint_written(run, path, steps=pending.meta["step"], tokens=pending.meta["tokens_seen"])
+
+
+def checkpoint_written(
+    run: RunContext, path: Path, steps: int | None = None, tokens: int | None = None
+) -> None:
+    """Rank 0, once a checkpoint is in place: log it; summary.json's steps never lag the newest one."""
+    log.info("checkpoint: %s", path)
+    run.recorder.update_summary(
+        steps=run.state.step if steps is None else steps,
+        tokens_seen=run.state.tokens_seen if tokens is None else tokens,
+    )
 
 
 def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
@@ -311,6 +348,7 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
         if stop.requested:
             throughput.pause()
             checkpoint(run, loss_window=(loss_sum, loss_count))  # also says where it stopped in summary.json
+            finish_pending(run)  # an async checkpoint is on disk before the run stops
             raise KeyboardInterrupt(
                 f"stopped by {stop.requested} at step {state.step}; resume with trainer.resume=true"
             )
@@ -339,6 +377,7 @@ def _train(run: RunContext, stop: StopRequest) -> dict[str, Any]:
             checkpoint(run, loss_window=(loss_sum, loss_count))
             throughput.resume()
     progress.close()
+    finish_pending(run)  # an async checkpoint's write completes before the model folder reads it
     if run.info.is_main:
         plot_loss_curves(run.run_dir, f"{cfg.run_name}: {run.breakdown['total']:,} parameters")
         write_model_folder(run.run_dir)  # model/: Hugging Face format, from the final checkpoint

@@ -48,6 +48,8 @@ SAFE_TO_CHANGE = (
     "trainer.log_every",
     "trainer.checkpoint_every",
     "trainer.keep_checkpoints",
+    "trainer.checkpoint_format",  # each checkpoint says its own format; a resume reads either
+    "trainer.async_checkpoint",
     "trainer.max_nonfinite_steps",
     "trainer.device",
     "trainer.strategy",

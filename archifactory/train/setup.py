@@ -18,16 +18,20 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import load_data
 from archifactory.data.chat.dataset import ChatData
 from archifactory.data.dataset import TokenData
 from archifactory.data.loader import PackedLoader
 from archifactory.data.synthetic import SyntheticData, SyntheticLoader
+from archifactory.hf.pretrained import load_pretrained_parts
 from archifactory.model.build import build_model, describe_backends
 from archifactory.model.stack import StackedMixinForCausalLM
+from archifactory.runs.checkpoints import is_sharded
 from archifactory.runs.load import load_run_config, load_run_tokenizer, resolve_run, save_run_tokenizer
 from archifactory.train import distributed
 from archifactory.train.checkpoint import TrainerState, load_checkpoint, model_signature, set_rng_state
+from archifactory.train.dcp import PendingSave, load_sharded
 from archifactory.train.init_from import init_from_pretrained
 from archifactory.train.metrics import RunRecorder
 from archifactory.train.optim import build_optimizer
@@ -67,6 +71,7 @@ class RunContext:
     flops_per_token: float
     document_eos: int | None = None  # dataset.document_mask: the EOS that separates packed documents
     nonfinite_in_a_row: int = 0
+    pending: PendingSave | None = None  # trainer.async_checkpoint: a sharded checkpoint still being written
     last: dict[str, Any] = field(default_factory=dict)  # latest train/val figures for summary.json
 
 
@@ -110,7 +115,13 @@ def setup_run(
         data.vocab_size,
         data.description,
     )
-    raw_model = build_model(cfg, data.vocab_size)
+    if cfg.model.get("pretrained_from") and data.vocab_size > cfg.model.vocab_size:
+        raise ArchiFactoryError(
+            f"the tokenizer has {data.vocab_size} tokens but {cfg.model.pretrained_from} embeds only "
+            f"{cfg.model.vocab_size}; use a source whose embedding covers its tokenizer"
+        )
+    # model.pretrained_from: the source's embedding, final norm and head, passed to the constructor
+    raw_model = build_model(cfg, data.vocab_size, **load_pretrained_parts(cfg))
     if cfg.get("init_from"):  # `archifactory sft`: the pretrained weights, vocabulary grown for chat tokens
         init_from_pretrained(raw_model, resolve_run(cfg.init_from))
     raw_model = raw_model.to(device)
@@ -144,14 +155,20 @@ def setup_run(
     loader = data.train_loader(trainer.micro_batch_size, pin_memory=device.type == "cuda")
     state = TrainerState(step=0, tokens_seen=0, loader=loader.state_dict())
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, model_signature(raw_model.state_dict()))
-        distributed.load_full_state(
-            model, optimizer, ckpt.model_state, ckpt.optimizer_state["optimizer"], strategy
-        )
-        scheduler.load_state_dict(ckpt.optimizer_state["scheduler"])
-        loader.load_state_dict(ckpt.trainer_state.loader)
-        set_rng_state(ckpt.rng)
-        state = ckpt.trainer_state
+        signature = model_signature(raw_model.state_dict())
+        if is_sharded(resume_from):  # DCP: each rank reads its slice, whatever world size wrote it
+            extra, state = load_sharded(resume_from, model, optimizer, signature)
+            scheduler.load_state_dict(extra["scheduler"])
+            set_rng_state(extra["rng"])
+        else:
+            ckpt = load_checkpoint(resume_from, signature)
+            distributed.load_full_state(
+                model, optimizer, ckpt.model_state, ckpt.optimizer_state["optimizer"], strategy
+            )
+            scheduler.load_state_dict(ckpt.optimizer_state["scheduler"])
+            set_rng_state(ckpt.rng)
+            state = ckpt.trainer_state
+        loader.load_state_dict(state.loader)
         log.info("resumed from %s (step %d)", resume_from, state.step)
     return RunContext(
         cfg=cfg,

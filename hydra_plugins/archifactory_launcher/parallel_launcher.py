@@ -41,8 +41,9 @@ _TARGET = "hydra_plugins.archifactory_launcher.parallel_launcher.ParallelLaunche
 class GpusLauncherConf:
     _target_: str = _TARGET
     gpus: Optional[List[int]] = None  # None: every visible GPU (torch.cuda.device_count())
-    jobs: Optional[int] = None  # None: one per GPU
+    jobs: Optional[int] = None  # None: one per GPU (per gpus_per_job GPUs)
     threads_per_job: Optional[int] = None
+    gpus_per_job: int = 1  # >1: each job is a torchrun of that many processes (trainer.strategy=ddp|fsdp)
 
 
 @dataclass
@@ -69,14 +70,28 @@ def visible_gpus() -> list[int]:
 
 class ParallelLauncher(Launcher):
     def __init__(
-        self, gpus: list[int] | None = None, jobs: int | None = None, threads_per_job: int | None = None
+        self,
+        gpus: list[int] | None = None,
+        jobs: int | None = None,
+        threads_per_job: int | None = None,
+        gpus_per_job: int = 1,
     ) -> None:
         self.gpus = visible_gpus() if gpus is None else list(gpus)
         if gpus is None and not self.gpus:
             raise RuntimeError(
                 "hydra/launcher=gpus: no CUDA device is visible (use hydra/launcher=parallel on CPU)"
             )
-        self.jobs = jobs or max(1, len(self.gpus))
+        self.gpus_per_job = max(1, gpus_per_job)
+        if self.gpus and len(self.gpus) < self.gpus_per_job:
+            raise RuntimeError(
+                f"hydra.launcher.gpus_per_job={gpus_per_job} but only GPUs {self.gpus} are available"
+            )
+        # a job holds one group of gpus_per_job GPUs while it runs
+        self.groups = [
+            self.gpus[i : i + self.gpus_per_job]
+            for i in range(0, len(self.gpus) - self.gpus_per_job + 1, self.gpus_per_job)
+        ]
+        self.jobs = jobs or max(1, len(self.groups))
         self.threads_per_job = threads_per_job
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
@@ -94,9 +109,9 @@ class ParallelLauncher(Launcher):
             f"GPUs {self.gpus}" if self.gpus else f"CPU, {self.threads_per_job or 'default'} thread(s) each"
         )
         log.info(f"Launching {len(job_overrides)} jobs, {self.jobs} at a time ({where})")
-        devices: queue.Queue[int | None] = queue.Queue()
-        for slot in range(self.jobs):  # a job holds one device slot while it runs
-            devices.put(self.gpus[slot % len(self.gpus)] if self.gpus else None)
+        devices: queue.Queue[list[int] | None] = queue.Queue()
+        for slot in range(self.jobs):  # a job holds one device slot (a group of GPUs) while it runs
+            devices.put(self.groups[slot % len(self.groups)] if self.groups else None)
         jobs = [self._prepare(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             return list(pool.map(lambda job: self._run(job, devices), jobs))
@@ -117,11 +132,14 @@ class ParallelLauncher(Launcher):
 
         verb = sys.argv[0].split()[1:] or ["train"]  # run_hydra names the verb in argv[0]
         run_dir: Path = job["run_dir"]
-        command = [sys.executable, "-m", "archifactory", *verb, *job["overrides"], f"hydra.run.dir={run_dir}"]
+        from archifactory.train.launch import command as launch_command
+
         device = devices.get()
+        args = [*verb, *job["overrides"], f"hydra.run.dir={run_dir}"]
+        command = launch_command(args, nproc_per_node=len(device) if device else 1)
         env = dict(os.environ)
         if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(device)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, device))
         if self.threads_per_job:
             env["OMP_NUM_THREADS"] = str(self.threads_per_job)
             command.append(f"trainer.num_threads={self.threads_per_job}")
