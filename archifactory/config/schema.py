@@ -75,7 +75,8 @@ class ModelConfig:
     # parameter matching (archifactory/model/match.py): non-embedding target, e.g. 30M or 3e7; null = off
     target_params: Optional[str] = None
     match: str = "width"  # width: solve the hidden size | layers: solve the depth
-    match_tolerance: float = 0.02
+    match_tolerance: float = 0.01
+    match_multiple_of: int = 16  # the FFN hidden-size step that closes the gap the coarse knob leaves
 
 
 @dataclass
