@@ -228,6 +228,8 @@ class RootConfig:
     init_from: Optional[str] = None  # `archifactory sft`: the pretrained run directory it starts from
     # a recipe's published reference figures (e.g. {val_loss: {gqa: 1.0096, …}}), printed by `report`
     published: Any = None
+    # `archifactory study`: a recipe's stage settings ({sft, sft_args, eval, eval_args}); train ignores it
+    study: Any = None
 
 
 def _omegaconf_type(annotation: Any) -> Any:

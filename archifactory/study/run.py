@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from archifactory.config.compose import compose
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.report.runs import Stat, Variant, find_runs, group_variants
 from archifactory.report.table import compare
@@ -68,6 +71,10 @@ def parse_study_args(args: list[str]) -> StudySpec:
             study[key] = value
         elif arg not in ("-m", "--multirun"):
             rest.append(arg)
+    recipe = recipe_study(rest)
+    for key in [k for k in study if k.endswith("_args") and recipe.get(k)]:  # the recipe's, then the line's
+        study[key] = f"{recipe[key]} {study[key]}"
+    study = recipe | study
     if "study.dir" not in study:
         raise ArchiFactoryError("study needs study.dir=<folder> (where its runs, state and report go)")
     post = [
@@ -88,6 +95,23 @@ def parse_study_args(args: list[str]) -> StudySpec:
 
 def _save_state(folder: Path, state: StudyState) -> None:
     write_json_atomic(folder / "study.json", {"failed": state.failed})
+
+
+def recipe_study(args: list[str]) -> dict[str, str]:
+    """The `study:` block of the `experiment=` recipe among `args` as `study.<key>` defaults (lists joined
+    with commas); the command line's own `study.*` keys win."""
+    recipe = [arg for arg in args if arg.partition("=")[0] in ("experiment", "+experiment")]
+    if not recipe:
+        return {}
+    block = compose(recipe).get("study") or {}
+    defaults = {}
+    for key, value in OmegaConf.to_container(block, resolve=False).items():  # type: ignore[union-attr]
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        defaults[f"study.{key}"] = text
+    unknown = sorted(set(defaults) - set(STUDY_KEYS))
+    if unknown:
+        raise ArchiFactoryError(f"{recipe[0]}: unknown study option(s) {', '.join(unknown)}")
+    return defaults
 
 
 def run_study(spec: StudySpec) -> int:
