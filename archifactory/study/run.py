@@ -203,10 +203,8 @@ def stage_variants(spec: StudySpec, runs: list[Path]) -> dict[str, list[Variant]
     for stage, _, _ in spec.post:
         staged = []
         for variant in variants["pretrain"]:
-            followers = find_runs(
-                [p for r in variant.runs if (p := spec.folder / stage.name / r.path.name).is_dir()]
-            )
-            staged.append(Variant(variant.label, [r for r in followers if r.completed]))
+            folders = [p for r in variant.runs if completed(p := spec.folder / stage.name / r.path.name)]
+            staged.append(Variant(variant.label, find_runs(folders) if folders else []))  # none: empty cells
         variants[stage.name] = staged
     return variants
 
