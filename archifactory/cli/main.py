@@ -28,6 +28,8 @@ verbs:
   list       every option of every config group, with its description
              (`list --params model.target_params=30M`: the matched shape of every mixin x FFN)
   report     `report <sweep dir | run dir ...>`: results table (mean ± std over seeds) and plots
+  study      `study -m <sweep overrides> study.dir=… [study.sft=<chat set>] [study.eval=perplexity,…]`:
+             pretrain -> SFT -> evals per variant, resumable, one report (docs/study.md)
   plan       `plan [overrides…] [plan.world_size=N] [plan.mfu=0.4]`: parameters, FLOPs, memory per GPU
              and wall time of a run, from the meta device (no data, no GPU)
 
@@ -90,6 +92,12 @@ def _plan(args: list[str]) -> int:
     return plan_main(args)
 
 
+def _study(args: list[str]) -> int:
+    from archifactory.cli.study import study_main
+
+    return study_main(args)
+
+
 def _report(args: list[str]) -> int:
     from archifactory.cli.report import report_cli
 
@@ -106,6 +114,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "export": _export,
     "report": _report,
     "plan": _plan,
+    "study": _study,
 }
 
 

@@ -78,7 +78,8 @@ class ModelConfig:
     # parameter matching (archifactory/model/match.py): non-embedding target, e.g. 30M or 3e7; null = off
     target_params: Optional[str] = None
     match: str = "width"  # width: solve the hidden size | layers: solve the depth
-    match_tolerance: float = 0.02
+    match_tolerance: float = 0.01
+    match_multiple_of: int = 16  # the FFN hidden-size step that closes the gap the coarse knob leaves
     # pretrained parts (hf/pretrained.py): a transformers checkpoint (Hub id or local folder) whose embedding,
     # final norm and LM head the model starts from; the run then uses its tokenizer. null = off
     pretrained_from: Optional[str] = None
@@ -237,6 +238,8 @@ class RootConfig:
     init_from: Optional[str] = None  # `archifactory sft`: the pretrained run directory it starts from
     # a recipe's published reference figures (e.g. {val_loss: {gqa: 1.0096, …}}), printed by `report`
     published: Any = None
+    # `archifactory study`: a recipe's stage settings ({sft, sft_args, eval, eval_args}); train ignores it
+    study: Any = None
 
 
 def _omegaconf_type(annotation: Any) -> Any:

@@ -2,7 +2,7 @@
 
 `model.target_params=N` (an int, `30M`, `3e7`, `1.5B`, `250k`) asks for N non-embedding parameters
 (blocks + final norm: `parameter_breakdown()["non_embedding"]`, every MoE expert included) within
-`model.match_tolerance` (default ±2%). `model.match` picks the coarse knob:
+`model.match_tolerance` (default ±1%). `model.match` picks the coarse knob:
 
 - `width` (default): the hidden size, on the grid of multiples of `model.num_heads` (head
   divisibility); shapes a component refuses (e.g. mamba2's `expand · hidden % head_dim`) are skipped,
@@ -11,17 +11,23 @@
 - `layers`: the depth at the configured hidden size.
 
 When the closest coarse shape misses the tolerance (small models: one grid step can be worth several
-percent), a fine knob closes the gap: the mixin's own expansion where it declares one
-(`Mixin.match_option`: mamba2's state expansion `d_state`, lstm/rnn `inner_size`, mla
-`kv_lora_rank`), re-solved on the coarse shape just below and just above the target, keeping the
-one that moves it least; with `match=layers` and no such option, the hidden size near the configured
-one. If nothing lands within the tolerance the run stops with one line naming the closest shapes.
+percent), a fine knob closes the gap, as Llama's `multiple_of` does: the FFN's hidden size (MoE: each
+expert's), in steps of `model.match_multiple_of` (default 16), between half and twice its configured
+width, re-solved on the coarse shapes around the target (the bracket and two grid steps either side,
+since one step of the FFN can be worth more than the tolerance). Among the shapes that land, the one
+whose FFN moves least wins. The FFN's width is written as `ffn.multiple_of=<step>` and an
+`ffn.intermediate_multiplier` that rounds up to exactly that width (every FFN sizes itself as
+multiplier x hidden rounded up to `multiple_of`), so a saved config rebuilds it. Failing that, the
+mixin's own expansion where it declares one (`Mixin.match_option`: mamba2's `d_state`, lstm/rnn
+`inner_size`, mla `kv_lora_rank`); with `match=layers`, the hidden size near the configured one. If
+nothing lands within the tolerance the run stops with one line naming the closest shapes.
 The resolved shape is written into the run's config, so a run dir rebuilds exactly what trained.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import get_component
 from archifactory.model.block import Block
 from archifactory.model.components import build_positional, component_factory, layer_mixin_factory
+from archifactory.model.ffn.base import intermediate_size
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
 
@@ -68,10 +75,13 @@ class Shape:
     hidden_size: int
     num_layers: int
     mixin_options: dict[str, int] = field(default_factory=dict)
+    ffn_hidden: int | None = None  # the FFN's (MoE: each expert's) hidden size; None = as configured
+    ffn_step: int = 16  # the multiple of which `ffn_hidden` is (the FFN's `multiple_of` then)
 
     def describe(self) -> str:
         extra = "".join(f", mixin.{key}={value}" for key, value in self.mixin_options.items())
-        return f"hidden_size={self.hidden_size}, num_layers={self.num_layers}{extra}"
+        ffn = "" if self.ffn_hidden is None else f", ffn hidden={self.ffn_hidden} (step {self.ffn_step})"
+        return f"hidden_size={self.hidden_size}, num_layers={self.num_layers}{extra}{ffn}"
 
 
 @dataclass
@@ -81,6 +91,7 @@ class MatchResult:
     match: str
     shape: Shape
     tolerance: float
+    ffn_hidden_size: int | None = None  # the FFN's (MoE: each expert's) hidden size in the solved shape
 
     @property
     def error(self) -> float:
@@ -98,9 +109,20 @@ class MatchResult:
                 "tolerance": self.tolerance,
                 "hidden_size": self.shape.hidden_size,
                 "num_layers": self.shape.num_layers,
+                "ffn_hidden_size": self.ffn_hidden_size,
                 **{f"mixin.{k}": v for k, v in self.shape.mixin_options.items()},
             },
         }
+
+
+def ffn_options(shape: Shape) -> dict[str, Any]:
+    """The FFN options that size it `shape.ffn_hidden` wide: `multiple_of` = its step and a multiplier
+    half a step below that width, so that `multiplier x hidden` rounded up to the step is exactly it (the
+    half step keeps float rounding away from the boundary). Empty when the shape keeps the FFN as set."""
+    if shape.ffn_hidden is None:
+        return {}
+    step = shape.ffn_step
+    return {"multiple_of": step, "intermediate_multiplier": (shape.ffn_hidden - step / 2) / shape.hidden_size}
 
 
 Candidate = tuple[Shape, int]  # a shape a component accepts and its non-embedding count
@@ -109,7 +131,8 @@ Candidate = tuple[Shape, int]  # a shape a component accepts and its non-embeddi
 class Counter:
     """Non-embedding parameter counts of one config at any shape, memoised; None = a refused shape.
 
-    Layers are built by the same factories as `build_model` (hybrid patterns included). A grid point
+    Layers are built by the same factories as `build_model` (hybrid patterns included); a shape's
+    `ffn_hidden` reaches the FFN as the options `ffn_options` returns. A grid point
     that the mixin refuses only because of its per-head size (mamba2: `expand · hidden` must be a
     multiple of `head_dim`) is retried with the nearest per-head sizes (multiples of 8 within half to
     twice the configured one), as attention's head size follows the hidden size. Hybrid stacks get no
@@ -123,8 +146,15 @@ class Counter:
         self.match_option: str | None = None if hybrid else mixin_cls.match_option
         self.head_option: str | None = None if hybrid else mixin_cls.match_head_option
         self.mixin_options = component_options(cfg.mixin)
+        ffn = cfg.ffn
+        sized = "intermediate_multiplier" in ffn and "multiple_of" in ffn
+        self.ffn_rule: tuple[float, int] | None = (
+            (float(ffn.intermediate_multiplier), int(ffn.multiple_of)) if sized else None
+        )
+        self.ffn_step = int(cfg.model.get("match_multiple_of", 16))
         self.num_heads = int(cfg.model.num_heads)
         self._cache: dict[tuple, int | None] = {}
+        self._parts: dict[tuple, int | None] = {}  # (hidden, layers, mixin options | FFN width) -> count
         self._configs: dict[tuple, DictConfig] = {}
 
     def __call__(self, shape: Shape) -> Candidate | None:
@@ -134,18 +164,30 @@ class Counter:
         configured = int(self.mixin_options[self.head_option])
         sizes = range(max(8, configured // 2), 2 * configured + 1, 8)
         for size in sorted(sizes, key=lambda v: (abs(v - configured), -v)):
-            retry = Shape(shape.hidden_size, shape.num_layers, shape.mixin_options | {self.head_option: size})
+            options = shape.mixin_options | {self.head_option: size}
+            retry = Shape(shape.hidden_size, shape.num_layers, options, shape.ffn_hidden, shape.ffn_step)
             count = self.count(retry)
             if count is not None:
                 return retry, count
         return None
 
     def _key(self, shape: Shape) -> tuple:
-        return shape.hidden_size, shape.num_layers, tuple(sorted(shape.mixin_options.items()))
+        return (
+            shape.hidden_size,
+            shape.num_layers,
+            tuple(sorted(shape.mixin_options.items())),
+            shape.ffn_hidden,
+        )
 
-    def _factories(self, shape: Shape) -> tuple[Callable, Callable]:
-        """(mixin factory, FFN factory) at this shape, from a config with the solver's depth and mixin
-        options (a hybrid pattern is laid out over `model.num_layers`)."""
+    def configured_ffn_hidden(self, hidden_size: int) -> int | None:
+        """The FFN's hidden size at this width by its own rule (None: the FFN has no such rule)."""
+        if self.ffn_rule is None:
+            return None
+        return intermediate_size(hidden_size, *self.ffn_rule)
+
+    def _layer_config(self, shape: Shape) -> DictConfig:
+        """The config with the solver's depth and mixin options (a hybrid pattern is laid out over
+        `model.num_layers`), memoised."""
         key = (shape.num_layers, tuple(sorted(shape.mixin_options.items())))
         if key not in self._configs:
             cfg = copy.deepcopy(self.cfg)
@@ -154,9 +196,20 @@ class Counter:
                 for option, value in key[1]:
                     cfg.mixin[option] = value
             self._configs[key] = cfg
-        cfg = self._configs[key]
+        return self._configs[key]
+
+    def _factories(self, shape: Shape, kinds: tuple[int, ...] = (0, 1)) -> list[Callable]:
+        """The mixin (kind 0) and FFN (kind 1) factories at this shape; the FFN's at the shape's width."""
+        cfg = self._layer_config(shape)
         dims = (shape.hidden_size, shape.num_layers, int(cfg.model.max_seq_len))
-        return layer_mixin_factory(cfg, *dims), component_factory("ffn", cfg.ffn, *dims)
+        factories: list[Callable] = []
+        for kind in kinds:
+            if kind == 0:
+                factories.append(layer_mixin_factory(cfg, *dims))
+            else:
+                ffn = component_factory("ffn", cfg.ffn, *dims)
+                factories.append(functools.partial(ffn, **ffn_options(shape)))
+        return factories
 
     def count(self, shape: Shape) -> int | None:
         key = self._key(shape)
@@ -165,22 +218,34 @@ class Counter:
         return self._cache[key]
 
     def _count(self, shape: Shape) -> int | None:
+        """Blocks (mixin + FFN + the two pre-norms) and the final norm. The mixins and the FFNs are counted
+        apart and memoised apart, so the FFN knob rebuilds only FFNs."""
         hidden, layers = shape.hidden_size, shape.num_layers
         if hidden <= 0 or layers <= 0 or hidden % self.num_heads:
             return None  # build_model refuses a hidden size that is not a multiple of model.num_heads
+        mixin_key = (hidden, layers, tuple(sorted(shape.mixin_options.items())))
+        ffn_key = (hidden, layers, shape.ffn_hidden)
+        for key, kind in ((mixin_key, 0), (ffn_key, 1)):
+            if key not in self._parts:
+                self._parts[key] = self._count_part(shape, kind)
+        mixins, ffns = self._parts[mixin_key], self._parts[ffn_key]
+        if mixins is None or ffns is None:
+            return None
         model = self.cfg.model
-        total = 0
+        with torch.device("meta"):
+            norm = sum(p.numel() for p in build_norm(model.norm, hidden, model.norm_eps).parameters())
+        return mixins + ffns + (2 * layers + 1) * norm
+
+    def _count_part(self, shape: Shape, kind: int) -> int | None:
+        """Parameters of every layer's mixin (kind 0) or FFN (kind 1); None = the component refuses."""
         try:
-            mixin, ffn = self._factories(shape)
+            (factory,) = self._factories(shape, (kind,))
             with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-                for layer_idx in range(layers):
-                    parts = mixin(layer_idx=layer_idx), ffn(layer_idx=layer_idx)
-                    block = Block(*parts, hidden, model.norm, model.norm_eps)
-                    total += sum(p.numel() for p in block.parameters())
-                total += sum(p.numel() for p in build_norm(model.norm, hidden, model.norm_eps).parameters())
+                return sum(
+                    p.numel() for i in range(shape.num_layers) for p in factory(layer_idx=i).parameters()
+                )
         except (ArchiFactoryError, ValueError, RuntimeError):
             return None  # a component's divisibility rule refuses this shape
-        return total
 
     def runs(self, shape: Shape) -> bool:
         """Some rules are checked only in forward (rope needs an even head size): one meta-device forward
@@ -258,9 +323,12 @@ def match_params(cfg: DictConfig) -> MatchResult:
     model = cfg.model
     target = parse_count(model.target_params)
     mode = model.get("match", "width")
-    tolerance = float(model.get("match_tolerance", 0.02))
+    tolerance = float(model.get("match_tolerance", 0.01))
     if mode not in MATCH_MODES:
         raise ArchiFactoryError(f"model.match={mode!r} is not one of {', '.join(MATCH_MODES)}")
+    step = int(model.get("match_multiple_of", 16))
+    if step < 1:
+        raise ArchiFactoryError(f"model.match_multiple_of={step} must be a positive FFN width step, e.g. 16")
     counter = Counter(cfg)
     for _ in range(16):  # a winner that fails its forward check is dropped and the search runs again
         best, coarse = _solve(counter, target, mode, tolerance)
@@ -270,11 +338,14 @@ def match_params(cfg: DictConfig) -> MatchResult:
         closest = "; ".join(f"{s.describe()} -> {c:,}" for s, c in filter(None, coarse))
         raise ArchiFactoryError(
             f"model.target_params={target:,}: no shape of {cfg.mixin.name}/{cfg.ffn.name} by model.match={mode} "
-            f"lands within ±{tolerance:.0%} (closest: {closest or 'none'}); try the other model.match, "
-            "a larger target or model.match_tolerance"
+            f"lands within ±{tolerance * 100:g}% (closest: {closest or 'none'}); try the other model.match, "
+            "a larger target, a finer model.match_multiple_of or a wider model.match_tolerance"
         )
     shape, achieved = best
-    return MatchResult(target, achieved, mode, shape, tolerance)
+    ffn_hidden = (
+        shape.ffn_hidden if shape.ffn_hidden is not None else counter.configured_ffn_hidden(shape.hidden_size)
+    )
+    return MatchResult(target, achieved, mode, shape, tolerance, ffn_hidden)
 
 
 def _solve(
@@ -292,14 +363,22 @@ def _solve(
 
     if mode == "width":
         coarse = widths(layers, {})
+        neighbours = _grid_neighbours(lambda k: counter(Shape(k * heads, layers)), coarse, heads, 2)
     else:
         coarse = list(_closest_pair(lambda n: counter(Shape(hidden, n)), target, 1, 4096))
+        neighbours = _grid_neighbours(lambda n: counter(Shape(hidden, n)), coarse, 0, 2)
     best = _pick(target, coarse)
     if within(best):
         return best, coarse
     fine: list[Candidate] = []
+    step = counter.ffn_step
+    while not fine and step >= max(1, counter.ffn_step // 4):  # the step, then halved (MoE: E experts a step)
+        fine = [c for c in _ffn_fits(counter, target, neighbours, step) if within(c)]
+        step //= 2
     option = counter.match_option
-    if option is not None:  # the mixin's own expansion, within half to twice its configured value
+    if (
+        not fine and option is not None
+    ):  # the mixin's own expansion, within half to twice its configured value
         default = int(counter.mixin_options.get(option) or 0) or hidden
         for base in (c[0] for c in coarse if c is not None):
 
@@ -315,6 +394,49 @@ def _solve(
     return (fine[0] if fine else best), coarse
 
 
+def _grid_neighbours(
+    at: Callable[[int], Candidate | None], coarse: list[Candidate | None], per: int, extra: int
+) -> list[Shape]:
+    """The coarse bracket's shapes plus up to `extra` accepted grid points beyond each side (the knob is the
+    hidden size / `per` in width mode, the depth when `per` is 0)."""
+
+    def knob(shape: Shape) -> int:
+        return shape.hidden_size // per if per else shape.num_layers
+
+    found = [c for c in coarse if c is not None]
+    if not found:
+        return []
+    shapes = [c[0] for c in found]
+    low, high = min(knob(s) for s in shapes), max(knob(s) for s in shapes)
+    for direction, start in ((-1, low), (1, high)):
+        k, added = start + direction, 0
+        while added < extra and 1 <= k <= start + 64 * extra and k >= start - 64 * extra:
+            candidate = at(k)
+            if candidate is not None:
+                shapes.append(candidate[0])
+                added += 1
+            k += direction
+    return shapes
+
+
+def _ffn_fits(counter: Counter, target: int, bases: list[Shape], step: int) -> list[Candidate]:
+    """Each base shape with the FFN hidden size (multiples of `step`, half to twice its configured width)
+    just below and just above the target, the least FFN change first."""
+    fits = []
+    for base in bases:
+        default = counter.configured_ffn_hidden(base.hidden_size)
+        if default is None:
+            return []
+
+        def at(k: int, b: Shape = base) -> Candidate | None:
+            return counter(Shape(b.hidden_size, b.num_layers, b.mixin_options, k * step, step))
+
+        lo, hi = max(1, -(-default // (2 * step))), max(1, 2 * default // step)
+        fits += [(c, default) for c in _closest_pair(at, target, lo, hi) if c is not None]
+    fits.sort(key=lambda f: (abs(f[0][0].ffn_hidden / f[1] - 1), abs(f[0][1] / target - 1)))
+    return [candidate for candidate, _ in fits]
+
+
 def apply_match(cfg: DictConfig) -> tuple[DictConfig, MatchResult | None]:
     """A copy of `cfg` with the solved shape written in (the input when no target is set)."""
     if cfg.model.get("target_params") in (None, ""):
@@ -326,4 +448,6 @@ def apply_match(cfg: DictConfig) -> tuple[DictConfig, MatchResult | None]:
         resolved.model.num_layers = result.shape.num_layers
         for key, value in result.shape.mixin_options.items():
             resolved.mixin[key] = value
+        for key, value in ffn_options(result.shape).items():
+            resolved.ffn[key] = value
     return resolved, result

@@ -9,8 +9,6 @@ size; a Hub tokenizer's real vocabulary is only known once it is loaded).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from archifactory.config.compose import composer
@@ -58,6 +56,9 @@ def params_rows(args: list[str]) -> list[dict[str, object]]:
                 row |= {
                     "hidden": cfg.model.hidden_size,
                     "layers": cfg.model.num_layers,
+                    "ffn_hidden": match.ffn_hidden_size
+                    if match
+                    else getattr(model.blocks[0].ffn, "intermediate_size", None),
                     "set": " ".join(f"{k}={v}" for k, v in match.shape.mixin_options.items())
                     if match
                     else "",
@@ -73,17 +74,18 @@ def params_rows(args: list[str]) -> list[dict[str, object]]:
 
 def list_params(args: list[str]) -> int:
     rows = params_rows(args)
-    header = ("mixin", "ffn", "hidden", "layers", "mixin options", "params", "non-emb", "active", "vs target",
-              "FLOPs/token")  # fmt: skip
+    header = ("mixin", "ffn", "hidden", "layers", "ffn hidden", "mixin options", "params", "non-emb", "active",
+              "vs target", "FLOPs/token")  # fmt: skip
     lines = [header]
     for row in rows:
         if "error" in row:
-            lines.append((row["mixin"], row["ffn"], "—", "—", "—", "—", "—", "—", "—", "—"))
+            lines.append((row["mixin"], row["ffn"], *["—"] * (len(header) - 2)))
             continue
         error = row["vs_target"]
         lines.append(
             (
-                row["mixin"], row["ffn"], str(row["hidden"]), str(row["layers"]), row["set"] or "",
+                row["mixin"], row["ffn"], str(row["hidden"]), str(row["layers"]), str(row["ffn_hidden"] or "—"),
+                row["set"] or "",
                 f"{row['params']:,}", f"{row['non_embedding']:,}", f"{row['active']:,}",
                 "" if error is None else f"{error:+.2%}", f"{row['flops_per_token'] / 1e6:,.2f}M",
             )
@@ -92,7 +94,7 @@ def list_params(args: list[str]) -> int:
     for i, line in enumerate(lines):
         print(
             "  ".join(
-                str(c).ljust(w) if j < 5 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths))
+                str(c).ljust(w) if j < 6 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths))
             )
         )
         if i == 0:
@@ -107,24 +109,15 @@ def list_params(args: list[str]) -> int:
 
 
 def no_shape_hint(failed: list[dict[str, object]], args: list[str]) -> str | None:
-    """What fixes the pairs with no shape in one line: at small sizes one step of an FFN's width rounding
-    (`ffn.multiple_of`, 32-64 by default) is worth more parameters than the tolerance allows, so a finer
-    rounding is the usual fix; a wider `model.match_tolerance` or the other `model.match` the rest."""
+    """What fixes the pairs with no shape in one line: the FFN-width step that closes the width grid's gap
+    (`model.match_multiple_of`, 16 by default, halved down to a quarter by the solver) may still be worth
+    more parameters than the tolerance allows, so a finer step is the usual fix; a wider
+    `model.match_tolerance` or the other `model.match` the rest."""
     unmatched = [row for row in failed if "no shape of" in str(row["error"])]
     if not unmatched:
         return None
-    ffns = components("ffn")
-    rounded = sorted(
-        {
-            str(row["ffn"])
-            for row in unmatched
-            if row["ffn"] in ffns and "multiple_of" in inspect.signature(ffns[row["ffn"]].__init__).parameters
-        }
-    )
     fixes = []
-    if rounded and not any(arg.startswith("ffn.multiple_of=") for arg in args):
-        fixes.append(
-            f"ffn.multiple_of=8 (ffn={','.join(rounded)} round the FFN width up to a multiple of it)"
-        )
+    if not any(arg.startswith("model.match_multiple_of=") for arg in args):
+        fixes.append("a finer model.match_multiple_of=4 (the FFN hidden-size step that closes the gap)")
     fixes += ["a wider model.match_tolerance=0.05", "the other model.match (width|layers)"]
     return f"hint: {len(unmatched)} pair(s) have no shape within the tolerance; try " + ", or ".join(fixes)
