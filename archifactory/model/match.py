@@ -45,6 +45,8 @@ from archifactory.model.components import build_positional, component_factory, l
 from archifactory.model.ffn.base import intermediate_size
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
+from archifactory.model.stack import residual_config
+from archifactory.model.value_residual import attach_value_residual
 
 MATCH_MODES = ("width", "layers")
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
@@ -234,18 +236,36 @@ class Counter:
         model = self.cfg.model
         with torch.device("meta"):
             norm = sum(p.numel() for p in build_norm(model.norm, hidden, model.norm_eps).parameters())
-        return mixins + ffns + (2 * layers + 1) * norm
+        return mixins + ffns + (2 * layers + 1) * norm + self._residual_count(hidden, layers)
 
     def _count_part(self, shape: Shape, kind: int) -> int | None:
-        """Parameters of every layer's mixin (kind 0) or FFN (kind 1); None = the component refuses."""
+        """Parameters of every layer's mixin (kind 0, with its value-residual gate under
+        model.value_residual) or FFN (kind 1); None = the component refuses."""
         try:
             (factory,) = self._factories(shape, (kind,))
             with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-                return sum(
-                    p.numel() for i in range(shape.num_layers) for p in factory(layer_idx=i).parameters()
-                )
+                modules = [factory(layer_idx=i) for i in range(shape.num_layers)]
         except (ArchiFactoryError, ValueError, RuntimeError):
             return None  # a component's divisibility rule refuses this shape
+        if kind == 0 and self.cfg.model.get("value_residual", False):
+            with torch.device("meta"):  # a model with no value-declaring layer is refused here in one line
+                attach_value_residual(modules, [m.registry_name for m in modules])
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    def _residual_count(self, hidden: int, layers: int) -> int:
+        """The residual connections around every block's mixin and FFN (hyper-connections' and mHC's
+        weights; 0 for the standard residual), as `StackedMixinForCausalLM.param_breakdown` counts them."""
+        key = ("residual", hidden, layers)
+        if key not in self._parts:
+            factory = component_factory("residual", residual_config(self.cfg), hidden)
+            with torch.device("meta"):
+                self._parts[key] = sum(
+                    p.numel()
+                    for i in range(layers)
+                    for j in (0, 1)
+                    for p in factory(layer_idx=i, sublayer=j).parameters()
+                )
+        return self._parts[key]
 
     def runs(self, shape: Shape) -> bool:
         """Some rules are checked only in forward (rope needs an even head size): one meta-device forward

@@ -63,6 +63,24 @@ def test_built_model_has_the_reported_count(mixin: str, ffn: str) -> None:
     assert abs(result.error) <= 0.02
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["residual=hyper"],
+        ["residual=mhc"],
+        ["model.value_residual=true"],
+        ["mixin=rwkv7", "model.value_residual=true"],
+    ],
+)
+def test_residual_and_value_residual_weights_are_counted(extra: list[str]) -> None:
+    """Hyper-connections' / mHC's weights and the value-residual gates are part of the matched count."""
+    cfg, result = matched(["mixin=gqa", "model.target_params=5M", *extra])
+    with torch.device("meta"):
+        model = build_model(cfg, 1000)
+    assert model.parameter_breakdown()["non_embedding"] == result.achieved
+    assert abs(result.error) <= 0.01
+
+
 def test_layers_mode_solves_the_depth_at_the_configured_width() -> None:
     cfg, result = matched(
         ["mixin=gqa", "model.hidden_size=256", "model.target_params=12M", "model.match=layers"]
