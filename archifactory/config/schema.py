@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -222,10 +222,11 @@ class GRPOConfig:
     beta: float = 0.0  # KL(policy || reference) weight, k3 estimator; 0 keeps no reference model
     loss_type: LossType = LossType.grpo  # grpo | dr_grpo | dapo (how token losses are averaged)
     num_iterations: int = 1  # policy updates per rollout batch (mu); > 1 uses the rollout's log-probs as old
-    scale_rewards: ScaleRewards = (
-        ScaleRewards.group
-    )  # divide advantages by the group's (or batch's) std; none: Dr. GRPO
-    rewards: Dict[str, float] = field(default_factory=lambda: {"answer": 1.0})  # reward name -> weight
+    scale_rewards: ScaleRewards = ScaleRewards.group  # group | batch std divides advantages; none: Dr. GRPO
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["answer"]
+    )  # answer | format | countdown | unit_test
+    reward_weights: Optional[list[float]] = None  # one per reward function; None: all 1.0
     sandbox: str = "auto"  # unit_test reward: auto | bwrap | unshare | none (none needs allow_unsandboxed)
     allow_unsandboxed: bool = False
     code_timeout: float = 5.0  # unit_test reward: wall-clock seconds per program

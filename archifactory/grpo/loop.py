@@ -177,7 +177,7 @@ def _setup(
     g = cfg.grpo
     context = RewardContext(g.sandbox, g.allow_unsandboxed, g.code_timeout)
     return GRPORun(cfg, run_dir, task, reference, optimizer, scheduler, state,
-                   check_rewards(dict(g.rewards)), context, recorder, wall_start)  # fmt: skip
+                   check_rewards(list(g.reward_funcs), g.reward_weights), context, recorder, wall_start)  # fmt: skip
 
 
 def draw_problems(step: int, count: int, total: int, seed: int) -> list[int]:

@@ -1,5 +1,5 @@
-"""Reward functions (`grpo.rewards={name: weight, …}`): each scores a batch of completions against their
-problems, in [0, 1]; the reward of a completion is the weighted sum.
+"""Reward functions (TRL's names: `grpo.reward_funcs=[answer,format] grpo.reward_weights=[1.0,0.2]`): each
+scores a batch of completions against their problems, in [0, 1]; a completion's reward is the weighted sum.
 
 - `answer`: the final answer (after `</think>` when there is one; a `\\boxed{…}` or else the last number)
   equals the problem's answer — checked with `math-verify` when it is installed (symbolic equivalence,
@@ -18,7 +18,6 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Any
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.data.chat.template import END, THINK_CLOSE, THINK_OPEN
@@ -145,17 +144,23 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
-def check_rewards(weights: dict[str, Any]) -> dict[str, float]:
-    """The `grpo.rewards` mapping as {name: weight}; an unknown name is one line naming the known ones."""
-    if not weights:
-        raise ArchiFactoryError(f"grpo.rewards is empty; give at least one of: {', '.join(REWARDS)}")
-    unknown = [name for name in weights if name not in REWARDS]
+def check_rewards(names: list[str], weights: list[float] | None = None) -> dict[str, float]:
+    """`grpo.reward_funcs` / `grpo.reward_weights` (TRL's names) as {name: weight}; an unknown name or a
+    weight count that differs is one line."""
+    if not names:
+        raise ArchiFactoryError(f"grpo.reward_funcs is empty; give at least one of: {', '.join(REWARDS)}")
+    unknown = [name for name in names if name not in REWARDS]
     if unknown:
         raise ArchiFactoryError(
-            f"unknown reward {unknown[0]!r} in grpo.rewards; choose among: {', '.join(REWARDS)} "
-            "(e.g. grpo.rewards={answer:1.0,format:0.2})"
+            f"unknown reward {unknown[0]!r} in grpo.reward_funcs; choose among: {', '.join(REWARDS)} "
+            "(e.g. grpo.reward_funcs=[answer,format] grpo.reward_weights=[1.0,0.2])"
         )
-    return {name: float(weight) for name, weight in weights.items()}
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ArchiFactoryError(
+            f"grpo.reward_weights has {len(weights)} weights for {len(names)} reward_funcs; give one per function"
+        )
+    return dict(zip(names, weights))
 
 
 def score(

@@ -25,9 +25,8 @@ from archifactory.runs.load import load_run, load_run_config, resolve_run
 
 PRESETS = {"grpo": "default", "trainer": "grpo"}  # what the verb adds unless given
 ARCHITECTURE = ("model", "mixin", "ffn", "positional", "residual")
-USAGE = (
-    "usage: archifactory grpo init_from=<run dir> dataset=arith|countdown|gsm8k|math|rl_jsonl [key=value …]"
-)
+RL_DATASETS = "arith|countdown|gsm8k|math|rl_jsonl"
+USAGE = f"usage: archifactory grpo init_from=<run dir> dataset={RL_DATASETS} [key=value …]"
 
 
 def _key(arg: str) -> str:
@@ -46,7 +45,7 @@ def grpo_arguments(args: list[str]) -> tuple[Path, list[str]]:
             )
     keys = {_key(arg) for arg in args}
     if "dataset" not in keys and "experiment" not in keys:
-        raise ArchiFactoryError(f"grpo needs dataset=arith|countdown|gsm8k|math|rl_jsonl; {USAGE}")
+        raise ArchiFactoryError(f"grpo needs dataset={RL_DATASETS}; {USAGE}")
     init = resolve_run(init_from[0]).resolve()
     name = str(load_run_config(init).get("run_name") or init.name)
     hydra_args = [arg for arg in args if _key(arg) != "init_from"]
@@ -71,12 +70,12 @@ def check_options(cfg: DictConfig) -> None:
     """What the schema's types cannot say about `grpo.*` and the dataset, as one line per problem."""
     if cfg.dataset.get("source") != "rl":
         raise ArchiFactoryError(
-            f"dataset={cfg.dataset.name} has no answers to reward; grpo takes dataset=arith|countdown|gsm8k|math|rl_jsonl"
+            f"dataset={cfg.dataset.name} has no answers to reward; grpo takes dataset={RL_DATASETS}"
         )
     g = cfg.grpo
     if g is None:
         raise ArchiFactoryError("grpo options missing: pass grpo=default (the verb adds it)")
-    check_rewards(dict(g.rewards))
+    check_rewards(list(g.reward_funcs), g.reward_weights)
     problems = [
         (
             g.num_generations < 2,
