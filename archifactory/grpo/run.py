@@ -21,6 +21,7 @@ from archifactory.data.rl import Problem, load_problems
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.grpo.rewards import check_rewards
 from archifactory.model.stack import StackedMixinForCausalLM
+from archifactory.runs import layout
 from archifactory.runs.load import load_run, load_run_config, resolve_run
 
 PRESETS = {"grpo": "default", "trainer": "grpo"}  # what the verb adds unless given
@@ -49,7 +50,9 @@ def grpo_arguments(args: list[str]) -> tuple[Path, list[str]]:
     init = resolve_run(init_from[0]).resolve()
     name = str(load_run_config(init).get("run_name") or init.name)
     hydra_args = [arg for arg in args if _key(arg) != "init_from"]
-    hydra_args += [f"init_from={init}", f"run_name='{name}-grpo-${{dataset.name}}'"]
+    hydra_args.append(f"init_from={init}")
+    if "run_name" not in keys:
+        hydra_args.append(f"run_name='{name}-grpo-${{dataset.name}}'")
     if "experiment" not in keys:  # a recipe picks its own presets
         hydra_args += [f"{group}={preset}" for group, preset in PRESETS.items() if group not in keys]
     return init, hydra_args
@@ -123,12 +126,12 @@ def prompt_ids(tokenizer: Tokenizer, problem: Problem, chat: bool, system: str |
 
 def prepare(cfg: DictConfig, init: Path, device: torch.device) -> Task:
     """Load the init run's model and tokenizer and the problems; refuse (one line) what cannot train."""
-    run = load_run(init, device)
-    if run.tokenizer is None:
+    if not (init / layout.TOKENIZER).is_dir():  # a synthetic probe's run, or a copy without its tokenizer
         raise ArchiFactoryError(
-            f"run {init} has no tokenizer (a synthetic-probe run trains on token ids); GRPO needs text: "
-            "init_from a run pretrained on text, then instruction-tuned with `archifactory sft`"
+            f"run {init} has no {layout.TOKENIZER}/ folder: GRPO samples and scores text; init_from a run "
+            "pretrained on text and instruction-tuned with `archifactory sft` (they save their tokenizer)"
         )
+    run = load_run(init, device)
     tokenizer = run.tokenizer
     chat = has_chat_template(tokenizer)
     problems = load_problems(cfg.dataset)
