@@ -43,7 +43,9 @@ def metrics(run_dir: Path) -> list[dict]:
     "mixin,extra",
     [("gqa", []), ("gated_deltanet", ["grpo.beta=0.1", "grpo.num_iterations=2", "grpo=dapo"])],
 )
-def test_grpo_runs_end_to_end(mixin: str, extra: list[str], sft_runs: dict[str, Path], tmp_path: Path) -> None:
+def test_grpo_runs_end_to_end(
+    mixin: str, extra: list[str], sft_runs: dict[str, Path], tmp_path: Path
+) -> None:
     result = cli("grpo", f"init_from={sft_runs[mixin]}", *SMALL, *extra, "trainer.max_steps=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "outputs" / f"sft_{mixin}-grpo-arith"
@@ -64,7 +66,13 @@ def test_grpo_runs_end_to_end(mixin: str, extra: list[str], sft_runs: dict[str, 
 
 
 def test_kill_9_then_resume_matches_uninterrupted(sft_runs: dict[str, Path], tmp_path: Path) -> None:
-    run = ["grpo", f"init_from={sft_runs['gqa']}", *SMALL, "trainer.max_steps=30", "trainer.checkpoint_every=3"]
+    run = [
+        "grpo",
+        f"init_from={sft_runs['gqa']}",
+        *SMALL,
+        "trainer.max_steps=30",
+        "trainer.checkpoint_every=3",
+    ]
     full = cli(*run, "run_name=full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = tmp_path / "outputs" / "killed"
@@ -101,10 +109,19 @@ def test_bad_input_is_one_line_and_writes_nothing(sft_runs: dict[str, Path], tmp
     no_tokenizer = tmp_path / "copy"
     shutil.copytree(gqa, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
     cases = [
-        ([f"init_from={gqa}", "dataset=arith", "grpo.reward_funcs=[answer,acuracy]"], "unknown reward 'acuracy'"),
-        ([f"init_from={gqa}", "dataset=rl_jsonl", f"dataset.path={no_answers}"], "no 'answer'; GRPO needs an answer"),
+        (
+            [f"init_from={gqa}", "dataset=arith", "grpo.reward_funcs=[answer,acuracy]"],
+            "unknown reward 'acuracy'",
+        ),
+        (
+            [f"init_from={gqa}", "dataset=rl_jsonl", f"dataset.path={no_answers}"],
+            "no 'answer'; GRPO needs an answer",
+        ),
         ([f"init_from={no_tokenizer}", "dataset=arith", "run_name=nt"], "has no tokenizer/ folder"),
-        ([f"init_from={gqa}", "dataset=arith", "grpo.max_completion_length=500"], "beyond the model's context"),
+        (
+            [f"init_from={gqa}", "dataset=arith", "grpo.max_completion_length=500"],
+            "beyond the model's context",
+        ),
         ([f"init_from={gqa}", "dataset=text"], "no answers to reward"),
         ([f"init_from={gqa}", "dataset=arith", "mixin=rwkv6"], "architecture from the init run"),
     ]

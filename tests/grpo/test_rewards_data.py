@@ -43,13 +43,27 @@ def test_synthetic_problems_are_seeded_and_correct() -> None:
 
 def test_answer_and_format_rewards() -> None:
     problem = Problem("What is 3+5?", "8")
-    completions = ["8", "<think>3+5 is 8</think>8", "<think>3+5</think> the answer is 9", "eight", "<think>8</think>"]
-    total, parts = score(check_rewards(["answer", "format"], [1.0, 0.5]), completions, [problem] * 5, RewardContext())
+    completions = [
+        "8",
+        "<think>3+5 is 8</think>8",
+        "<think>3+5</think> the answer is 9",
+        "eight",
+        "<think>8</think>",
+    ]
+    total, parts = score(
+        check_rewards(["answer", "format"], [1.0, 0.5]), completions, [problem] * 5, RewardContext()
+    )
     assert parts["answer"] == [1.0, 1.0, 0.0, 0.0, 0.0]  # the thinking part does not count as the answer
     assert parts["format"] == [0.0, 1.0, 1.0, 0.0, 0.0]  # an empty answer after </think> is not the format
     assert total == [1.0, 1.5, 0.5, 0.0, 0.0]
-    assert extract_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}" and extract_answer("1,234 or 7") == "7"
-    assert score({"answer": 1.0}, ["0.5", "1/2", "2/4"], [Problem("q", "1/2")] * 3, RewardContext())[0] == [1.0] * 3
+    assert (
+        extract_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+        and extract_answer("1,234 or 7") == "7"
+    )
+    assert (
+        score({"answer": 1.0}, ["0.5", "1/2", "2/4"], [Problem("q", "1/2")] * 3, RewardContext())[0]
+        == [1.0] * 3
+    )
 
 
 def test_unit_test_reward_runs_in_the_sandbox() -> None:
@@ -70,7 +84,9 @@ def test_unknown_reward_and_weights_are_one_line() -> None:
 
 def test_local_jsonl_needs_answers(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2?"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2?"}) + "\n"
+    )
     with pytest.raises(ArchiFactoryError, match=r"p.jsonl:2: no 'answer'; GRPO needs an answer") as error:
         load_problems(_dataset("dataset=rl_jsonl", f"dataset.path={path}"))
     assert "\n" not in str(error.value)
