@@ -38,7 +38,8 @@ def test_synthetic_problems_are_seeded_and_correct() -> None:
              for o1 in "+-*" for o2 in "+-*"]  # fmt: skip
     solution = next(e for e in exprs if eval(e) == int(good.answer))
     assert score({"countdown": 1.0}, [solution, f"{a}+{a}+{a}+{a}", "7/0"], [good] * 3, ctx)[0][:1] == [1.0]
-    assert score({"countdown": 1.0}, [f"{a}*{a}*{a}*{a}*{a}"], [good], ctx)[0] == [0.0]  # numbers reused
+    reused = f"({solution})+{a}-{a}"  # the right value, but a number used more often than given
+    assert score({"countdown": 1.0}, [reused], [good], ctx)[0] == [0.0]
 
 
 def test_answer_and_format_rewards() -> None:
