@@ -105,3 +105,12 @@ def test_hub_datasets_offline_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_
         with pytest.raises(ArchiFactoryError, match="can't reach the Hugging Face Hub") as error:
             load_problems(_dataset(f"dataset={name}"))
         assert "\n" not in str(error.value)
+
+
+def test_train_refuses_an_rl_dataset_in_one_line() -> None:
+    from archifactory.data.sources import check_dataset_path
+
+    with pytest.raises(
+        ArchiFactoryError, match="dataset=countdown is prompts with answers for `archifactory grpo`"
+    ):
+        check_dataset_path(_dataset("dataset=countdown"))
