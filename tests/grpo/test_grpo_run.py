@@ -96,23 +96,39 @@ def test_kill_9_then_resume_matches_uninterrupted(sft_runs: dict[str, Path], tmp
     assert [r["completion_length"] for r in ours] == [r["completion_length"] for r in theirs]
 
 
-def _refusal(result: subprocess.CompletedProcess, message: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-1500:]
+def _refusal(code: int | str | None, stderr: str, message: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code not in (0, None) and len(lines) == 1 and lines[0].startswith("error:"), stderr[-1500:]
     assert message in lines[0], lines[0]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(sft_runs: dict[str, Path], tmp_path: Path) -> None:
+def _in_process(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int | str | None, str]:
+    """`archifactory <args>` in this process (a subprocess per refusal costs seconds of imports)."""
+    from archifactory.cli.main import main
+
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as stop:  # the Hydra app's one-line refusal exits 1
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(
+    sft_runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gqa = sft_runs["gqa"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the Hydra app rewrites it
     no_answers = tmp_path / "q.jsonl"
     no_answers.write_text(json.dumps({"prompt": "What is 1+1?"}) + "\n")
     no_tokenizer = tmp_path / "copy"
     shutil.copytree(gqa, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
+    result = cli(
+        "grpo", f"init_from={gqa}", "dataset=arith", "grpo.reward_funcs=[answer,acuracy]", cwd=tmp_path
+    )
+    _refusal(result.returncode, result.stderr, "unknown reward 'acuracy'")  # the real command line, once
     cases = [
-        (
-            [f"init_from={gqa}", "dataset=arith", "grpo.reward_funcs=[answer,acuracy]"],
-            "unknown reward 'acuracy'",
-        ),
         (
             [f"init_from={gqa}", "dataset=rl_jsonl", f"dataset.path={no_answers}"],
             "no 'answer'; GRPO needs an answer",
@@ -126,5 +142,5 @@ def test_bad_input_is_one_line_and_writes_nothing(sft_runs: dict[str, Path], tmp
         ([f"init_from={gqa}", "dataset=arith", "mixin=rwkv6"], "architecture from the init run"),
     ]
     for args, message in cases:
-        _refusal(cli("grpo", *args, cwd=tmp_path), message)
+        _refusal(*_in_process(["grpo", *args], capsys), message)
     assert not any((tmp_path / "outputs").glob("*"))  # no refused run left a run directory behind
