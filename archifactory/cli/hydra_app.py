@@ -124,7 +124,7 @@ def run_hydra(task: Callable, verb: str, args: list[str]) -> int:
     return failure_report()
 
 
-RUN_VERBS = ("train", "sft")  # the Hydra verbs whose job directory is a training run
+RUN_VERBS = ("train", "sft", "grpo")  # the Hydra verbs whose job directory is a training run
 
 
 def run_closing_line(run_dir: Path) -> str:

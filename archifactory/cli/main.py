@@ -23,6 +23,7 @@ verbs:
   data       `data prepare dataset=…`: tokenize and pack a dataset into cached token shards
   eval       `eval <task>[,<task>…] [run=…]`: lm-eval tasks (mmlu, …) and perplexity/bits per byte of a run
   sft        `sft init_from=<run> dataset=chat_jsonl|limo|dolphin_r1`: instruction-tune a pretrained run
+  grpo       `grpo init_from=<run> dataset=arith|countdown|gsm8k|math|rl_jsonl`: RL with verifiable rewards
   generate   `generate [run=…] prompt="…"`: stream text from a trained run (prompt_file=… for JSONL)
   export     `export [run=…] [out=…] [step=…]`: write a checkpoint in Hugging Face format
   list       every option of every config group, with its description
@@ -74,6 +75,12 @@ def _sft(args: list[str]) -> int:
     return sft_main(args)
 
 
+def _grpo(args: list[str]) -> int:
+    from archifactory.cli.grpo import grpo_main
+
+    return grpo_main(args)
+
+
 def _generate(args: list[str]) -> int:
     from archifactory.cli.generate import generate_verb
 
@@ -110,6 +117,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "list": _list,
     "eval": _eval,
     "sft": _sft,
+    "grpo": _grpo,
     "generate": _generate,
     "export": _export,
     "report": _report,

@@ -28,6 +28,7 @@ GROUPS = (
     "task",
     "mqar_cell",
     "trainer",
+    "grpo",
     "model",
     "experiment",
 )

@@ -211,6 +211,62 @@ class ChatDatasetConfig:
     cache_dir: str = "${oc.env:ARCHIFACTORY_CACHE,${oc.env:HOME}/.cache/archifactory}"
 
 
+LossType = choices("LossType", ["grpo", "dr_grpo", "dapo"])
+ScaleRewards = choices("ScaleRewards", ["group", "batch", "none"])
+RLFormat = choices("RLFormat", ["arith", "countdown", "gsm8k", "math", "rl_jsonl"])
+
+
+@dataclass
+class GRPOConfig:
+    """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) and its fixes: Dr. GRPO's
+    unbiased normalisation (Liu et al. 2025) and DAPO's token-level loss and clip-higher (Yu et al. 2025).
+    Option names follow TRL's `GRPOConfig`."""
+
+    preset: str = "default"
+    num_generations: int = 8  # G: completions sampled per prompt (one group)
+    prompts_per_step: int = 4  # prompts per rollout batch: a step trains on prompts_per_step x G completions
+    max_completion_length: int = 32  # new tokens per completion (a row stops earlier at the end-of-turn)
+    temperature: float = 1.0  # sampling temperature; log-probs are taken of logits / temperature, as sampled
+    top_p: float = 1.0
+    epsilon: float = 0.2  # clip range: ratio in [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # None: epsilon (DAPO's clip-higher: e.g. 0.28)
+    beta: float = 0.0  # KL(policy || reference) weight, k3 estimator; 0 keeps no reference model
+    loss_type: LossType = LossType.grpo  # grpo | dr_grpo | dapo (how token losses are averaged)
+    num_iterations: int = 1  # policy updates per rollout batch (mu); > 1 uses the rollout's log-probs as old
+    scale_rewards: ScaleRewards = ScaleRewards.group  # group | batch std divides advantages; none: Dr. GRPO
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["answer"]
+    )  # answer | format | countdown | unit_test
+    reward_weights: Optional[list[float]] = None  # one per reward function; None: all 1.0
+    sandbox: str = "auto"  # unit_test reward: auto | bwrap | unshare | none (none needs allow_unsandboxed)
+    allow_unsandboxed: bool = False
+    code_timeout: float = 5.0  # unit_test reward: wall-clock seconds per program
+
+
+@dataclass
+class RLDatasetConfig:
+    """Prompts with a checkable answer for `archifactory grpo` (archifactory/data/rl/)."""
+
+    name: str = MISSING
+    source: str = "rl"
+    format: RLFormat = (
+        MISSING  # arith | countdown (synthetic, seeded) | gsm8k | math (Hub) | rl_jsonl (local)
+    )
+    path: Optional[str] = None  # rl_jsonl: the .jsonl file; gsm8k/math: the Hub dataset id
+    hf_config: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    prompt_field: str = "prompt"  # rl_jsonl/Hub: the column holding the question
+    answer_field: str = "answer"  # rl_jsonl/Hub: the column holding the answer (tests: unit-test code)
+    max_problems: Optional[int] = None  # cap on problems (synthetic: how many are generated)
+    data_seed: int = 1234  # synthetic problems and their order: the same for every run seed
+    num_terms: int = 2  # arith: operands per expression
+    max_value: int = 9  # arith/countdown: operands drawn from 1..max_value
+    operators: str = "+-"  # arith/countdown: operators to draw from (+, -, *)
+    num_numbers: int = 3  # countdown: numbers given, each used at most once
+    system_prompt: Optional[str] = None  # a system turn before every question (SFT runs' chat template)
+
+
 @dataclass
 class WandbConfig:
     enabled: bool = False
@@ -236,6 +292,7 @@ class RootConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     experiment_name: str | None = None
     init_from: Optional[str] = None  # `archifactory sft`: the pretrained run directory it starts from
+    grpo: Any = None  # `archifactory grpo`: the algorithm's options (configs/grpo/, GRPOConfig)
     # a recipe's published reference figures (e.g. {val_loss: {gqa: 1.0096, …}}), printed by `report`
     published: Any = None
     # `archifactory study`: a recipe's stage settings ({sft, sft_args, eval, eval_args}); train ignores it
@@ -308,6 +365,8 @@ def register_configs() -> None:
     store.store(group="dataset", name="_schema_mqar", node=MQARDatasetConfig)
     store.store(group="dataset", name="_schema_mad", node=MADDatasetConfig)
     store.store(group="dataset", name="_schema_chat", node=ChatDatasetConfig)
+    store.store(group="dataset", name="_schema_rl", node=RLDatasetConfig)
+    store.store(group="grpo", name="_schema", node=GRPOConfig)
     for kind in ("mixin", "ffn", "positional", "residual"):
         for name, cls in components(kind).items():
             store.store(group=kind, name=f"_schema_{name}", node=component_schema(kind, name, cls))

@@ -153,7 +153,8 @@ def _sweep_markdown(report: SweepReport, runs: list[Run]) -> str:
 SINGLE_KEYS = (
     "status", "mixin", "ffn", "positional", "dataset", "seed", "params_total", "params_non_embedding",
     "params_active", "target_params", "flops_per_token", "steps", "tokens_seen", "train_loss", "val_loss",
-    "val_bpb", "val_accuracy", "tokens_per_second", "mfu", "peak_memory_mb", "decode_state_size", "wall_seconds",
+    "val_bpb", "val_accuracy", "reward", "tokens_per_second", "mfu", "peak_memory_mb", "decode_state_size",
+    "wall_seconds",
 )  # fmt: skip
 
 

@@ -218,7 +218,7 @@ def duplicate_warning(variants: list[Variant]) -> str | None:
 
 def eval_keys(variants: list[Variant]) -> list[tuple[str, str]]:
     """(summary key, column title) for every numeric score present: `eval.<task>.value` sections
-    (`archifactory eval`) and `val_accuracy` (probe datasets). Absent everywhere: no column."""
+    (`archifactory eval`), `val_accuracy` (probe datasets) and `reward` (GRPO runs). Absent everywhere: no column."""
     keys: dict[str, str] = {}
     for variant in variants:
         for run in variant.runs:
@@ -231,4 +231,6 @@ def eval_keys(variants: list[Variant]) -> list[tuple[str, str]]:
                         keys.setdefault(f"eval.{task}", task)
             if run.number("val_accuracy") is not None:
                 keys.setdefault("val_accuracy", "val accuracy")
+            if run.number("reward") is not None:  # `archifactory grpo`: mean reward of the last 10% of steps
+                keys.setdefault("reward", "reward")
     return list(keys.items())

@@ -6,8 +6,7 @@
 
 Stages per variant: pretrain (one Hydra multirun of `train` into `<study.dir>/pretrain/<run_name>`, so
 every launcher — local, parallel, gpus, slurm — works as it does for `train -m`), the evaluations on the
-pretrained model, then each post-training stage the study names (`stages.POST_STAGES`: SFT today, GRPO
-when its verb lands) into `<study.dir>/<stage>/<run_name>`, each followed by the same evaluations.
+pretrained model, then each post-training stage the study names (`stages.POST_STAGES`: SFT, then GRPO) into `<study.dir>/<stage>/<run_name>`, each followed by the same evaluations.
 `study.from=<sweep dir>` skips pretraining and studies the completed runs of a sweep already trained.
 
 Resumable: rerunning the same command skips every completed stage and resumes the rest
@@ -185,13 +184,16 @@ class Column:
     stage: str  # "pretrain" or a post stage's name: whose runs the figure is read from
     key: str  # a summary key (dotted)
     significance: bool = False
+    higher_is_better: bool = False
 
 
 def report_columns(spec: StudySpec) -> list[Column]:
     columns = [Column("pretrain val_bpb", "pretrain", "val_bpb", True)]
     columns += [Column(f"pretrain {e}", "pretrain", f"eval.{e}.value") for e in spec.evals]
     for stage, _, _ in spec.post:
-        columns.append(Column(f"{stage.name} {stage.metric}", stage.name, stage.metric, True))
+        columns.append(
+            Column(f"{stage.name} {stage.metric}", stage.name, stage.metric, True, stage.higher_is_better)
+        )
         columns += [Column(f"{stage.name} {e}", stage.name, f"eval.{e}.value") for e in spec.evals]
     return columns
 
@@ -224,7 +226,8 @@ def report_rows(spec: StudySpec, runs: list[Path]) -> list[dict[str, Any]]:
     for column in columns:
         stage = variants[column.stage]
         ranked = [v for v in stage if v.stat(column.key).mean is not None]
-        best = min(ranked, key=lambda v: v.stat(column.key).mean) if ranked else None  # type: ignore[arg-type, return-value]
+        pick = max if column.higher_is_better else min
+        best = pick(ranked, key=lambda v: v.stat(column.key).mean) if ranked else None  # type: ignore[arg-type, return-value]
         for row, variant in zip(rows, stage):
             stat = variant.stat(column.key)
             cell: dict[str, Any] = {"values": variant.by_seed(column.key), "mean": stat.mean, "std": stat.std}

@@ -3,9 +3,9 @@
 A study runs, per pretrained run, `eval` on the pretrained model, then each post-training stage in
 `POST_STAGES` that the study names (its dataset under `study.<name>=`), each starting from the previous
 stage's final run (`init_from=`), each followed by the same evaluations. Adding a post-training stage is
-one entry: GRPO (`archifactory grpo init_from=<run> dataset=<task>`) plugs in as
-`PostStage("grpo", "grpo", "val_loss")` once its verb exists — the runner needs nothing else, because
-every stage writes the run-directory contract (`summary.json` with `status`, `eval/<name>.json`).
+one entry, as GRPO (`archifactory grpo init_from=<run> dataset=<task>`, reported by its mean reward over the
+last tenth of its steps) is — the runner needs nothing else, because every stage writes the run-directory
+contract (`summary.json` with `status`, `eval/<name>.json`).
 
 Every stage is resumable by the same rule: a run whose `summary.json` says `completed` is skipped, any
 other is (re)started with `trainer.resume=true`, which continues from its newest checkpoint; an
@@ -29,10 +29,14 @@ class PostStage:
 
     name: str  # the `study.<name>=<dataset>` key and the run folder under the study
     verb: str
-    metric: str  # the summary figure the report shows for it (lower is better)
+    metric: str  # the summary figure the report shows for it
+    higher_is_better: bool = False  # the metric's direction: which variant is "best" in the report
 
 
-POST_STAGES: tuple[PostStage, ...] = (PostStage("sft", "sft", "val_loss"),)
+POST_STAGES: tuple[PostStage, ...] = (
+    PostStage("sft", "sft", "val_loss"),
+    PostStage("grpo", "grpo", "reward", higher_is_better=True),
+)
 
 
 @dataclass
