@@ -19,11 +19,14 @@ which compares variants with different tokenizers fairly.
   rebuilt with the run's chat tokenizer), scored like its validation — loss and next-token accuracy on
   assistant tokens only, no bits per byte (the template's tokens have no bytes); `dataset=text …` scores
   it on plain text like any run.
+- A GRPO run (RL prompts: nothing to score) is scored on the data of the run it started from (its
+  `init_from`, followed until a text or chat run), so SFT -> GRPO shows what GRPO did to the SFT loss.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +45,7 @@ from archifactory.data.sources import make_source
 from archifactory.eval.evaluate import evaluate
 from archifactory.eval.job import EvalJob, TaskResult
 from archifactory.runs import layout
+from archifactory.runs.load import load_run_config
 
 Dataset = DatasetConfig | DictConfig  # text/Hub data, or a chat node (SFT conversations, resolved)
 
@@ -54,9 +58,25 @@ def as_dataset(node: Any) -> Dataset:
     return as_dataset_config(node)
 
 
+def scored_dataset(config: DictConfig) -> DictConfig:
+    """The run's `dataset` node, or for an RL run (GRPO's prompts and answers: no text to score) that of the
+    run it started from, followed through `init_from` until a text or chat run."""
+    seen: list[str] = []
+    while config.dataset.get("source") == "rl":
+        init = config.get("init_from")
+        if not init or init in seen:
+            raise ArchiFactoryError(
+                f"perplexity: the run was trained on RL prompts (dataset={config.dataset.name}) and has no "
+                "text run in its init_from chain; give it one: dataset=text dataset.path=<folder>"
+            )
+        seen.append(init)
+        config = load_run_config(Path(init))
+    return config.dataset
+
+
 def dataset_config(job: EvalJob) -> tuple[Dataset, bool]:
     """(the dataset to evaluate on, whether it is the run's own) from the run's config and `job.extra`."""
-    own = as_dataset(job.run.config.dataset)
+    own = as_dataset(scored_dataset(job.run.config))
     if not job.extra:
         return own, True
     if any(arg.split("=", 1)[0] == "dataset" for arg in job.extra):
@@ -80,10 +100,11 @@ def dataset_config(job: EvalJob) -> tuple[Dataset, bool]:
 def own_split(job: EvalJob, seq_len: int, max_tokens: int | None) -> tuple[list, float, int]:
     """(validation batches, bytes per token, tokens in the split) from the run's own token cache."""
     cfg = job.run.config
-    data = load_data(cfg.dataset, seq_len=seq_len, seed=cfg.seed)
+    dataset = scored_dataset(cfg)
+    data = load_data(dataset, seq_len=seq_len, seed=cfg.seed)
     if data.tokenizer.hash != job.run.tokenizer.hash:
         raise ArchiFactoryError(
-            f"the token cache of {cfg.dataset.name} was made with another tokenizer than run "
+            f"the token cache of {dataset.name} was made with another tokenizer than run "
             f"{job.run.name}'s; pass dataset.rebuild=true to tokenize it again with the run's settings"
         )
     total = data.manifest["splits"]["val"]["tokens"]
@@ -154,7 +175,8 @@ def run_perplexity(job: EvalJob) -> list[TaskResult]:
         batches, bytes_per_token, split_tokens = other_split(job, dataset, seq_len, max_tokens)
     model = job.run.model
     # a run trained with dataset.document_mask validates with documents kept apart: so does perplexity
-    document_eos = job.run.tokenizer.eos_id if job.run.config.dataset.get("document_mask", False) else None
+    document_mask = scored_dataset(job.run.config).get("document_mask", False)
+    document_eos = job.run.tokenizer.eos_id if document_mask else None
     figures = evaluate(model, batches, job.device, job.autocast, bytes_per_token, document_eos)
     model.eval()  # `evaluate` hands the model back in training mode
     loss = figures["val_loss"]

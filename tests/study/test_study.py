@@ -46,6 +46,9 @@ def study_args(root: Path, evals: str = "perplexity") -> list[str]:
         f"study.dir={root / 'out'}",
         "study.sft=chat_jsonl",
         f"study.sft_args={sft_args} trainer.seq_len=48 trainer.eval_every=6",
+        "study.grpo=arith",
+        "study.grpo_args=trainer.max_steps=2 trainer.checkpoint_every=2 grpo.num_generations=2 "
+        "grpo.prompts_per_step=2 grpo.max_completion_length=3 dataset.max_problems=20",
         f"study.eval={evals}",
     ]
 
@@ -85,15 +88,20 @@ def test_killed_study_finishes_only_the_rest_and_reports_the_eval_values(sweep: 
     assert set(rows) == {"mixin=gqa", "mixin=rwkv6"} and rows["mixin=gqa"]["seeds"] == ["0", "1"]
     for mixin, seed in RUNS:
         row, name = rows[f"mixin={mixin}"], f"{mixin}_s{seed}"
-        for stage, run_dir in (("pretrain", sweep / "sweep" / name), ("sft", out / "sft" / name)):
+        stages = (
+            ("pretrain", sweep / "sweep" / name),
+            ("sft", out / "sft" / name),
+            ("grpo", out / "grpo" / name),
+        )
+        for stage, run_dir in stages:
             evaluated = json.loads((run_dir / "eval" / "perplexity.json").read_text())
             assert row[f"{stage} perplexity"]["values"][str(seed)] == evaluated["value"]
-        summaries = [
-            json.loads((d / layout.SUMMARY).read_text()) for d in (sweep / "sweep" / name, out / "sft" / name)
-        ]
+        summaries = [json.loads((d / layout.SUMMARY).read_text()) for _, d in stages]
         assert row["pretrain val_bpb"]["values"][str(seed)] == summaries[0]["val_bpb"]
         assert row["sft val_loss"]["values"][str(seed)] == summaries[1]["val_loss"]
-        assert summaries[1]["seed"] == seed  # each seed's post-training keeps its seed
+        assert row["grpo reward"]["values"][str(seed)] == summaries[2]["reward"]
+        assert summaries[1]["seed"] == summaries[2]["seed"] == seed  # post-training keeps each run's seed
+        assert summaries[2]["init_from"] == str((out / "sft" / name).resolve())  # GRPO starts from the SFT
     gqa = rows["mixin=gqa"]["pretrain val_bpb"]
     values = list(gqa["values"].values())
     assert gqa["mean"] == pytest.approx(sum(values) / 2)
