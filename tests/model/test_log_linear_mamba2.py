@@ -183,12 +183,15 @@ def test_bad_options_positions_and_cpu_backend() -> None:
         LogLinearMamba2(HIDDEN, 0, num_levels=1)
     with pytest.raises(ArchiFactoryError, match="head_dim"):
         LogLinearMamba2(HIDDEN, 0, head_dim=24)
-    layer = LogLinearMamba2(HIDDEN, 0, d_state=8, head_dim=16, num_levels=4)
+    layer = LogLinearMamba2(HIDDEN, 0, d_state=64, head_dim=16, num_levels=4)
     with pytest.raises(ArchiFactoryError, match="raise mixin.num_levels"):
         layer(torch.randn(1, 9, HIDDEN), ctx(0, 9))
     assert layer.backend_name() == "reference"
     layer.backend = "fused"
-    with pytest.raises(ArchiFactoryError, match="backend=fused"):
+    with pytest.raises(ArchiFactoryError, match="backend=fused needs CUDA"):
+        layer(torch.randn(1, 3, HIDDEN), ctx(0, 3))
+    layer = LogLinearMamba2(HIDDEN, 0, d_state=8, head_dim=16, backend="fused")
+    with pytest.raises(ArchiFactoryError, match="multiple of 64"):
         layer(torch.randn(1, 3, HIDDEN), ctx(0, 3))
 
 

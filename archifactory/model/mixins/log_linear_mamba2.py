@@ -135,6 +135,15 @@ class LogLinearMamba2(Mixin):
         return self.out_proj(y.to(x.dtype)), new_state
 
     def backend_name(self) -> str:
+        # fla's kernel needs a power-of-two head_dim and d_state in blocks of 64
+        if self.head_dim & (self.head_dim - 1) or self.d_state % 64:
+            if self.backend == "fused":
+                raise ArchiFactoryError(
+                    f"mixin=log_linear_mamba2: backend=fused needs a power-of-two head_dim and d_state a "
+                    f"multiple of 64, got {self.head_dim} and {self.d_state}; change them or use "
+                    "mixin.backend=reference"
+                )
+            return "reference"
         return fla_backend(self.backend, self.in_proj.weight, FUSED_KERNEL, "mixin=log_linear_mamba2")
 
     def flops_per_token(self, seq_len: int) -> float:
