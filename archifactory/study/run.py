@@ -6,7 +6,8 @@
 
 Stages per variant: pretrain (one Hydra multirun of `train` into `<study.dir>/pretrain/<run_name>`, so
 every launcher — local, parallel, gpus, slurm — works as it does for `train -m`), the evaluations on the
-pretrained model, then each post-training stage the study names (`stages.POST_STAGES`: SFT, then GRPO) into `<study.dir>/<stage>/<run_name>`, each followed by the same evaluations.
+pretrained model, then each post-training stage the study names (`stages.POST_STAGES`: SFT, then GRPO)
+into `<study.dir>/<stage>/<run_name>`, each followed by the same evaluations.
 `study.from=<sweep dir>` skips pretraining and studies the completed runs of a sweep already trained.
 
 Resumable: rerunning the same command skips every completed stage and resumes the rest
