@@ -10,7 +10,7 @@ import pytest
 from archifactory.config.compose import compose
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.data.rl import Problem, load_problems
-from archifactory.grpo.rewards import RewardContext, check_rewards, extract_answer, score
+from archifactory.grpo.rewards import RewardContext, answers_match, check_rewards, extract_answer, score
 
 
 def _dataset(*overrides: str):
@@ -65,6 +65,13 @@ def test_answer_and_format_rewards() -> None:
         score({"answer": 1.0}, ["0.5", "1/2", "2/4"], [Problem("q", "1/2")] * 3, RewardContext())[0]
         == [1.0] * 3
     )
+
+
+def test_math_answers_are_compared_symbolically_with_math_verify() -> None:
+    """Non-numeric answers (MATH): equivalent expressions match, different ones do not."""
+    assert answers_match("\\frac{2}{4}", "\\frac{1}{2}") and answers_match("2x+x^2", "x^2+2x")
+    assert answers_match("\\sqrt{4}", "2") and not answers_match("\\sqrt{5}", "2")
+    assert not answers_match("x^2", "x^3")
 
 
 def test_unit_test_reward_runs_in_the_sandbox() -> None:
