@@ -185,26 +185,40 @@ def test_an_unknown_component_is_refused_in_one_line(tokenizer, tmp_path: Path) 
         StackedMixinForCausalLM.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_a_left_padded_batch_generates_each_row_as_alone(do_sample: bool, tokenizer, tmp_path: Path) -> None:
-    """transformers' generate() over a left-padded batch == each prompt alone, token for token (greedy;
-    sampling: the padded batch is reproducible per seed and its rows are valid continuations)."""
-    _, folder = saved_model(tokenizer, tmp_path / "model", "gqa")
-    hf = AutoModelForCausalLM.from_pretrained(folder)
-    rows = [tokenizer.encode(t) for t in ("the queen said to the king", "the mat", "sing! the bird sat on")]
+PADDED_PROMPTS = ("the queen said to the king", "the mat", "sing! the bird sat on")
+
+
+def left_padded_prompts(tokenizer) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    rows = [tokenizer.encode(t) for t in PADDED_PROMPTS]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    options = {"max_new_tokens": 8, "do_sample": do_sample, "eos_token_id": None, "pad_token_id": 0}
-    torch.manual_seed(0)
-    produced = hf.generate(ids, attention_mask=mask, **options)[:, width:]
-    if do_sample:
-        torch.manual_seed(0)
-        assert torch.equal(hf.generate(ids, attention_mask=mask, **options)[:, width:], produced)
-        return
+    return rows, ids, mask
+
+
+@pytest.mark.parametrize("mixin", sorted(components("mixin")))
+def test_a_left_padded_batch_generates_each_row_as_alone(mixin: str, tokenizer, tmp_path: Path) -> None:
+    """transformers' generate() over a left-padded batch == each prompt alone, greedy, token for token."""
+    _, folder = saved_model(tokenizer, tmp_path / "model", mixin)
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    rows, ids, mask = left_padded_prompts(tokenizer)
+    options = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    produced = hf.generate(ids, attention_mask=mask, **options)[:, ids.shape[1] :]
     for b, row in enumerate(rows):
         alone = hf.generate(torch.tensor([row]), **options)[0, len(row) :]
         assert produced[b].tolist() == alone.tolist()
+
+
+def test_a_left_padded_batch_samples_reproducibly(tokenizer, tmp_path: Path) -> None:
+    """Sampling over a padded batch: the same seed gives the same rows."""
+    _, folder = saved_model(tokenizer, tmp_path / "model", "gqa")
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    _, ids, mask = left_padded_prompts(tokenizer)
+    options = {"max_new_tokens": 8, "do_sample": True, "eos_token_id": None, "pad_token_id": 0}
+    torch.manual_seed(0)
+    produced = hf.generate(ids, attention_mask=mask, **options)
+    torch.manual_seed(0)
+    assert torch.equal(hf.generate(ids, attention_mask=mask, **options), produced)
 
 
 def test_right_padding_in_generate_is_refused_in_one_line(tokenizer, tmp_path: Path) -> None:
