@@ -33,6 +33,7 @@ from archifactory.config.compose import compose
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.report.runs import Stat, Variant, find_runs, group_variants
 from archifactory.report.table import compare
+from archifactory.runs import layout
 from archifactory.runs.files import write_atomic, write_json_atomic
 from archifactory.runs.records import read_summary
 from archifactory.study.stages import POST_STAGES, PostStage, completed, missing_evals, run_verb
@@ -132,7 +133,7 @@ def run_study(spec: StudySpec) -> int:
         result = run_verb([*sweep, "trainer.resume=true"], log)
         if not result.ok:
             state.failed["pretrain"] = {"stage": "pretrain", "error": result.detail}
-    runs = sorted(path.parent.parent for path in pretrain.glob("*/.hydra/config.yaml"))
+    runs = sorted(path.parent.parent for path in pretrain.glob(f"*/{layout.HYDRA_DIR}/{layout.CONFIG_FILE}"))
     if not runs:
         raise ArchiFactoryError(f"no run under {pretrain}: nothing to study (see {log})")
     for run_dir in runs:
