@@ -131,7 +131,8 @@ class LogLinearMamba2(Mixin):
         dt = zero_pads(F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)), ctx)  # [B, T, H]; pads: no step
         log_decay = -torch.exp(self.A_log.to(dtype)) * dt  # A·dt <= 0
         lam = F.softplus(self.L.to(dtype) * dl.to(dtype).view(batch, seq_len, heads, self.num_levels))
-        values, backend = xs * dt[..., None].to(xs.dtype), self.backend_name()  # resolved (or refused) always
+        values = xs * dt[..., None].to(xs.dtype)
+        backend = self.backend_name()  # resolved (or refused) for every call, the per-row path included
         if state is None and ctx.pad_mask is None:  # every row at [start, start + T): the training path
             y = log_linear_forward(c, b, values, log_decay, lam, ctx.start, backend, self.chunk_size)
             new_state = None
@@ -155,10 +156,12 @@ class LogLinearMamba2(Mixin):
         conv_state: Tensor | None,
     ) -> tuple[Tensor, MixinState | None]:
         """Log-linear attention with a position per row (`reference/log_linear_rows.py`) from the state's
-        slots and positions, or (no state) from empty slots at the call's start. Returns y and, with a
-        state, the new state (slots, positions and the conv buffer `conv_state`)."""
-        if state is None:
-            slots = self.init_state(v.shape[0], v.device, v.dtype)["levels"]
+        slots and positions, or (no state) from empty slots at the call's start, only as many as its
+        positions have bits (a padded scoring call touches no slot that stays empty). Returns y and, with
+        a state, the new state (slots, positions and the conv buffer `conv_state`)."""
+        if state is None:  # positions stay below start + T: only the slots of those bits can fill
+            count = min(self.num_levels - 1, (ctx.start + v.shape[1]).bit_length())
+            slots = self.init_state(v.shape[0], v.device, v.dtype)["levels"][:, :, :count]
             position = torch.full((v.shape[0],), ctx.start, device=v.device, dtype=torch.long)
         else:
             slots, position = state["levels"], state["position"]

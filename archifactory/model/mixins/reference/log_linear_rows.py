@@ -14,10 +14,10 @@ Same math as `log_linear.py` (read its docstring for the levels, the slots and t
 over rows: the level maps are [B, C, C] / [B, C, S] tensors instead of Python-int tables, the held slots
 a [B, S] bit mask instead of an index list, the slots' merge a mask (moving from position s to e, the
 slots below the highest bit h of s XOR e merge into slot h, the others stay) and the tokens' a one-hot
-[B, C, S], so nothing reads a position back to the host (decode steps stay compile-clean). Pieces are cut every
-`chunk_size` tokens of the call (any cut is exact: a bucket is never split by a later query). The cost
-over `log_linear.py`: the past is read from all S slots (the clear ones weigh 0) and the chunk's tokens
-merge through an [S]-wide one-hot, S = num_levels − 1.
+[B, S, C], so nothing reads a position back to the host (decode steps stay compile-clean). Pieces are
+cut every `chunk_size` tokens of the call (any cut is exact: a query sees a whole bucket at one level).
+The price over `log_linear.py`, which touches only the set slots: every piece reads, decays and spreads
+its tokens over all S slots (S = num_levels − 1; the clear ones weigh 0), a few times the slot traffic.
 """
 
 from __future__ import annotations
@@ -54,24 +54,41 @@ def _piece_rows(
 
     bit = torch.arange(count, device=q.device)
     held = ((begin[:, None] >> bit) & 1).bool()  # [B, S]: slot b holds a bucket iff bit b of begin is set
-    slots = slots * held[:, None, :, None, None].to(slots.dtype)  # a clear slot holds nothing
     roots = (begin[:, None] >> (bit + 1)) << (bit + 1)  # [B, S]: r_b, the first position of bucket b
     past_level = bit_length(torch.bitwise_xor(pos[:, :, None], roots[:, None, :]), levels)  # [B, C, S]
     past_weight = lam.gather(-1, past_level[:, None].expand(-1, heads, -1, -1)) * gc.exp()[..., None]
+    past_weight = past_weight * held[:, None, None, :].to(lam.dtype)  # a clear slot holds nothing
     rows = (q[..., None, :] * past_weight[..., None]).flatten(-2)  # [B, H, C, S·K]
     out = out + rows @ slots.flatten(2, 3)  # [B, H, S·K, V]
+    return out, _advance(k, v, gc, slots, pos, begin, end, held)
 
-    # Advancing begin -> end, with h the highest bit where they differ: the slots below h merge into slot
-    # h (clear in begin), those above stay; h = -1 (no real token) keeps every slot
-    high = (bit_length(torch.bitwise_xor(begin, end), levels) - 1)[:, None]  # [B, 1]
-    below = (bit < high)[:, None, :, None, None].to(slots.dtype)
-    carried = slots * (bit > high)[:, None, :, None, None].to(slots.dtype)
-    carried = carried + (bit == high)[:, None, :, None, None].to(slots.dtype) * (slots * below).sum(2, True)
-    carried = carried * gc[..., -1].exp()[..., None, None, None]
-    joins = bit_length(torch.bitwise_xor(end[:, None], pos), levels) - 1  # [B, C]: each token's slot
-    member = (joins[..., None] == bit).to(k.dtype)  # [B, C, S] (a pad at `end` joins none; its v is 0)
-    weighted = k * (gc[..., -1:] - gc).exp()[..., None]  # k_j · exp(G_end − G_j)
-    return out, carried + torch.einsum("bjt,bhjk,bhjv->bhtkv", member, weighted, v)
+
+def _advance(
+    k: Tensor, v: Tensor, gc: Tensor, slots: Tensor, pos: Tensor, begin: Tensor, end: Tensor, held: Tensor
+) -> Tensor:
+    """The slots of each row's [0, end) from those of [0, begin) (`held` [B, S] marks the set ones) and the
+    piece's keys k [B, H, C, K] and values v at positions pos [B, C], gc the piece's cumulative log-decay.
+
+    With h the highest bit where begin and end differ (h = -1: no real token, nothing moves), the slots
+    below h merge into slot h (clear in begin) and those above stay; a token at position p joins slot
+    bit_length(end XOR p) − 1 (none for a pad at `end`; a pad's v is 0 anyway). Written as few passes
+    over the [B, H, S, K, V] slots as possible: they dominate a decode step."""
+    batch, heads, count, key_dim, value_dim = slots.shape
+    bit = torch.arange(count, device=slots.device)
+    high = bit_length(torch.bitwise_xor(begin, end), count + 1)[:, None] - 1  # [B, 1]
+    decay = gc[..., -1].exp()  # [B, H]: the whole piece's decay
+    keep = (held & (bit > high)).to(slots.dtype)[:, None] * decay[..., None]  # [B, H, S]
+    fold = (held & (bit < high)).to(slots.dtype)[:, None] * decay[..., None]
+    carried = slots * keep[..., None, None]
+    merged = (fold[:, :, None] @ slots.flatten(3)).view(batch, heads, 1, key_dim, value_dim)
+    into = high.clamp(min=0)[:, None, :, None, None].expand(-1, heads, -1, key_dim, value_dim)
+    carried = carried.scatter_add_(2, into, merged)  # h = -1 folds nothing: merged is 0
+    joins = bit_length(torch.bitwise_xor(end[:, None], pos), count + 1) - 1  # [B, C]: each token's slot
+    member = (joins[:, None, :] == bit[:, None]).to(k.dtype)  # [B, S, C]
+    weighted = (k * (gc[..., -1:] - gc).exp()[..., None]).transpose(-1, -2)  # k_j · exp(G_end − G_j)
+    spread = (member[:, None, :, None, :] * weighted[:, :, None]).reshape(batch * heads, -1, pos.shape[1])
+    flat = carried.view(batch * heads, count * key_dim, value_dim)
+    return flat.baddbmm_(spread, v.reshape(batch * heads, -1, value_dim)).view(slots.shape)
 
 
 def chunk_log_linear_rows(
