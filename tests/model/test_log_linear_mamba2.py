@@ -191,17 +191,15 @@ def test_rows_reference_equals_each_row_at_its_own_position(chunk: int) -> None:
     gradients (inputs and incoming buckets); real outputs send exactly no gradient to a pad."""
     batch, seq_len, groups, heads = 5, 13, 2, 4
     q, k, v, g, lam = inputs(batch, seq_len, groups, heads)
-    starts = torch.tensor([0, 5, 8, 19, 11])  # 19 + 7 real tokens crosses 24 and 26 (several merges)
+    starts = torch.tensor([0, 5, 8, 19, 11])  # row 3: 19 -> 26 passes 20 and 24 (slots merge)
     real = torch.ones(batch, seq_len, dtype=torch.bool)
     real[1, :3] = False  # left pads
     real[2, 9:] = False  # right pads
     real[3, :6] = False
     real[4] = False  # no real token: the row keeps its buckets and position
     slots = torch.cat([slots_after(int(s), heads) for s in starts])
-    clear = (starts[:, None] >> torch.arange(7) & 1) == 0  # [B, S]: slots that hold no bucket ...
-    slots = (
-        slots + clear[:, None, :, None, None] * torch.randn_like(slots)
-    ).requires_grad_()  # ... hold junk
+    clear = (starts[:, None] >> torch.arange(7) & 1) == 0  # [B, S]: the slots that hold no bucket
+    slots = (slots + clear[:, None, :, None, None] * torch.randn_like(slots)).requires_grad_()  # junk there
     v_in = torch.where(real[..., None, None], v, 0.0)  # the caller's identity steps: v = 0, g = 0
     g_in = torch.where(real[..., None], g, 0.0)
     out, new, position = chunk_log_linear_rows(q, k, v_in, g_in, lam, starts, real, slots, chunk)
