@@ -80,7 +80,8 @@ def _advance(
     keep = (held & (bit > high)).to(slots.dtype)[:, None] * decay[..., None]  # [B, H, S]
     fold = (held & (bit < high)).to(slots.dtype)[:, None] * decay[..., None]
     carried = slots * keep[..., None, None]
-    merged = (fold[:, :, None] @ slots.flatten(3)).view(batch, heads, 1, key_dim, value_dim)
+    merged = (fold[:, :, None] @ slots.flatten(3)).to(slots.dtype)  # autocast may have run it in bf16
+    merged = merged.view(batch, heads, 1, key_dim, value_dim)
     into = high.clamp(min=0)[:, None, :, None, None].expand(-1, heads, -1, key_dim, value_dim)
     carried = carried.scatter_add_(2, into, merged)  # h = -1 folds nothing: merged is 0
     joins = bit_length(torch.bitwise_xor(end[:, None], pos), count + 1) - 1  # [B, C]: each token's slot
