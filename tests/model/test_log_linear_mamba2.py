@@ -176,6 +176,21 @@ def test_padded_row_equals_the_row_alone() -> None:
         torch.testing.assert_close(without_state, out, rtol=1e-12, atol=1e-12)
 
 
+def test_padded_prefill_and_decode_run_under_autocast() -> None:
+    """The per-row path under bf16 autocast (matmuls in bf16, slots kept in fp32): runs, close to fp32."""
+    layer = build().float()
+    x = torch.randn(2, 9, HIDDEN)
+    pad_mask = torch.arange(9)[None, :] >= torch.tensor([[0], [3]])
+    results = []
+    for enabled in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            pre, state = layer(x, ctx(0, 9, pad_mask), layer.init_state(2, x.device, x.dtype))
+            step, state = layer(x[:, :1], ctx(9, 1), state)
+        assert state["levels"].dtype == torch.float32
+        results.append(torch.cat([pre[pad_mask], step.flatten(0, 1)]))  # the real outputs, then the step
+    assert relative_error(*results) < 5e-2
+
+
 def slots_after(prefix: int, heads: int) -> torch.Tensor:
     """The buckets [1, H, 7, 8, 6] after `prefix` random tokens (a state as decoding makes it)."""
     empty = torch.zeros(1, heads, 7, 8, 6, dtype=torch.float64)
