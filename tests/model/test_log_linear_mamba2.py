@@ -1,7 +1,8 @@
 """Log-linear Mamba2: the chunked reference against fla's naive log-linear attention (outputs, gradients)
 and against the Fenwick buckets written from their definition (final state), at odd lengths across chunk
-boundaries; the layer against fla's LogLinearMamba2 written out around that oracle; decoding == the full
-forward; padding as identity steps; options; fused == reference on GPU."""
+boundaries; the per-row reference (padded calls, decode states) against it row by row; the layer against
+fla's LogLinearMamba2 written out around that oracle; decoding == the full forward; a padded row == the
+row alone; decode steps compile clean; options; fused == reference on GPU."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.model.build import build_model
 from archifactory.model.components import component_factory
 from archifactory.model.mixins.log_linear_mamba2 import LogLinearMamba2
 from archifactory.model.mixins.reference.log_linear import chunk_log_linear
+from archifactory.model.mixins.reference.log_linear_rows import chunk_log_linear_rows
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive
@@ -152,30 +155,105 @@ def test_prefill_then_decode_equals_full(prefill: int) -> None:
     assert sum(s.numel() for s in state.values()) == 2 * layer.state_size(17)
 
 
-def test_pads_are_identity_steps() -> None:
-    """Pad steps add nothing and decay nothing: the buckets' total equals the real tokens' state (only the
-    level structure, which follows absolute positions, moves); right padding leaves the real outputs."""
+def test_padded_row_equals_the_row_alone() -> None:
+    """A pad is an identity step that does not advance the row's position: a left- or right-padded row
+    gets the outputs, buckets and position of the row run alone (the conv buffer too, for left pads)."""
     layer = build()
     x = torch.randn(1, 11, HIDDEN, dtype=torch.float64)
     alone, state_alone = layer(x, ctx(0, 11), layer.init_state(1, x.device, x.dtype))
-    for padded, mask, real in [
-        (
-            torch.cat([torch.randn(1, 4, HIDDEN, dtype=torch.float64), x], 1),
-            [False] * 4 + [True] * 11,
-            slice(4, 15),
-        ),
-        (
-            torch.cat([x, torch.randn(1, 4, HIDDEN, dtype=torch.float64)], 1),
-            [True] * 11 + [False] * 4,
-            slice(0, 11),
-        ),
+    pads = torch.randn(1, 4, HIDDEN, dtype=torch.float64)
+    for padded, mask, real, keys in [
+        (torch.cat([pads, x], 1), [False] * 4 + [True] * 11, slice(4, 15), ("levels", "position", "conv")),
+        (torch.cat([x, pads], 1), [True] * 11 + [False] * 4, slice(0, 11), ("levels", "position")),
     ]:
         pad_mask = torch.tensor([mask])
         out, state = layer(padded, ctx(0, 15, pad_mask), layer.init_state(1, x.device, x.dtype))
-        totals = state["levels"].sum(2), state_alone["levels"].sum(2)
-        torch.testing.assert_close(*totals, rtol=1e-10, atol=1e-12)
-        if real.start == 0:
-            torch.testing.assert_close(out[:, real], alone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[:, real], alone, rtol=1e-12, atol=1e-12)
+        for key in keys:
+            torch.testing.assert_close(state[key], state_alone[key], rtol=1e-12, atol=1e-12, msg=key)
+        assert state["position"].tolist() == [11]
+        without_state, _ = layer(padded, ctx(0, 15, pad_mask))
+        torch.testing.assert_close(without_state, out, rtol=1e-12, atol=1e-12)
+
+
+def test_padded_prefill_and_decode_run_under_autocast() -> None:
+    """The per-row path under bf16 autocast (matmuls in bf16, slots kept in fp32): runs, close to fp32."""
+    layer = build().float()
+    x = torch.randn(2, 9, HIDDEN)
+    pad_mask = torch.arange(9)[None, :] >= torch.tensor([[0], [3]])
+    results = []
+    for enabled in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            pre, state = layer(x, ctx(0, 9, pad_mask), layer.init_state(2, x.device, x.dtype))
+            step, state = layer(x[:, :1], ctx(9, 1), state)
+        assert state["levels"].dtype == torch.float32
+        results.append(torch.cat([pre[pad_mask], step.flatten(0, 1)]))  # the real outputs, then the step
+    assert relative_error(*results) < 5e-2
+
+
+def slots_after(prefix: int, heads: int) -> torch.Tensor:
+    """The buckets [1, H, 7, 8, 6] after `prefix` random tokens (a state as decoding makes it)."""
+    empty = torch.zeros(1, heads, 7, 8, 6, dtype=torch.float64)
+    if prefix == 0:
+        return empty
+    return chunk_log_linear(*(t.detach() for t in inputs(1, prefix, 1, heads)), 0, empty, 8)[1]
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 64])
+def test_rows_reference_equals_each_row_at_its_own_position(chunk: int) -> None:
+    """`chunk_log_linear_rows` (a position and buckets per row; pads zeroed as the mixin zeroes them) ==
+    `chunk_log_linear` of each row's real tokens alone from its position: outputs, buckets, positions,
+    gradients (inputs and incoming buckets); real outputs send exactly no gradient to a pad."""
+    batch, seq_len, groups, heads = 5, 13, 2, 4
+    q, k, v, g, lam = inputs(batch, seq_len, groups, heads)
+    starts = torch.tensor([0, 5, 8, 19, 11])  # row 3: 19 -> 26 passes 20 and 24 (slots merge)
+    real = torch.ones(batch, seq_len, dtype=torch.bool)
+    real[1, :3] = False  # left pads
+    real[2, 9:] = False  # right pads
+    real[3, :6] = False
+    real[4] = False  # no real token: the row keeps its buckets and position
+    slots = torch.cat([slots_after(int(s), heads) for s in starts])
+    clear = (starts[:, None] >> torch.arange(7) & 1) == 0  # [B, S]: the slots that hold no bucket
+    slots = (slots + clear[:, None, :, None, None] * torch.randn_like(slots)).requires_grad_()  # junk there
+    v_in = torch.where(real[..., None, None], v, 0.0)  # the caller's identity steps: v = 0, g = 0
+    g_in = torch.where(real[..., None], g, 0.0)
+    out, new, position = chunk_log_linear_rows(q, k, v_in, g_in, lam, starts, real, slots, chunk)
+    assert position.tolist() == (starts + real.sum(1)).tolist()
+    upstream = torch.randn_like(out) * real[..., None, None]
+    leaves = [q, k, v, g, lam, slots]
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
+    for grad in grads[:5]:
+        assert torch.equal(grad[~real], torch.zeros_like(grad[~real])), "a pad got gradient"
+    kept = slots[4] * ~clear[4, None, :, None, None]  # the row without real tokens: its buckets, no junk
+    torch.testing.assert_close(new[4], kept, rtol=0, atol=0)
+    for row in range(batch - 1):
+        mask = real[row]
+        cut = [t[row : row + 1, mask] for t in (q, k, v, g, lam)]
+        before = slots[row : row + 1]
+        alone, final = chunk_log_linear(*cut, int(starts[row]), before, chunk)
+        torch.testing.assert_close(out[row : row + 1, mask], alone, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(new[row : row + 1], final, rtol=1e-10, atol=1e-12)
+        loss = (alone * upstream[row : row + 1, mask]).sum()
+        theirs = torch.autograd.grad(loss, [*cut, before], allow_unused=True)  # no bucket before position 0
+        mine = [grad[row : row + 1, mask] for grad in grads[:5]] + [grads[5][row : row + 1]]
+        for ours, expected in zip(mine, theirs):
+            expected = torch.zeros_like(ours) if expected is None else expected
+            torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_decode_after_a_padded_prefill_compiles_clean() -> None:
+    """Rows at different positions read them from the state, never the host: no graph break."""
+    shape = ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=1", "model.max_seq_len=64"]
+    model = build_model(compose_config(["mixin=log_linear_mamba2", "mixin.chunk_size=16", *shape]), 64).eval()
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        state = model(torch.randint(0, 64, (2, 5)), state=model.init_state(2), attention_mask=mask).state
+        torch._dynamo.reset()
+        try:
+            result = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 1)), state=state)
+        finally:
+            torch._dynamo.reset()
+    assert result.graph_break_count == 0, [str(b.reason) for b in result.break_reasons]
 
 
 def test_bad_options_positions_and_cpu_backend() -> None:

@@ -14,6 +14,7 @@ from archifactory.model.mixins.base import Mixin, MixinState, check_backend
 from archifactory.model.mixins.kit import ShortConvolution, fla_backend, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.log_linear import FUSED_KERNEL, log_linear_forward
+from archifactory.model.mixins.reference.log_linear_rows import chunk_log_linear_rows
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
 
@@ -26,14 +27,20 @@ class LogLinearMamba2(Mixin):
     is split into the Fenwick buckets of i, and bucket level ℓ gets a data-dependent weight
     λ_ℓ = softplus(L_ℓ · dl_ℓ) (dl from in_proj, L a per-head, per-level parameter, init 1):
         y_i = Σ_{j<=i} λ_{ℓ(i,j)}(i) · exp(A·(dt_{j+1} + … + dt_i)) · (C_i·B_j) · dt_j x_j + D ⊙ x_i
-    with ℓ(i, j) = bit_length(i XOR j) on absolute positions (the model's position counter). Then, as
-    Mamba2, RMSNorm(y ⊙ SiLU(z)) per group and out_proj. The reference is chunked
-    (`reference/log_linear.py`); on CUDA fla's `chunk_log_linear_attn` runs the training path (decoding
-    and prefill with a state take the reference). Positional schemes are ignored. Decode state: one
-    [d_state, head_dim] matrix per head and level ([B, H, num_levels − 1, N, P], fp32) and the conv
-    buffer. Padding: pad steps are identity steps of every bucket (dt = 0, conv input 0), but the level
-    structure follows absolute positions, so a left-padded row's real tokens see their past at other
-    levels than the row alone would.
+    with ℓ(i, j) = bit_length(i XOR j) on the row's positions (its real tokens counted from 0). Then, as
+    Mamba2, RMSNorm(y ⊙ SiLU(z)) per group and out_proj. Positional schemes are ignored.
+
+    Paths. A call with no state and no padding (training) puts every row at the model's positions
+    [start, start + T) as Python ints: the chunked reference (`reference/log_linear.py`), or on CUDA fla's
+    `chunk_log_linear_attn`. A padded call or a call with a decode state takes
+    `reference/log_linear_rows.py`, where each row has its own position counter (a tensor; no host sync):
+    a pad is an identity step (dt = 0, so no key/value and no decay; conv input 0) that does not advance
+    the row's position, so a left- or right-padded row gets exactly the outputs, buckets and next token
+    of the row run alone, and the rows of a decode step after a padded prefill each continue from their
+    own position. fla's kernel has no per-row positions, hence never runs there. Decode state: one
+    [d_state, head_dim] matrix per head and level ([B, H, num_levels − 1, N, P], fp32), each row's position
+    ([B], long: its real tokens so far) and the conv buffer. The num_levels bound is checked on the call's
+    absolute positions (pads included), an upper bound of every row's that needs no host sync.
 
     Options: as mamba2 (d_state, expand, head_dim, n_groups, conv_kernel, chunk_size, dt_min/dt_max,
     norm_eps, backend), plus num_levels: the λ levels (fla: 15), which bound positions to
@@ -100,6 +107,7 @@ class LogLinearMamba2(Mixin):
         shape = (batch_size, self.num_heads, self.num_levels - 1, self.d_state, self.head_dim)
         return {
             "levels": torch.zeros(shape, device=device, dtype=compute_dtype(dtype)),
+            "position": torch.zeros(batch_size, device=device, dtype=torch.long),
             "conv": self.conv1d.init_state(batch_size, device, dtype),
         }
 
@@ -123,16 +131,46 @@ class LogLinearMamba2(Mixin):
         dt = zero_pads(F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)), ctx)  # [B, T, H]; pads: no step
         log_decay = -torch.exp(self.A_log.to(dtype)) * dt  # A·dt <= 0
         lam = F.softplus(self.L.to(dtype) * dl.to(dtype).view(batch, seq_len, heads, self.num_levels))
-        y, levels = log_linear_forward(
-            c, b, xs * dt[..., None].to(xs.dtype), log_decay, lam, ctx.start,
-            None if state is None else state["levels"], self.backend_name(), self.chunk_size,
-        )  # fmt: skip
+        values = xs * dt[..., None].to(xs.dtype)
+        backend = self.backend_name()  # resolved (or refused) for every call, the per-row path included
+        if state is None and ctx.pad_mask is None:  # every row at [start, start + T): the training path
+            y = log_linear_forward(c, b, values, log_decay, lam, ctx.start, backend, self.chunk_size)
+            new_state = None
+        else:  # each row at its own positions: a padded call, or a decode state whose rows may differ
+            y, new_state = self._forward_rows(c, b, values, log_decay, lam, ctx, state, conv_state)
         y = y + xs * self.D.to(xs.dtype)[:, None]  # [B, T, H, P]
         y = head_rms_norm(
             y.reshape(batch, seq_len, groups, -1), self.norm_weight, self.norm_eps, z, gate_first=True
         )
-        new_state = None if state is None else {"levels": levels, "conv": conv_state}
         return self.out_proj(y.to(x.dtype)), new_state
+
+    def _forward_rows(
+        self,
+        c: Tensor,
+        b: Tensor,
+        v: Tensor,
+        g: Tensor,
+        lam: Tensor,
+        ctx: PositionContext,
+        state: MixinState | None,
+        conv_state: Tensor | None,
+    ) -> tuple[Tensor, MixinState | None]:
+        """Log-linear attention with a position per row (`reference/log_linear_rows.py`) from the state's
+        slots and positions, or (no state) from empty slots at the call's start, only as many as its
+        positions have bits (a padded scoring call touches no slot that stays empty). Returns y and, with
+        a state, the new state (slots, positions and the conv buffer `conv_state`)."""
+        if state is None:  # positions stay below start + T: only the slots of those bits can fill
+            count = min(self.num_levels - 1, (ctx.start + v.shape[1]).bit_length())
+            slots = self.init_state(v.shape[0], v.device, v.dtype)["levels"][:, :, :count]
+            position = torch.full((v.shape[0],), ctx.start, device=v.device, dtype=torch.long)
+        else:
+            slots, position = state["levels"], state["position"]
+        y, new_slots, new_position = chunk_log_linear_rows(
+            c, b, v, g, lam, position, ctx.pad_mask, slots, self.chunk_size
+        )
+        if state is None:
+            return y, None
+        return y, {"levels": new_slots.to(slots.dtype), "position": new_position, "conv": conv_state}
 
     def backend_name(self) -> str:
         # fla's kernel needs a power-of-two head_dim and d_state in blocks of 64
@@ -158,4 +196,4 @@ class LogLinearMamba2(Mixin):
 
     def state_size(self, seq_len: int) -> int:
         slots = self.num_heads * (self.num_levels - 1) * self.d_state * self.head_dim
-        return slots + self.conv1d.state_size()
+        return slots + 1 + self.conv1d.state_size()  # + the row's position

@@ -131,26 +131,18 @@ def chunk_log_linear(
 
 
 def log_linear_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    lam: Tensor,
-    start: int,
-    slots: Tensor | None,
-    backend: str,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor | None]:
-    """The mixin's entry point (scale 1, as Mamba2's SSD). `backend` is resolved already; the fused kernel
-    (fla's `chunk_log_linear_attn`, whose state format is its own) runs the training path only, i.e. no
-    state and `start` 0. With `slots` the new slots are returned in their dtype, without them None."""
-    if backend == "fused" and slots is None and start == 0:
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, start: int, backend: str, chunk_size: int
+) -> Tensor:
+    """The mixin's path for a call of unpadded rows at the shared positions [start, start + T) with no
+    state (training; scale 1, as Mamba2's SSD). `backend` is resolved already; the fused kernel (fla's
+    `chunk_log_linear_attn`, whose state format is its own) needs `start` 0. Padded calls and decode
+    states take `log_linear_rows.chunk_log_linear_rows` (each row its own positions)."""
+    if backend == "fused" and start == 0:
         out, _ = fla_op(*FUSED_KERNEL)(
             q=q, k=k, v=v.to(q.dtype), g=g.float(), level_scales=lam.float(), scale=1.0
         )
-        return out.to(v.dtype), None
+        return out.to(v.dtype)
     batch, heads = v.shape[0], v.shape[2]
     count = lam.shape[-1] - 1
     empty = v.new_zeros(batch, heads, count, k.shape[-1], v.shape[-1], dtype=compute_dtype(v.dtype))
-    out, new = chunk_log_linear(q, k, v, g, lam, start, empty if slots is None else slots, chunk_size)
-    return out, None if slots is None else new.to(slots.dtype)
+    return chunk_log_linear(q, k, v, g, lam, start, empty, chunk_size)[0]
