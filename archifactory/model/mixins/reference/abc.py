@@ -39,20 +39,28 @@ def slot_normaliser(s: Tensor, z_enter: Tensor) -> Tensor:
     return torch.cat([z_enter[:, None], s], dim=1).logcumsumexp(1)[:, 1:]
 
 
+def chunked_normaliser(
+    logits: Tensor, z_enter: Tensor, chunk: Chunker
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Logits [B, T, H, W] and their running log-normaliser from z_enter [B, H, W], laid out in `chunk`'s
+    chunks: (logits, z) [B, H, N, C, W], z entering each chunk [B, H, N, 1, W] (the previous chunk's last,
+    z_enter for the first) and the final z [B, H, W]. The tail up to a whole chunk gets the void logit,
+    which leaves z — and so the last chunk's end state — unchanged."""
+    logits = F.pad(logits.to(chunk.dtype), (0, 0, 0, 0, 0, chunk.pad), value=VOID_LOGIT)
+    z = slot_normaliser(logits, z_enter.to(chunk.dtype))  # [B, T + pad, H, W]
+    whole = Chunker(logits.shape[1], chunk.size, chunk.dtype)  # no further padding
+    lc, zc = whole(logits), whole(z)
+    z_first = torch.cat([z_enter.to(chunk.dtype)[:, :, None, None], zc[:, :, :-1, -1:]], dim=2)
+    return lc, zc, z_first, z[:, -1]
+
+
 def chunk_abc(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: AbcState, chunk_size: int):
     """Both passes (module docstring) from `state`; returns (o [B, T, H, V], the final state)."""
     dtype = compute_dtype(q.dtype)
-    seq_len, scale = q.shape[1], q.shape[-1] ** -0.5
     hk, hv, z_enter = (t.to(dtype) for t in state)
-    chunk = Chunker(seq_len, chunk_size, dtype)
-    # the tail up to a whole chunk: a void logit keeps z (and so the chunk's end state) unchanged
-    s = F.pad(s.to(dtype), (0, 0, 0, 0, 0, chunk.pad), value=VOID_LOGIT)
-    z = slot_normaliser(s, z_enter.to(dtype))  # [B, T + pad, H, M]
-    to_chunks = Chunker(seq_len + chunk.pad, chunk.size, dtype)  # no further padding
-    sc, zc = to_chunks(s), to_chunks(z)  # [B, H, N, C, M]
-    qc, kc, vc = chunk(q) * scale, chunk(k), chunk(v)
-    # z entering each chunk: the previous chunk's last z (the state's z for the first)
-    z_first = torch.cat([z_enter.to(dtype)[:, :, None, None], zc[:, :, :-1, -1:]], dim=2)  # [B, H, N, 1, M]
+    chunk = Chunker(q.shape[1], chunk_size, dtype)
+    sc, zc, z_first, z_final = chunked_normaliser(s, z_enter, chunk)  # [B, H, N, C, M], ...
+    qc, kc, vc = chunk(q) * q.shape[-1] ** -0.5, chunk(k), chunk(v)
     weights = pair_decay(-zc, -sc, strict=False)  # exp(s_j − z_t) for j <= t: [B, H, N, C, C, M]
     carried = (z_first - zc).exp()  # exp(z_enter − z_t): how much of the entering state survives
     to_end = (sc - zc[..., -1:, :]).exp()  # exp(s_j − z_last): each token's weight at the chunk end
@@ -66,7 +74,6 @@ def chunk_abc(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: AbcState, chunk
     entering_v, hv = carry_chunks(hv, to_end.transpose(-1, -2) @ vc, decay.transpose(-1, -2))
     mixed = torch.einsum("...tm,...tsm->...ts", read, weights)  # [B, H, N, C, C]
     out = mixed @ vc + (read * carried) @ entering_v
-    z_final = z[:, -1]  # [B, H, M] (the void tail left it unchanged)
     return chunk.unchunk(out), (hk, hv, z_final)
 
 
