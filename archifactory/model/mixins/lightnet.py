@@ -25,9 +25,9 @@ class LightNetAttention(Mixin):
     Linear attention with an input-dependent decay that needs no gate projection: each key channel is
     normalised by a running softmax over time, z_t = log Σ_{j<=t} exp(k_j),
         S_t = exp(z_{t−1} − z_t) S_{t−1} + exp(k_t − z_t) v_tᵀ,   o_t = S_tᵀ SiLU(q_t) / √d_k
-    (chunked in `reference/lightnet.py`, on CUDA fla's `chunk_lightnet` for training). The heads' outputs
-    go through one RMSNorm over the whole width, gated by swish of a low-rank projection (hidden → r →
-    hidden), then out_proj. Values span the hidden size (head size hidden / num_heads); keys have
+    (chunked in `reference/lightnet.py`, on CUDA fla's `chunk_lightnet` for training calls without
+    padding). The heads' outputs go through one RMSNorm over the whole width, gated by swish of a
+    low-rank projection (hidden → r → hidden), then out_proj. Values span the hidden size (head size hidden / num_heads); keys have
     `expand_ratio` channels per head. Positional schemes are ignored. Decode state: S [B, H, d_k, d_v] and
     the log-normaliser z [B, H, d_k] (fp32). No short convolution (fla's default).
 
@@ -87,7 +87,11 @@ class LightNetAttention(Mixin):
         # a pad step: a void key logit leaves the normaliser and the memory exactly as they were
         k = fill_pads(k.to(compute_dtype(x.dtype)), ctx, VOID_LOGIT).view(heads)
         past = None if state is None else (state["recurrent"], state["normaliser"])
-        out, new = lightnet_forward(q, k, v, past, self.backend_name(), self.chunk_size)
+        # a padded call takes the reference: fla's gate would turn the jump from the void normaliser of
+        # leading pads to the first real key into a −1e4 log-decay inside a chunk's cumulative sum
+        path = self.backend_name()
+        path = "reference" if ctx.pad_mask is not None else path
+        out, new = lightnet_forward(q, k, v, past, path, self.chunk_size)
         gate = self.gate_up(self.gate_down(x))
         y = head_rms_norm(out.reshape(batch, seq_len, 1, -1), self.norm_weight, self.norm_eps, gate)
         y = self.out_proj(y.to(x.dtype))

@@ -63,7 +63,7 @@ def lightnet_forward(
     runs the training path (no state). With a state the new one is returned in its dtype, without one
     None."""
     if backend == "fused" and state is None:
-        out, _ = fla_op(*FUSED_KERNEL)(q=q, k=k, v=v)
+        out, _ = fla_op(*FUSED_KERNEL)(q=q, k=k.to(q.dtype), v=v)  # one dtype for fla's GLA kernel
         return out.to(v.dtype), None
     start = empty_state(q, v) if state is None else state
     out, new = chunk_lightnet(q, k, v, start, chunk_size)
