@@ -34,7 +34,7 @@ class LightNetAttention(Mixin):
     Options:
         num_heads; expand_ratio: key channels per head (128, fla's; null = hidden / num_heads);
         gate_low_rank_dim: r (128); norm_eps (1e-6: fla's fused norm-gate-linear); chunk_size: reference
-        chunk length (16: its in-chunk weights are [C, C, d_k] per head); backend: `auto`, `reference`
+        chunk length (8: its in-chunk weights are [C, C, d_k] per head); backend: `auto`, `reference`
         or `fused`.
     """
 
@@ -47,7 +47,7 @@ class LightNetAttention(Mixin):
         expand_ratio: int | None = 128,
         gate_low_rank_dim: int = 128,
         norm_eps: float = 1e-6,
-        chunk_size: int = 16,
+        chunk_size: int = 8,
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)
