@@ -27,9 +27,10 @@ class LightNetAttention(Mixin):
         S_t = exp(z_{t−1} − z_t) S_{t−1} + exp(k_t − z_t) v_tᵀ,   o_t = S_tᵀ SiLU(q_t) / √d_k
     (chunked in `reference/lightnet.py`, on CUDA fla's `chunk_lightnet` for training calls without
     padding). The heads' outputs go through one RMSNorm over the whole width, gated by swish of a
-    low-rank projection (hidden → r → hidden), then out_proj. Values span the hidden size (head size hidden / num_heads); keys have
-    `expand_ratio` channels per head. Positional schemes are ignored. Decode state: S [B, H, d_k, d_v] and
-    the log-normaliser z [B, H, d_k] (fp32). No short convolution (fla's default).
+    low-rank projection (hidden → r → hidden), then out_proj. Values span the hidden size (head size
+    hidden / num_heads); keys have `expand_ratio` channels per head. Positional schemes are ignored.
+    Decode state: S [B, H, d_k, d_v] and the log-normaliser z [B, H, d_k] (fp32). No short convolution
+    (fla's default).
 
     Options:
         num_heads; expand_ratio: key channels per head (128, fla's; null = hidden / num_heads);
