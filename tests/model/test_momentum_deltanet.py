@@ -141,8 +141,8 @@ def test_layer_decode_equals_full_forward(options: dict) -> None:
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     full = layer(x, PositionContext(NO_POS, 0, 11))[0]
     state = layer.init_state(2, x.device, x.dtype)
-    _, state = layer(x[:, :5], PositionContext(NO_POS, 0, 5), state)  # a prefill, then token steps
-    outputs = [layer(x[:, :5], PositionContext(NO_POS, 0, 5))[0]]
+    prefill, state = layer(x[:, :5], PositionContext(NO_POS, 0, 5), state)  # a prefill, then tokens
+    outputs = [prefill]
     for t in range(5, 11):
         out, state = layer(x[:, t : t + 1], PositionContext(NO_POS, t, 1), state)
         outputs.append(out)
