@@ -2,10 +2,11 @@
 
 The layer shape is `deltanet.py`'s KDA (fused q/k/v projection, short conv + SiLU, L2-normalised q/k, a
 low-rank per-channel decay, a low-rank sigmoid-gated per-head RMSNorm, out_proj) with the scalar β
-replaced by an erase gate b ∈ [0, 1]^{d_k} and a write gate w ∈ [0, 1]^{d_v}. The recurrence is a
-diagonal-plus-low-rank rule, so the reference is `reference/delta_rule.py`'s chunked DPLR form
-(`chunk_dplr`, `dplr_step`); on CUDA fla's `chunk_gdn2`. Pads of a padded batch are identity steps: a zero
-input to the short conv, b = w = 0 (no erase, no write) and log-decay 0 (no decay).
+replaced by an erase gate b ∈ [0, 1]^{d_k} and a write gate w ∈ [0, 1]^{d_v}. The recurrence is the
+delta rule reading the state with the key b ⊙ k and writing w ⊙ v with k, so the reference is
+`reference/delta_rule.py`'s chunked form with its `read_key`; on CUDA fla's `chunk_gdn2`. Pads of a
+padded batch are identity steps: a zero input to the short conv, b = w = 0 (no erase, no write) and
+log-decay 0 (no decay).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import MixinState, projection_flops
+from archifactory.model.mixins.base import MixinState
 from archifactory.model.mixins.deltanet import KimiDeltaAttention
 from archifactory.model.mixins.kit import fla_op, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step, l2_normalize
+from archifactory.model.mixins.reference.delta_rule import chunk_delta_rule, delta_rule_step, l2_normalize
 from archifactory.model.positional import PositionContext
 
 
@@ -35,14 +36,17 @@ def gdn2_rule(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor | None]:
     """S_t = (I − k_t (b_t ⊙ k_t)ᵀ) diag(exp g_t) S_{t-1} + k_t (w_t ⊙ v_t)ᵀ, o_t = S_tᵀ q_t / sqrt(K): the
-    DPLR rule S_t = D_t S_{t-1} + b'_t (a_tᵀ S_{t-1}) + k_t v'_tᵀ with a = b ⊙ k ⊙ exp(g) (the erase reads
-    the decayed state), b' = −k, v' = w ⊙ v. q/k/g/erase [B, T, H, K], v/write [B, T, H, V]; one token
-    (T = 1) with a state steps directly."""
-    a, b, wv = erase * k * g.exp(), -k, write * v
+    chunked delta rule with β = 1, value w ⊙ v and the read key b ⊙ k (the written key stays k).
+    q/k/g/erase [B, T, H, K], v/write [B, T, H, V]; one token (T = 1) with a state steps directly."""
+    read, wv, ones = erase * k, write * v, erase.new_ones(erase.shape[:3])
     if initial_state is not None and q.shape[1] == 1:
-        out, state = dplr_step(q[:, 0], k[:, 0], wv[:, 0], a[:, 0], b[:, 0], g[:, 0], initial_state)
+        out, state = delta_rule_step(
+            q[:, 0], k[:, 0], wv[:, 0], ones[:, 0], g[:, 0], initial_state, read_key=read[:, 0]
+        )
         return out[:, None], state
-    return chunk_dplr(q, k, wv, a, b, g, None, initial_state, output_final_state, chunk_size)
+    return chunk_delta_rule(
+        q, k, wv, ones, g, None, initial_state, output_final_state, chunk_size, read_key=read
+    )
 
 
 @register_mixin("gdn2")
@@ -59,8 +63,8 @@ class GatedDeltaNet2(KimiDeltaAttention):
     S [B, H, d_k, d_v] and the conv buffer.
 
     Options: num_heads (d_k = hidden / num_heads); expand_v: d_v = d_k · expand_v; use_short_conv /
-    conv_size; allow_neg_eigval: b ∈ (0, 2); norm_eps; chunk_size (the reference's chunk; the DPLR form's
-    per-channel decays are sub-chunked); backend: `auto` (fla's `chunk_gdn2` on CUDA), `reference` or
+    conv_size; allow_neg_eigval: b ∈ (0, 2); norm_eps; chunk_size (the reference's chunk; per-channel
+    decays are sub-chunked); backend: `auto` (fla's `chunk_gdn2` on CUDA), `reference` or
     `fused`.
     """
 
@@ -134,15 +138,3 @@ class GatedDeltaNet2(KimiDeltaAttention):
             initial_state=None if past is None else past.float(), output_final_state=past is not None,
         )  # fmt: skip
         return out, None if past is None else new_state.to(past.dtype)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        conv = 0 if self.conv is None else self.conv.flops_per_token()
-        # the chunked DPLR form per head and token (as comba): four C×C score blocks (8CK), the solve
-        # (C³/3 per chunk), its right-hand sides (2CK + 4CV), three C×C-by-V products (6CV) and per token
-        # the state read, the low-rank and rank-one state updates and the output read (8KV)
-        chunk = min(self.chunk_size, max(seq_len, 1))
-        k_dim, v_dim = self.head_k_dim, self.head_v_dim
-        rule = self.num_heads * (
-            10 * chunk * k_dim + 10 * chunk * v_dim + 2 * chunk * chunk / 3 + 8 * k_dim * v_dim
-        )
-        return projection_flops(self) + conv + rule

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.base import MixinState, projection_flops
+from archifactory.model.mixins.base import MixinState
 from archifactory.model.mixins.deltanet import DeltaRuleMixin, inverse_softplus_dt
 from archifactory.model.mixins.kit import fla_op, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
@@ -148,17 +148,9 @@ class PrecondDeltaRuleMixin(DeltaRuleMixin):
         return out, (s_state.to(past[0].dtype), a_state.to(past[1].dtype))
 
     def flops_per_token(self, seq_len: int) -> float:
-        conv = 0 if self.conv is None else self.conv.flops_per_token()
-        # the chunked DPLR form per head and token (as comba): four C×C score blocks (8CK), the solve
-        # (C³/3 per chunk), its right-hand sides (2CK + 4CV), three C×C-by-V products (6CV), per token the
-        # state read, low-rank and rank-one updates and output read (8KV); the preconditioner's scan and
-        # squash are O(K) per token (about 10K)
-        chunk = min(self.chunk_size, max(seq_len, 1))
-        k_dim, v_dim = self.head_k_dim, self.head_v_dim
-        rule = self.num_heads * (
-            10 * chunk * k_dim + 10 * chunk * v_dim + 2 * chunk * chunk / 3 + 8 * k_dim * v_dim + 10 * k_dim
-        )
-        return projection_flops(self) + conv + rule
+        # the chunked delta rule's count (the read key replaces k in the k·k scores and W_k: same cost),
+        # plus the preconditioner's scan, squash and write-key product, about 10 per key channel
+        return super().flops_per_token(seq_len) + 10 * self.num_heads * self.head_k_dim
 
     def state_size(self, seq_len: int) -> int:
         return super().state_size(seq_len) + self.num_heads * self.head_k_dim

@@ -10,9 +10,8 @@ state S [K, V]:
 with D_t = diag(exp g_t), g one scalar per head (Preconditioned Gated DeltaNet) or one per key channel
 (Preconditioned KDA), and c a learnable per-head centre. The preconditioner only rescales the key the
 delta rule *writes* with; it reads with k. A is `reference/hgrn.py`'s element-wise scan; given the
-preconditioned keys, S is the diagonal-plus-low-rank rule of `delta_rule.py` (`chunk_dplr`) with write
-key P ⊙ k, value β v, and the low-rank pair a = k ⊙ exp(g) (the read of the decayed state),
-b = −β P ⊙ k. Layout as `delta_rule.py`; A [B, H, K].
+preconditioned keys, S is `delta_rule.py`'s chunked (gated) delta rule with the written key P ⊙ k and
+the read key k (its `read_key`). Layout as `delta_rule.py`; A [B, H, K].
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import math
 
 from torch import Tensor
 
-from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step
+from archifactory.model.mixins.reference.delta_rule import chunk_delta_rule, delta_rule_step
 from archifactory.model.mixins.reference.hgrn import chunk_hgrn, hgrn_step
 
 
@@ -30,15 +29,6 @@ def squash_preconditioner(curvature: Tensor, center: Tensor, squash_x: float, ep
     mapped smoothly into [1/x, x] around the per-head centre c [H] (large curvature: a smaller step)."""
     r = (curvature + eps).log() - center.to(curvature.dtype)[:, None]
     return (-math.log(squash_x) * r / (1 + r.abs())).exp()
-
-
-def _dplr_inputs(
-    k: Tensor, v: Tensor, g: Tensor, beta: Tensor, precond: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(write key, value, a, b, per-channel g) of the DPLR form for [..., H, K] keys."""
-    g = g[..., None].expand_as(k) if g.dim() == k.dim() - 1 else g
-    k_write = k * precond
-    return k_write, beta[..., None] * v, k * g.exp(), -beta[..., None] * k_write, g
 
 
 def chunk_precond_delta_rule(
@@ -72,8 +62,9 @@ def chunk_precond_delta_rule(
         chunk_size,
     )  # A_t for every t [B, T, H·K]
     precond = squash_preconditioner(curvature.view(batch, seq_len, heads, key_dim), center, squash_x, eps)
-    k_write, bv, a, b, gk = _dplr_inputs(k, v, g, beta, precond)
-    out, s_final = chunk_dplr(q, k_write, bv, a, b, gk, None, s_state, output_final_state, chunk_size)
+    out, s_final = chunk_delta_rule(
+        q, k * precond, v, beta, g, None, s_state, output_final_state, chunk_size, read_key=k
+    )
     if not output_final_state:
         return out, None
     return out, (s_final, a_final.view(batch, heads, key_dim))
@@ -98,6 +89,5 @@ def precond_delta_rule_step(
     written = beta_atk[..., None].to(a_state.dtype) * k.to(a_state.dtype).square()
     _, a_state = hgrn_step(written, g_atk[..., None].expand_as(written), a_state)
     precond = squash_preconditioner(a_state, center, squash_x, eps)
-    k_write, bv, a, b, gk = _dplr_inputs(k.to(a_state.dtype), v, g, beta, precond)
-    out, s_state = dplr_step(q, k_write, bv, a, b, gk, s_state)
+    out, s_state = delta_rule_step(q, k * precond, v, beta, g, s_state, read_key=k)
     return out, (s_state, a_state)
