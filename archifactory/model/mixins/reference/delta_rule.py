@@ -105,10 +105,14 @@ def chunk_delta_rule(
     output_final_state: bool = False,
     chunk_size: int = 64,
     sub_chunk_size: int | None = None,
+    read_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked (gated) delta rule; see the module docstring. g: None, [B, T, H] or [B, T, H, K].
     A per-channel g goes through `per_channel.SubChunkDecay` (sub-chunks of `sub_chunk_size`, default
     about sqrt(chunk_size)); a scalar or no decay through the [C, C] pairwise decay.
+    `read_key` [B, T, H, K]: the key r_t the state is read with when it differs from the written key k_t,
+    S_t = D_t S_{t-1} + β_t k_t (v_t − (D_t S_{t-1})ᵀ r_t)ᵀ (GDN-2's erase gate, Preconditioned DeltaNet's
+    preconditioned write key); None: r = k, the delta rule itself.
     Returns o [B, T, H, V] in q's dtype and, if asked, the final state [B, H, K, V] (compute dtype)."""
     dtype = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -117,19 +121,20 @@ def chunk_delta_rule(
     chunk = Chunker(q.shape[1], chunk_size, dtype, sub)
     qc, kc, vc, bc = chunk(q) * scale, chunk(k), chunk(v), chunk(beta)  # [B, H, N, C, *]; bc [.., C, 1]
     gc = chunk(g) if g is not None else torch.zeros_like(bc)
+    rc = kc if read_key is None else chunk(read_key)  # the read key r (the written one, k, by default)
     if per_channel:
         decay = SubChunkDecay(gc, sub)
         cum = decay.cum
-        kk = decay.scores(kc, kc, strict=True)  # [B, H, N, C, C], strictly lower
+        kk = decay.scores(rc, kc, strict=True)  # [B, H, N, C, C], strictly lower
         qk = decay.scores(qc, kc)  # lower, diagonal included
     else:
         cum = gc.cumsum(-2)  # [B, H, N, C, 1], non-increasing down the chunk
         inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
-        kk = decayed_scores(kc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
+        kk = decayed_scores(rc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
         qk = decayed_scores(qc, kc, inclusive)  # lower, diagonal included
     solve = _unit_lower_inverse(bc * kk)  # (I + A)⁻¹, A_ts = β_t kk_ts
     w_v = solve @ (bc * vc)  # [B, H, N, C, V]
-    w_k = solve @ (bc * kc * cum.exp())  # [B, H, N, C, K]
+    w_k = solve @ (bc * rc * cum.exp())  # [B, H, N, C, K]
     q_start = qc * cum.exp()  # decayed from the chunk start through t
     last = cum[..., -1:, :]  # [B, H, N, 1, W]
     k_end = kc * (last - cum).exp()  # decayed from after s to the chunk end
@@ -150,16 +155,25 @@ def chunk_delta_rule(
 
 
 def delta_rule_step(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: Tensor, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    state: Tensor,
+    scale: float | None = None,
+    read_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One decode step. q/k [B, H, K], v [B, H, V], β [B, H], g None/[B, H]/[B, H, K], state [B, H, K, V]."""
+    """One decode step. q/k [B, H, K], v [B, H, V], β [B, H], g None/[B, H]/[B, H, K], state [B, H, K, V];
+    `read_key` [B, H, K] as in `chunk_delta_rule` (None: k)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = state.dtype
     q, k, v, beta = q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype)
+    read = k if read_key is None else read_key.to(dtype)
     if g is not None:
         decay = g.to(dtype).exp()
         state = state * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
-    u = beta[..., None] * (v - (k[..., None, :] @ state).squeeze(-2))  # [B, H, V]
+    u = beta[..., None] * (v - (read[..., None, :] @ state).squeeze(-2))  # [B, H, V]
     state = state + k[..., :, None] * u[..., None, :]
     out = scale * (q[..., None, :] @ state).squeeze(-2)
     return out, state
