@@ -3,7 +3,9 @@
 One FFN layer, forward + backward of mean(y²) + the aux loss, on a [batch, seq, hidden] input. The default
 `moe` config makes two experts exactly as wide as the default `swiglu`, so the rows compare equal active
 FFN parameters (the MoE adds its router). Every MoE dispatch path is timed: grouped (`torch._grouped_mm`),
-batched (padded bmm) and loop (per-expert reference).
+batched (padded bmm), loop (per-expert reference), and the compile-friendly static slot grid (`capacity`)
+at capacity_factor 1.25 (`capacity@1.25`, may drop) and null (`capacity@null`: capacity = tokens, exact,
+num_experts/top_k × the expert work).
 
 Peak memory is the most bytes live during one step, parameters and gradients included: CUDA's
 `max_memory_allocated`, or on CPU torch's dispatch-mode `MemTracker` (no CPU allocator statistics exist).
@@ -102,11 +104,21 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     x = torch.randn(args.batch, args.seq, args.hidden, device=device, dtype=dtype)
     dense = SwiGLU(args.hidden, layer_idx=0).to(device, dtype)
     rows: list[tuple[str, str, nn.Module]] = [("swiglu", "-", dense)]
-    for dispatch in ("grouped", "batched", "loop"):
-        moe = MoE(args.hidden, layer_idx=0, num_experts=args.num_experts, top_k=args.top_k, dispatch=dispatch)
+    for dispatch, factor in (
+        ("grouped", None),
+        ("batched", None),
+        ("loop", None),
+        ("capacity", 1.25),
+        ("capacity", None),
+    ):
+        moe = MoE(
+            args.hidden, layer_idx=0, num_experts=args.num_experts, top_k=args.top_k, dispatch=dispatch,
+            capacity_factor=factor,
+        )  # fmt: skip
         if len(rows) > 1:  # every dispatch path runs the same weights, hence the same routing
             moe.load_state_dict(rows[1][2].state_dict())
-        rows.append(("moe", dispatch, moe.to(device, dtype)))
+        label = f"{dispatch}@{'null' if factor is None else factor}" if dispatch == "capacity" else dispatch
+        rows.append(("moe", label, moe.to(device, dtype)))
     results = []
     for name, dispatch, module in rows:
         step = step_fn(module, x)

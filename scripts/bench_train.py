@@ -2,11 +2,14 @@
 
 Both models get the same hidden size, layers, heads, KV heads, intermediate size, vocab, sequence length
 and batch, untied embeddings, SDPA attention, fp32 on CPU (bf16 autocast on CUDA), and the same AdamW
-step. Each measurement times full training steps (forward + backward + optimizer) after warmup steps; the
-two models alternate in rounds so machine noise hits both alike, and the table reports the ratio.
+step. Each measurement times full training steps (forward + backward + optimizer) after warmup steps. The
+models alternate within every round (the order reversed every other round), so machine noise and drift hit
+both alike; each round gives one ours ÷ Llama ratio per mode (eager, compiled), and the table reports the
+median ratio over the rounds (>= 5 by default) with its spread (min–max).
 
-    python scripts/bench_train.py                      # CPU, eager
-    python scripts/bench_train.py --compile            # adds torch.compile rows (slow to compile on CPU)
+    python scripts/bench_train.py                      # CPU, eager, 5 rounds
+    python scripts/bench_train.py --compile            # adds the compiled pair (slow to compile on CPU)
+    python scripts/bench_train.py --threads 1 --clock cpu   # CPU seconds of one thread: a shared machine
     python scripts/bench_train.py --compile --mixins gqa,mla,retnet,mamba2,rwkv6   # + compiled/eager per mixin
     python scripts/bench_train.py --device cuda --preset base125m --batch 16 --seq-len 1024 --compile
 """
@@ -19,6 +22,7 @@ import copy
 import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -140,13 +144,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["wall"]
+
+
 def time_steps(step, inputs, targets, device, steps: int) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         step(inputs, targets)
     sync(device)
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
+
+
+def interleaved(
+    steps: dict[str, Callable[[torch.Tensor, torch.Tensor], None]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device,
+    steps_per_round: int,
+    rounds: int,
+) -> dict[str, list[float]]:
+    """Seconds per step of every variant in every round; the variants alternate within a round, in reverse
+    order every other round, so a drift in machine load does not favour whichever runs first."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            seconds[name].append(time_steps(steps[name], inputs, targets, device, steps_per_round))
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -160,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the ratio's sample)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument(
         "--mixins",
@@ -168,10 +194,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="comma list: with --compile, a compiled/eager row per mixin (per-block compile, as trainer.compile)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall seconds, or the process's CPU seconds (CPU only: on a machine shared with other jobs, "
+        "wall time mostly measures waiting for a core)",
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    global clock
+    clock = CLOCKS["wall" if device.type == "cuda" else args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     use_bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -191,29 +229,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for step in steps.values():
         for _ in range(args.warmup):
             step(inputs, targets)
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            seconds[name].append(time_steps(step, inputs, targets, device, args.steps))
+    seconds = interleaved(steps, inputs, targets, device, args.steps, args.rounds)
     tokens = args.batch * args.seq_len
     peak = peak_flops(device)
-    base = statistics.median(seconds["llama eager"])
     rows = []
-    for name, times in seconds.items():
-        median = statistics.median(times)
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        ours_s, llama_s = seconds[f"ours {mode}"], seconds[f"llama {mode}"]
+        ratios = [llama / ours for ours, llama in zip(ours_s, llama_s)]  # > 1: ours is faster
+        ours_tps = tokens / statistics.median(ours_s)
         rows.append(
             {
-                "model": name,
-                "tokens_per_second": tokens / median,
-                "vs_llama_eager": base / median,
-                "mfu": (tokens / median * flops_per_token / peak) if peak else None,
+                "model": mode,
+                "ours_tokens_per_second": ours_tps,
+                "llama_tokens_per_second": tokens / statistics.median(llama_s),
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "rounds": len(ratios),
+                "mfu": (ours_tps * flops_per_token / peak) if peak else None,
             }
         )
     if args.compile and args.mixins:
         rows += mixin_rows(args, device, use_bf16, layers, hidden, heads, inputs, targets)
     print(
         f"device={device} preset={args.preset} batch={args.batch} seq_len={args.seq_len} vocab={args.vocab} "
-        f"params={sum(p.numel() for p in ours.parameters()):,} (identical in both)"
+        f"params={sum(p.numel() for p in ours.parameters()):,} (identical in both) clock={clock.__name__} "
+        f"threads={torch.get_num_threads()}"
     )
     if args.markdown:
         if any("mixin" in r for r in rows):
@@ -222,10 +263,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(
                 f"| {r['mixin']} | {r['eager']:,.0f} | {r['compiled']:,.0f} | {r['compiled'] / r['eager']:.2f}× |"
             )
-        print("| model | tokens/s | vs Llama eager | MFU |\n|---|---:|---:|---:|")
+        print(
+            "| mode | ours tok/s | Llama tok/s | ours ÷ Llama (median) | min–max | rounds | ours MFU |\n"
+            "|---|---:|---:|---:|---:|---:|---:|"
+        )
         for r in (r for r in rows if "model" in r):
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-            print(f"| {r['model']} | {r['tokens_per_second']:,.0f} | {r['vs_llama_eager']:.2f}× | {mfu} |")
+            print(
+                f"| {r['model']} | {r['ours_tokens_per_second']:,.0f} | {r['llama_tokens_per_second']:,.0f} | "
+                f"{r['ratio_median']:.2f}× | {r['ratio_min']:.2f}–{r['ratio_max']:.2f} | {r['rounds']} | {mfu} |"
+            )
     else:
         for r in (r for r in rows if "mixin" in r):
             print(
@@ -235,7 +282,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in (r for r in rows if "model" in r):
             mfu = f"  mfu {r['mfu']:.1%}" if r["mfu"] is not None else ""
             print(
-                f"{r['model']:<16} {r['tokens_per_second']:>12,.0f} tok/s  {r['vs_llama_eager']:.2f}x llama eager{mfu}"
+                f"{r['model']:<9} ours {r['ours_tokens_per_second']:>10,.0f}  llama "
+                f"{r['llama_tokens_per_second']:>10,.0f} tok/s  ours/llama {r['ratio_median']:.2f}x median "
+                f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f} over {r['rounds']} rounds){mfu}"
             )
     return rows
 
@@ -256,10 +305,7 @@ def mixin_rows(args, device, use_bf16, layers, hidden, heads, inputs, targets) -
             for _ in range(args.warmup):
                 step(inputs, targets)
         warmup_seconds = time.perf_counter() - start
-        seconds: dict[str, list[float]] = {name: [] for name in pair}
-        for _ in range(args.rounds):
-            for name, step in pair.items():
-                seconds[name].append(time_steps(step, inputs, targets, device, args.steps))
+        seconds = interleaved(pair, inputs, targets, device, args.steps, args.rounds)
         row = {name: tokens / statistics.median(times) for name, times in seconds.items()}
         rows.append({"mixin": mixin, **row, "warmup_seconds": warmup_seconds})
         print(

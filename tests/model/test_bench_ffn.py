@@ -16,7 +16,8 @@ def test_bench_ffn_main_runs_at_tiny_sizes(capsys) -> None:
         ["--hidden", "32", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--markdown"]
     )
     assert [(r["ffn"], r["dispatch"]) for r in results] == [
-        ("swiglu", "-"), ("moe", "grouped"), ("moe", "batched"), ("moe", "loop"),
+        ("swiglu", "-"), ("moe", "grouped"), ("moe", "batched"), ("moe", "loop"), ("moe", "capacity@1.25"),
+        ("moe", "capacity@null"),
     ]  # fmt: skip
     router = 32 * 8
     assert all(r["active_params"] - router == results[0]["active_params"] for r in results[1:])

@@ -1,7 +1,8 @@
 """Compile-clean: `torch._dynamo.explain` finds no graph break in a model built with any registered mixin
-(or any positional scheme), so torch.compile produces one graph per model with no host sync per layer.
+(or any FFN, or any positional scheme), so torch.compile produces one graph per model with no host sync
+per layer.
 
-A new mixin is covered with no edit here. `lstm` and `rnn` are the documented exception: Dynamo does not
+A new mixin or FFN is covered with no edit here. `lstm` and `rnn` are the documented exception: Dynamo does not
 trace cuDNN-style RNN modules (`nn.LSTM` / `nn.RNN`), which then run eager inside a compiled model; for
 them every break must be that one, so any other sync in their code still fails.
 """
@@ -54,6 +55,13 @@ def test_no_graph_breaks_in_any_mixin(mixin: str) -> None:
         assert result.graph_break_count > 0, f"{mixin} compiles whole now: drop it from EAGER_RNN_MIXINS"
         assert all(RNN_BREAK in reason for reason in reasons(result)), reasons(result)
         return
+    assert result.graph_break_count == 0, "\n".join(reasons(result))
+
+
+@pytest.mark.parametrize("ffn", sorted(components("ffn")))
+def test_no_graph_breaks_in_any_ffn(ffn: str) -> None:
+    """Routed FFNs included: under compile their default `dispatch: auto` takes a static-shape layout."""
+    result = explain(["mixin=gqa", f"ffn={ffn}"])
     assert result.graph_break_count == 0, "\n".join(reasons(result))
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.model.ffn._moe_dispatch import DISPATCH_MODES, count_per_expert
 from archifactory.model.ffn.base import FeedForward, FFNAux
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -79,7 +80,7 @@ class TopKRouter(nn.Module):
         weights = scores.gather(1, indices)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        counts = torch.bincount(indices.flatten(), minlength=self.num_experts)
+        counts = count_per_expert(indices, self.num_experts)
         if self.training and self.bias_update_rate > 0:
             self.expert_counts += counts
 
@@ -102,6 +103,14 @@ class TopKRouter(nn.Module):
         if counts.sum() > 0:  # sync; once per optimizer step
             self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
         self.expert_counts.zero_()
+
+
+def check_dispatch(dispatch: str, capacity_factor: float | None) -> None:
+    """The dispatch options every routed FFN takes: a known mode and a positive (or null) capacity factor."""
+    if dispatch not in DISPATCH_MODES:
+        raise ArchiFactoryError(f"ffn.dispatch={dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ArchiFactoryError(f"ffn.capacity_factor={capacity_factor} must be positive (or null: dropless)")
 
 
 def router_aux(routing: Routing, aux_loss_weight: float, z_loss_weight: float, dropped: Tensor) -> FFNAux:

@@ -10,8 +10,14 @@ from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_ffn
-from archifactory.model.ffn._moe_core import GatedMLP, RoutedFeedForward, TopKRouter, router_aux
-from archifactory.model.ffn._moe_dispatch import DISPATCH_MODES, combine, expert_matmul, sort_by_expert
+from archifactory.model.ffn._moe_core import (
+    GatedMLP,
+    RoutedFeedForward,
+    TopKRouter,
+    check_dispatch,
+    router_aux,
+)
+from archifactory.model.ffn._moe_dispatch import combine, plan_dispatch
 from archifactory.model.ffn.base import FFNAux, intermediate_size
 from archifactory.model.ffn.moe import matmul_dtype
 from archifactory.model.roles import InitRoles
@@ -45,8 +51,8 @@ class DoRAMoE(RoutedFeedForward):
 
     Options: num_experts, top_k, rank; intermediate_multiplier, multiple_of (the base SwiGLU's width, as in
     `swiglu`); score_func, renormalize, aux_loss_weight, z_loss_weight, bias_update_rate (router and
-    balancing, as in `moe`); dispatch (how the per-expert low-rank matmuls run, as in `moe`). Dropless.
-    aux keys as in `moe` ("dropped" is always 0).
+    balancing, as in `moe`); capacity_factor and dispatch (as in `moe`: dropless by default; `capacity`
+    runs the per-expert low-rank work on a static slot grid, compile-friendly). aux keys as in `moe`.
     """
 
     def __init__(
@@ -63,16 +69,17 @@ class DoRAMoE(RoutedFeedForward):
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 0.001,
         bias_update_rate: float = 0.0,
+        capacity_factor: float | None = None,
         dispatch: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)
-        if dispatch not in DISPATCH_MODES:
-            raise ArchiFactoryError(f"ffn.dispatch={dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
+        check_dispatch(dispatch, capacity_factor)
         if rank < 1:
             raise ArchiFactoryError(f"ffn.rank={rank} must be >= 1")
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
         self.intermediate_size = width = intermediate_size(hidden_size, intermediate_multiplier, multiple_of)
-        self.aux_loss_weight, self.z_loss_weight, self.dispatch = aux_loss_weight, z_loss_weight, dispatch
+        self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
+        self.capacity_factor, self.dispatch = capacity_factor, dispatch
         self.router = TopKRouter(hidden_size, num_experts, top_k, score_func, renormalize, bias_update_rate)
         self.base = GatedMLP(hidden_size, width)
         # index 0: gate projection, 1: up projection. Layouts are [in, out] for x @ A @ B.
@@ -103,16 +110,25 @@ class DoRAMoE(RoutedFeedForward):
     def forward(self, x: Tensor) -> tuple[Tensor, FFNAux]:
         flat = x.reshape(-1, self.hidden_size)  # [N, D]
         routing = self.router(flat)
-        dispatch = sort_by_expert(routing.indices, routing.weights, self.num_experts, None)
         dtype = matmul_dtype(flat)
-        xs = flat[dispatch.token_idx].to(dtype)  # [M, D], grouped by expert
+        widths = (self.hidden_size, self.rank, self.intermediate_size)
+        dispatch = plan_dispatch(
+            routing.indices,
+            routing.weights,
+            routing.counts,
+            self.capacity_factor,
+            self.dispatch,
+            dtype,
+            widths,
+        )
+        xs = flat[dispatch.token_idx].to(dtype)  # [M, D] grouped by expert, or [E, C, D] slots
         projected = []
         for p, proj in enumerate((self.base.gate_proj, self.base.up_proj)):
-            low = expert_matmul(xs, self.lora_a[p].to(dtype), dispatch.counts, self.dispatch)  # [M, r]
-            low = expert_matmul(low, self.lora_b[p].to(dtype), dispatch.counts, self.dispatch)  # [M, F]
+            low = dispatch.matmul(xs, self.lora_a[p].to(dtype), self.dispatch)  # [M, r]
+            low = dispatch.matmul(low, self.lora_b[p].to(dtype), self.dispatch)  # [M, F]
             pre = proj(flat)[dispatch.token_idx] + low
             projected.append(pre * self.dora_scales(p)[dispatch.expert_idx].to(pre.dtype))
-        hidden = F.silu(projected[0]) * projected[1]  # [M, F]
+        hidden = F.silu(projected[0]) * projected[1]  # [M, F] / [E, C, F]
         y = self.base.out_proj(combine(hidden, dispatch, flat.shape[0]))
         aux = router_aux(routing, self.aux_loss_weight, self.z_loss_weight, dispatch.dropped)
         return y.view(x.shape), aux

@@ -10,14 +10,15 @@ from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_ffn
-from archifactory.model.ffn._moe_core import GatedMLP, RoutedFeedForward, Routing, TopKRouter, router_aux
-from archifactory.model.ffn._moe_dispatch import (
-    DISPATCH_MODES,
-    combine,
-    expert_capacity,
-    expert_matmul,
-    sort_by_expert,
+from archifactory.model.ffn._moe_core import (
+    GatedMLP,
+    RoutedFeedForward,
+    Routing,
+    TopKRouter,
+    check_dispatch,
+    router_aux,
 )
+from archifactory.model.ffn._moe_dispatch import combine, plan_dispatch
 from archifactory.model.ffn.base import FFNAux, intermediate_size
 from archifactory.model.roles import InitRoles
 
@@ -57,8 +58,13 @@ class MoE(RoutedFeedForward):
             ceil(factor · tokens · k / E) assignments (first choices before second choices, then token order);
             the rest are dropped (they add nothing) and counted in `dropped`. Capacity makes a token's output
             depend on the other tokens of the batch, in training and evaluation alike.
-        dispatch: `auto` (grouped where `torch._grouped_mm` supports the dtype, else batched), `grouped`,
-            `batched` or `loop` (the per-expert reference); see `_moe_dispatch.py`.
+        dispatch: how assignments reach the experts (`_moe_dispatch.py`). `grouped`, `batched`, `loop`
+            (the per-expert reference): sorted by expert, dropless unless `capacity_factor` is set; exact,
+            but only `grouped` has static shapes, so the others break a compiled graph. `capacity`: a static
+            [E, C] slot grid, C from `capacity_factor` (null: C = tokens, nothing drops, E/k times the
+            expert work): compile-friendly in any dtype. `auto`: `capacity` when `capacity_factor` is set;
+            otherwise `grouped` where `torch._grouped_mm` runs (under compile: bf16 only), else `batched`
+            eager and `capacity` under compile.
         moe_every: interleave dense and MoE layers: layer i is MoE iff i % moe_every == moe_every - 1 (so
             with 2, layers 1, 3, 5, ... are MoE). Other layers are a dense SwiGLU as wide as the routed plus
             shared experts a token uses (same active FFN parameters, no router, empty aux).
@@ -92,15 +98,10 @@ class MoE(RoutedFeedForward):
         moe_every: int = 1,
     ) -> None:
         super().__init__(hidden_size, layer_idx)
-        if dispatch not in DISPATCH_MODES:
-            raise ArchiFactoryError(f"ffn.dispatch={dispatch!r}; choose one of {', '.join(DISPATCH_MODES)}")
+        check_dispatch(dispatch, capacity_factor)
         if granularity < 1 or moe_every < 1 or num_shared_experts < 0:
             raise ArchiFactoryError(
                 "ffn.granularity and ffn.moe_every must be >= 1, ffn.num_shared_experts >= 0"
-            )
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ArchiFactoryError(
-                f"ffn.capacity_factor={capacity_factor} must be positive (or null: dropless)"
             )
         self.num_experts, self.top_k = num_experts * granularity, top_k * granularity
         self.intermediate_size = math.ceil(
@@ -143,12 +144,20 @@ class MoE(RoutedFeedForward):
             return self.dense(x), {}
         flat = x.reshape(-1, self.hidden_size)  # [N, D]
         routing = self.router(flat)
-        capacity = expert_capacity(self.capacity_factor, flat.shape[0], self.top_k, self.num_experts)
-        dispatch = sort_by_expert(routing.indices, routing.weights, self.num_experts, capacity)
         dtype = matmul_dtype(flat)
-        xs = flat[dispatch.token_idx].to(dtype)  # [M, D], grouped by expert
-        gate, up = expert_matmul(xs, self.w_in.to(dtype), dispatch.counts, self.dispatch).chunk(2, dim=-1)
-        out = expert_matmul(F.silu(gate) * up, self.w_out.to(dtype), dispatch.counts, self.dispatch)  # [M, D]
+        widths = (self.hidden_size, 2 * self.intermediate_size, self.intermediate_size)
+        dispatch = plan_dispatch(
+            routing.indices,
+            routing.weights,
+            routing.counts,
+            self.capacity_factor,
+            self.dispatch,
+            dtype,
+            widths,
+        )
+        xs = flat[dispatch.token_idx].to(dtype)  # [M, D] grouped by expert, or [E, C, D] slots
+        gate, up = dispatch.matmul(xs, self.w_in.to(dtype), self.dispatch).chunk(2, dim=-1)
+        out = dispatch.matmul(F.silu(gate) * up, self.w_out.to(dtype), self.dispatch)  # [M, D] / [E, C, D]
         y = combine(out, dispatch, flat.shape[0]) + self.extra(flat, routing)
         aux = router_aux(routing, self.aux_loss_weight, self.z_loss_weight, dispatch.dropped)
         return y.view(x.shape), aux
