@@ -30,6 +30,7 @@ H · Σ out (over the generated weights); the base is counted once, in `mixin` a
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -133,8 +134,14 @@ class HyperWeights(nn.Module):
 
     def scales(self) -> Tensor:
         """d_l for every layer, [L, Σ rows] (the generated weights' rows in order), in fp32."""
-        device = self.heads.weight.device
-        with torch.autocast(device.type, enabled=False):
+        device = self.heads.weight.device.type
+        # autocast off (a bf16 run still generates in fp32); the meta device (plan, matching) has none
+        fp32 = (
+            torch.autocast(device, enabled=False)
+            if torch.amp.is_autocast_available(device)
+            else nullcontext()
+        )
+        with fp32:
             return self.heads(self.depth())
 
     def layer_weights(self, base: nn.Module) -> list[dict[str, Tensor]]:

@@ -22,6 +22,7 @@ from archifactory.model.params_list import params_rows
 from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.train import loop
 from archifactory.train.loop import train
+from archifactory.train.plan import build_plan
 from tests.helpers import compose_config
 from tests.model.test_compile import explain, reasons
 from tests.test_hf import saved_model, tokenizer  # noqa: F401  (tokenizer: a fixture)
@@ -235,3 +236,13 @@ def test_a_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     for name in a:
         assert torch.equal(b[name], a[name]), name
     assert json.loads((full / "summary.json").read_text())["mixin"] == "gqa[weights=hyper]"
+
+
+def test_the_plan_traces_the_activations() -> None:
+    """`archifactory plan` traces a hyper model's forward (each block counted once, though it runs through
+    its own `__call__` twice; the generated weights the matmuls save count as activations)."""
+    base = ["dataset=text", "dataset.path=unused", *SHAPE]
+    standard = build_plan(compose_config(base), 1).memory
+    hyper = build_plan(compose_config([*base, *HYPER]), 1).memory
+    assert standard.activations is not None and hyper.activations is not None
+    assert hyper.activations > standard.activations
