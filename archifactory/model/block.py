@@ -79,7 +79,7 @@ class Block(nn.Module):
         earlier tokens, run on each document alone; `ctx` then holds the per-document positions.
         `weights`: tensors by parameter name (`mixin.q_proj.weight`, …) that stand in for the block's own
         in this call (model.weights=hyper's generated weights, `model/hyper_weights.py`); `swapped` marks
-        the call `_generated` makes with them in place."""
+        the call `_generated` makes with them in place (forward hooks see both calls)."""
         if swapped:
             return self._forward(h, ctx, state, documents)
         run = self._forward if weights is None else functools.partial(self._generated, weights)

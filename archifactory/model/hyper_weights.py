@@ -101,7 +101,8 @@ class DepthRecurrence(nn.Module):
         return torch.stack(states)
 
     def flops(self) -> float:
-        """Forward FLOPs of one pass over depth: the six gate projections per layer (gates not counted)."""
+        """Forward FLOPs of one pass over depth: the six gate projections per layer (not the element-wise
+        gate arithmetic)."""
         layers, embed = self.embeddings.shape
         return float(layers * 2 * 3 * self.hidden * (embed + self.hidden))
 

@@ -106,10 +106,16 @@ def test_gradients_reach_the_base_and_every_part_of_the_hypernetwork() -> None:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("mixin", ["gqa", "gated_deltanet", "rwkv6"])
-def test_decode_equals_full_forward(mixin: str) -> None:
-    model = hyper_model(f"mixin={mixin}").eval()
+@pytest.mark.parametrize(
+    "mixin,extra",
+    [("gqa", []), ("gated_deltanet", []), ("rwkv6", []), ("gqa", ["model.value_residual=true"])],
+)
+def test_decode_equals_full_forward(mixin: str, extra: list[str]) -> None:
+    """Every decode call regenerates the same weights; value residual keeps its per-layer gates."""
+    model = hyper_model(f"mixin={mixin}", *extra).eval()
     move_heads(model)
+    if extra:  # the gates stay per layer: not shared, not stripped
+        assert all("mixin.value_residual.lam" in dict(b.named_parameters()) for b in model.blocks[1:])
     ids = torch.randint(0, V, (2, 11))
     with torch.no_grad():
         full = model(ids).logits
