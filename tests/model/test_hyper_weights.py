@@ -1,7 +1,8 @@
 """model.weights=hyper (`archifactory/model/hyper_weights.py`): at init every layer computes with layer 0's
 weights; the hypernetwork (embeddings, GRU, heads) moves the generated weights and the output and gets
-gradients; decode == full forward; the count is what matching and `list --params` report; a hybrid is
-refused in one line; compile-clean; the Hugging Face round trip and an exact resume."""
+gradients; decode == full forward; padding and document masking; activation checkpointing; the count is
+what matching and `list --params` report; FLOPs; a hybrid is refused in one line; labels; compile-clean;
+the plan; the Hugging Face round trip and an exact resume."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from archifactory.config.hybrid import cfg_variant_label
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.generate.sampling import generate
 from archifactory.model.build import build_model
+from archifactory.model.documents import DocumentLayout
 from archifactory.model.match import apply_match
 from archifactory.model.params_list import params_rows
 from archifactory.model.stack import StackedMixinForCausalLM
@@ -138,6 +140,18 @@ def test_a_left_padded_row_equals_the_row_alone() -> None:
     with torch.no_grad():
         alone, masked = model(row).logits, model(padded, attention_mask=mask).logits[:, 3:]
     torch.testing.assert_close(masked, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_document_masking_equals_each_document_alone() -> None:
+    model = hyper_model("mixin=gated_deltanet").eval()
+    move_heads(model)
+    eos = 0
+    first, second = torch.tensor([5, 6, 7, eos]), torch.tensor([8, 9, 10, 11, 12])
+    ids = torch.cat([first, second]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(ids, documents=DocumentLayout.from_ids(ids, eos)).logits
+        alone = torch.cat([model(first[None]).logits, model(second[None]).logits], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
