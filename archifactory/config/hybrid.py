@@ -118,12 +118,13 @@ def variant_label(
     attention_mixin: str,
     residual: str = "standard",
     value_residual: bool = False,
+    weights: str = "standard",
 ) -> str:
     """The model's variant as the report and summary.json's `mixin` show it: the mixin, or the pattern
     run-length encoded (`gated_deltanet3+gqa`), with the non-default depth options in brackets
-    (`gqa[residual=mhc]`, `gqa[residual=mhc,value_residual]`)."""
+    (`gqa[residual=mhc]`, `gqa[residual=mhc,value_residual]`, `gqa[weights=hyper]`)."""
     label = _mixin_label(mixin, layer_pattern, attention_every, attention_mixin)
-    tags = [tag for tag, _ in _depth_tags(residual, value_residual)]
+    tags = [tag for tag, _ in _depth_tags(residual, value_residual, weights)]
     return f"{label}[{','.join(tags)}]" if tags else label
 
 
@@ -134,19 +135,22 @@ def run_name_label(
     attention_mixin: str,
     residual: str = "standard",
     value_residual: bool = False,
+    weights: str = "standard",
 ) -> str:
     """The variant part of a run name: `variant_label` without brackets a shell would glob (`gqa-mhc`,
-    `gqa-mhc-vres`)."""
+    `gqa-mhc-vres`, `gqa-hyperw`)."""
     label = _mixin_label(mixin, layer_pattern, attention_every, attention_mixin)
-    return "-".join([label, *(short for _, short in _depth_tags(residual, value_residual))])
+    return "-".join([label, *(short for _, short in _depth_tags(residual, value_residual, weights))])
 
 
-def _depth_tags(residual: str, value_residual: bool) -> list[tuple[str, str]]:
-    """(label tag, run-name tag) of each depth option away from its default: the residual option and
-    model.value_residual."""
+def _depth_tags(residual: str, value_residual: bool, weights: str = "standard") -> list[tuple[str, str]]:
+    """(label tag, run-name tag) of each depth option away from its default: the residual option,
+    model.value_residual and model.weights (`hyperw`: `hyper` alone would read as residual=hyper)."""
     tags = [] if residual == "standard" else [(f"residual={residual}", residual)]
     if value_residual:
         tags.append(("value_residual", "vres"))
+    if str(weights) != "standard":
+        tags.append((f"weights={weights}", f"{weights}w"))
     return tags
 
 
@@ -174,4 +178,5 @@ def cfg_variant_label(cfg: Any) -> str:
         *_hybrid_keys(cfg),
         "standard" if residual is None else residual.name,
         bool(cfg.model.get("value_residual", False)),
+        str(cfg.model.get("weights", "standard")),
     )

@@ -57,10 +57,13 @@ def _variant(
     attention_mixin: str,
     residual: str = "standard",
     value_residual: bool = False,
+    weights: str = "standard",
 ) -> str:
     from archifactory.config.hybrid import run_name_label  # lazy: keeps `import archifactory` light
 
-    return run_name_label(mixin, layer_pattern, attention_every, attention_mixin, residual, value_residual)
+    return run_name_label(
+        mixin, layer_pattern, attention_every, attention_mixin, residual, value_residual, weights
+    )
 
 
 def dataset_digest(dataset: Any) -> str:
@@ -77,9 +80,9 @@ def dataset_digest(dataset: Any) -> str:
 
 
 def register_resolvers() -> None:
-    """`${variant:mixin,layer_pattern,attention_every,attention_mixin[,residual[,value_residual]]}`:
+    """`${variant:mixin,layer_pattern,attention_every,attention_mixin[,residual[,value_residual[,weights]]]}`:
     the variant part of a run name (a run config saved before the residual group passes four arguments,
-    one saved before model.value_residual five);
+    one saved before model.value_residual five, one saved before model.weights six);
     `${dataset_digest:${dataset}}`: the short digest of the dataset identity that follows its name."""
     if not OmegaConf.has_resolver("variant"):
         OmegaConf.register_new_resolver("variant", _variant)

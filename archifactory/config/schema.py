@@ -47,6 +47,7 @@ Precision = choices("Precision", ["auto", "fp32", "bf16"])
 Strategy = choices("Strategy", ["auto", "single", "ddp", "fsdp"])
 CheckpointFormat = choices("CheckpointFormat", ["full", "dcp"])
 Norm = choices("Norm", ["rmsnorm", "layernorm"])
+Weights = choices("Weights", ["standard", "hyper"])
 SourceKind = choices("SourceKind", ["text", "hf"])
 DecodeErrors = choices("DecodeErrors", ["strict", "replace"])
 WandbMode = choices("WandbMode", ["auto", "online", "offline", "disabled"])
@@ -54,6 +55,14 @@ WandbMode = choices("WandbMode", ["auto", "online", "offline", "disabled"])
 # Constructor arguments the model supplies; everything else is a user option.
 # (`sublayer`: a residual connection's place in its block, 0 = mixin, 1 = FFN)
 _MODEL_SUPPLIED = {"self", "hidden_size", "layer_idx", "max_seq_len", "num_layers", "sublayer"}
+
+
+@dataclass
+class HyperConfig:
+    """The hypernetwork of `model.weights=hyper` (model/hyper_weights.py): a GRU over depth."""
+
+    embed_dim: int = 16  # the learned per-layer embedding e_l, the GRU's input
+    hidden: int = 64  # the GRU's state h_l, from which each weight's row scaling is projected
 
 
 @dataclass
@@ -71,6 +80,10 @@ class ModelConfig:
     loss_chunk_size: int = 0  # tokens per chunk of the chunked cross-entropy; 0 = all at once
     # later layers mix the first layer's values into theirs (model/value_residual.py)
     value_residual: bool = False
+    # standard: every layer stores its weights | hyper: generated from layer 0's by a GRU over depth
+    # (the Recurrent Hyper Transformer, model/hyper_weights.py)
+    weights: Weights = Weights.standard
+    hyper: HyperConfig = field(default_factory=HyperConfig)
     # hybrids (model/hybrid.py): per-layer mixins, repeated to the depth; entries are names or {name: …, options}
     layer_pattern: Optional[list[Any]] = None
     attention_every: int = 0  # shorthand: every k-th layer is `attention_mixin`, the rest `mixin=`; 0 = off

@@ -4,10 +4,12 @@ The default, `residual=standard`, is x + mixin(norm(x)), then x + ffn(norm(x))."
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from archifactory.model.documents import DocumentLayout
@@ -69,12 +71,34 @@ class Block(nn.Module):
         ctx: PositionContext,
         state: LayerState | None = None,
         documents: DocumentLayout | None = None,
+        weights: dict[str, Tensor] | None = None,
+        *,
+        swapped: bool = False,
     ) -> tuple[Tensor, LayerState | None, FFNAux]:
         """With `documents` (document-aware packing, `model/documents.py`) the mixin, and an FFN that reads
-        earlier tokens, run on each document alone; `ctx` then holds the per-document positions."""
+        earlier tokens, run on each document alone; `ctx` then holds the per-document positions.
+        `weights`: tensors by parameter name (`mixin.q_proj.weight`, …) that stand in for the block's own
+        in this call (model.weights=hyper's generated weights, `model/hyper_weights.py`); `swapped` marks
+        the call `_generated` makes with them in place (forward hooks see both calls)."""
+        if swapped:
+            return self._forward(h, ctx, state, documents)
+        run = self._forward if weights is None else functools.partial(self._generated, weights)
         if self.activation_checkpointing and self.training and state is None:
-            return checkpoint(self._forward, h, ctx, None, documents, use_reentrant=False)
-        return self._forward(h, ctx, state, documents)
+            # the swap lies inside the checkpointed function, so the recompute in backward sees it too
+            return checkpoint(run, h, ctx, None, documents, use_reentrant=False)
+        return run(h, ctx, state, documents)
+
+    def _generated(
+        self,
+        weights: dict[str, Tensor],
+        h: Tensor,
+        ctx: PositionContext,
+        state: LayerState | None,
+        documents: DocumentLayout | None,
+    ) -> tuple[Tensor, LayerState | None, FFNAux]:
+        """`_forward` with `weights` in place of the block's parameters of those names (swapped in for the
+        call and back by `torch.func.functional_call`, which Dynamo traces without a graph break)."""
+        return functional_call(self, weights, (h, ctx, state, documents), {"swapped": True})
 
     def _forward(
         self,

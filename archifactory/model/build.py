@@ -39,9 +39,12 @@ def check_buildable(cfg: DictConfig) -> None:
 
 
 def describe_backends(model: nn.Module) -> list[str]:
-    """One line per distinct (component, backend) pair, for the run log."""
+    """One line per distinct (component, backend) pair, for the run log. Under model.weights=hyper every
+    layer runs layer 0's mixin (its own holds no weights to place it), so layer 0 answers for all."""
     lines: dict[str, list[int]] = {}
+    shared = getattr(model, "hyper", None) is not None
     for i, block in enumerate(model.blocks):
-        key = f"mixin={block.mixin.registry_name} backend={block.mixin.backend_name()}"
+        mixin = model.blocks[0].mixin if shared else block.mixin
+        key = f"mixin={mixin.registry_name} backend={mixin.backend_name()}"
         lines.setdefault(key, []).append(i)
     return [f"{key} layers={layers}" for key, layers in lines.items()]

@@ -43,9 +43,10 @@ from archifactory.core.registry import get_component
 from archifactory.model.block import Block
 from archifactory.model.components import build_positional, component_factory, layer_mixin_factory
 from archifactory.model.ffn.base import intermediate_size
+from archifactory.model.hyper_weights import DepthRecurrence, generated_weights, per_layer
 from archifactory.model.norms import build_norm
 from archifactory.model.positional import PositionContext
-from archifactory.model.stack import residual_config
+from archifactory.model.stack import hyper_options, residual_config
 from archifactory.model.value_residual import attach_value_residual
 
 MATCH_MODES = ("width", "layers")
@@ -155,6 +156,10 @@ class Counter:
         )
         self.ffn_step = int(cfg.model.get("match_multiple_of", 16))
         self.num_heads = int(cfg.model.num_heads)
+        # model.weights=hyper: (embed_dim, hidden) of the hypernetwork; None = every layer stores its weights
+        hyper = hyper_options(cfg.model)
+        generated = str(cfg.model.get("weights", "standard")) == "hyper"
+        self.hyper = (hyper["hyper_embed_dim"], hyper["hyper_hidden"]) if generated else None
         self._cache: dict[tuple, int | None] = {}
         self._parts: dict[tuple, int | None] = {}  # (hidden, layers, mixin options | FFN width) -> count
         self._configs: dict[tuple, DictConfig] = {}
@@ -236,11 +241,14 @@ class Counter:
         model = self.cfg.model
         with torch.device("meta"):
             norm = sum(p.numel() for p in build_norm(model.norm, hidden, model.norm_eps).parameters())
-        return mixins + ffns + (2 * layers + 1) * norm + self._residual_count(hidden, layers)
+        total = mixins + ffns + (2 * layers + 1) * norm + self._residual_count(hidden, layers)
+        return total + self._hyper_count(layers)
 
     def _count_part(self, shape: Shape, kind: int) -> int | None:
         """Parameters of every layer's mixin (kind 0, with its value-residual gate under
-        model.value_residual) or FFN (kind 1); None = the component refuses."""
+        model.value_residual) or FFN (kind 1); None = the component refuses. Under model.weights=hyper
+        layer 0's are the shared base, the other layers keep only their gates, and the hypernetwork's
+        heads add hidden × (rows of every generated weight)."""
         try:
             (factory,) = self._factories(shape, (kind,))
             with torch.device("meta"):  # shapes only: nothing is allocated or initialised
@@ -250,7 +258,19 @@ class Counter:
         if kind == 0 and self.cfg.model.get("value_residual", False):
             with torch.device("meta"):  # a model with no value-declaring layer is refused here in one line
                 attach_value_residual(modules, [m.registry_name for m in modules])
-        return sum(p.numel() for m in modules for p in m.parameters())
+        if self.hyper is None:
+            return sum(p.numel() for m in modules for p in m.parameters())
+        heads = self.hyper[1] * sum(w.rows for w in generated_weights(modules[0], "part"))
+        base = sum(p.numel() for p in modules[0].parameters())
+        return base + sum(p.numel() for m in modules[1:] for p in per_layer(m)) + heads
+
+    def _hyper_count(self, layers: int) -> int:
+        """The hypernetwork's embeddings and GRU under model.weights=hyper (its heads are counted with the
+        parts they scale), as `param_breakdown` counts them; 0 otherwise."""
+        if self.hyper is None:
+            return 0
+        with torch.device("meta"):
+            return sum(p.numel() for p in DepthRecurrence(layers, *self.hyper).parameters())
 
     def _residual_count(self, hidden: int, layers: int) -> int:
         """The residual connections around every block's mixin and FFN (hyper-connections' and mHC's

@@ -25,6 +25,7 @@ from archifactory.model.components import (
 from archifactory.model.documents import DocumentLayout
 from archifactory.model.ffn.base import FeedForward
 from archifactory.model.folder import check_weights, read_folder_config, read_weights, sections_config
+from archifactory.model.hyper_weights import EMBED_DIM, HIDDEN, HyperWeights
 from archifactory.model.init import init_weights
 from archifactory.model.loss import lm_cross_entropy, logits_cross_entropy
 from archifactory.model.mixins.base import Mixin
@@ -84,6 +85,8 @@ class StackedMixinForCausalLM(nn.Module):
         initializer_range: std of the init scheme in `model/init.py`.
         norm, norm_eps: `rmsnorm` or `layernorm` for the blocks and the final norm.
         value_residual: later layers mix the first layer's values into theirs (`model/value_residual.py`).
+        weights: `standard` (every layer stores its weights) or `hyper` (generated from layer 0's by a GRU
+            over depth, `model/hyper_weights.py`, with `hyper_embed_dim` / `hyper_hidden`).
         loss_chunk_size: tokens per chunk of the chunked cross-entropy (0 = whole batch at once).
     """
 
@@ -107,6 +110,9 @@ class StackedMixinForCausalLM(nn.Module):
         norm_eps: float = 1e-5,
         loss_chunk_size: int = 0,
         value_residual: bool = False,
+        weights: str = "standard",
+        hyper_embed_dim: int = EMBED_DIM,
+        hyper_hidden: int = HIDDEN,
     ) -> None:
         super().__init__()
         if tie_embeddings and lm_head_module is not None:
@@ -144,6 +150,10 @@ class StackedMixinForCausalLM(nn.Module):
             init_weights(self.embedding, initializer_range, num_layers)
         if self.lm_head is not None and lm_head_module is None:
             init_weights(self.lm_head, initializer_range, num_layers)
+        if weights not in ("standard", "hyper"):
+            raise ValueError(f"model.weights={weights!r} is not one of standard, hyper")
+        # after the init: the base is layer 0's weights as a standard model draws them
+        self.hyper = HyperWeights(self.blocks, hyper_embed_dim, hyper_hidden) if weights == "hyper" else None
 
         if freeze_lm_modules:
             for passed in (embedding_module, lm_head_module, final_norm_module):
@@ -220,11 +230,16 @@ class StackedMixinForCausalLM(nn.Module):
             x = self.positional.embed(self.embedding(input_ids), ctx.positions)
 
         x = self.streams.widen(x)  # [B, T, D], or [B, T, n, D] for a multi-stream residual
+        generated = None if self.hyper is None else self.hyper.layer_weights(self.blocks[0])  # once a call
         new_layer_states: list[LayerState] = []
         aux_loss: Tensor | None = None
         metrics: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks):
-            x, layer_state, aux = block(x, ctx, None if state is None else state.layers[i], documents)
+            # a block's own layer index (`plan`'s activation trace runs each kind of block twice)
+            weights = None if generated is None else generated[block.mixin.layer_idx]
+            x, layer_state, aux = block(
+                x, ctx, None if state is None else state.layers[i], documents, weights
+            )
             if layer_state is not None:
                 new_layer_states.append(layer_state)
             for key, value in aux.items():
@@ -313,6 +328,8 @@ class StackedMixinForCausalLM(nn.Module):
                 norm_eps=model_cfg.norm_eps,
                 loss_chunk_size=model_cfg.loss_chunk_size,
                 value_residual=bool(model_cfg.get("value_residual", False)),
+                weights=str(model_cfg.get("weights", "standard")),
+                **hyper_options(model_cfg),
                 **parts,
             )
         except (TypeError, ValueError, ZeroDivisionError, AssertionError) as error:
@@ -349,8 +366,9 @@ class StackedMixinForCausalLM(nn.Module):
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter counts by part. `non_embedding` = blocks (their residual connections included) + final
-        norm (no embedding, positional table or LM head); `active` counts only the FFN parameters a token
-        uses (MoE)."""
+        norm + the hypernetwork of model.weights=hyper (no embedding, positional table or LM head);
+        `active` counts only the FFN parameters a token uses (MoE). Under model.weights=hyper the shared
+        mixin and FFN weights live in block 0 and are counted once."""
 
         def count(module: nn.Module | None) -> int:
             return 0 if module is None else sum(p.numel() for p in module.parameters())
@@ -358,8 +376,10 @@ class StackedMixinForCausalLM(nn.Module):
         mixin = sum(count(b.mixin) for b in self.blocks)
         residual = sum(count(b.mixin_residual) + count(b.ffn_residual) for b in self.blocks)
         ffn = sum(count(b.ffn) for b in self.blocks)
-        ffn_active = sum(b.ffn.active_parameters() for b in self.blocks)
+        owners = self.blocks if self.hyper is None else self.blocks[:1]  # hyper: block 0 holds the FFN
+        ffn_active = sum(b.ffn.active_parameters() for b in owners)
         norms = sum(count(b.mixin_norm) + count(b.ffn_norm) for b in self.blocks) + count(self.final_norm)
+        hyper = count(self.hyper)
         breakdown = {
             "embedding": count(self.embedding),
             "positional": count(self.positional),
@@ -367,20 +387,23 @@ class StackedMixinForCausalLM(nn.Module):
             "ffn": ffn,
             "norms": norms,
             "residual": residual,
+            "hyper": hyper,
             "head": count(self.lm_head),
         }
         breakdown["total"] = sum(breakdown.values())
         for block in self.blocks:  # per mixin kind (a hybrid has several): "mixin.<name>"
             key = f"mixin.{block.mixin.registry_name}"
             breakdown[key] = breakdown.get(key, 0) + count(block.mixin)
-        breakdown["non_embedding"] = mixin + ffn + norms + residual
+        breakdown["non_embedding"] = mixin + ffn + norms + residual + hyper
         breakdown["active"] = breakdown["total"] - ffn + ffn_active
-        breakdown["active_non_embedding"] = mixin + ffn_active + norms + residual
+        breakdown["active_non_embedding"] = mixin + ffn_active + norms + residual + hyper
         return breakdown
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token at context `seq_len`: every block's mixin, FFN and residual connections
-        plus the LM head. Training costs 3× this (forward + backward)."""
+        plus the LM head, and under model.weights=hyper the weight generation, which runs once per forward:
+        its FLOPs / `seq_len` (one sequence's forward; a batch of B rows shares one generation, so this is
+        B× the cost a batch pays per token). Training costs 3× this (forward + backward)."""
         blocks = sum(
             b.mixin.flops_per_token(seq_len)
             + b.ffn.flops_per_token()
@@ -389,12 +412,22 @@ class StackedMixinForCausalLM(nn.Module):
             + (0.0 if b.mixin.value_residual is None else b.mixin.value_residual.flops_per_token())
             for b in self.blocks
         )
-        return blocks + 2 * self.hidden_size * self.vocab_size
+        generation = 0.0 if self.hyper is None else self.hyper.flops() / max(seq_len, 1)
+        return blocks + 2 * self.hidden_size * self.vocab_size + generation
 
     def decode_state_size(self, seq_len: int) -> int:
         """Elements of one sequence's decode state after `seq_len` tokens, summed over layers (mixins and
         stateful FFNs)."""
         return sum(b.mixin.state_size(seq_len) + b.ffn.state_size() for b in self.blocks)
+
+
+def hyper_options(model_cfg: Any) -> dict[str, int]:
+    """The constructor's `hyper_*` options from `model.hyper` (absent in a config saved before it existed)."""
+    hyper = model_cfg.get("hyper") or {}
+    return {
+        "hyper_embed_dim": int(hyper.get("embed_dim", EMBED_DIM)),
+        "hyper_hidden": int(hyper.get("hidden", HIDDEN)),
+    }
 
 
 def residual_config(cfg: Any) -> DictConfig:

@@ -130,7 +130,9 @@ def trace_activations(model: StackedMixinForCausalLM, batch: int, seq_len: int) 
 
     calls = [0]
 
-    def enter(_: nn.Module, args: tuple[Any, ...]) -> None:
+    def enter(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if kwargs.get("swapped"):  # model.weights=hyper: the block's own call with its weights swapped in
+            return
         owner[0] = calls[0]  # the blocks run in order: the n-th block call is position n
         calls[0] += 1
         # what a checkpointed block keeps: its input, the fp32 residual stream (autocast never stores it)
@@ -144,7 +146,7 @@ def trace_activations(model: StackedMixinForCausalLM, batch: int, seq_len: int) 
     with _distinct_blocks(model) as index:
         kinds[:] = inputs[:] = [0] * len(model.blocks)
         distinct = list(model.blocks)[::2]  # each module appears twice in a row
-        hooks = [block.register_forward_pre_hook(enter) for block in distinct]
+        hooks = [block.register_forward_pre_hook(enter, with_kwargs=True) for block in distinct]
         hooks += [block.register_forward_hook(leave) for block in distinct]
         try:
             with attention, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

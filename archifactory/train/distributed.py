@@ -69,7 +69,8 @@ def resolve_strategy(strategy: str, info: DistInfo) -> str:
 
 
 def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
-    """DDP or FSDP2 (`fully_shard` per block, then the root)."""
+    """DDP or FSDP2 (`fully_shard` per block, then the root). Under model.weights=hyper every block computes
+    with block 0's shared weights, so the blocks are no units of their own: the root holds them all."""
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -77,8 +78,9 @@ def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Modu
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
-            fully_shard(block)
+        if getattr(model, "hyper", None) is None:
+            for block in model.blocks:
+                fully_shard(block)
         fully_shard(model)
     return model
 

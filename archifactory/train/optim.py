@@ -57,7 +57,10 @@ def _head_module(model: nn.Module) -> nn.Module | None:
 
 def classify_parameters(model: nn.Module) -> ParameterClasses:
     """Split the trainable parameters of `model` into matrix / head / table / other (see module doc)."""
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    # a Linear may hold no weight of its own: model.weights=hyper's layers 1… compute with generated ones
+    linear_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and "weight" in m._parameters
+    }
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     positional = getattr(model, "positional", None)
     if isinstance(positional, nn.Module):

@@ -169,8 +169,10 @@ def memory_plan(
                 "trainer.optimizer=muon cannot step FSDP-sharded parameters; use trainer.strategy=ddp, "
                 "or another optimizer with fsdp"
             )
-        root = total - sum(_numel(b) for b in model.blocks)  # embedding, head, final norm: the root unit
-        block = max(_numel(b) for b in model.blocks)
+        # model.weights=hyper shards the root unit alone (the blocks share block 0's weights)
+        units = list(model.blocks) if getattr(model, "hyper", None) is None else []
+        root = total - sum(_numel(b) for b in units)  # embedding, head, final norm: the root unit
+        block = max((_numel(b) for b in units), default=0)
         params = -(-params // world_size) + 4 * (root + 2 * block)
         grads = -(-grads // world_size) + 4 * (root + block)
         optim_bytes = -(-optim_bytes // world_size)

@@ -70,10 +70,13 @@ def test_built_model_has_the_reported_count(mixin: str, ffn: str) -> None:
         ["residual=mhc"],
         ["model.value_residual=true"],
         ["mixin=rwkv7", "model.value_residual=true"],
+        ["model.weights=hyper"],
+        ["mixin=rwkv7", "model.weights=hyper", "model.value_residual=true"],
     ],
 )
 def test_residual_and_value_residual_weights_are_counted(extra: list[str]) -> None:
-    """Hyper-connections' / mHC's weights and the value-residual gates are part of the matched count."""
+    """Hyper-connections' / mHC's weights, the value-residual gates and model.weights=hyper's hypernetwork
+    (with its base counted once) are part of the matched count."""
     cfg, result = matched(["mixin=gqa", "model.target_params=5M", *extra])
     with torch.device("meta"):
         model = build_model(cfg, 1000)

@@ -44,10 +44,12 @@ def torchrun(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_run_matches_single_process(strategy: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "extra"), [("ddp", []), ("fsdp", []), ("fsdp", ["model.weights=hyper"])]
+)  # model.weights=hyper: the blocks share block 0's weights, so FSDP shards the root unit alone
+def test_two_process_run_matches_single_process(strategy: str, extra: list[str], tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus")
-    data = [f"dataset.path={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}"]
+    data = [f"dataset.path={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}", *extra]
     single_dir = tmp_path / "single"
     train(compose_config([*COMMON, *data, "trainer.grad_accum_steps=2"]), single_dir)
 
