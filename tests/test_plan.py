@@ -90,7 +90,7 @@ def test_memory_equals_hand_counts() -> None:
     assert single.parameters == single.gradients == 4 * TOTAL_PARAMS  # fp32
     assert single.optimizer == 8 * TOTAL_PARAMS + 4 * PARAM_TENSORS  # AdamW: 2 fp32 moments + a step each
     assert single.weight_copies == 0  # fp32: no autocast copies
-    assert single.loss_workspace == N * V * (4 + 4)  # the logits' gradient, fp32 and compute dtype
+    assert single.loss_workspace == N * V * 4  # the fp32 logits, beside the log-probs saved (traced below)
     # What autograd saves in one block (elements; fp32 → ×4 bytes), read off the code:
     #   mixin norm: its input, rsqrt [N, 1], the normalised x          2·N·D + N
     #   qkv_proj's input (the norm's output)                              N·D
@@ -103,9 +103,9 @@ def test_memory_equals_hand_counts() -> None:
     #   SwiGLU: gate (SiLU's input), SiLU's output, up, their product     4·N·F
     block = 9 * N * D + N * (D + 2 * KVD) + N * KVD + 2 * N + B * H * T + 4 * N * F
     # Outside the blocks: token ids (int64), the final norm (2·N·D + N) and its output (the head's input),
-    # log-softmax's fp32 output [N, V], cross-entropy's total weight (fp32) and the count it divides by
-    # (int64), and the rotary cos/sin tables [T, HD] (fp32).
-    other = 8 * N + 4 * (2 * N * D + N) + 4 * N * D + 4 * N * V + 4 + 8 + 2 * 4 * T * HD
+    # the cross-entropy's fp32 log-probabilities [N, V], its target column [N, 1] (int64) and valid mask
+    # [N] (bool), the count the mean divides by (int64), and the rotary cos/sin tables [T, HD] (fp32).
+    other = 8 * N + 4 * (2 * N * D + N) + 4 * N * D + 4 * N * V + 8 * N + N + 8 + 2 * 4 * T * HD
     with torch.device("meta"):
         model = build_model(compose_config(TINY), V)
     trace = trace_activations(model, B, T)

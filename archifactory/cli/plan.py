@@ -1,8 +1,9 @@
 """`archifactory plan [overrides…] [plan.world_size=N] [plan.mfu=F]`: the table of a run before it runs.
 
 The overrides are `train`'s: the config is composed and checked as `train` does (group choices, value
-ranges, parameter matching), then `archifactory.train.plan` builds the model on the meta device and prints
-one table — parameters, FLOPs, tokens, memory per GPU, wall time — without reading data or touching a GPU.
+ranges, parameter matching, `model.pretrained_from`'s config), then `archifactory.train.plan` builds the
+model on the meta device and prints one table — parameters (trainable and frozen), FLOPs, tokens, memory
+per GPU, wall time — without reading data or touching a GPU.
 `plan.world_size` (default: torchrun's WORLD_SIZE, else 1) and `plan.mfu` (default 0.4) are the plan's
 own options, not config keys.
 """
@@ -15,6 +16,7 @@ from archifactory.cli.hydra_app import check_group_choices
 from archifactory.config.compose import compose
 from archifactory.config.validation import validate_config
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.hf.pretrained import apply_pretrained
 from archifactory.model.match import apply_match
 from archifactory.train.plan import DEFAULT_MFU, build_plan, render_plan
 
@@ -48,6 +50,7 @@ def plan_main(args: list[str]) -> int:
     cfg = compose(check_group_choices(overrides))
     validate_config(cfg)
     cfg, _ = apply_match(cfg)
+    cfg = apply_pretrained(cfg)  # model.pretrained_from: the source's vocabulary and norm eps (its config)
     world_size = int(options.get("plan.world_size", int(os.environ.get("WORLD_SIZE", "1"))))
     plan = build_plan(cfg, world_size, float(options.get("plan.mfu", DEFAULT_MFU)))
     print(render_plan(plan), end="")

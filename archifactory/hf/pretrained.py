@@ -117,10 +117,9 @@ def _final_norm(model: nn.Module) -> nn.Module:
     )
 
 
-def _copy_norm(source_norm: nn.Module, cfg: DictConfig) -> nn.Module:
-    """Our `model.norm` with the source's weights, refused if it computes differently from the source's."""
+def _copy_norm(source_norm: nn.Module, ours: nn.Module, cfg: DictConfig) -> None:
+    """The source's final-norm weights into `ours` (our `model.norm`), refused if it computes differently."""
     hidden = cfg.model.hidden_size
-    ours = build_norm(str(cfg.model.norm), hidden, float(cfg.model.norm_eps))
     theirs = {n: p.detach().float() for n, p in source_norm.named_parameters()}
     if set(theirs) != {n for n, _ in ours.named_parameters()}:
         raise ArchiFactoryError(
@@ -137,7 +136,22 @@ def _copy_norm(source_norm: nn.Module, cfg: DictConfig) -> nn.Module:
             f"the source's final norm ({type(source_norm).__name__}) computes differently from "
             f"model.norm={cfg.model.norm}; pick a source with a standard RMSNorm or LayerNorm"
         )
-    return ours
+
+
+def pretrained_part_modules(cfg: DictConfig, vocab: int) -> dict[str, Any]:
+    """The constructor's embedding_module / lm_head_module (untied only) / final_norm_module /
+    freeze_lm_modules as fresh modules of the source's shapes: `load_pretrained_parts` copies the source's
+    weights into them; `archifactory plan` builds them on the meta device (which parts are loaded, which
+    are frozen) without reading the source's weights."""
+    hidden = int(cfg.model.hidden_size)
+    parts: dict[str, Any] = {
+        "embedding_module": nn.Embedding(vocab, hidden),
+        "final_norm_module": build_norm(str(cfg.model.norm), hidden, float(cfg.model.norm_eps)),
+        "freeze_lm_modules": bool(cfg.model.freeze_pretrained),
+    }
+    if not cfg.model.tie_embeddings:
+        parts["lm_head_module"] = nn.Linear(hidden, vocab, bias=False)
+    return parts
 
 
 def load_pretrained_parts(cfg: DictConfig) -> dict[str, Any]:
@@ -162,21 +176,15 @@ def load_pretrained_parts(cfg: DictConfig) -> dict[str, Any]:
             f"model.pretrained_from={source} has hidden size {hidden}, model.hidden_size is "
             f"{cfg.model.hidden_size}; set model.hidden_size={hidden}"
         )
-    parts: dict[str, Any] = {
-        "embedding_module": nn.Embedding(vocab, hidden),
-        "final_norm_module": _copy_norm(_final_norm(model), cfg),
-        "freeze_lm_modules": bool(cfg.model.freeze_pretrained),
-    }
+    if cfg.model.tie_embeddings and head.weight.data_ptr() != embedding.weight.data_ptr():
+        raise ArchiFactoryError(
+            f"model.tie_embeddings=true, but {source} has a separate LM head; set model.tie_embeddings=false"
+        )
+    parts = pretrained_part_modules(cfg, vocab)
+    _copy_norm(_final_norm(model), parts["final_norm_module"], cfg)
     with torch.no_grad():
         parts["embedding_module"].weight.copy_(embedding.weight.float())
-        if cfg.model.tie_embeddings:
-            if head.weight.data_ptr() != embedding.weight.data_ptr():
-                raise ArchiFactoryError(
-                    f"model.tie_embeddings=true, but {source} has a separate LM head; "
-                    "set model.tie_embeddings=false"
-                )
-        else:
-            parts["lm_head_module"] = nn.Linear(hidden, vocab, bias=False)
+        if "lm_head_module" in parts:
             parts["lm_head_module"].weight.copy_(head.weight.float())
     log.info(
         "pretrained parts from %s: embedding %s, final norm, %s%s",

@@ -8,25 +8,28 @@ optimizer state follows `optim.classify_parameters`, the peak FLOP/s are `runtim
 
 What each figure is (docs/plan.md has the derivations):
 
-- parameters: `parameter_breakdown()` of the meta-built model (total, non-embedding, active).
+- parameters: `parameter_breakdown()` of the meta-built model (total, non-embedding, active), and how many
+  of them train: `model.pretrained_from` builds the source's embedding / final norm / head (their shapes
+  only, from its config: no weights are read) and `model.freeze_pretrained=true` freezes them as the run
+  does, so gradients and optimizer state count the trainable parameters only.
 - FLOPs per token: the model's own `flops_per_token(seq_len)` (forward, multiply-add = 2, attention's
   causal prefix included); training costs 3× that (backward = 2× forward), the figure MFU is measured
   against. Total FLOPs = 3 · F · D for D tokens: the 6·N·D rule with the model's own F in place of 2·N.
   Activation checkpointing recomputes the forward (4 · F · D executed), which MFU by convention does not
   count (Chowdhery et al., "PaLM", 2022, appendix B), so wall time = 3 · F · D / (GPUs · peak · MFU).
 - memory per GPU, bytes: fp32 master parameters (4/param) and gradients (4/param); optimizer state from
-  the real optimizer's state per parameter (AdamW: 2 fp32 moments + a 4-byte step per tensor; Muon: one
-  fp32 momentum per matrix element, AdamW for the rest; AdEMAMix: 3 fp32 moments); `fsdp` divides these
-  by the world size and adds the gathered working set (the root's parameters and gradients stay
-  unsharded; two blocks' parameters are gathered at a time, one being prefetched); `ddp` adds its
+  the real optimizer's state per trainable parameter (AdamW: 2 fp32 moments + a 4-byte step per tensor;
+  Muon: one fp32 momentum per matrix element, AdamW for the rest; AdEMAMix: 3 fp32 moments); `fsdp`
+  divides these by the world size and adds the gathered working set (the root's parameters and gradients
+  stay unsharded; two blocks' parameters are gathered at a time, one being prefetched); `ddp` adds its
   gradient buckets (a second fp32 copy of the gradients). bf16 autocast keeps a bf16 copy of every matmul
-  weight for the backward (2/param).
+  weight for the backward (2/param), frozen ones included (the backward still needs them for the input's
+  gradient).
 - activations: the tensors autograd saves for the backward, traced on the meta device through the
   model's real forward at micro_batch_size × seq_len in the planned compute dtype (`train/activations.py`).
   Without checkpointing: all of them. With it: the part outside the blocks (embedding, final norm, loss),
   each block's input (what the checkpoint keeps) and the largest block's saved tensors (recomputed one
-  block at a time). Plus the loss's workspace: the logits' gradient of one loss chunk (fp32 and compute
-  dtype).
+  block at a time). Plus the loss's workspace (`loss_workspace_bytes`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch import nn
 
 from archifactory.config.hybrid import cfg_variant_label
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.hf.pretrained import pretrained_part_modules
 from archifactory.model.build import build_model
 from archifactory.model.stack import StackedMixinForCausalLM
 from archifactory.runs import layout
@@ -92,6 +96,8 @@ class TrainingPlan:
     steps: int
     accum: int
     tokens_per_step: int
+    trainable: int  # parameters the optimizer updates (model.freeze_pretrained leaves the source's out)
+    pretrained: str | None  # model.pretrained_from: which parts come from where; None without a source
     world_size: int
     strategy: str
     optimizer: str
@@ -145,8 +151,31 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
     return muon + sum(ADAMW_BYTES * p.numel() + STEP_BYTES for _, p in adamw)
 
 
-def _numel(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+def _numel(module: nn.Module | None, trainable: bool = False) -> int:
+    """Parameters of `module` (each tensor once); `trainable`: only those that require a gradient."""
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def _matmul_weights(model: nn.Module) -> int:
+    """Elements of every Linear weight (frozen ones too) and of a tied head: what bf16 autocast casts."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and "weight" in m._parameters}
+    count = sum(p.numel() for p in model.parameters() if id(p) in linear and p.ndim >= 2)
+    return count + (model.head_weight.numel() if model.lm_head is None else 0)
+
+
+def loss_workspace_bytes(batch_tokens: int, chunk: int, vocab: int, dtype: torch.dtype) -> int:
+    """What the cross-entropy holds beyond the traced activations (`model/loss.py`). Whole micro-batch
+    (chunk 0): its fp32 logits beside the log-probabilities it saves (traced), plus the compute-dtype logits
+    they were cast from under bf16. Chunked: each chunk runs under checkpointing, so its backward recomputes
+    one chunk's logits (compute dtype and fp32) and log-probabilities, which the trace does not see; the
+    backward then turns the log-probabilities into the gradient in place."""
+    compute = torch.empty((), dtype=dtype).element_size()
+    cast = compute if dtype != torch.float32 else 0
+    if chunk > 0:
+        return min(chunk, batch_tokens) * vocab * (4 + 4 + cast)
+    return batch_tokens * vocab * (4 + cast)
 
 
 def memory_plan(
@@ -156,11 +185,10 @@ def memory_plan(
     strategy: str,
     world_size: int,
     dtype: torch.dtype,
-    loss_tokens: int,
+    loss_workspace: int,
 ) -> MemoryPlan:
     """Bytes per GPU (see the module docstring for each term)."""
-    total = _numel(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total, trainable = _numel(model), _numel(model, trainable=True)
     optim_bytes = optimizer_state_bytes(model, optimizer)
     params, grads = 4 * total, 4 * trainable
     if strategy == "fsdp":
@@ -173,19 +201,15 @@ def memory_plan(
         units = list(model.blocks) if getattr(model, "hyper", None) is None else []
         root = total - sum(_numel(b) for b in units)  # embedding, head, final norm: the root unit
         block = max((_numel(b) for b in units), default=0)
+        root_trainable = trainable - sum(_numel(b, trainable=True) for b in units)
+        block_trainable = max((_numel(b, trainable=True) for b in units), default=0)
         params = -(-params // world_size) + 4 * (root + 2 * block)
-        grads = -(-grads // world_size) + 4 * (root + block)
+        grads = -(-grads // world_size) + 4 * (root_trainable + block_trainable)
         optim_bytes = -(-optim_bytes // world_size)
     elif strategy == "ddp":
         grads *= 2  # the .grad tensors + DDP's communication buckets (gradient_as_bucket_view=False)
     compute = torch.empty((), dtype=dtype).element_size()
-    copies = 0
-    if dtype != torch.float32:
-        classes = classify_parameters(model)
-        matmul = sum(p.numel() for _, p in classes.decay)  # every Linear weight and an untied head
-        tied = model.head_weight.numel() if model.lm_head is None else 0
-        copies = compute * (matmul + tied)
-    vocab = model.vocab_size
+    copies = 0 if dtype == torch.float32 else compute * _matmul_weights(model)
     return MemoryPlan(
         parameters=params,
         gradients=grads,
@@ -193,7 +217,7 @@ def memory_plan(
         weight_copies=copies,
         activations=trace.full if trace else None,
         activations_checkpointed=trace.checkpointed if trace else None,
-        loss_workspace=loss_tokens * vocab * (4 + compute),
+        loss_workspace=loss_workspace,
     )
 
 
@@ -203,7 +227,9 @@ def build_plan(
     """The plan of `cfg` (a composed, validated, matched config) on `world_size` processes.
 
     `vocab_size`: the tokenizer's, when known (a starting run); else `model.vocab_size` or the dataset's
-    `vocab_size` (the BPE size), as `archifactory list --params` does: no data is read.
+    `vocab_size` (the BPE size), as `archifactory list --params` does: no data is read. With
+    `model.pretrained_from`, `cfg` is the one `hf.pretrained.apply_pretrained` returned (the source's
+    vocabulary and norm eps), as the run's is.
     """
     if not 0 < mfu <= 1:
         raise ArchiFactoryError(f"plan.mfu={mfu} must be in (0, 1], e.g. plan.mfu=0.4")
@@ -216,12 +242,12 @@ def build_plan(
     strategy = planned_strategy(str(trainer.strategy), world_size)
     dtype = planned_dtype(cfg)
     steps, accum = plan_steps(cfg, world_size)
+    source = cfg.model.get("pretrained_from")
     with torch.device("meta"):
-        model = build_model(cfg, int(vocab)).to(dtype)
+        parts = pretrained_part_modules(cfg, int(vocab)) if source else {}
+        model = build_model(cfg, int(vocab), **parts).to(dtype)
     batch, seq_len = int(trainer.micro_batch_size), int(trainer.seq_len)
     trace = trace_activations(model, batch, seq_len)
-    chunk = int(cfg.model.loss_chunk_size)
-    loss_tokens = min(chunk, batch * seq_len) if chunk > 0 else batch * seq_len
     notes = [] if isinstance(trace, ActivationTrace) else [f"activations not estimated: {trace}"]
     memory = memory_plan(
         model,
@@ -230,7 +256,7 @@ def build_plan(
         strategy,
         world_size,
         dtype,
-        loss_tokens,
+        loss_workspace_bytes(batch * seq_len, int(cfg.model.loss_chunk_size), model.vocab_size, dtype),
     )
     return TrainingPlan(
         label=f"{cfg_variant_label(cfg)}/{cfg.ffn.name}/{cfg.positional.name}, {cfg.model.num_layers} layers × "
@@ -240,6 +266,8 @@ def build_plan(
         steps=steps,
         accum=accum,
         tokens_per_step=batch * seq_len * accum * world_size,
+        trainable=_numel(model, trainable=True),
+        pretrained=_pretrained_parts(cfg) if source else None,
         world_size=world_size,
         strategy=strategy,
         optimizer=str(trainer.optimizer),
@@ -251,6 +279,13 @@ def build_plan(
         mfu=mfu,
         notes=notes,
     )
+
+
+def _pretrained_parts(cfg: DictConfig) -> str:
+    """Which parts `model.pretrained_from` loads, from where, and whether they train."""
+    head = "tied head" if cfg.model.tie_embeddings else "LM head"
+    state = "frozen" if cfg.model.freeze_pretrained else "trained"
+    return f"embedding, final norm, {head} from {cfg.model.pretrained_from} ({state})"
 
 
 def _count(value: float) -> str:
@@ -284,11 +319,14 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str, str]]:
     per_gpu = f"per GPU, {plan.strategy} × {plan.world_size}"
     ckpt = "chosen" if plan.checkpointing else "not chosen"
     no_ckpt = "not chosen" if plan.checkpointing else "chosen"
-    rows = [
-        ("model", plan.label, f"{plan.dtype} compute, optimizer {plan.optimizer}"),
+    rows = [("model", plan.label, f"{plan.dtype} compute, optimizer {plan.optimizer}")]
+    if plan.pretrained:
+        rows.append(("pretrained parts", plan.pretrained, "model.pretrained_from, model.freeze_pretrained"))
+    rows += [
         ("parameters: total", f"{b['total']:,}", "meta-built model"),
         ("parameters: non-embedding", f"{b['non_embedding']:,}", "blocks + final norm"),
         ("parameters: active", f"{b['active']:,}", "per token (MoE: the experts used)"),
+        ("parameters: trainable", f"{plan.trainable:,}", f"frozen: {b['total'] - plan.trainable:,}"),
         ("FLOPs per token (forward)", _count(plan.flops_per_token), f"model.flops_per_token({plan.seq_len})"),
         (
             "tokens to train",
@@ -298,8 +336,12 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str, str]]:
         ),
         ("total training FLOPs", f"{plan.total_flops:.3g}", "3 × FLOPs/token × tokens (forward + backward)"),
         ("memory: parameters", _gib(m.parameters), f"{per_gpu}; fp32 master weights"),
-        ("memory: gradients", _gib(m.gradients), f"{per_gpu}; fp32"),
-        ("memory: optimizer state", _gib(m.optimizer), f"{per_gpu}; {_optimizer_note(plan.optimizer)}"),
+        ("memory: gradients", _gib(m.gradients), f"{per_gpu}; fp32, trainable parameters"),
+        (
+            "memory: optimizer state",
+            _gib(m.optimizer),
+            f"{per_gpu}; {_optimizer_note(plan.optimizer)}, trainable parameters",
+        ),
     ]
     if m.weight_copies:
         rows.append(
@@ -309,7 +351,7 @@ def plan_rows(plan: TrainingPlan) -> list[tuple[str, str, str]]:
     rows += [
         ("memory: activations", _gib(m.activations), f"{acts}; no checkpointing ({no_ckpt})"),
         ("memory: activations, checkpointed", _gib(m.activations_checkpointed), f"per-block checkpointing ({ckpt})"),
-        ("memory: loss workspace", _gib(m.loss_workspace), "logits gradient of one loss chunk"),
+        ("memory: loss workspace", _gib(m.loss_workspace), "one loss chunk's logits (+ log-probs when chunked)"),
         ("memory: total", _gib(m.total(False)), f"{per_gpu}; without checkpointing"),
         ("memory: total, checkpointed", _gib(m.total(True)), f"{per_gpu}; with checkpointing"),
     ]  # fmt: skip

@@ -107,6 +107,11 @@ def test_frozen_parts_equal_the_source_through_training(source, tmp_path: Path) 
     saved = (run_dir / ".hydra/config.yaml").read_text()
     assert f"tokenizer: {folder.resolve()}" in saved
     assert f"vocab_size: {tensors['embedding.weight'].shape[0]}" in saved
+    # the run's plan.md counted the loaded parts as frozen
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in (run_dir / "plan.md").open()}
+    frozen = sum(t.numel() for t in tensors.values())
+    assert rows["parameters: trainable"] == f"{summary['params_total'] - frozen:,}"
+    assert rows["pretrained parts"].endswith(f"from {folder.resolve()} (frozen)")
 
 
 def test_unfrozen_parts_start_from_the_source_and_train(source, tmp_path: Path) -> None:
@@ -141,3 +146,52 @@ def test_refusals_are_one_line(source, tmp_path: Path) -> None:
     hub_id = compose_config(recipe(tmp_path, corpus, "model.pretrained_from=nobody/no-such-model"))
     with pytest.raises(ArchiFactoryError, match="Hugging Face Hub"):
         train(hub_id, tmp_path / "refused")
+
+
+def test_the_plan_counts_the_pretrained_parts_and_what_trains(source, tmp_path: Path, capsys) -> None:
+    """`archifactory plan model.pretrained_from=… model.freeze_pretrained=true`: the source's parts are
+    built (shapes from its config), counted as frozen, and left out of the gradients and optimizer state."""
+    from archifactory.cli.main import main
+    from archifactory.hf.pretrained import apply_pretrained, load_pretrained_parts
+    from archifactory.model.build import build_model
+    from archifactory.train.optim import build_optimizer
+    from archifactory.train.plan import build_plan
+
+    folder, corpus, tensors = source
+    frozen = sum(t.numel() for t in tensors.values())
+    overrides = recipe(tmp_path, corpus, f"model.pretrained_from={folder}")
+    cfg = apply_pretrained(compose_config([*overrides, "model.freeze_pretrained=true"]))
+    trained = build_plan(apply_pretrained(compose_config(overrides)), world_size=1)
+    plan = build_plan(cfg, world_size=1)
+    model = build_model(cfg, 0, **load_pretrained_parts(cfg))
+    assert plan.breakdown == trained.breakdown == model.parameter_breakdown()
+    assert trained.trainable == plan.breakdown["total"] and plan.trainable == plan.breakdown["total"] - frozen
+    assert plan.memory.parameters == trained.memory.parameters == 4 * plan.breakdown["total"]
+    assert plan.memory.gradients == 4 * plan.trainable
+    # the optimizer state is the real optimizer's after a step of the frozen model
+    optimizer = build_optimizer(model, cfg.trainer, "cpu", total_steps=10)
+    ids = torch.randint(0, model.vocab_size, (2, 32))
+    model(ids, targets=ids, return_logits=False).loss.backward()
+    optimizer.step()
+    real = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    assert plan.memory.optimizer == real < trained.memory.optimizer
+    # fsdp: the frozen root unit is gathered for the forward but has no gradients to hold
+    fsdp = build_plan(apply_pretrained(compose_config([*overrides, "model.freeze_pretrained=true",
+                                                       "trainer.strategy=fsdp"])), world_size=2)  # fmt: skip
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    assert fsdp.memory.gradients == 4 * plan.trainable // 2 + 4 * block
+    assert fsdp.memory.parameters == 4 * plan.breakdown["total"] // 2 + 4 * (frozen + 2 * block)
+    # bf16 autocast still casts the frozen head for the backward
+    bf16 = [*overrides, "trainer.precision=bf16"]
+    copies = build_plan(apply_pretrained(compose_config(bf16)), world_size=1).memory.weight_copies
+    frozen_bf16 = apply_pretrained(compose_config([*bf16, "model.freeze_pretrained=true"]))
+    assert build_plan(frozen_bf16, world_size=1).memory.weight_copies == copies > 0
+
+    assert main(["plan", *overrides, "model.freeze_pretrained=true"]) == 0
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in capsys.readouterr().out.splitlines()
+    }
+    assert rows["parameters: trainable"] == f"{plan.trainable:,}"
+    assert rows["pretrained parts"] == f"embedding, final norm, LM head from {folder.resolve()} (frozen)"
+    assert f"vocab {tensors['embedding.weight'].shape[0]:,}" in rows["model"]
