@@ -3,10 +3,13 @@
 The training split is one token stream (documents joined by EOS). Window i holds tokens
 [i·T, i·T + T + 1): inputs are its first T tokens, targets its last T, so every token is a target
 exactly once per epoch. Epoch e visits the windows in the permutation drawn from
-`numpy.random.default_rng([seed, e])`; each optimizer step takes the next `world_size × batch_size`
-windows of it and rank r keeps the r-th `batch_size` of them (disjoint across ranks, and the same global
-order for any world size). The position is two integers (epoch, windows consumed), so a resumed run
-continues with the next unseen batch.
+`numpy.random.default_rng([seed, e])`, and the epochs follow one another as one endless order: each
+batch takes the next `world_size × batch_size` windows of it and rank r keeps the r-th `batch_size` of
+them (disjoint across ranks). A batch at the end of an epoch takes its last windows and runs on into the
+next epoch's first ones, so no window is skipped and the order depends on nothing but the seed: every
+world size and gradient accumulation that make the same global batch read the same windows at every
+optimizer step, across epoch ends too (a resume under another world size stays exact). The position is
+two integers (epoch, windows of it consumed), so a resumed run continues with the next unseen batch.
 """
 
 from __future__ import annotations
@@ -68,26 +71,36 @@ class PackedLoader:
             )
         self.batches_per_epoch = self.num_windows // self.global_batch
         self.epoch = 0
-        self.position = 0  # windows of this epoch's permutation already handed out (all ranks)
-        self._order_epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self.position = 0  # windows of this epoch's permutation already handed out (all ranks), < num_windows
+        self._orders: dict[int, np.ndarray] = {}
 
-    def _permutation(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
-            self._order_epoch = self.epoch
-        return self._order
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {
+                e: o for e, o in self._orders.items() if e >= self.epoch
+            }  # this epoch and the next
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return self._orders[epoch]
+
+    def _windows(self, first: int, count: int) -> np.ndarray:
+        """Windows `first … first + count - 1` of this epoch's order, running on into the next epoch's
+        (a global batch is at most one epoch, so at most two epochs are involved)."""
+        here = self._permutation(self.epoch)[first : first + count]
+        if len(here) == count:
+            return here
+        start = max(first - self.num_windows, 0)
+        later = self._permutation(self.epoch + 1)[start : start + count - len(here)]
+        return np.concatenate([here, later])
 
     def __iter__(self) -> PackedLoader:
         return self
 
     def __next__(self) -> Batch:
-        if self.position + self.global_batch > self.num_windows:  # the epoch's tail is too short for a batch
-            self.epoch += 1
-            self.position = 0
-        start = self.position + self.rank * self.batch_size
-        windows = self._permutation()[start : start + self.batch_size]
+        windows = self._windows(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.global_batch
+        if self.position >= self.num_windows:  # this epoch is used up: the batch ran into the next one
+            self.epoch += 1
+            self.position -= self.num_windows
         shape = (self.batch_size, self.seq_len)
         inputs, targets = _empty(shape, self.pin_memory), _empty(shape, self.pin_memory)
         _fill(self.stream, windows, self.seq_len, inputs.numpy(), targets.numpy())

@@ -141,3 +141,35 @@ def test_too_little_data_for_a_batch_is_a_clear_error(data) -> None:
     data.seq_len = 10**6
     with pytest.raises(ArchiFactoryError, match="validation split"):
         data.val_batches(batch_size=2, max_tokens=10**7)
+
+
+def test_every_world_size_reads_the_same_windows_per_step_across_an_epoch_end(tmp_path) -> None:
+    """30 windows, global batch 4: the first epoch's 8th optimizer step takes its last 2 windows and the next
+    epoch's first 2, alike for one rank, two ranks and one rank in micro-batches of 2 (gradient accumulation),
+    so a resume from the step before the end, under any of them, continues the uninterrupted run."""
+    writer = ShardWriter(tmp_path, "train", np.dtype(np.uint16), 61)
+    writer.write(np.arange(30 * SEQ + 1))
+    stream = TokenStream(tmp_path, writer.close(), np.dtype(np.uint16))
+
+    def steps(world: int, batch: int, count: int, state: dict | None = None) -> tuple[list[list[int]], dict]:
+        ranks = [PackedLoader(stream, SEQ, batch, seed=0, rank=r, world_size=world) for r in range(world)]
+        for loader in ranks:
+            if state is not None:
+                loader.load_state_dict(state)
+        taken = []
+        for _ in range(count):
+            windows = [
+                w for _ in range(4 // (batch * world)) for loader in ranks for w in next(loader)[0][:, 0]
+            ]
+            taken.append(sorted(int(w) // SEQ for w in windows))
+        return taken, json.loads(json.dumps(ranks[0].state_dict()))
+
+    reference, _ = steps(1, 4, 15)
+    assert steps(2, 2, 15)[0] == steps(1, 2, 15)[0] == reference
+    single = PackedLoader(stream, SEQ, 4, seed=0)
+    order = [int(w) // SEQ for _ in range(15) for w in next(single)[0][:, 0]]
+    assert sorted(order[:30]) == sorted(order[30:]) == list(range(30))  # each epoch: every window once
+    _, before_end = steps(2, 2, 7)
+    assert (before_end["epoch"], before_end["position"]) == (0, 28)
+    for world, batch in [(2, 2), (1, 2), (1, 4)]:
+        assert steps(world, batch, 8, before_end)[0] == reference[7:]

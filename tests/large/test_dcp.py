@@ -1,6 +1,10 @@
 """Sharded checkpoints (trainer.checkpoint_format=dcp): a 2-process gloo FSDP2 run resumes exactly under 1
 and 2 processes (DCP reshards), async saves included, and the run's `model/` folder — consolidated from the
-DCP shards — loads with AutoModelForCausalLM with the logits of the checkpoint's weights."""
+DCP shards — loads with AutoModelForCausalLM with the logits of the checkpoint's weights.
+
+The corpus is small enough that the first epoch ends right after the checkpoint: 30 training windows hold 7
+optimizer steps of 4 and leave 2, which one process's micro-batch of 2 would still fit, so the resumed
+step 8 is the one that must wrap into the next epoch as the uninterrupted run did."""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ DCP = ["trainer.checkpoint_format=dcp"]
 
 @pytest.mark.slow
 def test_dcp_run_resumes_exactly_under_one_and_two_processes(tmp_path: Path) -> None:
-    corpus = write_corpus(tmp_path / "corpus")
+    corpus = write_corpus(tmp_path / "corpus", documents=100)
     data = [f"dataset.path={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}"]
     reference = tmp_path / "reference"
     train(compose_config([*RECIPE, *data]), reference)  # 8 steps, 1 process, full checkpoints
@@ -34,13 +38,20 @@ def test_dcp_run_resumes_exactly_under_one_and_two_processes(tmp_path: Path) -> 
 
     first = tmp_path / "first"
     leg = torchrun(
-        [*RECIPE, *data, *DCP, "trainer.strategy=fsdp", "trainer.max_steps=4", f"hydra.run.dir={first}"],
+        [*RECIPE, *data, *DCP, "trainer.strategy=fsdp", "trainer.max_steps=7", f"hydra.run.dir={first}"],
         tmp_path,
     )
     assert leg.returncode == 0, leg.stderr[-3000:]
-    shards = sorted(p.name for p in (first / "checkpoints/step_0000004/dcp").iterdir())
+    checkpoint = first / "checkpoints/step_0000007"
+    shards = sorted(p.name for p in (checkpoint / "dcp").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its shards
-    assert not (first / "checkpoints/step_0000004/model.safetensors").exists()
+    assert not (checkpoint / "model.safetensors").exists()
+    position = json.loads((checkpoint / "trainer_state.json").read_text())["loader"]
+    assert (position["epoch"], position["position"], position["num_windows"]) == (
+        0,
+        28,
+        30,
+    )  # the wrap is next
 
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(first, one)

@@ -1,4 +1,7 @@
-"""torchrun on CPU (gloo): DDP and FSDP2 follow the single-process loss trajectory at the same global batch."""
+"""torchrun on CPU (gloo): DDP and FSDP2 follow the single-process loss trajectory at the same global batch.
+
+The corpus holds 30 training windows: the 8th step of 4 windows runs from the first epoch into the second,
+where one process's micro-batches of 2 and two ranks' batches of 2 must take the same windows."""
 
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def torchrun(overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
     ("strategy", "extra"), [("ddp", []), ("fsdp", []), ("fsdp", ["model.weights=hyper"])]
 )  # model.weights=hyper: the blocks share block 0's weights, so FSDP shards the root unit alone
 def test_two_process_run_matches_single_process(strategy: str, extra: list[str], tmp_path: Path) -> None:
-    corpus = write_corpus(tmp_path / "corpus")
+    corpus = write_corpus(tmp_path / "corpus", documents=100)
     data = [f"dataset.path={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}", *extra]
     single_dir = tmp_path / "single"
     train(compose_config([*COMMON, *data, "trainer.grad_accum_steps=2"]), single_dir)
