@@ -124,6 +124,11 @@ def test_memory_equals_hand_counts() -> None:
     # bf16 autocast: a bf16 copy of every matmul weight (qkv, out, gate, up, out per block, and the head)
     bf16 = build_plan(compose_config([*TINY, "trainer.precision=bf16"]), world_size=1).memory
     assert bf16.weight_copies == 2 * (L * (D * (D + 2 * KVD) + D * D + 3 * D * F) + V * D)
+    assert bf16.loss_workspace == N * V * (4 + 2)  # the bf16 logits and their fp32 cast
+    # a chunked loss recomputes one chunk's fp32 logits and log-probs in the backward (outside the trace)
+    chunked = build_plan(compose_config([*TINY, "model.loss_chunk_size=16"]), world_size=1).memory
+    assert chunked.loss_workspace == 16 * V * (4 + 4)
+    assert chunked.activations == single.activations - 4 * N * V - 8 * N - N  # no log-probs, column, mask
 
 
 def test_optimizer_state_follows_the_optimizer() -> None:

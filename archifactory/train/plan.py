@@ -167,14 +167,15 @@ def _matmul_weights(model: nn.Module) -> int:
 
 def loss_workspace_bytes(batch_tokens: int, chunk: int, vocab: int, dtype: torch.dtype) -> int:
     """What the cross-entropy holds beyond the traced activations (`model/loss.py`). Whole micro-batch
-    (chunk 0): its fp32 logits beside the log-probabilities it saves (traced), plus the compute-dtype logits
-    they were cast from under bf16. Chunked: each chunk runs under checkpointing, so its backward recomputes
-    one chunk's logits (compute dtype and fp32) and log-probabilities, which the trace does not see; the
-    backward then turns the log-probabilities into the gradient in place."""
+    (chunk 0, or a chunk no smaller than it): its fp32 logits beside the log-probabilities it saves
+    (traced), plus the compute-dtype logits they were cast from under bf16. Chunked: each chunk runs under
+    checkpointing, so its backward recomputes one chunk's logits (compute dtype and fp32) and
+    log-probabilities, which the trace does not see; the backward then turns the log-probabilities into
+    the gradient in place."""
     compute = torch.empty((), dtype=dtype).element_size()
     cast = compute if dtype != torch.float32 else 0
-    if chunk > 0:
-        return min(chunk, batch_tokens) * vocab * (4 + 4 + cast)
+    if 0 < chunk < batch_tokens:
+        return chunk * vocab * (4 + 4 + cast)
     return batch_tokens * vocab * (4 + cast)
 
 
