@@ -71,14 +71,12 @@ class PackedLoader:
             )
         self.batches_per_epoch = self.num_windows // self.global_batch
         self.epoch = 0
-        self.position = 0  # windows of this epoch's permutation already handed out (all ranks), < num_windows
+        self.position = 0  # windows of this epoch's permutation already handed out (all ranks)
         self._orders: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {
-                e: o for e, o in self._orders.items() if e >= self.epoch
-            }  # this epoch and the next
+        if epoch not in self._orders:  # keep this epoch's order and the next one's only
+            self._orders = {e: order for e, order in self._orders.items() if e >= self.epoch}
             self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
         return self._orders[epoch]
 
