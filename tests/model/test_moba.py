@@ -1,7 +1,8 @@
-"""Mixture of Block Attention: the reference == a dense-mask attention written here query by query (fla
-has no naive MoBA: its op needs flash-attn), outputs and gradients, grouped heads, odd lengths across
-block boundaries; the layer == fla's MoBA written out around that oracle (output norm, optional gate);
-KV-cache decoding == the full forward; a left-padded row == the row alone; fused == reference on GPU."""
+"""Mixture of Block Attention: the reference (explicit softmax and SDPA) == a dense-mask attention written
+here query by query (fla has no naive MoBA: its op needs flash-attn), outputs and gradients, grouped heads,
+odd lengths across block boundaries; the layer == fla's MoBA written out around that oracle (output norm,
+optional gate); KV-cache decoding == the full forward; a left-padded row == the row alone; fused ==
+reference on GPU."""
 
 from __future__ import annotations
 
@@ -46,15 +47,24 @@ def dense_moba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: in
     return out
 
 
-@pytest.mark.parametrize("seq_len,kv_heads,block_size,topk", [(19, 2, 4, 3), (23, 4, 3, 2), (14, 1, 5, 6)])
+@pytest.mark.parametrize(
+    "seq_len,kv_heads,block_size,topk,backend",
+    [
+        (19, 2, 4, 3, "reference"),
+        (23, 4, 3, 2, "reference"),
+        (14, 1, 5, 6, "reference"),
+        (19, 2, 4, 3, "sdpa"),
+    ],
+)
 def test_reference_matches_dense_mask_attention(
-    seq_len: int, kv_heads: int, block_size: int, topk: int
+    seq_len: int, kv_heads: int, block_size: int, topk: int, backend: str
 ) -> None:
     torch.manual_seed(seq_len)
     q = (2 * torch.randn(2, seq_len, 4, 8, dtype=torch.float64)).requires_grad_()  # sharp gates
     k = torch.randn(2, seq_len, kv_heads, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, seq_len, kv_heads, 8, dtype=torch.float64, requires_grad=True)
-    ours = moba_attention(*(t.transpose(1, 2) for t in (q, k, v)), 0, block_size, topk).transpose(1, 2)
+    ours = moba_attention(*(t.transpose(1, 2) for t in (q, k, v)), 0, block_size, topk, None, None, backend)
+    ours = ours.transpose(1, 2)
     theirs = dense_moba(q, k, v, block_size, topk)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(ours)
@@ -160,8 +170,10 @@ def test_bad_options_and_cpu_backend() -> None:
         MixtureOfBlockAttention(HIDDEN, 0, block_size=0)
     with pytest.raises(ArchiFactoryError, match="num_kv_heads"):
         MixtureOfBlockAttention(HIDDEN, 0, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ArchiFactoryError, match="backend"):
+        MixtureOfBlockAttention(HIDDEN, 0, backend="flash")
     layer = MixtureOfBlockAttention(HIDDEN, 0)
-    assert layer.backend_name() == "reference"
+    assert layer.backend_name() == "sdpa"
     layer.backend = "fused"
     with pytest.raises(ArchiFactoryError, match="backend=fused"):
         layer(torch.randn(1, 3, HIDDEN), PositionContext(NoPositional(HIDDEN, 64), 0, 3))

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
+from archifactory.model.mixins.attention import ATTENTION_BACKENDS
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
 from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads, head_rms_norm
 from archifactory.model.mixins.nsa import mean_keys
@@ -38,8 +39,9 @@ class MixtureOfBlockAttention(Mixin):
     Options:
         num_heads; num_kv_heads (null = num_heads); block_size: keys per block (fla's moba_chunk_size, 256);
         topk: blocks per query counting its own (fla's moba_topk, 4; >= 2); qkv_bias; qk_norm: RMSNorm on
-        q and k per head; output_gate: σ-gated output norm; norm_eps (1e-6); backend: `auto`,
-        `reference` or `fused`.
+        q and k per head; output_gate: σ-gated output norm; norm_eps (1e-6); backend: `auto` (fused on CUDA
+        when flash-attn is there, else `sdpa`), `sdpa` (the masked softmax in SDPA), `reference`
+        (explicit softmax, the oracle) or `fused`.
     """
 
     def __init__(
@@ -64,7 +66,7 @@ class MixtureOfBlockAttention(Mixin):
                 f"{name}: block_size={block_size} must be >= 1 and topk={topk} >= 2 (the query's own block "
                 "counts as one)"
             )
-        self.backend = check_backend(backend, name)
+        self.backend = check_backend(backend, name, ATTENTION_BACKENDS)
         self.head_dim, self.num_kv_heads = grouped_heads(hidden_size, num_heads, num_kv_heads, name)
         self.num_heads, self.block_size, self.topk, self.norm_eps = num_heads, block_size, topk, norm_eps
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -104,13 +106,23 @@ class MixtureOfBlockAttention(Mixin):
         )
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
         key_mask = ctx.key_mask(0 if state is None else state["k"].shape[2])
-        if self.backend_name() == "fused" and state is None and key_mask is None:
+        path = self.backend_name()
+        if path == "fused" and state is None and key_mask is None:
             y, new_state = self._fused(q, k, v), None  # [B, T, H, D]
         else:
             cache, new_state = append_cache(state, 2, k=k.transpose(1, 2), v=v.transpose(1, 2))
             past = cache["k"].shape[2] - seq_len
+            backend = "reference" if path == "reference" else "sdpa"
             y = moba_attention(
-                q.transpose(1, 2), cache["k"], cache["v"], past, self.block_size, self.topk, key_mask
+                q.transpose(1, 2),
+                cache["k"],
+                cache["v"],
+                past,
+                self.block_size,
+                self.topk,
+                key_mask,
+                None,
+                backend,
             )
             y = y.transpose(1, 2)  # [B, T, H, D]
         gate = None if self.gate_proj is None else self.gate_proj(x)
@@ -131,6 +143,8 @@ class MixtureOfBlockAttention(Mixin):
         return y.view(batch, seq_len, heads, dim)
 
     def backend_name(self) -> str:
+        if self.backend in ("sdpa", "reference"):
+            return self.backend
         path = fla_backend(self.backend, self.qkv_proj.weight, FUSED_KERNEL, "mixin=moba")
         if path == "fused" and importlib.util.find_spec("flash_attn") is None:
             if self.backend == "fused":
@@ -138,8 +152,8 @@ class MixtureOfBlockAttention(Mixin):
                     "mixin=moba: backend=fused needs flash-attn (fla's parallel_moba calls it): pip install "
                     "flash-attn, or use mixin.backend=reference"
                 )
-            return "reference"
-        return path
+            return "sdpa"
+        return "sdpa" if path == "reference" else path
 
     def flops_per_token(self, seq_len: int) -> float:
         # q·k and p·v per query head over its own block's prefix and the topk − 1 chosen blocks (at most
