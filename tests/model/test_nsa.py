@@ -1,7 +1,8 @@
 """Native Sparse Attention: the reference == fla's naive NSA (compressed + selected branches: outputs and
 gradients, GQA groups of 16 through `naive_nsa` and of 2 through its branch functions, odd lengths across
-block boundaries); the sliding branch == swa's reference; KV-cache decoding == the full forward; a
-left-padded row == the row alone (blocks start at the first real token); fused == reference on GPU."""
+block boundaries), on the explicit-softmax and the SDPA paths; the sliding branch == swa's reference;
+KV-cache decoding == the full forward; a left-padded row == the row alone (blocks start at the first real
+token); fused == reference on GPU."""
 
 from __future__ import annotations
 
@@ -59,11 +60,11 @@ def random_inputs(seq_len: int, heads: int, kv_heads: int, dim: int = 8):
     return q, k, v, gates
 
 
-def ours(q, k, v, gates, block_size: int, block_counts: int, window: int) -> torch.Tensor:
+def ours(q, k, v, gates, block_size: int, block_counts: int, window: int, backend: str = "reference"):
     """The reference on fla's [B, T, H, D] layout."""
     options = (block_size, block_counts, window)
     bhtd = (t.transpose(1, 2) for t in (q, k, v, gates))
-    return native_sparse_attention(*bhtd, 0, options).transpose(1, 2)
+    return native_sparse_attention(*bhtd, 0, options, None, None, backend).transpose(1, 2)
 
 
 def assert_same_with_gradients(a: torch.Tensor, b: torch.Tensor, inputs: list[torch.Tensor]) -> None:
@@ -88,8 +89,8 @@ def test_reference_matches_fla_naive_nsa(seq_len: int, block_size: int, block_co
     assert_same_with_gradients(mine, theirs, [q, k, v, gates])
 
 
-@pytest.mark.parametrize("seq_len", [21, 8])
-def test_branches_match_fla_naive_functions_with_small_groups(seq_len: int) -> None:
+@pytest.mark.parametrize("seq_len,backend", [(21, "reference"), (8, "reference"), (21, "sdpa")])
+def test_branches_match_fla_naive_functions_with_small_groups(seq_len: int, backend: str) -> None:
     """G = 2 through fla's branch functions: compression, top-k selection, selected attention."""
     oracle = fla_nsa_oracle()
     q, k, v, gates = random_inputs(seq_len, 4, 2)
@@ -99,14 +100,15 @@ def test_branches_match_fla_naive_functions_with_small_groups(seq_len: int) -> N
     indices = oracle["naive_nsa_topk"](q, k_cmp, block_counts, block_size, scale)
     o_slc = oracle["naive_nsa_selection"](q, k, v, indices, block_size, scale)
     theirs = o_cmp * gates[..., 0:1] + o_slc * gates[..., 1:2]
-    mine = ours(q, k, v, gates * torch.tensor([1.0, 1.0, 0.0]), block_size, block_counts, 0)
+    mine = ours(q, k, v, gates * torch.tensor([1.0, 1.0, 0.0]), block_size, block_counts, 0, backend)
     assert_same_with_gradients(mine, theirs, [q, k, v, gates])
 
 
-def test_sliding_branch_matches_swa_reference() -> None:
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_sliding_branch_matches_swa_reference(backend: str) -> None:
     q, k, v, gates = random_inputs(13, 4, 2)
     only_swa = gates * torch.tensor([0.0, 0.0, 1.0])
-    mine = ours(q, k, v, only_swa, 4, 3, 5)
+    mine = ours(q, k, v, only_swa, 4, 3, 5, backend)
     window = sliding_window_attention(*(t.transpose(1, 2) for t in (q, k, v)), 0, 5, None, "reference")
     theirs = window.transpose(1, 2) * gates[..., 2:]
     assert_same_with_gradients(mine, theirs, [q, k, v, gates])
@@ -172,8 +174,10 @@ def test_bad_options_and_cpu_backend() -> None:
         NativeSparseAttention(HIDDEN, 0, window=-1)
     with pytest.raises(ArchiFactoryError, match="num_kv_heads"):
         NativeSparseAttention(HIDDEN, 0, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ArchiFactoryError, match="backend"):
+        NativeSparseAttention(HIDDEN, 0, backend="flash")
     layer = NativeSparseAttention(HIDDEN, 0)
-    assert layer.backend_name() == "reference"
+    assert layer.backend_name() == "sdpa"
     layer.backend = "fused"
     with pytest.raises(ArchiFactoryError, match="backend=fused"):
         layer(torch.randn(1, 3, HIDDEN), PositionContext(NoPositional(HIDDEN, 64), 0, 3))

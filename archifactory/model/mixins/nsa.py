@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
+from archifactory.model.mixins.attention import ATTENTION_BACKENDS
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
 from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads
 from archifactory.model.mixins.reference.nsa import native_sparse_attention
@@ -48,7 +49,8 @@ class NativeSparseAttention(Mixin):
         num_heads; num_kv_heads (null = num_heads; NSA uses 16 query heads per key head); block_size:
         tokens per compressed / selected block (64); block_counts: blocks each query selects (16, >= 3);
         window: sliding-window keys (512; 0 = no sliding branch); qkv_bias: biases on q/k/v;
-        backend: `auto`, `reference` or `fused`.
+        backend: `auto` (fused on CUDA, else `sdpa`), `sdpa` (the selected and sliding softmaxes in SDPA
+        under their block masks), `reference` (explicit softmaxes, the oracle) or `fused`.
     """
 
     def __init__(
@@ -71,7 +73,7 @@ class NativeSparseAttention(Mixin):
                 f"{name}: block_size={block_size} must be >= 1, block_counts={block_counts} >= 3 (the first, "
                 f"current and previous blocks are always selected) and window={window} >= 0"
             )
-        self.backend = check_backend(backend, name)
+        self.backend = check_backend(backend, name, ATTENTION_BACKENDS)
         self.head_dim, self.num_kv_heads = grouped_heads(hidden_size, num_heads, num_kv_heads, name)
         self.num_heads, self.block_size, self.block_counts, self.window = (
             num_heads,
@@ -101,14 +103,24 @@ class NativeSparseAttention(Mixin):
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
         gates = self.g_proj(x).view(batch, seq_len, self.num_heads, 3).sigmoid()  # (cmp, slc, swa)
         key_mask = ctx.key_mask(0 if state is None else state["k"].shape[2])
-        if self.backend_name() == "fused" and state is None and key_mask is None and self._kernel_fits():
+        path = self.backend_name()
+        if path == "fused" and state is None and key_mask is None and self._kernel_fits():
             y = self._fused(q, k, v, gates)  # [B, T, H, D]
             return self.out_proj(y.reshape(batch, seq_len, self.hidden_size).to(x.dtype)), None
         cache, new_state = append_cache(state, 2, k=k.transpose(1, 2), v=v.transpose(1, 2))
         past = cache["k"].shape[2] - seq_len
         options = (self.block_size, self.block_counts, self.window)
+        backend = "reference" if path == "reference" else "sdpa"
         y = native_sparse_attention(
-            q.transpose(1, 2), cache["k"], cache["v"], gates.transpose(1, 2), past, options, key_mask
+            q.transpose(1, 2),
+            cache["k"],
+            cache["v"],
+            gates.transpose(1, 2),
+            past,
+            options,
+            key_mask,
+            None,
+            backend,
         )  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(batch, seq_len, self.hidden_size)
         return self.out_proj(y.to(x.dtype)), new_state
@@ -140,7 +152,10 @@ class NativeSparseAttention(Mixin):
         return y + o_swa * g_swa.unsqueeze(-1)
 
     def backend_name(self) -> str:
-        return fla_backend(self.backend, self.qkv_proj.weight, FUSED_KERNEL, "mixin=nsa")
+        if self.backend in ("sdpa", "reference"):
+            return self.backend
+        path = fla_backend(self.backend, self.qkv_proj.weight, FUSED_KERNEL, "mixin=nsa")
+        return "sdpa" if path == "reference" else path
 
     def flops_per_token(self, seq_len: int) -> float:
         # per query head, q·k and p·v (2 · 2 · head_dim each key) over: the complete blocks (about

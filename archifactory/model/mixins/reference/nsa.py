@@ -13,12 +13,15 @@ Three branches over the same keys, mixed per query head by sigmoid gates:
 Positions are counted over each row's real tokens (`key_mask`), so blocks start at a row's first real
 token and a left-padded row equals the row alone; a pad query attends to its own key only, so its output
 stays finite (it is never used). Dense [Tq, Tk] masks per key head, taken over query chunks of
-`QUERY_CHUNK` to bound the temporaries; fp32 (fp64 for fp64 inputs).
+`QUERY_CHUNK` to bound the temporaries; fp32 (fp64 for fp64 inputs). The selected and sliding softmaxes
+run explicitly (`reference`, the oracle) or through SDPA with their boolean masks (`sdpa`: the same math in
+torch's fused CPU kernel).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from archifactory.model.mixins.reference.common import compute_dtype
@@ -61,6 +64,20 @@ def select_blocks(
     return torch.zeros_like(allowed).scatter(-1, top, allowed.gather(-1, top))
 
 
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, logits: Tensor, mask: Tensor, scale: float, backend: str
+):
+    """Softmax attention of q [B, H_kv, G, Tc, D] over k, v [B, H_kv, Tk, D] under the boolean `mask`
+    (broadcast to [B, H_kv, G, Tc, Tk], at least one True per row): explicitly from the `logits` or, with
+    `sdpa`, SDPA on the heads flattened as [H_kv, G] (kv head h // G: SDPA's enable_gqa layout)."""
+    if backend != "sdpa":
+        return masked_softmax(logits, mask) @ v[:, :, None]
+    flat = q.flatten(1, 2)  # [B, H, Tc, D]
+    mask = mask.expand(*q.shape[:4], k.shape[2]).flatten(1, 2)
+    y = F.scaled_dot_product_attention(flat, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[2] > 1)
+    return y.view(q.shape)
+
+
 def nsa_chunk(
     q: Tensor,
     k: Tensor,
@@ -68,12 +85,13 @@ def nsa_chunk(
     pooled: tuple[Tensor, Tensor, Tensor],
     positions: Tensor,
     start: int,
-    options: tuple[int, int, int, float],
+    options: tuple[int, int, int, float, str],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The three branches for the queries q [B, H_kv, G, Tc, D] at key indices start .. start + Tc − 1
     over k, v [B, H_kv, Tk, D]; pooled = (k_cmp, v_cmp [B, H_kv, NC, D], members [B, NC, Tk]); options =
-    (block_size, block_counts, window, scale). Returns (o_cmp, o_slc, o_swa), each [B, H_kv, G, Tc, D]."""
-    block_size, block_counts, window, scale = options
+    (block_size, block_counts, window, scale, backend). Returns (o_cmp, o_slc, o_swa), each
+    [B, H_kv, G, Tc, D]."""
+    block_size, block_counts, window, scale, backend = options
     k_cmp, v_cmp, members = pooled
     count, total = q.shape[3], k.shape[2]
     q_pos = positions[:, start : start + count]  # [B, Tc]
@@ -87,12 +105,16 @@ def nsa_chunk(
     own = causal & ~ones.tril(diagonal=start - 1)  # query <-> its own key: a pad query's only key
     real = (positions >= 0)[:, None, :] & causal  # [B, Tc, Tk]
     in_selected = (selected.to(k.dtype) @ members[:, None]) > 0  # [B, H_kv, Tc, Tk]
-    logits = (q @ k[:, :, None].transpose(-1, -2)) * scale  # [B, H_kv, G, Tc, Tk]
-    o_slc = masked_softmax(logits, ((in_selected & real[:, None]) | own)[:, :, None]) @ v[:, :, None]
+    logits = (
+        None if backend == "sdpa" else (q @ k[:, :, None].transpose(-1, -2)) * scale
+    )  # [B, H_kv, G, Tc, Tk]
+    o_slc = masked_attention(
+        q, k, v, logits, ((in_selected & real[:, None]) | own)[:, :, None], scale, backend
+    )
     if window == 0:
         return o_cmp, o_slc, torch.zeros_like(o_slc)
     near = positions[:, None, :] > q_pos[:, :, None] - window  # [B, Tc, Tk]
-    o_swa = masked_softmax(logits, ((near & real) | own)[:, None, None]) @ v[:, :, None]
+    o_swa = masked_attention(q, k, v, logits, ((near & real) | own)[:, None, None], scale, backend)
     return o_cmp, o_slc, o_swa
 
 
@@ -105,11 +127,12 @@ def native_sparse_attention(
     options: tuple[int, int, int],
     key_mask: Tensor | None = None,
     scale: float | None = None,
+    backend: str = "reference",
 ) -> Tensor:
     """q [B, H, Tq, D]; k, v [B, H_kv, Tk, D] (H_kv dividing H; the queries are the last Tq of the Tk
     positions, `past` earlier ones cached); gates [B, H, Tq, 3] = (compressed, selected, sliding) weights;
     options = (block_size, block_counts, window); key_mask [B, Tk] (True = real token); scale default
-    1/sqrt(D). Returns [B, H, Tq, D] in q's dtype."""
+    1/sqrt(D); backend `reference` or `sdpa`. Returns [B, H, Tq, D] in q's dtype."""
     block_size, block_counts, window = options
     dtype = compute_dtype(q.dtype)
     batch, heads, seq_len, dim = q.shape
@@ -121,7 +144,7 @@ def native_sparse_attention(
     members = block_members(positions, block_size, -(-total // block_size), dtype)  # [B, NC, Tk]
     means = members / members.sum(-1, keepdim=True).clamp_min(1.0)
     pooled = (means[:, None] @ k, means[:, None] @ v, members)  # k_cmp, v_cmp [B, H_kv, NC, D]
-    chunk_options = (block_size, block_counts, window, scale)
+    chunk_options = (block_size, block_counts, window, scale, backend)
     pieces = []
     for first in range(0, seq_len, QUERY_CHUNK):
         q_chunk = q5[:, :, :, first : first + QUERY_CHUNK]
