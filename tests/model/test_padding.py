@@ -29,7 +29,11 @@ OPTIONS = {
     name: ["mixin.chunk_size=16"]
     for name in COVERED
     if "chunk_size" in inspect.signature(components("mixin")[name]).parameters
-} | {"swa": ["mixin.window=8"]}
+} | {
+    "swa": ["mixin.window=8"],
+    "nsa": ["mixin.block_size=4", "mixin.block_counts=4", "mixin.window=8"],
+    "moba": ["mixin.block_size=4"],
+}
 HYBRID = [
     "mixin=path_attn",
     "mixin.chunk_size=16",
