@@ -29,7 +29,8 @@ HALF = (torch.float16, torch.bfloat16)  # the fused path: bf16/fp16 training cal
 
 @register_mixin("wall_attn")
 class WallAttention(Mixin):
-    """Wall attention (Tilde Research, Averbuch & Pai, 2026; fla's `WallAttention`).
+    """Wall attention (Averbuch & Pai, Tilde Research, "Wall Attention", blog and kernels, 2026; fla's
+    `WallAttention`).
 
     Full softmax attention with a learned multiplicative decay per query head and key channel: with
     g_t = logsigmoid(g_proj x_t) <= 0 [H, d] and P_t = Σ_{s<=t} g_s,
