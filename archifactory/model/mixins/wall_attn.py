@@ -50,7 +50,7 @@ class WallAttention(Mixin):
     Options:
         num_heads; num_kv_heads (null = num_heads); qkv_bias; qk_norm; window_size (null = full causal);
         use_output_gate (false); use_scalar_gate (false); gate_init_bias (8.0); norm_eps (1e-5); block_size:
-        the reference's query block (64); backend: `auto`, `reference` or `fused`.
+        the reference's query block (32); backend: `auto`, `reference` or `fused`.
     """
 
     def __init__(
@@ -67,7 +67,7 @@ class WallAttention(Mixin):
         use_scalar_gate: bool = False,
         gate_init_bias: float = 8.0,
         norm_eps: float = 1e-5,
-        block_size: int = 64,
+        block_size: int = 32,
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)
