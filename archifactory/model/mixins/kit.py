@@ -158,16 +158,17 @@ def token_shift(x: Tensor, last: Tensor | None) -> Tensor:
 
 class ShortConvolution(nn.Module):
     """Causal depthwise conv1d (kernel `kernel_size`, optional bias) followed by SiLU, over x [B, T, C]:
-    the q/k/v conv of the delta-rule and GLA layers, and Mamba2's conv over (x, B, C).
+    the q/k/v conv of the delta-rule and GLA layers, and Mamba2's conv over (x, B, C). `silu=False`
+    leaves the convolution linear (fla's `activation=None`, e.g. CyFA's q/k/v convs).
 
     The decode buffer is the last `kernel_size - 1` raw inputs [B, C, kernel_size - 1] (zeros at the
     start), so conv(prefill) then conv(token) ... equals conv(whole sequence). Init: nn.Conv1d's default
     (weight Kaiming-uniform with a = √5, i.e. U(±1/√k) up to rounding; bias U(±1/√k)), which the model's
     init scheme keeps (declare the module in `init_roles().keep`)."""
 
-    def __init__(self, channels: int, kernel_size: int, *, bias: bool = False) -> None:
+    def __init__(self, channels: int, kernel_size: int, *, bias: bool = False, silu: bool = True) -> None:
         super().__init__()
-        self.channels, self.kernel_size = channels, kernel_size
+        self.channels, self.kernel_size, self.silu = channels, kernel_size, silu
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Conv1d.reset_parameters
@@ -179,7 +180,8 @@ class ShortConvolution(nn.Module):
         return torch.zeros(batch_size, self.channels, self.kernel_size - 1, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, buffer: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """x [B, T, C] -> (SiLU(conv(x)) [B, T, C], the new buffer, or None when none was given)."""
+        """x [B, T, C] -> (SiLU(conv(x)) [B, T, C] (conv(x) without `silu`), the new buffer, or None when
+        none was given)."""
         xt = x.transpose(1, 2)  # [B, C, T]
         width = self.kernel_size - 1
         past = xt.new_zeros(xt.shape[0], self.channels, width) if buffer is None else buffer.to(xt.dtype)
@@ -187,7 +189,7 @@ class ShortConvolution(nn.Module):
         bias = None if self.bias is None else self.bias.to(xt.dtype)
         out = F.conv1d(full, self.weight.to(xt.dtype), bias, groups=self.channels)  # [B, C, T]
         new_buffer = None if buffer is None else full[:, :, full.shape[2] - width :].to(buffer.dtype)
-        return F.silu(out).transpose(1, 2), new_buffer
+        return (F.silu(out) if self.silu else out).transpose(1, 2), new_buffer
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (multiply-add = 2)."""
