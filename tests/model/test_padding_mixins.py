@@ -27,7 +27,18 @@ from tests.helpers import compose_config
 HIDDEN, T, ROWS = 64, 15, 8  # row b: b pads and T - b real tokens (15, 14, ..., 8)
 # the attention family masks keys instead (tested with the model plumbing); every other mixin is recurrent
 ATTENTION = {
-    "gqa", "swa", "mla", "fox", "path_attn", "stickbreaking_attn", "nsa", "moba", "deltaformer", "parallax", "wall_attn"
+    "gqa",
+    "swa",
+    "mla",
+    "fox",
+    "path_attn",
+    "stickbreaking_attn",
+    "nsa",
+    "moba",
+    "deltaformer",
+    "parallax",
+    "wall_attn",
+    "bitattn",
 }
 RECURRENT = sorted(set(components("mixin")) - ATTENTION)
 TOKEN_BUFFERS = {"conv", "shift"}  # state entries holding past inputs (short conv, token shift)
