@@ -69,6 +69,21 @@ def recall_scores(
     return correct / answers, among / answers
 
 
+def check_options(seq_len: int, pairs: int, examples: int, run_name: str, max_len: int) -> None:
+    """Refuse `eval.mqar_*` values that cannot make an example, in one line naming the option."""
+    if seq_len > max_len or seq_len % 2:
+        raise ArchiFactoryError(
+            f"eval.mqar_seq_len={seq_len} must be even and at most run {run_name}'s context ({max_len})"
+        )
+    if not 1 <= pairs <= seq_len // 4:
+        raise ArchiFactoryError(
+            f"eval.mqar_pairs={pairs} must be in [1, eval.mqar_seq_len / 4 = {seq_len // 4}] (context plus one "
+            "query slot per key)"
+        )
+    if examples < 1:
+        raise ArchiFactoryError(f"eval.mqar_examples={examples} must be positive")
+
+
 def run_mqar(job: EvalJob) -> list[TaskResult]:
     """The eval runner (`archifactory.cli.eval.RUNNERS["mqar"]`) for text-trained runs."""
     run, options = job.run, job.options
@@ -76,11 +91,8 @@ def run_mqar(job: EvalJob) -> list[TaskResult]:
         raise ArchiFactoryError(
             f"run {run.name} is a synthetic probe: score it with `accuracy` (mqar is zero-shot recall of text models)"
         )
-    max_len = int(run.config.model.get("max_seq_len") or run.config.trainer.seq_len)
-    if options.mqar_seq_len > max_len:
-        raise ArchiFactoryError(
-            f"eval.mqar_seq_len={options.mqar_seq_len} is longer than run {run.name}'s context ({max_len}): lower it"
-        )
+    check_options(options.mqar_seq_len, options.mqar_pairs, options.mqar_examples, run.name,
+                  int(run.config.model.get("max_seq_len") or run.config.trainer.seq_len))  # fmt: skip
     special = set(run.tokenizer.backend.get_added_tokens_decoder())
     ids = ordinary_ids(run.tokenizer.vocab_size, special)
     inputs, targets = recall_examples(

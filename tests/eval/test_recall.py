@@ -15,7 +15,7 @@ from torch import nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.eval.job import EvalConfig, EvalJob
 from archifactory.eval.mc_task import word_order_items, write_word_order_task
-from archifactory.eval.recall import ordinary_ids, recall_examples, recall_scores
+from archifactory.eval.recall import check_options, ordinary_ids, recall_examples, recall_scores
 
 VOCAB = 40
 
@@ -69,6 +69,23 @@ def test_a_recalling_model_scores_one_and_a_wrong_one_nothing() -> None:
     acc, among = recall_scores(Induction(wrong=True), inputs, targets, job())
     assert acc == 0.0  # it names the value before the key (or token 0, never a token here): never right
     assert among == 0.25  # among the values, only k1's query ties to v1 (the first value wins a tie)
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "pairs", "examples", "option"),
+    [
+        (128, 4, 10, "mqar_seq_len"),
+        (33, 4, 10, "mqar_seq_len"),
+        (32, 9, 10, "mqar_pairs"),
+        (32, 4, 0, "mqar_examples"),
+    ],
+)
+def test_bad_options_are_one_line_naming_the_option(
+    seq_len: int, pairs: int, examples: int, option: str
+) -> None:
+    check_options(64, 16, 1, "r", max_len=64)  # the largest example the run takes is accepted
+    with pytest.raises(ArchiFactoryError, match=f"eval.{option}="):
+        check_options(seq_len, pairs, examples, "r", max_len=64)
 
 
 def test_word_order_items_hold_the_real_line_among_its_shuffles(tmp_path: Path) -> None:
