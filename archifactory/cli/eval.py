@@ -63,6 +63,10 @@ RUNNERS: dict[str, Runner] = {
         "loss, perplexity and bits per byte on a validation split (the run's own, or dataset=…)",
         accepts=("dataset",),
     ),
+    "mqar": Runner(
+        "archifactory.eval.recall:run_mqar",
+        "zero-shot multi-query associative recall of a text run, in its own vocabulary (eval.mqar_*)",
+    ),
     "humaneval": Runner(
         "archifactory.eval.humaneval_run:run_humaneval",
         "HumanEval pass@k, the model's code executed in a sandbox (or completions=<file.jsonl>, no model)",

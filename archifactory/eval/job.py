@@ -44,6 +44,9 @@ class EvalConfig:
     allow_unsandboxed: bool = False  # humaneval: with no sandbox, run model-written code unconfined
     timeout: float = 10.0  # humaneval: wall-clock (and CPU) seconds per completion
     memory_mb: int = 1024  # humaneval: address space per sandboxed process
+    mqar_seq_len: int = 64  # mqar: length of each zero-shot recall example
+    mqar_pairs: int = 4  # mqar: key-value pairs per example
+    mqar_examples: int = 500  # mqar: examples scored (drawn from eval.seed)
 
 
 @dataclass

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from archifactory.model.match import apply_match
 from archifactory.study.run import parse_study_args
 from tests.helpers import compose_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sweeper_params(overrides: list[str]) -> dict[str, str]:
@@ -27,7 +31,11 @@ def test_seed_protocol_cpu_is_four_matched_mixins_two_seeds_sft_and_perplexity()
         _, match = apply_match(compose_config([*base, f"mixin={mixin}"]))
         assert abs(match.error) <= 0.01 and match.target == 500_000
     spec = parse_study_args([*base, "study.dir=out", "study.sft_args=dataset.path=chat.jsonl"])
-    assert spec.evals == ["perplexity"] and spec.train_args == base
+    assert spec.evals == ["perplexity", "shakespeare_word_order", "mqar"] and spec.train_args == base
+    (folder,) = [a.partition("=")[2] for a in spec.eval_args if a.startswith("eval.include_path=")]
+    task = (REPO / folder / "shakespeare_word_order.yaml").read_text()  # shipped, read from the repo root
+    data = REPO / task.split("test: ")[1].splitlines()[0]
+    assert len(data.read_text().splitlines()) == 200
     (stage, dataset, extra) = spec.post[0]
     assert (stage.name, dataset) == ("sft", "chat_jsonl")
     assert (
