@@ -73,7 +73,8 @@ def check_writers_are_the_output(kind: str, module: nn.Module, ctx: PositionCont
     x = torch.randn(2, 7, module.hidden_size, dtype=torch.float64)
     y = run(kind, module, ctx, x)
     masked, kept = torch.arange(0, module.hidden_size, 2), torch.arange(1, module.hidden_size, 2)
-    assert y[..., masked].abs().min() > 0, "the output must not be zero already (the check would be vacuous)"
+    # every masked channel is non-zero somewhere (a stick-breaking first token outputs exactly 0 by design)
+    assert y[..., masked].abs().amax(dim=(0, 1)).min() > 0, "a masked channel is zero already (vacuous check)"
     y_masked = writers_masked(kind, module, ctx, x, masked)
     assert y_masked[..., masked].abs().max() == 0, (
         f"{kind}={module.registry_name}: zeroing channels of the declared residual writers' outputs leaves "
