@@ -20,6 +20,8 @@ from archifactory.runs.load import load_run
 from tests.cli_helpers import run_cli
 from tests.grpo.helpers import pretrain_and_sft
 
+pytestmark = pytest.mark.slow  # end to end: a pretrain + SFT fixture, GRPO runs, a SIGKILL and resume
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 SMALL = ["dataset=arith", "grpo.num_generations=4", "grpo.prompts_per_step=2", "grpo.max_completion_length=6",
          "trainer.lr=1e-3", "trainer.num_threads=1"]  # fmt: skip

@@ -18,8 +18,7 @@ from archifactory.runs import layout
 from archifactory.study.run import parse_study_args, report_rows
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
-# one xdist worker runs the three (`--dist loadgroup`): the trained sweep and its evaluations are made once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("study")]
+pytestmark = pytest.mark.slow
 RUNS = [("gqa", 0), ("gqa", 1), ("rwkv6", 0)]
 QA = [("what is red", "apple"), ("who sang", "bird"), ("where sat", "mat")]
 
