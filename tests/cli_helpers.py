@@ -35,8 +35,16 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
         try:
             code = main(list(args))
         except SystemExit as stop:  # Hydra apps exit with sys.exit(1)
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            code = _exit_status(stop.code)
     return subprocess.CompletedProcess(["archifactory", *args], code, out.text, err.text)
+
+
+def _exit_status(code: object) -> int:
+    """The status `sys.exit(code)` gives a process; a message is printed on stderr, as Python does."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
 
 
 class _Captured:
@@ -84,6 +92,8 @@ def _restored_process(cwd: Path, env: dict[str, str] | None) -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     handlers_by_signal = {sig: signal.getsignal(sig) for sig in SIGNALS}
     threads = torch.get_num_threads()
+    root.handlers[:] = []  # as in a fresh interpreter (an earlier in-process command may have left some)
+    root.setLevel(logging.WARNING)
     os.environ.update(env or {})
     os.chdir(cwd)
     try:
