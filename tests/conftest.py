@@ -19,39 +19,26 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+SMALL_FILE = 30  # tests: a file of at most this many goes to one xdist worker as a whole
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order and group the suite for pytest-xdist (`--dist loadgroup`, pyproject's addopts).
-
-    A module with a module-scoped fixture of its own (a trained run, a corpus and its tokenizer) runs on one
-    worker, so that fixture is built once rather than once per worker. Tests marked `slow` go first, then
-    those groups, then the many short tests, which fill in at the end: no worker is left running a
-    three-minute study alone after the other has finished. A module moves as a whole, in its own order.
-    """
-    for item in items:
-        if _has_own_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    # a module keeps its tests together (its fixtures are built once without xdist too), at its best rank
-    rank: dict[str, int] = {}
-    for item in items:
-        rank[item.path.as_posix()] = min(rank.get(item.path.as_posix(), 2), _dispatch_rank(item))
+    """Files holding a `slow` test run first, each file's tests together and in their own order: under
+    pytest-xdist the long end-to-end tests start at once and the many short ones fill in at the end, so no
+    worker is left running a three-minute study alone after the other has finished."""
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
     order = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (rank[item.path.as_posix()], order[id(item)]))
+    items.sort(key=lambda item: (item.path not in slow, order[id(item)]))
 
 
-def _has_own_module_fixture(item: pytest.Item) -> bool:
-    module = getattr(item, "module", None)
-    infos = getattr(item, "_fixtureinfo", None)
-    if module is None or infos is None:
-        return False
-    return any(
-        definition.scope == "module" and definition.baseid == item.nodeid.split("::")[0]  # not a conftest's
-        for definitions in infos.name2fixturedefs.values()
-        for definition in definitions
-    )
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without pytest-xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`-n N` (xdist's `load`): a small file is one unit of work, so its module-scoped fixtures (a trained
+    run, a corpus and its tokenizer) are built once, not once per worker; a large parametrised file is spread
+    test by test. Units are sent in collection order (slow files first, above). Another `--dist` is xdist's.
+    (xdist's own `xdist_group` does not take effect under pytest 9: it renames `item._nodeid`.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from tests.xdist_units import FileUnitScheduling
 
-
-def _dispatch_rank(item: pytest.Item) -> int:
-    if item.get_closest_marker("slow") is not None:
-        return 0
-    return 1 if item.get_closest_marker("xdist_group") is not None else 2
+    return FileUnitScheduling(config, log, SMALL_FILE)
