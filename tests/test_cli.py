@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from archifactory.config.compose import GROUPS, group_options
+from tests.cli_helpers import run_cli
 from tests.train.test_loop import write_corpus
 
 ENV = os.environ | {
@@ -26,6 +28,7 @@ ENV = os.environ | {
 
 
 def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m archifactory *args` in a subprocess (process behaviour: kills, launchers, start-up)."""
     return subprocess.run(
         [sys.executable, "-m", "archifactory", *args],
         cwd=cwd,
@@ -73,7 +76,7 @@ def test_list_shows_every_group_and_option(tmp_path: Path) -> None:
 )
 def test_compose_errors_are_short_and_fail(args: list[str], message: str, tmp_path: Path) -> None:
     """The README: an unknown key or a wrong type fails "with one line naming the key"."""
-    result = cli("train", *args, cwd=tmp_path)
+    result = run_cli("train", *args, cwd=tmp_path)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -81,17 +84,17 @@ def test_compose_errors_are_short_and_fail(args: list[str], message: str, tmp_pa
 
 
 def test_unknown_mixin_is_one_line(tmp_path: Path) -> None:
-    result = cli("train", "mixin=nope", cwd=tmp_path)
+    result = run_cli("train", "mixin=nope", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
 
 
 def test_bad_input_errors_are_one_line(corpus_args: list[str], tmp_path: Path) -> None:
-    bad_heads = cli("train", *corpus_args, "model.hidden_size=100", "model.num_heads=3", cwd=tmp_path)
+    bad_heads = run_cli("train", *corpus_args, "model.hidden_size=100", "model.num_heads=3", cwd=tmp_path)
     assert bad_heads.returncode == 1
     assert (
         bad_heads.stderr.strip().splitlines()[-1].startswith("error: model.hidden_size=100 is not divisible")
     )
-    missing = cli(
+    missing = run_cli(
         "train", "dataset=text", f"dataset.path={tmp_path / 'nowhere'}", "trainer=smoke", cwd=tmp_path
     )
     assert missing.returncode == 1 and "nowhere" in missing.stderr.strip().splitlines()[-1]
@@ -101,7 +104,7 @@ def test_bad_input_errors_are_one_line(corpus_args: list[str], tmp_path: Path) -
 
 def test_default_train_offline_stops_fast_with_an_offline_alternative(tmp_path: Path) -> None:
     start = time.perf_counter()
-    result = cli("train", "trainer=smoke", cwd=tmp_path, timeout=120)
+    result = run_cli("train", "trainer=smoke", cwd=tmp_path)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "dataset=text" in last
@@ -109,13 +112,13 @@ def test_default_train_offline_stops_fast_with_an_offline_alternative(tmp_path: 
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
-    result = cli("train", "mixin=gqa", "mixin.num_kv_heads=2", "--cfg", "job", cwd=tmp_path)
+    result = run_cli("train", "mixin=gqa", "mixin.num_kv_heads=2", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0 and "num_kv_heads: 2" in result.stdout
 
 
 @pytest.mark.slow
 def test_multirun_makes_one_run_dir_per_variant(corpus_args: list[str], tmp_path: Path) -> None:
-    result = cli(
+    result = run_cli(
         "train",
         "-m",
         "positional=rope,alibi",
@@ -124,7 +127,6 @@ def test_multirun_makes_one_run_dir_per_variant(corpus_args: list[str], tmp_path
         "trainer.eval_every=2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
-        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
@@ -141,7 +143,8 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus_args: list[str], tmp_p
         "trainer.eval_every=30",
         "trainer.log_every=5",
     ]
-    full = cli("train", *run, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path, timeout=600)
+    # the uninterrupted and the resumed run in this process; the one killed with SIGKILL is a subprocess
+    full = run_cli("train", *run, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
 
     killed_dir = tmp_path / "killed"
@@ -158,9 +161,7 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus_args: list[str], tmp_p
         json.loads((killed_dir / "summary.json").read_text())["status"] == "running"
     )  # killed: never completed
 
-    resumed = cli(
-        "train", *run, f"hydra.run.dir={killed_dir}", "trainer.resume=true", cwd=tmp_path, timeout=600
-    )
+    resumed = run_cli("train", *run, f"hydra.run.dir={killed_dir}", "trainer.resume=true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "full/checkpoints/step_0000060/model.safetensors"))
     b = load_file(str(killed_dir / "checkpoints/step_0000060/model.safetensors"))
@@ -175,13 +176,23 @@ def test_sigkill_then_resume_matches_uninterrupted(corpus_args: list[str], tmp_p
         assert (la is None and lb is None) or abs(la - lb) < 1e-5
 
 
-def test_truncated_checkpoint_is_refused(corpus_args: list[str], tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    first = cli("train", *corpus_args, "trainer.max_steps=10", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def ten_steps(corpus_args: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 10-step run, trained once; each refusal test resumes a copy of it."""
+    run_dir = tmp_path_factory.mktemp("ten_steps") / "run"
+    first = run_cli(
+        "train", *corpus_args, "trainer.max_steps=10", f"hydra.run.dir={run_dir}", cwd=run_dir.parent
+    )
     assert first.returncode == 0, first.stderr[-2000:]
+    return run_dir
+
+
+def test_truncated_checkpoint_is_refused(corpus_args: list[str], ten_steps: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(ten_steps, run_dir)
     weights = run_dir / "checkpoints" / "step_0000010" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    again = cli(
+    again = run_cli(
         "train",
         *corpus_args,
         "trainer.max_steps=20",
@@ -193,15 +204,12 @@ def test_truncated_checkpoint_is_refused(corpus_args: list[str], tmp_path: Path)
     assert "corrupt" in again.stderr.strip().splitlines()[-1]
 
 
-def test_other_architecture_checkpoint_is_refused(corpus_args: list[str], tmp_path: Path) -> None:
+def test_other_architecture_checkpoint_is_refused(
+    corpus_args: list[str], ten_steps: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
-    assert (
-        cli(
-            "train", *corpus_args, "trainer.max_steps=10", f"hydra.run.dir={run_dir}", cwd=tmp_path
-        ).returncode
-        == 0
-    )
-    other = cli(
+    shutil.copytree(ten_steps, run_dir)
+    other = run_cli(
         "train",
         *corpus_args,
         "ffn=mlp",
@@ -237,7 +245,7 @@ def test_submitit_sweep_runs_each_variant_as_a_job(corpus_args: list[str], tmp_p
 
 def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = cli(
+    result = run_cli(
         "train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import cli
+from tests.cli_helpers import run_cli
 from tests.train.test_loop import write_corpus
 
 
@@ -31,7 +31,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "trainer.max_steps=3",
         f"hydra.run.dir={run_dir}",
     ]
-    result = cli("train", *args, cwd=root)
+    result = run_cli("train", *args, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir, result.stdout
 
@@ -50,7 +50,7 @@ def test_train_ends_with_the_run_summary_line(trained: tuple[Path, str]) -> None
 
 def test_generate_and_export_close_on_stderr(trained: tuple[Path, str], tmp_path: Path) -> None:
     run_dir, _ = trained
-    generated = cli(
+    generated = run_cli(
         "generate", f"run={run_dir}", "prompt=Once", "max_new_tokens=5", "num_samples=2", cwd=tmp_path
     )
     assert generated.returncode == 0, generated.stderr
@@ -60,7 +60,7 @@ def test_generate_and_export_close_on_stderr(trained: tuple[Path, str], tmp_path
         rf"done: 2 sample\(s\), \d+ new tokens from {re.escape(str(run_dir))} \(step 3\)", last
     )
     out = tmp_path / "hf"
-    exported = cli("export", f"run={run_dir}", f"out={out}", cwd=tmp_path)
+    exported = run_cli("export", f"run={run_dir}", f"out={out}", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert exported.stdout.strip() == str(out)
     assert exported.stderr.strip().splitlines()[-1] == f"done: exported {run_dir} to {out}"
@@ -69,6 +69,6 @@ def test_generate_and_export_close_on_stderr(trained: tuple[Path, str], tmp_path
 def test_report_ends_with_a_done_line(trained: tuple[Path, str]) -> None:
     """report closes on stdout after the files it wrote (eval closes with its results table)."""
     run_dir, _ = trained
-    reported = cli("report", str(run_dir), cwd=run_dir.parent)
+    reported = run_cli("report", str(run_dir), cwd=run_dir.parent)
     assert reported.returncode == 0, reported.stderr[-2000:]
     assert reported.stdout.strip().splitlines()[-1] == f"done: report of 1 run(s) in {run_dir}"

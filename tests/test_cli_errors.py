@@ -14,7 +14,8 @@ import pytest
 
 from archifactory.runs.layout import LOCK as LOCK_NAME
 from archifactory.runs.lock import RunDirLock
-from tests.test_cli import ENV, cli
+from tests.cli_helpers import run_cli
+from tests.test_cli import ENV
 from tests.train.test_loop import write_corpus
 from tests.train.test_run_record import snapshot
 
@@ -44,7 +45,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "trainer=smoke",
     ]
     done = root / "done"
-    result = cli("train", *args, f"hydra.run.dir={done}", cwd=root)
+    result = run_cli("train", *args, f"hydra.run.dir={done}", cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     return {"root": root, "args": args, "done": done}
 
@@ -60,7 +61,7 @@ def test_nonsense_values_fail_before_any_data_is_prepared(
     setup: dict, tmp_path: Path, override: str, fragment: str
 ) -> None:
     corpus = setup["args"][1]
-    result = cli(
+    result = run_cli(
         "train", "dataset=text", corpus, f"dataset.cache_dir={tmp_path / 'cache'}", override, cwd=tmp_path
     )
     assert_one_error_line(result, fragment)
@@ -84,9 +85,16 @@ loop.build_model = boom
 """
 
 
-def test_unexpected_exception_is_one_line_naming_the_log(setup: dict, tmp_path: Path) -> None:
+def _boom(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("boom in the model builder")
+
+
+def test_unexpected_exception_is_one_line_naming_the_log(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = tmp_path / "run"
-    result = _patched_cli(BOOM, "train", *setup["args"], f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    monkeypatch.setattr("archifactory.train.setup.build_model", _boom)  # what BOOM does, in this process
+    result = run_cli("train", *setup["args"], f"hydra.run.dir={run_dir}", cwd=tmp_path)
     line = assert_one_error_line(
         result, "RuntimeError: boom in the model builder", str(run_dir / "archifactory.log")
     )
@@ -110,7 +118,7 @@ def test_a_second_run_on_a_locked_directory_is_refused(setup: dict, tmp_path: Pa
     shutil.copytree(setup["done"], run_dir)
     with RunDirLock(run_dir):
         before = snapshot(run_dir)
-        result = cli(
+        result = run_cli(
             "train",
             *setup["args"],
             "trainer.max_steps=30",
@@ -135,7 +143,7 @@ def test_refused_resume_leaves_every_byte(
     run_dir = tmp_path / "run"
     shutil.copytree(setup["done"], run_dir)
     before = snapshot(run_dir)
-    result = cli(
+    result = run_cli(
         "train",
         *setup["args"],
         *extra,
@@ -152,7 +160,7 @@ def test_requeued_completed_run_is_a_no_op(setup: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(setup["done"], run_dir)
     before = snapshot(run_dir)
-    result = cli("train", *setup["args"], "trainer.resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_cli("train", *setup["args"], "trainer.resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already completed (20 steps): nothing to do" in result.stdout
     assert snapshot(run_dir) == before
@@ -163,7 +171,7 @@ def test_binary_file_is_refused(setup: dict, tmp_path: Path) -> None:
     write_corpus(corpus, documents=50)
     (corpus / "image.txt").write_bytes(bytes(range(256)) * 64)
     args = [a if not a.startswith("dataset.path=") else f"dataset.path={corpus}" for a in setup["args"]]
-    result = cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_cli("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert_one_error_line(result, "image.txt looks binary")
 
 
@@ -190,10 +198,10 @@ def test_full_disk_is_one_line_and_keeps_the_resume_point(
     # each checkpoint of this model is ~0.45 MiB: the first fits, the second (kept alongside) does not
     args = setup["args"]
     run_dir = small_disk / "run"
-    result = cli("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_cli("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert_one_error_line(result, "could not write checkpoint", "step_0000010 stays the resume point")
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
-    resumed = cli("train", *args, "trainer.resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    resumed = run_cli("train", *args, "trainer.resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert_one_error_line(resumed, "could not write checkpoint", "step_0000010 stays the resume point")
     assert (run_dir / "checkpoints" / "step_0000010" / "trainer_state.json").is_file()

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import cli, corpus_args  # noqa: F401  (a fixture)
+from tests.cli_helpers import run_cli
+from tests.test_cli import corpus_args  # noqa: F401  (a fixture)
 
 
 @pytest.mark.slow
 def test_sweep_over_layer_patterns(corpus_args: list[str], tmp_path: Path) -> None:  # noqa: F811
-    result = cli(
+    result = run_cli(
         "train",
         "-m",
         "model.layer_pattern=[gated_deltanet,gqa],[hgrn2]",
@@ -21,7 +22,6 @@ def test_sweep_over_layer_patterns(corpus_args: list[str], tmp_path: Path) -> No
         "trainer.eval_every=2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
-        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
@@ -33,7 +33,7 @@ def test_sweep_over_layer_patterns(corpus_args: list[str], tmp_path: Path) -> No
 
 
 def test_bad_pattern_entry_is_one_line(corpus_args: list[str], tmp_path: Path) -> None:  # noqa: F811
-    result = cli("train", "model.layer_pattern=[gqa,{name:gqa,bogus:1}]", *corpus_args, cwd=tmp_path)
+    result = run_cli("train", "model.layer_pattern=[gqa,{name:gqa,bogus:1}]", *corpus_args, cwd=tmp_path)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "bogus" in lines[0], result.stderr

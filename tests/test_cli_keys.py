@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from archifactory.config.validation import unknown_key_message, unknown_keys
+from tests.cli_helpers import run_cli
 from tests.helpers import compose_config
-from tests.test_cli import cli
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ def test_unknown_key_suggests_the_nearest_and_is_refused_with_plus(
     override: str, message: str, tmp_path: Path
 ) -> None:
     # a dataset path that does not exist: the key must be refused before the data is even looked at
-    result = cli("train", "dataset=text", f"dataset.path={tmp_path / 'none'}", override, cwd=tmp_path)
+    result = run_cli("train", "dataset=text", f"dataset.path={tmp_path / 'none'}", override, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: {message}"], result.stderr
@@ -37,7 +37,7 @@ def test_unknown_key_suggests_the_nearest_and_is_refused_with_plus(
 
 
 def test_unknown_appended_key_stops_a_sweep(tmp_path: Path) -> None:
-    result = cli(
+    result = run_cli(
         "train", "-m", "+trainer.max_step=1,2", "dataset=text", "dataset.path=/no/such", cwd=tmp_path
     )
     assert result.returncode == 1

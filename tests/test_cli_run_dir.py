@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_cli import ENV, cli
+from tests.cli_helpers import run_cli
+from tests.test_cli import ENV
 from tests.train.test_loop import write_corpus
 
 
@@ -36,7 +37,7 @@ def test_default_run_dir_holds_config_overrides_log_and_metrics(
     corpus_args: list[str], tmp_path: Path
 ) -> None:
     args = [*corpus_args, "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=2"]
-    result = cli("train", *args, cwd=tmp_path)
+    result = run_cli("train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     # <mixin>_<ffn>_<positional>_<model>_<dataset>-<digest of the dataset identity>_s<seed>
     (run_dir,) = (tmp_path / "outputs").glob("gqa_swiglu_rope_tiny_text-??????_s0")

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from archifactory.config.resolvers import dataset_digest
+from tests.cli_helpers import run_cli
 from tests.helpers import compose_config
-from tests.test_cli import ENV, cli
+from tests.test_cli import ENV
 from tests.train.test_loop import write_corpus
 
 
@@ -52,11 +53,11 @@ def test_a_mistyped_path_next_to_a_completed_run_does_not_exist(tmp_path: Path) 
         "trainer=smoke",
         "trainer.max_steps=2",
     ]
-    done = cli("train", *common, f"dataset.path={corpus}", cwd=tmp_path)
+    done = run_cli("train", *common, f"dataset.path={corpus}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     runs = sorted(p.name for p in (tmp_path / "outputs").iterdir())
     assert len(runs) == 1 and runs[0].startswith("gqa_swiglu_rope_tiny_text-")
-    typo = cli("train", *common, f"dataset.path={corpus}x", cwd=tmp_path)
+    typo = run_cli("train", *common, f"dataset.path={corpus}x", cwd=tmp_path)
     assert typo.returncode == 1
     assert typo.stderr.strip().splitlines() == [
         f"error: dataset.path={corpus}x does not exist; point it at a file, a folder or a glob"
@@ -68,7 +69,7 @@ def test_a_run_refused_while_reading_its_data_leaves_no_folder(tmp_path: Path) -
     binary = tmp_path / "corpus" / "blob.txt"
     binary.parent.mkdir()
     binary.write_bytes(bytes(range(256)) * 8)
-    result = cli("train", "dataset=text", f"dataset.path={binary.parent}", "trainer=smoke", cwd=tmp_path)
+    result = run_cli("train", "dataset=text", f"dataset.path={binary.parent}", "trainer=smoke", cwd=tmp_path)
     assert result.returncode == 1 and "looks binary" in result.stderr
     outputs = tmp_path / "outputs"
     assert not outputs.exists() or list(outputs.iterdir()) == []

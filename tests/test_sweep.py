@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import cli, corpus_args  # noqa: F401  (the module-scoped corpus fixture)
+from tests.cli_helpers import run_cli
+from tests.test_cli import corpus_args  # noqa: F401  (the module-scoped corpus fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +21,7 @@ def summaries(sweep: Path) -> dict[str, dict]:
 
 
 def check_report(sweep: Path, tmp_path: Path, expected_variants: dict[str, list[dict]]) -> None:
-    result = cli("report", str(sweep), cwd=tmp_path)
+    result = run_cli("report", str(sweep), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = {row["variant"]: row for row in csv.DictReader((sweep / "report.csv").open())}
     assert set(rows) == set(expected_variants)
@@ -46,7 +47,7 @@ def test_sweep_survives_a_failed_job_and_reports(tmp_path: Path, corpus_args: li
     sweep = tmp_path / "sweep"
     base = [a for a in corpus_args if not a.startswith("model.hidden_size=")]
     args = [*base, "trainer.max_steps=6", "trainer.eval_every=3", f"hydra.sweep.dir={sweep}"]
-    result = cli("train", "-m", "model.hidden_size=32,66,64", "seed=0,1", *args, cwd=tmp_path)
+    result = run_cli("train", "-m", "model.hidden_size=32,66,64", "seed=0,1", *args, cwd=tmp_path)
     assert result.returncode == 1
     assert "error: 2 sweep job(s) failed" in result.stderr
     assert "Traceback" not in result.stderr
@@ -68,7 +69,7 @@ def test_sweep_survives_a_failed_job_and_reports(tmp_path: Path, corpus_args: li
 def test_parallel_launcher_runs_jobs_side_by_side(tmp_path: Path, corpus_args: list[str]) -> None:  # noqa: F811
     sweep = tmp_path / "sweep"
     args = [*corpus_args, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.sweep.dir={sweep}"]
-    result = cli(
+    result = run_cli(
         "train", "-m", "hydra/launcher=parallel", "hydra.launcher.jobs=2", "model.target_params=100k,1",
         "mixin=rnn,lstm", *args, cwd=tmp_path,
     )  # fmt: skip

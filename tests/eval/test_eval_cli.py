@@ -22,6 +22,7 @@ from archifactory.eval.job import EvalConfig, EvalJob
 from archifactory.eval.perplexity import own_split
 from archifactory.runs.load import load_run
 from archifactory.train.loop import train
+from tests.cli_helpers import run_cli
 from tests.eval.mmlu_fixture import write_mmlu_tasks
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
@@ -41,6 +42,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m archifactory *args` in a subprocess (a fresh Hub cache set through the environment)."""
     return subprocess.run([sys.executable, "-m", "archifactory", *args], cwd=cwd, env=env or ENV,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
@@ -85,7 +87,7 @@ def test_cli_local_mmlu_and_perplexity_on_a_sweep_folder(trained: dict, tmp_path
     for name in ("0_a", "1_b"):
         shutil.copytree(trained["run_dir"], sweep / name)
     tasks = write_mmlu_tasks(tmp_path / "tasks", {"anatomy": 4, "virology": 3})
-    result = cli("eval", "local_mmlu,perplexity", f"run={sweep}", f"eval.include_path={tmp_path / 'tasks'}",
+    result = run_cli("eval", "local_mmlu,perplexity", f"run={sweep}", f"eval.include_path={tmp_path / 'tasks'}",
                  "eval.num_fewshot=1", "eval.batch_size=4", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -108,11 +110,11 @@ def test_cli_local_mmlu_and_perplexity_on_a_sweep_folder(trained: dict, tmp_path
 def test_refusals_are_one_line(trained: dict, tmp_path: Path) -> None:
     unfinished = tmp_path / "outputs" / "unfinished"
     shutil.copytree(trained["run_dir"] / ".hydra", unfinished / ".hydra")
-    result = cli("eval", "perplexity", f"run={unfinished}", cwd=tmp_path)
+    result = run_cli("eval", "perplexity", f"run={unfinished}", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: ") and "checkpoint" in result.stderr
 
-    result = cli("eval", "perplexity", cwd=tmp_path / "outputs")  # no outputs/ under this folder
+    result = run_cli("eval", "perplexity", cwd=tmp_path / "outputs")  # no outputs/ under this folder
     assert result.returncode == 1 and "no completed run" in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -168,7 +170,7 @@ def test_a_folder_of_mixed_runs_skips_what_does_not_apply_and_reports_a_failure_
                             "dataset.val_examples=8", "model=tiny", "model.hidden_size=32", "trainer=smoke",
                             "trainer.seq_len=16", "trainer.max_steps=2", "run_name=b_probe"])  # fmt: skip
     assert train(probe, folder / "b_probe")["status"] == "completed"
-    result = cli("eval", "perplexity", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
+    result = run_cli("eval", "perplexity", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith(f"error: {folder / 'd_broken'}: "), result.stderr[-3000:]
@@ -182,9 +184,9 @@ def test_a_folder_of_mixed_runs_skips_what_does_not_apply_and_reports_a_failure_
         assert (folder / name / "eval" / "perplexity.json").is_file()
     assert not (folder / "d_broken" / "eval").exists()
     shutil.rmtree(folder / "d_broken")  # nothing failed: exit 0, the probe still skipped in one line
-    result = cli("eval", "perplexity", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
+    result = run_cli("eval", "perplexity", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr[-3000:]
     assert result.stdout.count("skipped") == 1
-    result = cli("eval", "accuracy", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
+    result = run_cli("eval", "accuracy", f"run={folder}", "eval.show_progress=false", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.count("skipped") == 2, result.stderr[-3000:]
     assert (folder / "b_probe" / "eval" / "accuracy.json").is_file()

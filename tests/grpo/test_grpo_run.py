@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from archifactory.runs.load import load_run
+from tests.cli_helpers import run_cli
 from tests.grpo.helpers import pretrain_and_sft
+
+pytestmark = pytest.mark.slow  # end to end: a pretrain + SFT fixture, GRPO runs, a SIGKILL and resume
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 SMALL = ["dataset=arith", "grpo.num_generations=4", "grpo.prompts_per_step=2", "grpo.max_completion_length=6",
@@ -31,6 +34,7 @@ def sft_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m archifactory *args` in a subprocess: the real command line."""
     return subprocess.run([sys.executable, "-m", "archifactory", *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
 
@@ -46,7 +50,9 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_grpo_runs_end_to_end(
     mixin: str, extra: list[str], sft_runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    result = cli("grpo", f"init_from={sft_runs[mixin]}", *SMALL, *extra, "trainer.max_steps=3", cwd=tmp_path)
+    result = run_cli(
+        "grpo", f"init_from={sft_runs[mixin]}", *SMALL, *extra, "trainer.max_steps=3", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "outputs" / f"sft_{mixin}-grpo-arith"
     assert result.stdout.strip().splitlines()[-1].startswith(f"done: {run_dir}: completed, 3 steps")
@@ -61,7 +67,7 @@ def test_grpo_runs_end_to_end(
     assert (records[-1]["kl"] is not None) == ("grpo.beta=0.1" in extra)
     run = load_run(run_dir)  # a loadable run: its own tokenizer, config and checkpoint
     assert run.step == 3 and run.tokenizer.vocab_size == load_run(sft_runs[mixin]).tokenizer.vocab_size
-    report = cli("report", str(run_dir), cwd=tmp_path)
+    report = run_cli("report", str(run_dir), cwd=tmp_path)
     assert report.returncode == 0 and "| reward " in report.stdout, report.stderr[-1500:]
 
 
@@ -73,7 +79,8 @@ def test_kill_9_then_resume_matches_uninterrupted(sft_runs: dict[str, Path], tmp
         "trainer.max_steps=30",
         "trainer.checkpoint_every=3",
     ]
-    full = cli(*run, "run_name=full", cwd=tmp_path)
+    # the uninterrupted and the resumed run in this process; the one killed with SIGKILL is a subprocess
+    full = run_cli(*run, "run_name=full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = tmp_path / "outputs" / "killed"
     process = subprocess.Popen([sys.executable, "-m", "archifactory", *run, "run_name=killed"], cwd=tmp_path,
@@ -84,7 +91,7 @@ def test_kill_9_then_resume_matches_uninterrupted(sft_runs: dict[str, Path], tmp
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert json.loads((killed / "summary.json").read_text())["status"] == "running"  # killed, never completed
-    resumed = cli(*run, "run_name=killed", "trainer.resume=true", cwd=tmp_path)
+    resumed = run_cli(*run, "run_name=killed", "trainer.resume=true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     first = load_file(str(tmp_path / "outputs/full/checkpoints/step_0000030/model.safetensors"))
     second = load_file(str(killed / "checkpoints/step_0000030/model.safetensors"))

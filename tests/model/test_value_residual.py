@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from archifactory.config.compose import composer
 from archifactory.config.hybrid import cfg_variant_label
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import components
@@ -42,12 +43,13 @@ def model_for(mixin: str, *extra: str, seed: int = 0) -> StackedMixinForCausalLM
 def declaring_mixins() -> list[str]:
     """Every registered mixin whose layer declares values (a newcomer that declares gets these tests)."""
     names = []
-    for name in sorted(components("mixin")):
-        cfg = compose_config([*SHAPE, f"mixin={name}"])
-        with torch.device("meta"):  # shapes only
-            mixin = component_factory("mixin", cfg.mixin, 32, 3, 32)(layer_idx=0)
-        if mixin.value_gate() is not None:
-            names.append(name)
+    with composer() as make:  # one Hydra context for all (this runs at collection, in every xdist worker)
+        for name in sorted(components("mixin")):
+            cfg = make([*SHAPE, f"mixin={name}"])
+            with torch.device("meta"):  # shapes only
+                mixin = component_factory("mixin", cfg.mixin, 32, 3, 32)(layer_idx=0)
+            if mixin.value_gate() is not None:
+                names.append(name)
     return names
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from archifactory.generate.sampling import generate
 from archifactory.runs.load import load_run, load_run_config, load_run_tokenizer
 from archifactory.train.init_from import grow_rows, init_from_pretrained
 from archifactory.train.loop import train
+from tests.cli_helpers import run_cli
 from tests.helpers import compose_config
 from tests.run_helpers import train_tiny_run, write_small_corpus
 
@@ -242,15 +241,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "archifactory", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """`archifactory *args`, offline, in this process (`tests/cli_helpers.py`)."""
+    return run_cli(*args, cwd=cwd, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
 
 @pytest.mark.parametrize(

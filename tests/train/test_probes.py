@@ -104,6 +104,7 @@ def test_mad_without_task_is_one_line(tmp_path: Path, monkeypatch, capsys) -> No
     assert "error: dataset=mad needs a task" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_gqa_learns_mqar(tmp_path: Path) -> None:
     """A 2-layer d=64 attention model reaches >= 0.9 answer accuracy on small MQAR (2 pairs, length 16),
     and `archifactory eval accuracy` reports the same figure from its checkpoint."""
