@@ -38,9 +38,9 @@ def test_seed_protocol_cpu_is_four_matched_mixins_two_seeds_sft_and_perplexity()
     assert len(data.read_text().splitlines()) == 200
     (stage, dataset, extra) = spec.post[0]
     assert (stage.name, dataset) == ("sft", "chat_jsonl")
-    assert (
-        extra[0] == "trainer.max_steps=40" and extra[-1] == "dataset.path=chat.jsonl"
-    )  # the line's come last
+    shipped = REPO / extra[0].partition("=")[2]  # the recipe's chat file, read from the repo root
+    assert extra[0].startswith("dataset.path=examples/chat/") and len(shipped.read_text().splitlines()) == 400
+    assert extra[-1] == "dataset.path=chat.jsonl"  # the command line's come last, so they win
 
 
 def test_seed_protocol_is_tinystories_limo_mmlu_humaneval() -> None:
