@@ -19,7 +19,7 @@ from tests.helpers import compose_config
 
 EAGER_RNN_MIXINS = {"lstm", "rnn"}  # nn.LSTM / nn.RNN: Dynamo refuses them (README "Compile")
 RNN_BREAK = "Dynamo does not support RNN, GRU, or LSTM"
-SEQ_LEN = 40
+SEQ_LEN = 24
 
 
 SHAPE = [
@@ -33,7 +33,7 @@ SHAPE = [
 
 def explain(overrides: list[str]):
     cfg = compose_config([*SHAPE, *overrides])
-    if "chunk_size" in cfg.mixin:  # small chunks: the traced graph crosses chunk boundaries (40 = 16+16+8)
+    if "chunk_size" in cfg.mixin:  # chunk 16: the traced graph crosses into a partial chunk (24 = 16+8)
         cfg = compose_config([*SHAPE, *overrides, "mixin.chunk_size=16"])
     model = build_model(cfg, 64)
     ids = torch.randint(0, 64, (2, SEQ_LEN))
