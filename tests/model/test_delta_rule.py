@@ -173,6 +173,14 @@ def test_gated_deltanet_decay_follows_mamba2_parameterisation() -> None:
     assert g.shape == (2, 5, 4, 8) and (g < 0).all()
 
 
+def test_gated_deltanet_draws_a_from_zero_to_sixteen() -> None:
+    """A ~ U[0, 16] (the paper's and fla 0.6.0's init), not U[1, 16]: 64 heads of a fixed seed reach
+    below 1 (probability 1 − (15/16)^64 ≈ 98% of seeds; this one does) and never above 16."""
+    torch.manual_seed(0)
+    a = GatedDeltaNet(64, 0, num_heads=64, expand_v=1.0).A_log.exp()
+    assert a.min() < 1 and a.max() <= 16 and a.min() > 0
+
+
 def test_rwkv7_decay_stays_in_its_bounded_range() -> None:
     """log w = −e^{−0.5} · sigmoid(·) ∈ (−0.607, 0): the reference never sees a stronger decay."""
     layer = RWKV7TimeMix(32, 0, num_heads=4, decay_rank=8, a_rank=8, gate_rank=8).double()

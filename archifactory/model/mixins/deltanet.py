@@ -256,8 +256,8 @@ class GatedDeltaNet(DeltaRuleMixin):
         g_t = −exp(A_log) · softplus(a_proj x_t + dt_bias),
         S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t / sqrt(d_k)
     (gating lets the state forget quickly, the delta rule overwrite precisely). Output: per-head RMSNorm
-    gated by SiLU(g_proj x), then out_proj. Init: A ~ U[1, 16], dt ~ log-U[0.001, 0.1] (stored as
-    softplus⁻¹). Decode state: S [B, H, d_k, d_v] and the conv buffer.
+    gated by SiLU(g_proj x), then out_proj. Init (the paper's and fla's): A ~ U[0, 16], dt ~
+    log-U[0.001, 0.1] (stored as softplus⁻¹). Decode state: S [B, H, d_k, d_v] and the conv buffer.
 
     Options: as DeltaNet (expand_v 2 and use_gate true by default, as in the paper's layer), backend
     `auto` takes fla's `chunk_gated_delta_rule` on CUDA.
@@ -285,7 +285,7 @@ class GatedDeltaNet(DeltaRuleMixin):
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
         )  # fmt: skip
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
         self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
 
