@@ -166,7 +166,8 @@ def test_gated_deltanet_decay_follows_mamba2_parameterisation() -> None:
     """g = −exp(A_log) · softplus(a_proj x + dt_bias), by hand."""
     layer = GatedDeltaNet(32, 0, num_heads=4).double()
     x = torch.randn(2, 5, 32, dtype=torch.float64)
-    expected = -layer.A_log.exp() * torch.nn.functional.softplus(x @ layer.a_proj.weight.T + layer.dt_bias)
+    decay = layer.head_decay
+    expected = -decay.A_log.exp() * torch.nn.functional.softplus(x @ decay.a_proj.weight.T + decay.dt_bias)
     torch.testing.assert_close(layer.log_decay(x), expected)
     kda = KimiDeltaAttention(32, 0, num_heads=4).double()
     g = kda.log_decay(x)
@@ -177,7 +178,7 @@ def test_gated_deltanet_draws_a_from_zero_to_sixteen() -> None:
     """A ~ U[0, 16] (the paper's and fla 0.6.0's init), not U[1, 16]: 64 heads of a fixed seed reach
     below 1 (probability 1 − (15/16)^64 ≈ 98% of seeds; this one does) and never above 16."""
     torch.manual_seed(0)
-    a = GatedDeltaNet(64, 0, num_heads=64, expand_v=1.0).A_log.exp()
+    a = GatedDeltaNet(64, 0, num_heads=64, expand_v=1.0).head_decay.A_log.exp()
     assert a.min() < 1 and a.max() <= 16 and a.min() > 0
 
 

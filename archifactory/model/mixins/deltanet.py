@@ -12,8 +12,6 @@ kernel both leave the state of a left-padded row exactly as the row alone would.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,11 +20,14 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
 from archifactory.model.mixins.kit import (
+    HeadDecay,
     ShortConvolution,
     check_divisible,
     fla_backend,
     fla_op,
     head_rms_norm,
+    inverse_softplus_dt,
+    low_rank_gate,
     zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
@@ -34,14 +35,6 @@ from archifactory.model.mixins.reference.delta_rule import chunk_delta_rule, del
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.model.value_residual import ValueGate
-
-
-def inverse_softplus_dt(size: int, dt_min: float = 0.001, dt_max: float = 0.1) -> Tensor:
-    """Mamba's dt_bias init: dt ~ log-U[dt_min, dt_max], stored as softplus⁻¹(dt)."""
-    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
-        min=1e-4
-    )
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 class DeltaRuleMixin(Mixin):
@@ -64,6 +57,7 @@ class DeltaRuleMixin(Mixin):
         chunk_size: int,
         backend: str,
         num_householder: int = 1,
+        head_decay: tuple[float, float] | None = None,
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         name = f"mixin={self.registry_name}"
@@ -82,30 +76,39 @@ class DeltaRuleMixin(Mixin):
         self.chunk_size, self.norm_eps = chunk_size, norm_eps
         self.num_heads, self.head_v_dim = num_heads, int(head_v_dim)
         self.key_dim, self.value_dim = hidden_size, num_heads * self.head_v_dim
-        self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate
+        self.allow_neg_eigval = allow_neg_eigval
         # GatedDeltaProduct's n keys, values and βs per token (n = 1: one delta step, the other mixers)
         self.num_householder = num_householder
         width = self.key_dim + num_householder * (self.key_dim + self.value_dim)
         self.qkv_proj = nn.Linear(hidden_size, width, bias=False)
         self.conv = ShortConvolution(width, conv_size) if use_short_conv else None
         self.b_proj = nn.Linear(hidden_size, num_heads * num_householder, bias=False)
+        # `head_decay`: the A init range of a Mamba2-style scalar decay per head (None: no such decay)
+        self.head_decay = None if head_decay is None else HeadDecay(hidden_size, num_heads, head_decay)
+        self.g_proj = self.make_output_gate(hidden_size) if use_gate else None
         self.norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
+    def make_output_gate(self, hidden_size: int) -> nn.Module:
+        """The output gate's projection x -> [B, T, value_dim]: one Linear (KDA's is low-rank)."""
+        return nn.Linear(hidden_size, self.value_dim, bias=False)
+
     def log_decay(self, x: Tensor) -> Tensor | None:
         """log D_t: None (no decay), [B, T, H] or [B, T, H, K], in the compute dtype."""
-        return None
+        return None if self.head_decay is None else self.head_decay(x)
 
     def output_gate(self, x: Tensor) -> Tensor | None:
         """The output gate's pre-activation [B, T, value_dim], or None without a gate."""
-        return None
+        return None if self.g_proj is None else self.g_proj(x)
 
     gate_activation: str = "swish"
 
     def init_roles(self) -> InitRoles:
-        # the output-norm gain and the decay parameters (A_log, dt_bias) are drawn in the constructors;
-        # the short conv keeps its own init
-        return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), self.conv))
+        # the output-norm gain and the decay parameters (A_log, dt_bias; the head decay's) are drawn in
+        # the constructors; the short conv keeps its own init
+        decay = () if self.head_decay is None else self.head_decay.init_keep()
+        conv = () if self.conv is None else (self.conv,)
+        return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), *decay, *conv))
 
     def value_gate(self) -> ValueGate:
         return ValueGate(self.num_householder * self.value_dim)
@@ -241,10 +244,6 @@ class DeltaNet(DeltaRuleMixin):
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
         )  # fmt: skip
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
-
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
 
 
 @register_mixin("gated_deltanet")
@@ -283,19 +282,8 @@ class GatedDeltaNet(DeltaRuleMixin):
             hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
+            head_decay=(0.0, 16.0),
         )  # fmt: skip
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
-
-    def log_decay(self, x: Tensor) -> Tensor:
-        dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
-        return -torch.exp(self.A_log.to(dtype)) * dt
-
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
 
 
 @register_mixin("kda")
@@ -342,10 +330,6 @@ class KimiDeltaAttention(DeltaRuleMixin):
         )
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
         self.dt_bias = nn.Parameter(inverse_softplus_dt(self.key_dim))
-        self.g_proj = nn.Sequential(
-            nn.Linear(hidden_size, self.head_v_dim, bias=False),
-            nn.Linear(self.head_v_dim, self.value_dim, bias=True),
-        )
 
     def log_decay(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x.dtype)
@@ -354,5 +338,5 @@ class KimiDeltaAttention(DeltaRuleMixin):
         dt = dt.view(batch, seq_len, self.num_heads, self.head_k_dim)
         return -torch.exp(self.A_log.to(dtype))[:, None] * dt  # [B, T, H, K]
 
-    def output_gate(self, x: Tensor) -> Tensor:
-        return self.g_proj(x)
+    def make_output_gate(self, hidden_size: int) -> nn.Module:
+        return low_rank_gate(hidden_size, self.head_v_dim, self.value_dim)
