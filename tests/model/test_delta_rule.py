@@ -226,3 +226,13 @@ def _fused_vs_reference(cls, **options) -> None:
 def test_fused_equals_reference_on_cuda(cls) -> None:
     pytest.importorskip("fla")
     _fused_vs_reference(cls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls", [DeltaNet, GatedDeltaNet])
+def test_fused_equals_reference_with_grouped_value_heads(cls) -> None:
+    """fla's GVA (gated: q/k of 4 heads, the kernel maps value heads onto them; deltanet: q/k repeated
+    before fla's kernel) with a key head size of its own (48, not 256 / 4)."""
+    pytest.importorskip("fla")
+    _fused_vs_reference(cls, num_v_heads=8, head_dim=48)

@@ -1,8 +1,9 @@
 """The mixin kit: what several mixins need, written once.
 
 - head checks: `check_divisible` (head size of `num_heads` heads), `grouped_heads` (query heads sharing
-  `num_kv_heads` key/value heads) and `scaled_width` (an `expand_*` width in whole heads), with one-line
-  errors naming the options;
+  `num_kv_heads` key/value heads), `key_head_size` (an explicit `head_dim` or the hidden size's share),
+  `value_heads` (value heads grouped on key heads, fla's GVA) and `scaled_width` (an `expand_*` width in
+  whole heads), with one-line errors naming the options;
 - per-head norms: `head_rms_norm` (ungated, gated after the norm as fla's `FusedRMSNormGated`, or gated
   before it as Mamba2's) and `head_group_norm` (RWKV's per-head GroupNorm with a per-channel affine);
 - `ShortConvolution`: the short causal depthwise convolution + SiLU with an explicit decode buffer;
@@ -79,6 +80,31 @@ def scaled_width(hidden_size: int, expand: float, num_heads: int, name: str, wha
             f"multiple of num_heads={num_heads}; pick {what} so that hidden_size·{what} divides into the heads"
         )
     return int(width)
+
+
+def key_head_size(hidden_size: int, num_heads: int, head_dim: int | None, name: str) -> int:
+    """d_k: `head_dim` when given (independent of the hidden size, as fla's and Qwen3-Next's layers),
+    else hidden_size / num_heads."""
+    if head_dim is None:
+        return check_divisible(hidden_size, num_heads, name)
+    if head_dim < 1 or num_heads < 1:
+        raise ArchiFactoryError(
+            f"{name}: head_dim={head_dim} with num_heads={num_heads}; use a positive head_dim and num_heads "
+            "(or head_dim=null for hidden_size / num_heads)"
+        )
+    return head_dim
+
+
+def value_heads(num_heads: int, num_v_heads: int | None, name: str) -> int:
+    """H_v: `num_v_heads` (None: num_heads), a multiple of num_heads so each key head serves a whole group."""
+    heads = num_heads if num_v_heads is None else num_v_heads
+    if heads < num_heads or heads % num_heads:
+        raise ArchiFactoryError(
+            f"{name}: num_v_heads={heads} is not a multiple of num_heads={num_heads}; pick num_v_heads among "
+            f"the multiples of num_heads ({num_heads}, {2 * num_heads}, ...) or null for one value head per "
+            "key head"
+        )
+    return heads
 
 
 def _per_head(weight: Tensor, x: Tensor) -> Tensor:
