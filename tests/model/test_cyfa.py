@@ -129,9 +129,9 @@ def fla_layer_by_hand(layer: CyclicFlowAttention, x: torch.Tensor) -> torch.Tens
     q, k, v = (
         t.reshape(batch, seq_len, layer.num_heads, -1) for t in qkv.transpose(1, 2).split(layer.widths, -1)
     )
-    a, beta = x @ layer.a_proj.weight.T, torch.sigmoid(layer.b_proj(x))
+    a, beta = x @ layer.head_decay.a_proj.weight.T, torch.sigmoid(layer.b_proj(x))
     delta = torch.sigmoid(layer.d_proj(x.detach()))
-    g = -layer.A_log.exp() * F.softplus(a + layer.dt_bias)
+    g = -layer.head_decay.A_log.exp() * F.softplus(a + layer.head_decay.dt_bias)
     o, _ = naive_recurrent_cyfa(
         q, k, v, g, delta, beta, layer.readout, layer.q_norm_weight, layer.k_norm_weight, EPS, EPS,
         scale=layer.head_k_dim**-0.5,
@@ -150,7 +150,14 @@ def test_layer_matches_fla_layer_by_hand() -> None:
     expected = fla_layer_by_hand(layer, x)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
     upstream = torch.randn_like(y)
-    params = [x, layer.qkv_proj.weight, layer.d_proj.weight, layer.readout, layer.A_log, layer.conv.weight]
+    params = [
+        x,
+        layer.qkv_proj.weight,
+        layer.d_proj.weight,
+        layer.readout,
+        layer.head_decay.A_log,
+        layer.conv.weight,
+    ]
     mine = torch.autograd.grad((y * upstream).sum(), params)
     theirs = torch.autograd.grad((expected * upstream).sum(), params)
     for a, b in zip(mine, theirs):

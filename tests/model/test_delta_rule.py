@@ -166,11 +166,20 @@ def test_gated_deltanet_decay_follows_mamba2_parameterisation() -> None:
     """g = −exp(A_log) · softplus(a_proj x + dt_bias), by hand."""
     layer = GatedDeltaNet(32, 0, num_heads=4).double()
     x = torch.randn(2, 5, 32, dtype=torch.float64)
-    expected = -layer.A_log.exp() * torch.nn.functional.softplus(x @ layer.a_proj.weight.T + layer.dt_bias)
+    decay = layer.head_decay
+    expected = -decay.A_log.exp() * torch.nn.functional.softplus(x @ decay.a_proj.weight.T + decay.dt_bias)
     torch.testing.assert_close(layer.log_decay(x), expected)
     kda = KimiDeltaAttention(32, 0, num_heads=4).double()
     g = kda.log_decay(x)
     assert g.shape == (2, 5, 4, 8) and (g < 0).all()
+
+
+def test_gated_deltanet_draws_a_from_zero_to_sixteen() -> None:
+    """A ~ U[0, 16] (the paper's and fla 0.6.0's init), not U[1, 16]: 64 heads of a fixed seed reach
+    below 1 (probability 1 − (15/16)^64 ≈ 98% of seeds; this one does) and never above 16."""
+    torch.manual_seed(0)
+    a = GatedDeltaNet(64, 0, num_heads=64, expand_v=1.0).head_decay.A_log.exp()
+    assert a.min() < 1 and a.max() <= 16 and a.min() > 0
 
 
 def test_rwkv7_decay_stays_in_its_bounded_range() -> None:
@@ -217,3 +226,13 @@ def _fused_vs_reference(cls, **options) -> None:
 def test_fused_equals_reference_on_cuda(cls) -> None:
     pytest.importorskip("fla")
     _fused_vs_reference(cls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls", [DeltaNet, GatedDeltaNet])
+def test_fused_equals_reference_with_grouped_value_heads(cls) -> None:
+    """fla's GVA (gated: q/k of 4 heads, the kernel maps value heads onto them; deltanet: q/k repeated
+    before fla's kernel) with a key head size of its own (48, not 256 / 4)."""
+    pytest.importorskip("fla")
+    _fused_vs_reference(cls, num_v_heads=8, head_dim=48)

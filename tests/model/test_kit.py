@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from archifactory.core.errors import ArchiFactoryError
+from archifactory.core.registry import get_component
 from archifactory.model.mixins import kit
 from archifactory.model.mixins.deltanet import DeltaRuleMixin
 from archifactory.model.mixins.kit import (
+    HeadDecay,
     KernelImport,
     ShortConvolution,
     append_cache,
@@ -27,6 +29,7 @@ from archifactory.model.mixins.kit import (
     scaled_width,
     token_shift,
 )
+from archifactory.model.roles import parameter_ids
 
 
 def test_import_kernel_tells_a_missing_package_from_a_broken_one(tmp_path, monkeypatch) -> None:
@@ -174,3 +177,38 @@ def test_token_shift_continues_from_the_previous_call() -> None:
     assert torch.equal(shifted[:, 0], torch.zeros(2, 3)) and torch.equal(shifted[:, 1:], x[:, :-1])
     tail = token_shift(x[:, 3:], x[:, 2])
     assert torch.equal(tail, x[:, 2:4])
+
+
+def test_head_decay_is_mamba2s_decay_with_its_init() -> None:
+    """g = −exp(A_log)·softplus(a_proj x + dt_bias) by hand; A ~ U[a_range], softplus(dt_bias) in
+    [0.001, 0.1]; the owner keeps exactly (A_log, dt_bias), a_proj is left to the model's scheme."""
+    torch.manual_seed(0)
+    decay = HeadDecay(16, 256, (1.0, 16.0)).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    expected = -decay.A_log.exp() * F.softplus(x @ decay.a_proj.weight.T + decay.dt_bias)
+    torch.testing.assert_close(decay(x), expected)
+    a, dt = decay.A_log.exp(), F.softplus(decay.dt_bias)
+    assert 1.0 <= a.min() < 2.0 and 15.0 < a.max() <= 16.0
+    assert 0.001 - 1e-9 <= dt.min() < 0.002 and 0.05 < dt.max() <= 0.1 + 1e-9
+    assert [id(p) for p in decay.init_keep()] == [id(decay.A_log), id(decay.dt_bias)]
+
+
+@pytest.mark.parametrize(
+    "name,decays",
+    [
+        ("gated_deltanet", ("head_decay",)),
+        ("comba", ("head_decay",)),
+        ("gated_deltaproduct", ("head_decay",)),
+        ("cyfa", ("head_decay",)),
+        ("precond_gated_deltanet", ("head_decay", "atk_decay")),
+        ("momentum_deltanet", ("head_decay", "mu_decay")),
+    ],
+)
+def test_gated_delta_family_shares_the_head_decay(name: str, decays: tuple[str, ...]) -> None:
+    """Each of these layers owns the kit's HeadDecay (one init, one formula) and keeps its A_log/dt_bias."""
+    layer = get_component("mixin", name)(32, 0, num_heads=2)
+    keep = parameter_ids(layer.init_roles().keep)
+    for attr in decays:
+        decay = getattr(layer, attr)
+        assert isinstance(decay, HeadDecay)
+        assert {id(decay.A_log), id(decay.dt_bias)} <= keep and id(decay.a_proj.weight) not in keep

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.build import build_model
 from archifactory.model.components import build_positional, component_factory
 from archifactory.model.init import init_weights
@@ -171,3 +172,24 @@ def test_builds_as_a_model(hidden: int) -> None:
     assert model.decode_state_size(16) == 2 * 16 * (4 * head + head // 2)
     mixin_params = sum(p.numel() for b in model.blocks for p in b.mixin.parameters())
     assert model.flops_per_token(16) > 2 * mixin_params
+
+
+def test_norm_eps_reaches_both_latent_norms() -> None:
+    """mixin.norm_eps=1e-6 (DeepSeek's rms_norm_eps): the cached latent c_kv and the query latent are
+    RMS-normed with that epsilon, visible on a small-scale input where eps matters."""
+    mixin, scheme = build_mla(overrides=("mixin.q_lora_rank=24", "mixin.norm_eps=1e-6"))
+    x = 1e-3 * torch.randn(2, 5, HIDDEN, dtype=torch.float64)
+    _, state = mixin(x, ctx(scheme, 0, 5), mixin.init_state(2, torch.device("cpu"), torch.float64))
+    latent = mixin.kv_down(x)[..., : mixin.kv_lora_rank]
+    expected = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + 1e-6) * mixin.kv_norm.weight
+    torch.testing.assert_close(state["c_kv"], expected)
+    q_latent = mixin.q_down(x)
+    expected_q = q_latent * torch.rsqrt(q_latent.pow(2).mean(-1, keepdim=True) + 1e-6) * mixin.q_norm.weight
+    torch.testing.assert_close(mixin.q_norm(q_latent), expected_q)
+    default, _ = build_mla(overrides=("mixin.q_lora_rank=24",))
+    assert default.kv_norm.eps == default.q_norm.eps == 1e-5
+
+
+def test_bad_norm_eps_is_one_line() -> None:
+    with pytest.raises(ArchiFactoryError, match="use a positive epsilon"):
+        MultiHeadLatentAttention(HIDDEN, 0, norm_eps=0.0)

@@ -92,7 +92,7 @@ def test_layer_equals_fla_layer_math() -> None:
     torch.manual_seed(0)
     layer = MomentumDeltaNet(32, 0, num_heads=2, chunk_size=4).double()
     with torch.no_grad():
-        layer.mu_bias.fill_(1.0)  # strong momentum decays, so that min_log_mu = -2 clamps some
+        layer.mu_decay.dt_bias.fill_(1.0)  # strong momentum decays, so that min_log_mu = -2 clamps some
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     ctx = PositionContext(NO_POS, 0, 9)
     qkv, _ = layer.conv(layer.qkv_proj(x))
@@ -100,10 +100,9 @@ def test_layer_equals_fla_layer_math() -> None:
     q, k = (t.reshape(2, 9, 2, 16) for t in (q, k))
     v = v.reshape(2, 9, 2, layer.head_v_dim)
     tau = 32**0.5
-    log_mu = (-layer.Mu_log.exp() * torch.nn.functional.softplus(layer.m_proj(x) + layer.mu_bias)).clamp(
-        min=-2
-    )
-    log_alpha = -layer.A_log.exp() * torch.nn.functional.softplus(layer.a_proj(x) + layer.dt_bias)
+    mu, alpha = layer.mu_decay, layer.head_decay  # fla's (Mu_log, m_proj, mu_bias), (A_log, a_proj, dt_bias)
+    log_mu = (-mu.A_log.exp() * torch.nn.functional.softplus(mu.a_proj(x) + mu.dt_bias)).clamp(min=-2)
+    log_alpha = -alpha.A_log.exp() * torch.nn.functional.softplus(alpha.a_proj(x) + alpha.dt_bias)
     eta = torch.tanh(layer.e_proj(x) / tau) + 1
     theta = torch.arctan(eta * layer.log_factor.exp())
     beta = torch.sin(theta) ** 2 * torch.sigmoid(layer.b_proj(x))

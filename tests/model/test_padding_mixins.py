@@ -44,7 +44,13 @@ RECURRENT = sorted(set(components("mixin")) - ATTENTION)
 TOKEN_BUFFERS = {"conv", "shift"}  # state entries holding past inputs (short conv, token shift)
 SMALL_CHUNKS = {"chunk_size": 4, "sub_chunk_size": 2}  # where the mixin has the option
 # options off by default that change the padded path: also run them
-VARIANTS = [("gla", ("mixin.use_short_conv=true",)), ("lstm", ("mixin.rnn_layers=2",))]
+GVA = ("mixin.num_v_heads=8", "mixin.head_dim=12")  # grouped value heads, a key head size of its own
+VARIANTS = [
+    ("gla", ("mixin.use_short_conv=true",)),
+    ("lstm", ("mixin.rnn_layers=2",)),
+    ("deltanet", GVA),
+    ("gated_deltanet", GVA),
+]
 CASES = [(name, ()) for name in RECURRENT] + VARIANTS
 OPTIONS = {name: inspect.signature(components("mixin")[name]).parameters for name in RECURRENT}
 

@@ -114,7 +114,8 @@ def _fla_layer_math(layer, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     q, k, v = (t.reshape(2, 9, 2, -1) for t in qkv.split([32, 32, layer.value_dim], dim=-1))
     beta = 2 * layer.b_proj(x).sigmoid()  # allow_neg_eigval
     beta_atk = layer.b_atk_proj(x).sigmoid()
-    g_atk = -layer.A_log_atk.exp() * F.softplus(layer.a_atk_proj(x) + layer.dt_bias_atk)
+    atk = layer.atk_decay
+    g_atk = -atk.A_log.exp() * F.softplus(atk.a_proj(x) + atk.dt_bias)
     if per_channel:
         g = -layer.A_log.exp()[:, None] * F.softplus(
             layer.f_proj(x).reshape(2, 9, 2, 16) + layer.dt_bias.view(2, 16)
@@ -125,7 +126,8 @@ def _fla_layer_math(layer, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
         )[0]
         gate = layer.g_proj(x).reshape(2, 9, 2, -1).sigmoid()
     else:
-        g = -layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias)
+        decay = layer.head_decay
+        g = -decay.A_log.exp() * F.softplus(decay.a_proj(x) + decay.dt_bias)
         naive = load_fla_naive("precond_gated_delta_rule").naive_recurrent_precond_gated_delta_rule
         o = naive(
             l2_normalize(q), l2_normalize(k), v, g_atk, g, beta_atk, beta, log_atk_scale=layer.log_atk_scale

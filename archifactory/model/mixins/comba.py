@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import MixinState, projection_flops
-from archifactory.model.mixins.deltanet import DeltaRuleMixin, inverse_softplus_dt
+from archifactory.model.mixins.deltanet import DeltaRuleMixin
 from archifactory.model.mixins.kit import fla_op, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_dplr, dplr_step, l2_normalize
@@ -88,22 +88,10 @@ class Comba(DeltaRuleMixin):
         super().__init__(
             hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate, allow_neg_eigval=False,
-            norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
+            norm_eps=norm_eps, chunk_size=chunk_size, backend=backend, head_decay=(0.0, 16.0),
         )  # fmt: skip
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
         self.decay = nn.Parameter(torch.ones(num_heads)) if use_inner_decay else None
         self.D = nn.Parameter(torch.full((num_heads,), correction_factor)) if use_output_correction else None
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
-
-    def log_decay(self, x: Tensor) -> Tensor:
-        dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
-        return -torch.exp(self.A_log.to(dtype)) * dt
-
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
 
     def forward(
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None

@@ -12,18 +12,18 @@ stands still).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.deltanet import inverse_softplus_dt
 from archifactory.model.mixins.kit import (
+    HeadDecay,
     ShortConvolution,
     check_divisible,
     fla_backend,
     head_rms_norm,
+    low_rank_gate,
     zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
@@ -91,22 +91,19 @@ class CyclicFlowAttention(Mixin):
         self.widths = [self.key_dim, self.key_dim, self.value_dim]
         self.qkv_proj = nn.Linear(hidden_size, sum(self.widths), bias=False)
         self.conv = ShortConvolution(sum(self.widths), conv_size, silu=False) if use_short_conv else None
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.head_decay = HeadDecay(hidden_size, num_heads, (0.0, 16.0))  # g [B, T, H]
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=True)  # write strength β
         self.d_proj = nn.Linear(hidden_size, num_heads, bias=True)  # clock step δ
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
         self.readout = nn.Parameter(torch.eye(num_slots - 1).expand(num_heads, -1, -1).clone())
         self.q_norm_weight = nn.Parameter(torch.ones(self.head_k_dim))
         self.k_norm_weight = nn.Parameter(torch.ones(self.head_k_dim))
-        self.g_proj = nn.Sequential(
-            nn.Linear(hidden_size, self.head_v_dim, bias=False), nn.Linear(self.head_v_dim, self.value_dim)
-        )
+        self.g_proj = low_rank_gate(hidden_size, self.head_v_dim, self.value_dim)
         self.norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
     def init_roles(self) -> InitRoles:
-        keep = (*own_parameters(self), *(() if self.conv is None else (self.conv,)))
+        conv = () if self.conv is None else (self.conv,)
+        keep = (*own_parameters(self), *self.head_decay.init_keep(), *conv)
         return InitRoles(residual=(self.o_proj,), keep=keep)  # decays, readout and gains drawn above
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
@@ -153,8 +150,7 @@ class CyclicFlowAttention(Mixin):
     def _gates(self, x: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor, Tensor]:
         """(log-decay g, clock step δ, write strength β), each [B, T, H] in the compute dtype, 0 at pads."""
         dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
-        g = -torch.exp(self.A_log.to(dtype)) * dt
+        g = self.head_decay(x)
         delta = torch.sigmoid(self.d_proj(x.detach()).to(dtype))  # fla: the clock's input is detached
         beta = torch.sigmoid(self.b_proj(x).to(dtype))
         return zero_pads(g, ctx), zero_pads(delta, ctx), zero_pads(beta, ctx)

@@ -12,8 +12,6 @@ kernel both leave the state of a left-padded row exactly as the row alone would.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,11 +20,15 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
 from archifactory.model.mixins.kit import (
+    HeadDecay,
     ShortConvolution,
-    check_divisible,
     fla_backend,
     fla_op,
     head_rms_norm,
+    inverse_softplus_dt,
+    key_head_size,
+    low_rank_gate,
+    value_heads,
     zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
@@ -36,18 +38,13 @@ from archifactory.model.roles import InitRoles, own_parameters
 from archifactory.model.value_residual import ValueGate
 
 
-def inverse_softplus_dt(size: int, dt_min: float = 0.001, dt_max: float = 0.1) -> Tensor:
-    """Mamba's dt_bias init: dt ~ log-U[dt_min, dt_max], stored as softplus⁻¹(dt)."""
-    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
-        min=1e-4
-    )
-    return dt + torch.log(-torch.expm1(-dt))
-
-
 class DeltaRuleMixin(Mixin):
     """Shared body of the delta-rule mixers (not registered itself); subclasses define `log_decay`."""
 
     fused_kernel: tuple[str, str] = ("delta_rule", "chunk_delta_rule")
+    # whether the fused kernel maps value head j to key head j // (H_v / H) itself (fla's GVA); else q/k
+    # are repeated per value head before it
+    fused_gva: bool = False
 
     def __init__(
         self,
@@ -64,15 +61,20 @@ class DeltaRuleMixin(Mixin):
         chunk_size: int,
         backend: str,
         num_householder: int = 1,
+        head_decay: tuple[float, float] | None = None,
+        num_v_heads: int | None = None,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__(hidden_size, layer_idx)
         name = f"mixin={self.registry_name}"
-        self.head_k_dim = check_divisible(hidden_size, num_heads, name)
+        self.head_k_dim = key_head_size(hidden_size, num_heads, head_dim, name)
+        self.num_v_heads = value_heads(num_heads, num_v_heads, name)
         head_v_dim = self.head_k_dim * expand_v
         if not float(head_v_dim).is_integer() or head_v_dim < 1:
             raise ArchiFactoryError(
                 f"{name}: expand_v={expand_v} gives a value head of {head_v_dim} channels; "
-                "pick expand_v so that (hidden_size / num_heads) · expand_v is a whole number"
+                "pick expand_v so that the key head size (head_dim, or hidden_size / num_heads) · expand_v "
+                "is a whole number"
             )
         if chunk_size < 1 or (use_short_conv and conv_size < 2):
             raise ArchiFactoryError(
@@ -81,31 +83,42 @@ class DeltaRuleMixin(Mixin):
         self.backend = check_backend(backend, name)  # availability is checked per call
         self.chunk_size, self.norm_eps = chunk_size, norm_eps
         self.num_heads, self.head_v_dim = num_heads, int(head_v_dim)
-        self.key_dim, self.value_dim = hidden_size, num_heads * self.head_v_dim
-        self.allow_neg_eigval, self.use_gate = allow_neg_eigval, use_gate
+        # H key heads of d_k, H_v value heads of d_v (β, the decay, the state and the output norm per value
+        # head); each key head serves H_v / H consecutive value heads (fla's GVA, Qwen3-Next)
+        self.key_dim, self.value_dim = num_heads * self.head_k_dim, self.num_v_heads * self.head_v_dim
+        self.allow_neg_eigval = allow_neg_eigval
         # GatedDeltaProduct's n keys, values and βs per token (n = 1: one delta step, the other mixers)
         self.num_householder = num_householder
         width = self.key_dim + num_householder * (self.key_dim + self.value_dim)
         self.qkv_proj = nn.Linear(hidden_size, width, bias=False)
         self.conv = ShortConvolution(width, conv_size) if use_short_conv else None
-        self.b_proj = nn.Linear(hidden_size, num_heads * num_householder, bias=False)
+        self.b_proj = nn.Linear(hidden_size, self.num_v_heads * num_householder, bias=False)
+        # `head_decay`: the A init range of a Mamba2-style scalar decay per head (None: no such decay)
+        self.head_decay = None if head_decay is None else HeadDecay(hidden_size, self.num_v_heads, head_decay)
+        self.g_proj = self.make_output_gate(hidden_size) if use_gate else None
         self.norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
         self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
+    def make_output_gate(self, hidden_size: int) -> nn.Module:
+        """The output gate's projection x -> [B, T, value_dim]: one Linear (KDA's is low-rank)."""
+        return nn.Linear(hidden_size, self.value_dim, bias=False)
+
     def log_decay(self, x: Tensor) -> Tensor | None:
         """log D_t: None (no decay), [B, T, H] or [B, T, H, K], in the compute dtype."""
-        return None
+        return None if self.head_decay is None else self.head_decay(x)
 
     def output_gate(self, x: Tensor) -> Tensor | None:
         """The output gate's pre-activation [B, T, value_dim], or None without a gate."""
-        return None
+        return None if self.g_proj is None else self.g_proj(x)
 
     gate_activation: str = "swish"
 
     def init_roles(self) -> InitRoles:
-        # the output-norm gain and the decay parameters (A_log, dt_bias) are drawn in the constructors;
-        # the short conv keeps its own init
-        return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), self.conv))
+        # the output-norm gain and the decay parameters (A_log, dt_bias; the head decay's) are drawn in
+        # the constructors; the short conv keeps its own init
+        decay = () if self.head_decay is None else self.head_decay.init_keep()
+        conv = () if self.conv is None else (self.conv,)
+        return InitRoles(residual=(self.out_proj,), keep=(*own_parameters(self), *decay, *conv))
 
     def value_gate(self) -> ValueGate:
         return ValueGate(self.num_householder * self.value_dim)
@@ -114,7 +127,7 @@ class DeltaRuleMixin(Mixin):
         dtype = compute_dtype(dtype)
         state = {
             "recurrent": torch.zeros(
-                batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype
+                batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype
             )
         }
         if self.conv is not None:
@@ -136,10 +149,10 @@ class DeltaRuleMixin(Mixin):
         v = self.mix_first_values(v, ctx)  # model.value_residual (ResFormer); else v itself
         q = l2_normalize(q.reshape(batch, seq_len, self.num_heads, self.head_k_dim))  # [B, T, H, K]
         k = l2_normalize(k.reshape(batch, seq_len * steps, self.num_heads, self.head_k_dim))
-        v = v.reshape(batch, seq_len * steps, self.num_heads, self.head_v_dim)  # [B, T·steps, H, V]
+        v = v.reshape(batch, seq_len * steps, self.num_v_heads, self.head_v_dim)  # [B, T·steps, H_v, V]
         # pads are identity steps of the delta rule: β = 0 (no write) and log-decay 0 (no decay)
-        beta = zero_pads(torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype))), ctx)  # [B, T, H·steps]
-        beta = beta.reshape(batch, seq_len * steps, self.num_heads)
+        beta = zero_pads(torch.sigmoid(self.b_proj(x).to(compute_dtype(x.dtype))), ctx)  # [B, T, H_v·steps]
+        beta = beta.reshape(batch, seq_len * steps, self.num_v_heads)
         if self.allow_neg_eigval:  # β in (0, 2): eigenvalues of I - β k kᵀ in (-1, 1)
             beta = 2 * beta
         g = self.log_decay(x)
@@ -155,21 +168,32 @@ class DeltaRuleMixin(Mixin):
             new["conv"] = conv_state
         return y, new
 
+    def per_value_head(self, t: Tensor) -> Tensor:
+        """q or k [B, T, H, K] -> [B, T, H_v, K]: key head h repeated for its value heads h·G .. h·G + G − 1
+        (G = H_v / H); t itself when every key head has one value head."""
+        groups = self.num_v_heads // self.num_heads
+        return t if groups == 1 else t.repeat_interleave(groups, dim=2)
+
     def _delta_rule(
         self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, past: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
+        """q/k [B, T, H, K] (one key head per group of value heads), v [B, T, H_v, V], β and g per value head."""
         if past is not None and q.shape[1] == 1:
+            q, k = self.per_value_head(q), self.per_value_head(k)
             out, new_state = delta_rule_step(
                 q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0], past
             )
             return out[:, None], new_state
         if self.backend_name() == "fused":
             return self._fused(q, k, v, beta, g, past)
+        q, k = self.per_value_head(q), self.per_value_head(k)
         return chunk_delta_rule(q, k, v, beta, g, None, past, past is not None, self.chunk_size)
 
     def _fused(
         self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, past: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
+        if not self.fused_gva:
+            q, k = self.per_value_head(q), self.per_value_head(k)
         kernel = fla_op(*self.fused_kernel)
         extra = {} if g is None else {"g": g.float().contiguous()}
         out, new_state = kernel(
@@ -191,15 +215,16 @@ class DeltaRuleMixin(Mixin):
         # (GatedDeltaProduct: per Householder sub-step, chunks counted in sub-steps)
         steps = self.num_householder
         chunk = min(self.chunk_size, max(seq_len * steps, 1))
+        # (GVA: the rule runs once per value head, each on its group's shared q/k)
         k_dim, v_dim = self.head_k_dim, self.head_v_dim
-        rule = self.num_heads * (
+        rule = self.num_v_heads * (
             6 * chunk * k_dim + 4 * chunk * v_dim + 2 * chunk * chunk / 3 + 6 * k_dim * v_dim
         )
         return projections + conv + steps * rule
 
     def state_size(self, seq_len: int) -> int:
         conv = 0 if self.conv is None else self.conv.state_size()
-        return self.num_heads * self.head_k_dim * self.head_v_dim + conv
+        return self.num_v_heads * self.head_k_dim * self.head_v_dim + conv
 
 
 @register_mixin("deltanet")
@@ -211,11 +236,16 @@ class DeltaNet(DeltaRuleMixin):
         S_t = S_{t-1} + β_t k_t (v_t − S_{t-1}ᵀ k_t)ᵀ,      o_t = S_tᵀ q_t / sqrt(d_k)
     — the state is corrected toward each new key-value pair instead of only accumulating. Computed in the
     chunked WY form (one triangular solve per chunk). Then a per-head RMSNorm (gated by SiLU(g_proj x)
-    with `use_gate`) and out_proj. Positional schemes are ignored. Decode state: S [B, H, d_k, d_v] and
-    the conv buffer. Parameters: 2d·d + 2d·d_v + d·H (+ d·d_v with the gate) + conv.
+    with `use_gate`) and out_proj. Positional schemes are ignored. Decode state: S [B, H_v, d_k, d_v]
+    and the conv buffer. Parameters: d·(2H·d_k + H_v·d_v) + d·H_v + H_v·d_v·d (+ d·H_v·d_v with the gate)
+    + conv (2d·d + 2d·d_v + d·H + conv by default).
+
+    Grouped value heads (fla's GVA, Qwen3-Next): with num_v_heads = G·num_heads, each of the H key heads
+    (q and k) serves G consecutive value heads; β, the state, the output norm and gate are per value head.
 
     Options:
-        num_heads: heads (d_k = hidden / num_heads); expand_v: d_v = d_k · expand_v;
+        num_heads: key heads H; num_v_heads: value heads H_v (null = H; a multiple of H); head_dim: the key
+        head size d_k (null = hidden / num_heads); expand_v: d_v = d_k · expand_v;
         use_short_conv / conv_size: the causal depthwise conv on q, k, v (kernel 4 in the paper);
         use_gate: SiLU output gate; allow_neg_eigval: β ∈ (0, 2) (Grazzi et al., 2025);
         norm_eps: RMSNorm epsilon; chunk_size: chunk length of the reference;
@@ -227,6 +257,8 @@ class DeltaNet(DeltaRuleMixin):
         hidden_size: int,
         layer_idx: int,
         num_heads: int = 4,
+        num_v_heads: int | None = None,
+        head_dim: int | None = None,
         expand_v: float = 1.0,
         use_short_conv: bool = True,
         conv_size: int = 4,
@@ -240,11 +272,8 @@ class DeltaNet(DeltaRuleMixin):
             hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
+            num_v_heads=num_v_heads, head_dim=head_dim,
         )  # fmt: skip
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
-
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
 
 
 @register_mixin("gated_deltanet")
@@ -256,20 +285,25 @@ class GatedDeltaNet(DeltaRuleMixin):
         g_t = −exp(A_log) · softplus(a_proj x_t + dt_bias),
         S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,      o_t = S_tᵀ q_t / sqrt(d_k)
     (gating lets the state forget quickly, the delta rule overwrite precisely). Output: per-head RMSNorm
-    gated by SiLU(g_proj x), then out_proj. Init: A ~ U[1, 16], dt ~ log-U[0.001, 0.1] (stored as
-    softplus⁻¹). Decode state: S [B, H, d_k, d_v] and the conv buffer.
+    gated by SiLU(g_proj x), then out_proj. Init (the paper's and fla's): A ~ U[0, 16], dt ~
+    log-U[0.001, 0.1] (stored as softplus⁻¹). Decode state: S [B, H_v, d_k, d_v] and the conv buffer.
+    With num_v_heads (fla's GVA; Qwen3-Next uses 16 key and 32 value heads of 128) the decay is per value
+    head too.
 
-    Options: as DeltaNet (expand_v 2 and use_gate true by default, as in the paper's layer), backend
-    `auto` takes fla's `chunk_gated_delta_rule` on CUDA.
+    Options: as DeltaNet, num_v_heads and head_dim included (expand_v 2 and use_gate true by default, as
+    in the paper's layer), backend `auto` takes fla's `chunk_gated_delta_rule` on CUDA (GVA natively).
     """
 
     fused_kernel = ("gated_delta_rule", "chunk_gated_delta_rule")
+    fused_gva = True
 
     def __init__(
         self,
         hidden_size: int,
         layer_idx: int,
         num_heads: int = 4,
+        num_v_heads: int | None = None,
+        head_dim: int | None = None,
         expand_v: float = 2.0,
         use_short_conv: bool = True,
         conv_size: int = 4,
@@ -283,19 +317,8 @@ class GatedDeltaNet(DeltaRuleMixin):
             hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
+            head_decay=(0.0, 16.0), num_v_heads=num_v_heads, head_dim=head_dim,
         )  # fmt: skip
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
-
-    def log_decay(self, x: Tensor) -> Tensor:
-        dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
-        return -torch.exp(self.A_log.to(dtype)) * dt
-
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
 
 
 @register_mixin("kda")
@@ -342,10 +365,6 @@ class KimiDeltaAttention(DeltaRuleMixin):
         )
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
         self.dt_bias = nn.Parameter(inverse_softplus_dt(self.key_dim))
-        self.g_proj = nn.Sequential(
-            nn.Linear(hidden_size, self.head_v_dim, bias=False),
-            nn.Linear(self.head_v_dim, self.value_dim, bias=True),
-        )
 
     def log_decay(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x.dtype)
@@ -354,5 +373,5 @@ class KimiDeltaAttention(DeltaRuleMixin):
         dt = dt.view(batch, seq_len, self.num_heads, self.head_k_dim)
         return -torch.exp(self.A_log.to(dtype))[:, None] * dt  # [B, T, H, K]
 
-    def output_gate(self, x: Tensor) -> Tensor:
-        return self.g_proj(x)
+    def make_output_gate(self, hidden_size: int) -> nn.Module:
+        return low_rank_gate(hidden_size, self.head_v_dim, self.value_dim)

@@ -9,14 +9,12 @@ exactly fla's construction (`chunk_gated_delta_product_ref`). On CUDA fla's `chu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
-from archifactory.model.mixins.deltanet import DeltaRuleMixin, inverse_softplus_dt
+from archifactory.model.mixins.deltanet import DeltaRuleMixin
 from archifactory.model.mixins.kit import fla_op
-from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import chunk_delta_rule, delta_rule_step
 
 
@@ -116,24 +114,8 @@ class GatedDeltaProduct(DeltaRuleMixin):
             hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
-            num_householder=num_householder,
+            num_householder=num_householder, head_decay=(0.0, 16.0) if use_forget_gate else None,
         )  # fmt: skip
-        self.a_proj = self.A_log = self.dt_bias = None
-        if use_forget_gate:
-            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-            self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
-
-    def log_decay(self, x: Tensor) -> Tensor | None:
-        if self.a_proj is None:
-            return None
-        dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
-        return -torch.exp(self.A_log.to(dtype)) * dt
-
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
 
     def _delta_rule(
         self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, past: Tensor | None

@@ -1,11 +1,15 @@
 """The mixin kit: what several mixins need, written once.
 
 - head checks: `check_divisible` (head size of `num_heads` heads), `grouped_heads` (query heads sharing
-  `num_kv_heads` key/value heads) and `scaled_width` (an `expand_*` width in whole heads), with one-line
-  errors naming the options;
+  `num_kv_heads` key/value heads), `key_head_size` (an explicit `head_dim` or the hidden size's share),
+  `value_heads` (value heads grouped on key heads, fla's GVA) and `scaled_width` (an `expand_*` width in
+  whole heads), with one-line errors naming the options;
 - per-head norms: `head_rms_norm` (ungated, gated after the norm as fla's `FusedRMSNormGated`, or gated
   before it as Mamba2's) and `head_group_norm` (RWKV's per-head GroupNorm with a per-channel affine);
 - `ShortConvolution`: the short causal depthwise convolution + SiLU with an explicit decode buffer;
+- `HeadDecay`: Mamba2's per-head log-decay g = −exp(A_log)·softplus(a_proj x + dt_bias) of the gated
+  delta-rule family, with its init (A ~ U[a_min, a_max], dt ~ log-U[0.001, 0.1] as softplus⁻¹) in one
+  place (`inverse_softplus_dt`), and `low_rank_gate`, the low-rank output-gate projection;
 - `append_cache`: the KV cache of the attention mixers (new keys appended to the cached ones);
 - `token_shift`: RWKV's previous-token input, continuing from a decode buffer;
 - padding: `zero_pads` / `fill_pads` make every pad position of a padded batch (`ctx.pad_mask`) an identity
@@ -76,6 +80,31 @@ def scaled_width(hidden_size: int, expand: float, num_heads: int, name: str, wha
             f"multiple of num_heads={num_heads}; pick {what} so that hidden_size·{what} divides into the heads"
         )
     return int(width)
+
+
+def key_head_size(hidden_size: int, num_heads: int, head_dim: int | None, name: str) -> int:
+    """d_k: `head_dim` when given (independent of the hidden size, as fla's and Qwen3-Next's layers),
+    else hidden_size / num_heads."""
+    if head_dim is None:
+        return check_divisible(hidden_size, num_heads, name)
+    if head_dim < 1 or num_heads < 1:
+        raise ArchiFactoryError(
+            f"{name}: head_dim={head_dim} with num_heads={num_heads}; use a positive head_dim and num_heads "
+            "(or head_dim=null for hidden_size / num_heads)"
+        )
+    return head_dim
+
+
+def value_heads(num_heads: int, num_v_heads: int | None, name: str) -> int:
+    """H_v: `num_v_heads` (None: num_heads), a multiple of num_heads so each key head serves a whole group."""
+    heads = num_heads if num_v_heads is None else num_v_heads
+    if heads < num_heads or heads % num_heads:
+        raise ArchiFactoryError(
+            f"{name}: num_v_heads={heads} is not a multiple of num_heads={num_heads}; pick num_v_heads among "
+            f"the multiples of num_heads ({num_heads}, {2 * num_heads}, ...) or null for one value head per "
+            "key head"
+        )
+    return heads
 
 
 def _per_head(weight: Tensor, x: Tensor) -> Tensor:
@@ -198,6 +227,43 @@ class ShortConvolution(nn.Module):
     def state_size(self) -> int:
         """Elements of one sequence's buffer."""
         return self.channels * (self.kernel_size - 1)
+
+
+def inverse_softplus_dt(size: int, dt_min: float = 0.001, dt_max: float = 0.1) -> Tensor:
+    """Mamba's dt_bias init: dt ~ log-U[dt_min, dt_max] (floored at 1e-4), stored as softplus⁻¹(dt)."""
+    dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
+        min=1e-4
+    )
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class HeadDecay(nn.Module):
+    """One scalar log-decay per head, Mamba2-parameterised (Gated DeltaNet and its relatives):
+        g_t = −exp(A_log) · softplus(a_proj x_t + dt_bias)  ≤ 0,   α_t = exp(g_t).
+    Init: A ~ U[a_range] per head (the papers' and fla's U[0, 16]; some layers use U[1, 16]),
+    dt ~ log-U[0.001, 0.1] stored as softplus⁻¹(dt). `a_proj` is a plain Linear the model's init scheme
+    draws; the owner keeps A_log and dt_bias through `init_keep` in its init roles."""
+
+    def __init__(self, hidden_size: int, num_heads: int, a_range: tuple[float, float] = (0.0, 16.0)) -> None:
+        super().__init__()
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(*a_range).log())
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
+
+    def init_keep(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A_log, dt_bias): drawn here, for the owner's `InitRoles.keep`."""
+        return self.A_log, self.dt_bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, D] -> g [B, T, H] in the compute dtype."""
+        dtype = compute_dtype(x.dtype)
+        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
+        return -torch.exp(self.A_log.to(dtype)) * dt
+
+
+def low_rank_gate(hidden_size: int, rank: int, width: int) -> nn.Sequential:
+    """A low-rank output-gate projection d -> rank (no bias) -> width (with a bias): KDA's and CyFA's."""
+    return nn.Sequential(nn.Linear(hidden_size, rank, bias=False), nn.Linear(rank, width, bias=True))
 
 
 @dataclass(frozen=True)

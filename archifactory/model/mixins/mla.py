@@ -52,6 +52,8 @@ class MultiHeadLatentAttention(Mixin):
         qk_rope_head_dim: d_r, per-head width of the decoupled rope part, even (None = d_h / 2).
         v_head_dim: per-head value width (None = d_h).
         rope_theta: frequency base of MLA's own rotary, used when positional is not rope.
+        norm_eps: epsilon of the two latent RMSNorms (kv_norm, q_norm); 1e-5 by default, DeepSeek-V2/V3
+            use 1e-6 (their `rms_norm_eps`).
         backend: `auto`/`sdpa`/`fused` (torch's scaled_dot_product_attention) or `reference` (explicit fp32
             softmax, the oracle).
     """
@@ -69,6 +71,7 @@ class MultiHeadLatentAttention(Mixin):
         qk_rope_head_dim: int | None = None,
         v_head_dim: int | None = None,
         rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)
@@ -86,19 +89,23 @@ class MultiHeadLatentAttention(Mixin):
             raise ArchiFactoryError(
                 "mixin=mla: ranks and head dimensions must be positive (q_lora_rank >= 0)"
             )
+        if norm_eps <= 0:
+            raise ArchiFactoryError(
+                f"mixin=mla: norm_eps={norm_eps}; use a positive epsilon (DeepSeek: 1e-6)"
+            )
         check_backend(backend, "mixin=mla", ATTENTION_BACKENDS)
         self.backend = "sdpa" if backend in ("auto", "fused") else backend
 
         q_size = num_heads * self.qk_dim
         if q_lora_rank:
             self.q_down = nn.Linear(hidden_size, q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(q_lora_rank)
+            self.q_norm = RMSNorm(q_lora_rank, norm_eps)
             self.q_up = nn.Linear(q_lora_rank, q_size, bias=False)
         else:
             self.q_proj = nn.Linear(hidden_size, q_size, bias=False)
         # W_dkv and W_kr in one matmul: [latent r | rope key d_r]
         self.kv_down = nn.Linear(hidden_size, self.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_norm = RMSNorm(self.kv_lora_rank)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, norm_eps)
         # W_uk and W_uv of every head in one matmul: per head [nope key | value]
         self.kv_up = nn.Linear(self.kv_lora_rank, num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.out_proj = nn.Linear(num_heads * self.v_dim, hidden_size, bias=False)

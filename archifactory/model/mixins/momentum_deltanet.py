@@ -11,6 +11,7 @@ the short conv, η = 0 (no momentum write), μ = α = 1 and β = 0 (no decay, no
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,8 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import MixinState, projection_flops
-from archifactory.model.mixins.deltanet import DeltaRuleMixin, inverse_softplus_dt
-from archifactory.model.mixins.kit import fla_op, head_rms_norm, zero_pads
+from archifactory.model.mixins.deltanet import DeltaRuleMixin
+from archifactory.model.mixins.kit import HeadDecay, fla_op, head_rms_norm, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import l2_normalize
 from archifactory.model.mixins.reference.momentum_delta_rule import (
@@ -28,6 +29,7 @@ from archifactory.model.mixins.reference.momentum_delta_rule import (
     momentum_delta_rule_step,
 )
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 
 FUSED_CHUNK = ("momentum_delta_rule", "chunk_momentum_delta_rule")
 FUSED_RECURRENT = ("momentum_delta_rule", "fused_recurrent_momentum_delta_rule")
@@ -42,7 +44,9 @@ class MomentumDeltaNet(DeltaRuleMixin):
     with heavy-ball momentum on a second state M.
 
     Per head, with L2-normalised q/k (after a short causal conv + SiLU), η_t = tanh(e_proj x_t / τ) + 1
-    (τ = sqrt(hidden / tau_factor)), θ_t = arctan(η_t · exp(log_factor)), and Mamba2-style decays
+    (τ = sqrt(hidden / tau_factor)), θ_t = arctan(η_t · exp(log_factor)), and two Mamba2-style decays
+    (the kit's `HeadDecay`: `mu_decay` has fla's Mu_log, m_proj, mu_bias; `head_decay` its A_log, a_proj,
+    dt_bias)
         log μ_t = max(−exp(Mu_log) · softplus(m_proj x_t + mu_bias), min_log_mu),
         log α_t = −exp(A_log) · softplus(a_proj x_t + dt_bias) + log cos² θ_t,   β_t = sin² θ_t · sigmoid(b_proj x_t),
     the recurrence is
@@ -87,6 +91,7 @@ class MomentumDeltaNet(DeltaRuleMixin):
             hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
+            head_decay=(0.0, 16.0),
         )  # fmt: skip
         if tau_factor <= 0 or (min_log_mu is not None and min_log_mu >= 0):
             raise ArchiFactoryError(
@@ -95,33 +100,29 @@ class MomentumDeltaNet(DeltaRuleMixin):
             )
         self.use_beta, self.use_p_times_alpha, self.min_log_mu = use_beta, use_p_times_alpha, min_log_mu
         self.tau = math.sqrt(hidden_size / tau_factor)
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.m_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        # log μ has α's form (the kit's HeadDecay) before its floor; fla starts both dt biases from one draw
+        self.mu_decay = HeadDecay(hidden_size, num_heads, (0.0, 16.0))
+        with torch.no_grad():
+            self.mu_decay.dt_bias.copy_(self.head_decay.dt_bias)
         self.e_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-        self.Mu_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
-        self.mu_bias = nn.Parameter(self.dt_bias.detach().clone())  # fla starts both from one draw
         self.log_factor = nn.Parameter(torch.empty(num_heads).uniform_(0, 4).log())
         self.D_log = (
             nn.Parameter(torch.empty(num_heads).uniform_(0, 1).log()) if use_output_correction else None
         )
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
 
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
+    def init_roles(self) -> InitRoles:
+        roles = super().init_roles()
+        return replace(roles, keep=(*roles.keep, *self.mu_decay.init_keep()))
 
     def coefficients(self, x: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(log α, log μ, β, η), each [B, T, H] in the compute dtype, pads made identity steps."""
         dtype = compute_dtype(x.dtype)
-        a, m = self.a_proj(x).to(dtype), self.m_proj(x).to(dtype)
         eta = torch.tanh(self.e_proj(x).to(dtype) / self.tau) + 1
-        log_mu = -self.Mu_log.to(dtype).exp() * F.softplus(m + self.mu_bias.to(dtype))
+        log_mu = self.mu_decay(x)
         if self.min_log_mu is not None:
             log_mu = log_mu.clamp(min=self.min_log_mu)
         theta = torch.atan(eta * self.log_factor.to(dtype).exp())
-        log_alpha = -self.A_log.to(dtype).exp() * F.softplus(a + self.dt_bias.to(dtype))
-        log_alpha = log_alpha + torch.cos(theta).square().log()
+        log_alpha = self.head_decay(x) + torch.cos(theta).square().log()
         beta = torch.sin(theta).square()
         if self.use_beta:
             beta = beta * torch.sigmoid(self.b_proj(x).to(dtype))

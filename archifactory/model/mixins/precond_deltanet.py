@@ -2,15 +2,17 @@
 estimate (the "ATK" preconditioner), on the delta-rule layer body of `deltanet.py`.
 
 Both layers share the body below: fused q/k/v projection, short conv + SiLU, L2-normalised q/k,
-β = sigmoid(b_proj x), the preconditioner's own decay g^A = −exp(A_log_atk) · softplus(a_atk_proj x +
-dt_bias_atk) and rate β^A = sigmoid(b_atk_proj x), a per-head centre `log_atk_scale`, the recurrence of
-`reference/precond_delta_rule.py` (fla's `chunk_precond_gated_delta_rule` / `chunk_precond_kda` on CUDA),
-a per-head RMSNorm and out_proj. They differ in the delta rule's decay (one scalar per head, one per
-channel) and the output gate. Pads of a padded batch are identity steps: a zero conv input, β = β^A = 0
-(no write into S or A) and log-decays 0.
+β = sigmoid(b_proj x), the preconditioner's own per-head decay g^A (`atk_decay`, the kit's `HeadDecay`:
+−exp(A_log) · softplus(a_proj x + dt_bias)) and rate β^A = sigmoid(b_atk_proj x), a per-head centre
+`log_atk_scale`, the recurrence of `reference/precond_delta_rule.py` (fla's
+`chunk_precond_gated_delta_rule` / `chunk_precond_kda` on CUDA), a per-head RMSNorm and out_proj. They
+differ in the delta rule's decay (one scalar per head, one per channel) and the output gate. Pads of a
+padded batch are identity steps: a zero conv input, β = β^A = 0 (no write into S or A) and log-decays 0.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,8 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.base import MixinState
-from archifactory.model.mixins.deltanet import DeltaRuleMixin, inverse_softplus_dt
-from archifactory.model.mixins.kit import fla_op, head_rms_norm, zero_pads
+from archifactory.model.mixins.deltanet import DeltaRuleMixin
+from archifactory.model.mixins.kit import HeadDecay, fla_op, head_rms_norm, low_rank_gate, zero_pads
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.delta_rule import l2_normalize
 from archifactory.model.mixins.reference.precond_delta_rule import (
@@ -28,6 +30,7 @@ from archifactory.model.mixins.reference.precond_delta_rule import (
     precond_delta_rule_step,
 )
 from archifactory.model.positional import PositionContext
+from archifactory.model.roles import InitRoles
 
 
 class PrecondDeltaRuleMixin(DeltaRuleMixin):
@@ -51,11 +54,13 @@ class PrecondDeltaRuleMixin(DeltaRuleMixin):
         norm_eps: float,
         chunk_size: int,
         backend: str,
+        head_decay: tuple[float, float] | None = None,
     ) -> None:
         super().__init__(
             hidden_size=hidden_size, layer_idx=layer_idx, num_heads=num_heads, expand_v=expand_v,
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps, chunk_size=chunk_size, backend=backend,
+            head_decay=head_decay,
         )  # fmt: skip
         if squash_x < 1 or squash_eps <= 0:
             raise ArchiFactoryError(
@@ -63,18 +68,18 @@ class PrecondDeltaRuleMixin(DeltaRuleMixin):
                 f"<= 2 for stability) and squash_eps > 0, got {squash_x}, {squash_eps}"
             )
         self.squash_x, self.squash_eps = squash_x, squash_eps
-        self.a_atk_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.atk_decay = HeadDecay(hidden_size, num_heads, atk_a_init)
         self.b_atk_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log_atk = nn.Parameter(torch.empty(num_heads).uniform_(*atk_a_init).log())
-        self.dt_bias_atk = nn.Parameter(inverse_softplus_dt(num_heads))
         self.log_atk_scale = nn.Parameter(torch.full((num_heads,), log_atk_scale_init))
+
+    def init_roles(self) -> InitRoles:
+        roles = super().init_roles()
+        return replace(roles, keep=(*roles.keep, *self.atk_decay.init_keep()))
 
     def atk_coefficients(self, x: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor]:
         """(g^A, β^A) [B, T, H] in the compute dtype, pads made identity steps."""
-        dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a_atk_proj(x).to(dtype) + self.dt_bias_atk.to(dtype))
-        g_atk = -self.A_log_atk.to(dtype).exp() * dt
-        return zero_pads(g_atk, ctx), zero_pads(torch.sigmoid(self.b_atk_proj(x).to(dtype)), ctx)
+        beta_atk = torch.sigmoid(self.b_atk_proj(x).to(compute_dtype(x.dtype)))
+        return zero_pads(self.atk_decay(x), ctx), zero_pads(beta_atk, ctx)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixinState:
         state = super().init_state(batch_size, device, dtype)
@@ -199,20 +204,8 @@ class PrecondGatedDeltaNet(PrecondDeltaRuleMixin):
             use_short_conv=use_short_conv, conv_size=conv_size, use_gate=use_gate,
             allow_neg_eigval=allow_neg_eigval, squash_x=squash_x, squash_eps=squash_eps,
             log_atk_scale_init=log_atk_scale_init, atk_a_init=(0.0, 16.0), norm_eps=norm_eps,
-            chunk_size=chunk_size, backend=backend,
+            chunk_size=chunk_size, backend=backend, head_decay=(0.0, 16.0),
         )  # fmt: skip
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(0, 16).log())
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(num_heads))
-        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False) if use_gate else None
-
-    def log_decay(self, x: Tensor) -> Tensor:
-        dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
-        return -torch.exp(self.A_log.to(dtype)) * dt
-
-    def output_gate(self, x: Tensor) -> Tensor | None:
-        return None if self.g_proj is None else self.g_proj(x)
 
 
 @register_mixin("precond_kda")
@@ -263,10 +256,6 @@ class PrecondKDA(PrecondDeltaRuleMixin):
         )
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(1, 16).log())
         self.dt_bias = nn.Parameter(torch.zeros(self.key_dim))
-        self.g_proj = nn.Sequential(
-            nn.Linear(hidden_size, self.head_v_dim, bias=False),
-            nn.Linear(self.head_v_dim, self.value_dim, bias=True),
-        )
 
     def log_decay(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x.dtype)
@@ -275,5 +264,5 @@ class PrecondKDA(PrecondDeltaRuleMixin):
         dt = dt.view(batch, seq_len, self.num_heads, self.head_k_dim)
         return -torch.exp(self.A_log.to(dtype))[:, None] * dt  # [B, T, H, K]
 
-    def output_gate(self, x: Tensor) -> Tensor:
-        return self.g_proj(x)
+    def make_output_gate(self, hidden_size: int) -> nn.Module:
+        return low_rank_gate(hidden_size, self.head_v_dim, self.value_dim)
