@@ -52,9 +52,11 @@ def test_cached_greedy_equals_recomputing_the_full_forward(mixin: str, ffn: str)
     uncached = generate(model, batch, max_new_tokens=10, use_cache=False)
     assert [g.tokens for g in cached] == [g.tokens for g in uncached]
     assert all(len(g.tokens) == 10 and g.stop_reason == "length" for g in cached)
-    # the batch of different lengths equals each prompt alone
+    # the left-padded batch of different lengths equals each prompt alone, and grouping by length
     for prompt, together in zip(batch, cached):
         assert generate(model, [prompt], max_new_tokens=10)[0].tokens == together.tokens
+    grouped = generate(model, batch, max_new_tokens=10, padding="group")
+    assert [g.tokens for g in grouped] == [g.tokens for g in cached]
     assert len({tuple(g.tokens) for g in cached}) > 1  # not one degenerate continuation for every prompt
 
 

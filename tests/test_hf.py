@@ -56,8 +56,21 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     return str(error.value)
 
 
+PADDED_PROMPTS = ("the queen said to the king", "the mat", "sing! the bird sat on")
+
+
+def left_padded_prompts(tokenizer) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    rows = [tokenizer.encode(t) for t in PADDED_PROMPTS]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return rows, ids, mask
+
+
 @pytest.mark.parametrize("mixin", MIXINS)
-def test_save_then_load_gives_identical_logits_and_generations(mixin: str, tokenizer, tmp_path: Path) -> None:
+def test_save_then_load_gives_identical_logits_and_generations_also_left_padded(
+    mixin: str, tokenizer, tmp_path: Path
+) -> None:
     model, folder = saved_model(tokenizer, tmp_path / "model", mixin)
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -74,6 +87,13 @@ def test_save_then_load_gives_identical_logits_and_generations(mixin: str, token
     expected = generate(model, ids, max_new_tokens=12)[0].tokens
     produced = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert produced[0, ids.shape[1] :].tolist() == expected
+    # and over a left-padded batch each row generates as it does alone
+    rows, ids, mask = left_padded_prompts(tokenizer)
+    options = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    produced = hf.generate(ids, attention_mask=mask, **options)[:, ids.shape[1] :]
+    for b, row in enumerate(rows):
+        alone = hf.generate(torch.tensor([row]), **options)[0, len(row) :]
+        assert produced[b].tolist() == alone.tolist()
 
 
 @pytest.mark.parametrize(
@@ -183,30 +203,6 @@ def test_an_unknown_component_is_refused_in_one_line(tokenizer, tmp_path: Path) 
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ArchiFactoryError, match="not an ArchiFactory model"):
         StackedMixinForCausalLM.from_pretrained(folder)
-
-
-PADDED_PROMPTS = ("the queen said to the king", "the mat", "sing! the bird sat on")
-
-
-def left_padded_prompts(tokenizer) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
-    rows = [tokenizer.encode(t) for t in PADDED_PROMPTS]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return rows, ids, mask
-
-
-@pytest.mark.parametrize("mixin", sorted(components("mixin")))
-def test_a_left_padded_batch_generates_each_row_as_alone(mixin: str, tokenizer, tmp_path: Path) -> None:
-    """transformers' generate() over a left-padded batch == each prompt alone, greedy, token for token."""
-    _, folder = saved_model(tokenizer, tmp_path / "model", mixin)
-    hf = AutoModelForCausalLM.from_pretrained(folder)
-    rows, ids, mask = left_padded_prompts(tokenizer)
-    options = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    produced = hf.generate(ids, attention_mask=mask, **options)[:, ids.shape[1] :]
-    for b, row in enumerate(rows):
-        alone = hf.generate(torch.tensor([row]), **options)[0, len(row) :]
-        assert produced[b].tolist() == alone.tolist()
 
 
 def test_a_left_padded_batch_samples_reproducibly(tokenizer, tmp_path: Path) -> None:
