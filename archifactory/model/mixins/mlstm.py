@@ -65,7 +65,10 @@ class MLSTM(Mixin):
         super().__init__(hidden_size, layer_idx)
         name = "mixin=mlstm"
         if chunk_size < 1 or (gate_soft_cap is not None and gate_soft_cap <= 0) or eps <= 0:
-            raise ArchiFactoryError(f"{name}: chunk_size must be >= 1, gate_soft_cap (or null) and eps > 0")
+            raise ArchiFactoryError(
+                f"{name}: chunk_size={chunk_size} must be >= 1, gate_soft_cap={gate_soft_cap} (or null) and "
+                f"eps={eps} must be > 0"
+            )
         check_divisible(hidden_size, num_heads, name)
         self.num_heads, self.chunk_size = num_heads, chunk_size
         self.gate_soft_cap, self.norm_eps, self.eps = gate_soft_cap, norm_eps, eps
