@@ -80,9 +80,9 @@ class MLSTM(Mixin):
         self.gate_proj = nn.Linear(hidden_size, 2 * num_heads, bias=True)  # (ĩ | f̃) per head
         with torch.no_grad():
             self.gate_proj.weight.zero_()
-            self.gate_proj.bias.copy_(
-                torch.cat([torch.full((num_heads,), -10.0), torch.linspace(3, 6, num_heads)])
-            )
+            bias = self.gate_proj.bias  # (input gates | forget gates); on the device it was built on
+            bias[:num_heads].fill_(-10.0)
+            bias[num_heads:].copy_(torch.linspace(3.0, 6.0, num_heads, device=bias.device))
         self.norm_weight = nn.Parameter(torch.ones(self.v_dim))
         self.out_proj = nn.Linear(self.v_dim, hidden_size, bias=False)
 
