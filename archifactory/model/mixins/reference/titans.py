@@ -26,7 +26,8 @@ M₀ ← M at its last slot when that slot is real; empty slots (zeros from `min
 batch and the next continues it exactly.
 
 Layout: q/k/v [B, T, H, d], gates [B, T, H], `real` [B, T] bool (None: every token; one run of True per
-row, starting in the first mini-batch), state tensors [B, H, d, d]. Computes in at least fp32.
+row, starting in the first mini-batch), state tensors [B, H, d, d] (or [H, d, d], shared by the rows).
+Computes in at least fp32.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ class TitansState(NamedTuple):
     momentum: Tensor
 
 
-def _chunks(x: Tensor, chunk: int) -> list[Tensor]:
-    """[B, T, H, W] (T a multiple of `chunk`) -> N tensors [B, H, C, W]."""
+def _chunks(x: Tensor, chunk: int) -> Tensor:
+    """[B, T, H, W] (T a multiple of `chunk`) -> [B, H, N, C, W]."""
     batch, length, heads, width = x.shape
-    return list(x.reshape(batch, length // chunk, chunk, heads, width).permute(1, 0, 3, 2, 4).unbind(0))
+    return x.reshape(batch, length // chunk, chunk, heads, width).permute(0, 3, 1, 2, 4)
 
 
 def titans_linear(
@@ -84,26 +85,37 @@ def titans_linear(
     theta, log_eta, log_keep = (
         F.pad(x.to(dtype), (0, 0, 0, pad))[..., None] for x in (theta, log_eta, log_keep)
     )
-    w, b = ln_weight.to(dtype)[:, None], ln_bias.to(dtype)[:, None]  # [H, 1, d]
-    memory, anchor, momentum = (x.to(dtype) for x in state)
-    outputs = []
-    for q_n, k_n, v_n, th_n, le_n, lk_n, real_n in zip(
-        *(_chunks(x, chunk_size) for x in (q, k, v, theta, log_eta, log_keep, real))
+    w, b = ln_weight.to(dtype)[:, None, None], ln_bias.to(dtype)[:, None, None]  # [H, 1, 1, d]
+    q, k, v, theta, log_eta, log_keep, real = (
+        _chunks(x, chunk_size) for x in (q, k, v, theta, log_eta, log_keep, real)
+    )
+    # everything but the gradients is independent of the memory: computed for all chunks at once
+    a, m = log_keep.cumsum(-2), log_eta.cumsum(-2)  # [B, H, N, C, 1]
+    # e^{a_t − a_r} c_r, r <= t: [B, H, N, C, C]; c_r = 0 at an empty slot, whose S must not enter M
+    decay_a = pair_decay(a, a, strict=False)[..., 0] * real.mT
+    gamma = decay_a @ pair_decay(m, m, strict=False)[..., 0]  # Γ_ts
+    f = decay_a @ m.exp()  # [B, H, N, C, 1]
+    write_m = gamma[..., -1, :, None] * k  # Γ_Cs k_s: the chunk's write into M
+    write_s = (m[..., -1:, :] - m).exp() * k  # e^{m_C − m_s} k_s: its write into S
+    keep_m, keep_s, from_s = a[..., -1:, :].exp(), m[..., -1:, :].exp(), f[..., -1:, :]  # [B, H, N, 1, 1]
+    memory, anchor, momentum = (x.to(dtype).expand(batch, heads, dim, dim) for x in state)
+    entering_m, entering_s, updates = [], [], []
+    # unbind, not [:, :, n]: indexing in a loop makes autograd build a full-size zero gradient per chunk
+    for k_n, v_n, th_n, wm_n, ws_n, km_n, ks_n, fs_n, done in zip(
+        *(x.unbind(2) for x in (k, v, theta, write_m, write_s, keep_m, keep_s, from_s, real[..., -1:, :]))
     ):
-        u = 2 * th_n * inner_gradient(k_n, v_n, k_n @ anchor, w, b, eps)  # θ_s ∂ℓ_s/∂z: [B, H, C, d]
-        a, m = lk_n.cumsum(-2), le_n.cumsum(-2)  # [B, H, C, 1]
-        # e^{a_t − a_r} c_r, r <= t: [B, H, C, C]; c_r = 0 at an empty slot, whose S must not enter M
-        decay_a = pair_decay(a, a, strict=False)[..., 0] * real_n.mT
-        gamma = decay_a @ pair_decay(m, m, strict=False)[..., 0]  # Γ_ts
-        f = decay_a @ m.exp()  # [B, H, C, 1]
-        scores = gamma * (q_n @ k_n.transpose(-1, -2))
-        outputs.append(a.exp() * (q_n @ memory) + f * (q_n @ momentum) - scores @ u)
-        memory = (
-            a[..., -1:, :].exp() * memory + f[..., -1:, :] * momentum - (gamma[..., -1, :, None] * k_n).mT @ u
-        )
-        momentum = m[..., -1:, :].exp() * momentum - ((m[..., -1:, :] - m).exp() * k_n).mT @ u
-        anchor = torch.where(real_n[:, :, -1:], memory, anchor)  # a finished mini-batch moves the anchor
-    z = torch.stack(outputs, dim=2).reshape(batch, heads, -1, dim)[:, :, :seq_len].transpose(1, 2)
+        entering_m.append(memory)
+        entering_s.append(momentum)
+        u = 2 * th_n * inner_gradient(k_n, v_n, k_n @ anchor, w[:, 0], b[:, 0], eps)  # θ_s ∂ℓ_s/∂z
+        updates.append(u)
+        memory, momentum = km_n * memory + fs_n * momentum - wm_n.mT @ u, ks_n * momentum - ws_n.mT @ u
+        anchor = torch.where(done, memory, anchor)  # a finished mini-batch moves the anchor
+    z = (
+        (q * a.exp()) @ torch.stack(entering_m, dim=2)
+        + (q * f) @ torch.stack(entering_s, dim=2)
+        - (gamma * (q @ k.mT)) @ torch.stack(updates, dim=2)
+    )  # [B, H, N, C, d]
+    z = z.reshape(batch, heads, -1, dim)[:, :, :seq_len].transpose(1, 2)
     z_hat, _ = layer_norm_rows(z, eps)
     out = z + z_hat * ln_weight.to(dtype) + ln_bias.to(dtype)  # [B, T, H, d]
     return out.to(in_dtype), TitansState(memory, anchor, momentum)
