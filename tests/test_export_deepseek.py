@@ -1,0 +1,128 @@
+"""`archifactory export format=deepseek_v3`: a trained all-mla run as a native transformers DeepSeek-V3
+folder, loaded by `AutoModelForCausalLM` with no ArchiFactory class, computes our logits and our greedy
+continuation; what DeepSeek-V3 cannot express is one error line and no folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from archifactory.cli.main import main
+from archifactory.core.errors import ArchiFactoryError
+from archifactory.generate.export import export_run
+from archifactory.generate.sampling import generate
+from archifactory.hf import deepseek
+from archifactory.hf.deepseek import check_exportable
+from archifactory.runs.load import load_run
+from tests.helpers import compose_config
+from tests.run_helpers import train_tiny_run, write_small_corpus
+
+# q_lora_rank 0 (a direct q_proj) under positional=rope, the default latent eps and an untied head; then a
+# query latent under positional=none (MLA's own rotary, another theta), a large latent eps (where moving it
+# into the down-projections shows) and tied embeddings
+RUNS = {
+    "mla_q0": ["mixin=mla", "mixin.kv_lora_rank=24", "positional.theta=500"],
+    "mla_q16": [
+        "mixin=mla", "mixin.q_lora_rank=16", "mixin.kv_lora_rank=24", "mixin.qk_rope_head_dim=8",
+        "mixin.norm_eps=0.01", "mixin.rope_theta=300", "positional=none", "model.tie_embeddings=true",
+        "model.norm_eps=1e-6",
+    ],
+    "gqa": ["mixin=gqa"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("work")
+    corpus = write_small_corpus(root / "corpus")
+    for name, overrides in RUNS.items():
+        train_tiny_run(root / "outputs" / name, corpus, root / "cache", *overrides)
+    return {name: root / "outputs" / name for name in RUNS}
+
+
+@pytest.mark.parametrize("name", ["mla_q0", "mla_q16"])
+def test_deepseek_v3_folder_computes_our_logits(
+    runs: dict[str, Path], tmp_path: Path, capsys, name: str
+) -> None:
+    run, out = runs[name], tmp_path / "ds"
+    assert main(["export", f"run={run}", f"out={out}", "format=deepseek_v3"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    ours = load_run(run)
+    theirs = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(theirs) is transformers.DeepseekV3ForCausalLM  # transformers' own class, not our wrapper
+
+    config, mla = theirs.config, ours.model.blocks[0].mixin
+    assert (config.model_type, config.rope_interleave, config.first_k_dense_replace) == (
+        "deepseek_v3",
+        True,
+        2,
+    )
+    assert config.q_lora_rank == (mla.q_lora_rank or None)
+    assert (config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim) == (
+        mla.kv_lora_rank, mla.nope_dim, mla.rope_dim, mla.v_dim,
+    )  # fmt: skip
+    assert config.rms_norm_eps == ours.config.model.norm_eps
+    assert config.tie_word_embeddings == ours.config.model.tie_embeddings
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+
+    text = "the king sat on the mat. the red bird sang to her"
+    ids = torch.tensor([ours.tokenizer.encode(text)])
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        expected = ours.model(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        greedy = theirs.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, ids.shape[1] :]
+    assert greedy.tolist() == generate(ours.model, ids, max_new_tokens=6)[0].tokens
+
+
+def test_other_architectures_are_one_line(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ds"
+    assert main(["export", f"run={runs['gqa']}", f"out={out}", "format=deepseek_v3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "mixin=gqa" in err[0] and "format=hf" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["mixin=mla", "ffn=moe"], "ffn=moe"),
+        (["mixin=mla", "ffn=geglu"], "ffn=geglu"),
+        (["mixin=mla", "ffn.bias=true"], "ffn.bias=true"),
+        (["mixin=mla", "positional=alibi"], "positional=alibi"),
+        (["mixin=mla", "residual=hyper"], "residual=hyper"),
+        (["mixin=mla", "model.norm=layernorm"], "model.norm=layernorm"),
+        (["mixin=mla", "model.attention_every=2", "model.attention_mixin=mla"], "hybrid"),
+    ],
+)
+def test_what_deepseek_v3_cannot_express_is_named(overrides: list[str], named: str) -> None:
+    with pytest.raises(ArchiFactoryError, match="format=hf") as refused:
+        check_exportable(compose_config(overrides))
+    assert named in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_failed_export_leaves_no_folder(runs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    def broken(folder: Path, tokenizer) -> None:
+        (folder / "tokenizer.json").write_text("{")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(deepseek, "write_tokenizer_files", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_run(runs["mla_q0"], tmp_path / "ds", export_format="deepseek_v3")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_format_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "format=bogus"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and "format='bogus' is not an export format" in err[0]
+        and "format=deepseek_v3" in err[0]
+    )
