@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from archifactory.cli.main import main
@@ -32,8 +33,26 @@ RUNS = {
         "mixin.norm_eps=0.01", "mixin.rope_theta=300", "positional=none", "model.tie_embeddings=true",
         "model.norm_eps=1e-6",
     ],
+    # DeepSeek's MoE: a dense first layer, a trained selection bias, no shared expert; then every layer MoE
+    # with a shared expert and unnormalised top-k weights
+    "mla_moe_dense_first": [
+        "mixin=mla", "ffn=moe", "ffn.score_func=sigmoid", "ffn.num_experts=4", "ffn.moe_every=2",
+        "ffn.bias_update_rate=0.05",
+    ],
+    "mla_moe_shared": [
+        "mixin=mla", "mixin.q_lora_rank=16", "ffn=moe", "ffn.score_func=sigmoid", "ffn.num_experts=4",
+        "ffn.num_shared_experts=1", "ffn.renormalize=false",
+    ],
     "gqa": ["mixin=gqa"],
 }  # fmt: skip
+# a few steps: enough to move every weight (norms and the MoE selection bias included) off its init
+SHORT = [
+    "trainer.max_steps=4",
+    "trainer.warmup_steps=1",
+    "trainer.eval_every=4",
+    "trainer.checkpoint_every=4",
+]
+MLA_RUNS = [name for name in RUNS if name.startswith("mla")]
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +60,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("work")
     corpus = write_small_corpus(root / "corpus")
     for name, overrides in RUNS.items():
-        train_tiny_run(root / "outputs" / name, corpus, root / "cache", *overrides)
+        train_tiny_run(root / "outputs" / name, corpus, root / "cache", *overrides, *SHORT)
     return {name: root / "outputs" / name for name in RUNS}
 
 
-@pytest.mark.parametrize("name", ["mla_q0", "mla_q16"])
+@pytest.mark.parametrize("name", MLA_RUNS)
 def test_deepseek_v3_folder_computes_our_logits(
     runs: dict[str, Path], tmp_path: Path, capsys, name: str
 ) -> None:
@@ -57,11 +76,11 @@ def test_deepseek_v3_folder_computes_our_logits(
     assert type(theirs) is transformers.DeepseekV3ForCausalLM  # transformers' own class, not our wrapper
 
     config, mla = theirs.config, ours.model.blocks[0].mixin
+    dense = [i for i, block in enumerate(ours.model.blocks) if not getattr(block.ffn, "is_moe", False)]
+    assert dense == list(range(len(dense)))  # DeepSeek-V3's dense layers come first
     assert (config.model_type, config.rope_interleave, config.first_k_dense_replace) == (
-        "deepseek_v3",
-        True,
-        2,
-    )
+        "deepseek_v3", True, len(dense),
+    )  # fmt: skip
     assert config.q_lora_rank == (mla.q_lora_rank or None)
     assert (config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim) == (
         mla.kv_lora_rank, mla.nope_dim, mla.rope_dim, mla.v_dim,
@@ -80,6 +99,13 @@ def test_deepseek_v3_folder_computes_our_logits(
     assert greedy.tolist() == generate(ours.model, ids, max_new_tokens=6)[0].tokens
 
 
+def test_the_moe_runs_route_as_deepseek_does(runs: dict[str, Path]) -> None:
+    """What the MoE comparisons above rest on: a layer of each kind, a selection bias that is not zero."""
+    blocks = load_run(runs["mla_moe_dense_first"]).model.blocks
+    assert [block.ffn.is_moe for block in blocks] == [False, True]
+    assert blocks[1].ffn.router.expert_bias.abs().sum() > 0
+
+
 def test_other_architectures_are_one_line(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "ds"
     assert main(["export", f"run={runs['gqa']}", f"out={out}", "format=deepseek_v3"]) == 1
@@ -88,21 +114,33 @@ def test_other_architectures_are_one_line(runs: dict[str, Path], tmp_path: Path,
     assert not out.exists()
 
 
+MLA = ["mixin=mla"]
+MOE = ["mixin=mla", "ffn=moe", "ffn.score_func=sigmoid"]
+
+
 @pytest.mark.parametrize(
-    "overrides,named",
+    "base,changes,named",
     [
-        (["mixin=mla", "ffn=moe"], "ffn=moe"),
-        (["mixin=mla", "ffn=geglu"], "ffn=geglu"),
-        (["mixin=mla", "ffn.bias=true"], "ffn.bias=true"),
-        (["mixin=mla", "positional=alibi"], "positional=alibi"),
-        (["mixin=mla", "residual=hyper"], "residual=hyper"),
-        (["mixin=mla", "model.norm=layernorm"], "model.norm=layernorm"),
-        (["mixin=mla", "model.attention_every=2", "model.attention_mixin=mla"], "hybrid"),
+        (MOE, {"ffn.score_func": "softmax"}, "ffn.score_func=softmax"),
+        (MOE, {"ffn.capacity_factor": 1.0}, "ffn.capacity_factor=1.0"),
+        (MOE, {"ffn.moe_every": 2}, "ffn.moe_every=2"),  # 4 layers: MoE at 1 and 3
+        (MLA, {"ffn.name": "geglu"}, "ffn=geglu"),
+        (MLA, {"ffn.bias": True}, "ffn.bias=true"),
+        (MLA, {"positional.name": "alibi"}, "positional=alibi"),
+        (MLA, {"residual.name": "hyper"}, "residual=hyper"),
+        (MLA, {"model.norm": "layernorm"}, "model.norm=layernorm"),
+        (MLA, {"model.value_residual": True}, "model.value_residual=true"),
+        (MLA, {"model.weights": "hyper"}, "model.weights=hyper"),
+        (MLA, {"model.attention_every": 2}, "hybrid"),
     ],
 )
-def test_what_deepseek_v3_cannot_express_is_named(overrides: list[str], named: str) -> None:
+def test_what_deepseek_v3_cannot_express_is_named(base: list[str], changes: dict, named: str) -> None:
+    cfg = compose_config(base)  # composed once per base; the check reads names and options only
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    check_exportable(compose_config(base))  # the base itself maps
     with pytest.raises(ArchiFactoryError, match="format=hf") as refused:
-        check_exportable(compose_config(overrides))
+        check_exportable(cfg)
     assert named in str(refused.value) and "\n" not in str(refused.value)
 
 

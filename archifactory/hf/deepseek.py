@@ -12,21 +12,29 @@ latent) and of the KV down-projection (`kv_a_proj_with_mqa`) hold each rotary pa
     mixin.q_proj                             self_attn.q_proj                            (q_lora_rank = 0)
     mixin.kv_down, kv_norm, kv_up            self_attn.kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
     mixin.out_proj                           self_attn.o_proj
-    ffn.gate_proj, up_proj, out_proj         mlp.gate_proj, up_proj, down_proj   (every layer dense:
-                                                                                  first_k_dense_replace = L)
+    ffn.gate_proj, up_proj, out_proj         mlp.gate_proj, up_proj, down_proj (swiglu; a dense moe layer's
+                                             ffn.dense.*; dense layers come first: first_k_dense_replace)
+    ffn.router.gate, router.expert_bias      mlp.gate.weight, mlp.gate.e_score_correction_bias      (moe)
+    ffn.w_in[e] (gate | up), ffn.w_out[e]    mlp.experts.e.gate_proj / up_proj, down_proj, transposed
+    ffn.shared.*                             mlp.shared_experts.* (zero-width without shared experts)
     embedding, final_norm, lm_head           model.embed_tokens, model.norm, lm_head (tie_word_embeddings)
 
+An `ffn=moe` run maps exactly when it is DeepSeek-V3's router: sigmoid scores, selection-only bias, no
+token dropped, its MoE layers last (`moe_problem`); the export sets one expert group (n_group = topk_group =
+1, so group-limited routing is plain top-k), routed_scaling_factor 1 and norm_topk_prob = ffn.renormalize.
+
 transformers builds the two latent norms with a fixed epsilon of 1e-6; a run whose `mixin.norm_eps` is
-another ε exports with the latent rows of `q_a_proj` / `kv_a_proj_with_mqa` scaled by s = sqrt(1e-6 / ε),
+another ε exports with `q_a_proj` and the latent rows of `kv_a_proj_with_mqa` scaled by s = sqrt(1e-6 / ε),
 which is exact: RMSNorm(s·x) with s²ε in the root is RMSNorm(x) with ε. The rotary base is the model's
 `positional.theta` under positional=rope, else MLA's own `mixin.rope_theta`. Whatever DeepSeek-V3 cannot
-express is refused in one line before anything is loaded (`check_exportable`).
+express is refused in one line before any weight is loaded (`check_exportable`).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -38,6 +46,8 @@ from archifactory.config.hybrid import pattern_entries
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.hf.model import write_folder_atomically, write_tokenizer_files
+from archifactory.model.ffn.moe import MoE
+from archifactory.model.ffn.swiglu import SwiGLU
 from archifactory.model.folder import WEIGHTS
 from archifactory.model.mixins.mla import MultiHeadLatentAttention
 from archifactory.model.positional import RotaryPositional
@@ -56,15 +66,12 @@ def check_exportable(cfg: DictConfig) -> None:
         problem = (
             f"mixin={cfg.mixin.name}; DeepSeek-V3's attention is multi-head latent attention (mixin=mla)"
         )
-    elif cfg.ffn.name == "moe":
-        problem = (
-            "ffn=moe; DeepSeek-V3's router (sigmoid scores, group-limited top-k, routed scaling factor) is "
-            "not ours, so only ffn=swiglu maps exactly"
-        )
-    elif cfg.ffn.name != "swiglu":
-        problem = f"ffn={cfg.ffn.name}; DeepSeek-V3's dense MLP is a SwiGLU (ffn=swiglu)"
+    elif cfg.ffn.name not in ("swiglu", "moe"):
+        problem = f"ffn={cfg.ffn.name}; DeepSeek-V3's MLP is a SwiGLU (ffn=swiglu) or its MoE (ffn=moe)"
     elif cfg.ffn.get("bias", False):
         problem = "ffn.bias=true; DeepSeek-V3's MLP has no biases"
+    elif cfg.ffn.name == "moe" and (moe := moe_problem(cfg)):
+        problem = moe
     elif cfg.positional.name not in ("rope", "none"):
         problem = (
             f"positional={cfg.positional.name}; DeepSeek-V3 has MLA's decoupled rope only (rope or none)"
@@ -80,6 +87,25 @@ def check_exportable(cfg: DictConfig) -> None:
     else:
         return
     raise ArchiFactoryError(f"format=deepseek_v3 cannot express this run: {problem}; {FIX}")
+
+
+def moe_problem(cfg: DictConfig) -> str | None:
+    """Why an `ffn=moe` run is not a DeepSeek-V3 MoE (None: it is one, with one expert group and a routed
+    scaling factor of 1): DeepSeek-V3 scores with a sigmoid, drops no token and has its dense layers first."""
+    ffn, layers = cfg.ffn, int(cfg.model.num_layers)
+    every = int(ffn.get("moe_every", 1))
+    moe_layers = [i for i in range(layers) if i % every == every - 1]
+    if ffn.score_func != "sigmoid":
+        return f"ffn.score_func={ffn.score_func}; DeepSeek-V3's router scores with a sigmoid (ffn.score_func=sigmoid)"
+    if ffn.get("capacity_factor") is not None:
+        return f"ffn.capacity_factor={ffn.capacity_factor}; DeepSeek-V3 drops no token (capacity_factor=null)"
+    if moe_layers != list(range(layers - len(moe_layers), layers)):
+        return (
+            f"ffn.moe_every={every} interleaves dense and MoE layers; DeepSeek-V3 has its dense layers first"
+        )
+    if ffn.num_experts * ffn.get("granularity", 1) < 2:
+        return "ffn.num_experts=1; DeepSeek-V3's group routing needs at least 2 experts"
+    return None
 
 
 def interleaved(rows: Tensor) -> Tensor:
@@ -118,6 +144,36 @@ def attention_weights(mla: MultiHeadLatentAttention) -> dict[str, Tensor]:
     return {f"self_attn.{name}.weight": t for name, t in tensors.items()}
 
 
+def mlp_weights(ffn: SwiGLU | MoE) -> dict[str, Tensor]:
+    """One layer's `mlp.*` tensors: a dense SwiGLU (ffn=swiglu, or a dense layer of ffn=moe), or the MoE in
+    DeepSeek's released layout (one gate/up/down per expert; transformers fuses them when loading)."""
+    if isinstance(ffn, SwiGLU) or not ffn.is_moe:
+        dense = ffn if isinstance(ffn, SwiGLU) else ffn.dense
+        projections = {"gate_proj": dense.gate_proj, "up_proj": dense.up_proj, "down_proj": dense.out_proj}
+        return {f"mlp.{name}.weight": linear.weight for name, linear in projections.items()}
+    tensors = {
+        "mlp.gate.weight": ffn.router.gate.weight,
+        "mlp.gate.e_score_correction_bias": ffn.router.expert_bias,
+    }
+    gate, up = ffn.w_in.split(ffn.intermediate_size, dim=-1)  # [E, D, F] each
+    for e in range(ffn.num_experts):
+        tensors[f"mlp.experts.{e}.gate_proj.weight"] = gate[e].T
+        tensors[f"mlp.experts.{e}.up_proj.weight"] = up[e].T
+        tensors[f"mlp.experts.{e}.down_proj.weight"] = ffn.w_out[e].T
+    if ffn.shared is None:  # DeepSeek-V3 always has a shared MLP: zero-width, it adds nothing
+        shared = {"gate_proj": torch.zeros(0, ffn.hidden_size), "up_proj": torch.zeros(0, ffn.hidden_size)}
+        shared["down_proj"] = torch.zeros(ffn.hidden_size, 0)
+    else:
+        linears = {
+            "gate_proj": ffn.shared.gate_proj,
+            "up_proj": ffn.shared.up_proj,
+            "down_proj": ffn.shared.out_proj,
+        }
+        shared = {name: linear.weight for name, linear in linears.items()}
+    tensors |= {f"mlp.shared_experts.{name}.weight": t for name, t in shared.items()}
+    return tensors
+
+
 def deepseek_weights(model: StackedMixinForCausalLM) -> dict[str, Tensor]:
     """Every tensor of the DeepSeek-V3 state dict (fp32, CPU); no lm_head when the embedding is tied."""
     weights = {
@@ -130,13 +186,32 @@ def deepseek_weights(model: StackedMixinForCausalLM) -> dict[str, Tensor]:
         layer = {
             "input_layernorm.weight": block.mixin_norm.weight,
             "post_attention_layernorm.weight": block.ffn_norm.weight,
-            "mlp.gate_proj.weight": block.ffn.gate_proj.weight,
-            "mlp.up_proj.weight": block.ffn.up_proj.weight,
-            "mlp.down_proj.weight": block.ffn.out_proj.weight,
             **attention_weights(block.mixin),
+            **mlp_weights(block.ffn),
         }
         weights |= {f"model.layers.{i}.{name}": t for name, t in layer.items()}
     return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in weights.items()}
+
+
+def moe_options(model: StackedMixinForCausalLM) -> dict[str, Any]:
+    """The config's dense/MoE split and, for ffn=moe, its router and experts: the layers from
+    `first_k_dense_replace` on are MoE layers (= L: none), with one expert group and routed scaling 1."""
+    ffn = model.blocks[-1].ffn  # an MoE layer if the model has any (they come last)
+    if isinstance(ffn, SwiGLU) or not ffn.is_moe:
+        width = ffn.intermediate_size if isinstance(ffn, SwiGLU) else ffn.dense.intermediate_size
+        return {"first_k_dense_replace": model.num_layers, "intermediate_size": width}
+    return {
+        "first_k_dense_replace": sum(not block.ffn.is_moe for block in model.blocks),
+        "intermediate_size": (ffn.top_k + ffn.num_shared_experts) * ffn.intermediate_size,  # dense layers'
+        "moe_intermediate_size": ffn.intermediate_size,
+        "n_routed_experts": ffn.num_experts,
+        "num_experts_per_tok": ffn.top_k,
+        "n_shared_experts": ffn.num_shared_experts,
+        "norm_topk_prob": ffn.router.renormalize,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.0,
+    }
 
 
 def deepseek_config(model: StackedMixinForCausalLM, cfg: DictConfig, eos_id: int) -> DeepseekV3Config:
@@ -146,9 +221,8 @@ def deepseek_config(model: StackedMixinForCausalLM, cfg: DictConfig, eos_id: int
     return DeepseekV3Config(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
-        intermediate_size=model.blocks[0].ffn.intermediate_size,
         num_hidden_layers=model.num_layers,
-        first_k_dense_replace=model.num_layers,  # every layer a dense MLP, no MoE layer
+        **moe_options(model),
         num_attention_heads=mla.num_heads,
         num_key_value_heads=mla.num_heads,
         kv_lora_rank=mla.kv_lora_rank,
