@@ -19,6 +19,7 @@ from archifactory.generate.export import export_run
 from archifactory.generate.sampling import generate
 from archifactory.hf import deepseek
 from archifactory.hf.deepseek import check_exportable
+from archifactory.runs import layout
 from archifactory.runs.load import load_run
 from tests.helpers import compose_config
 from tests.run_helpers import train_tiny_run, write_small_corpus
@@ -87,6 +88,8 @@ def test_deepseek_v3_folder_computes_our_logits(
     )  # fmt: skip
     assert config.rms_norm_eps == ours.config.model.norm_eps
     assert config.tie_word_embeddings == ours.config.model.tie_embeddings
+    rope = ours.config.positional.theta if ours.config.positional.name == "rope" else mla.own_rope.theta
+    assert config.rope_parameters["rope_theta"] == rope  # positional.theta, else mixin.rope_theta
     assert "auto_map" not in json.loads((out / "config.json").read_text())
 
     text = "the king sat on the mat. the red bird sang to her"
@@ -97,6 +100,21 @@ def test_deepseek_v3_folder_computes_our_logits(
         torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-5, rtol=1e-5)
         greedy = theirs.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, ids.shape[1] :]
     assert greedy.tolist() == generate(ours.model, ids, max_new_tokens=6)[0].tokens
+    if ours.config.ffn.name == "moe":
+        return  # transformers' expert kernel (torch._grouped_mm) takes no fp64
+    with torch.no_grad():  # fp64 on both sides, each still norming and building rotary tables in fp32
+        torch.testing.assert_close(
+            theirs.double()(ids).logits, ours.model.double()(ids).logits, atol=2e-6, rtol=1e-6
+        )
+
+
+def test_the_default_folder_sits_beside_model(runs: dict[str, Path]) -> None:
+    run = runs["mla_q16"]
+    ours_before = (run / layout.MODEL / "config.json").read_bytes()
+    out = export_run(run, export_format="deepseek_v3")
+    assert out == run / layout.MODEL_DEEPSEEK_V3
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (run / layout.MODEL / "config.json").read_bytes() == ours_before  # our own folder untouched
 
 
 def test_the_moe_runs_route_as_deepseek_does(runs: dict[str, Path]) -> None:
