@@ -82,6 +82,8 @@ def test_deepseek_v3_folder_computes_our_logits(
     assert (config.model_type, config.rope_interleave, config.first_k_dense_replace) == (
         "deepseek_v3", True, len(dense),
     )  # fmt: skip
+    last = ours.model.blocks[-1].ffn  # an MoE layer if the run has any
+    assert config.n_routed_experts == (last.num_experts if getattr(last, "is_moe", False) else 0)
     assert config.q_lora_rank == (mla.q_lora_rank or None)
     assert (config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim) == (
         mla.kv_lora_rank, mla.nope_dim, mla.rope_dim, mla.v_dim,

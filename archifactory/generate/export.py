@@ -22,6 +22,7 @@ EXPORT_FORMATS = ("hf", "deepseek_v3")
 
 
 def check_format(export_format: str) -> None:
+    """One line for a `format=` that is not an export format (the verb checks it before finding the run)."""
     if export_format not in EXPORT_FORMATS:
         raise ArchiFactoryError(
             f"format={export_format!r} is not an export format; use format=hf (ArchiFactory's own, the "

@@ -54,6 +54,15 @@ from archifactory.model.positional import RotaryPositional
 from archifactory.model.stack import StackedMixinForCausalLM, residual_config
 
 LATENT_EPS = 1e-6  # transformers' DeepseekV3Attention builds q_a_layernorm / kv_a_layernorm with this eps
+NO_EXPERTS = {
+    "n_routed_experts": 0,
+    "n_shared_experts": 0,
+    "moe_intermediate_size": 0,
+    "num_experts_per_tok": None,
+    "n_group": None,
+    "topk_group": None,
+    "routed_scaling_factor": 1.0,
+}
 FIX = "export it with format=hf (ArchiFactory's own Hugging Face format, the default)"
 
 
@@ -199,7 +208,11 @@ def moe_options(model: StackedMixinForCausalLM) -> dict[str, Any]:
     ffn = model.blocks[-1].ffn  # an MoE layer if the model has any (they come last)
     if isinstance(ffn, SwiGLU) or not ffn.is_moe:
         width = ffn.intermediate_size if isinstance(ffn, SwiGLU) else ffn.dense.intermediate_size
-        return {"first_k_dense_replace": model.num_layers, "intermediate_size": width}
+        return {
+            "first_k_dense_replace": model.num_layers,
+            "intermediate_size": width,
+            **NO_EXPERTS,  # not DeepSeek-V3's defaults (256 experts): a reader sees a dense model
+        }
     return {
         "first_k_dense_replace": sum(not block.ffn.is_moe for block in model.blocks),
         "intermediate_size": (ffn.top_k + ffn.num_shared_experts) * ffn.intermediate_size,  # dense layers'
@@ -243,7 +256,7 @@ def deepseek_config(model: StackedMixinForCausalLM, cfg: DictConfig, eos_id: int
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         architectures=["DeepseekV3ForCausalLM"],
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
