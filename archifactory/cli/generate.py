@@ -4,7 +4,7 @@
                           [temperature=0.8] [top_k=…] [top_p=0.95] [repetition_penalty=1.1] [stop='\\n\\n']
                           [seed=0] [step=<checkpoint step>] [device=auto|cpu|cuda]
     archifactory generate run=… prompt_file=prompts.txt|prompts.jsonl [out=generations.jsonl] [...]
-    archifactory export [run=…] [out=<folder>] [step=…]
+    archifactory export [run=…] [out=<folder>] [step=…] [format=hf|deepseek_v3]
 
 These verbs read a run rather than start one, so they take plain `key=value` options (not Hydra: no
 output directory is created). `run` defaults to the most recent completed run under `outputs/`; the run
@@ -47,7 +47,7 @@ GENERATE_OPTIONS: dict[str, Callable[[str], Any]] = {
     "chat": lambda v: {"true": True, "false": False}[v.lower()],
     "system": str,
 }
-EXPORT_OPTIONS: dict[str, Callable[[str], Any]] = {"run": str, "out": str, "step": int}
+EXPORT_OPTIONS: dict[str, Callable[[str], Any]] = {"run": str, "out": str, "step": int, "format": str}
 
 
 def parse_options(args: list[str], spec: dict[str, Callable[[str], Any]], verb: str) -> dict[str, Any]:
@@ -221,12 +221,14 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None
 
 
 def export_verb(args: list[str]) -> int:
-    from archifactory.generate.export import export_run
+    from archifactory.generate.export import check_format, export_run
     from archifactory.runs.load import resolve_run
 
     opts = parse_options(args, EXPORT_OPTIONS, "export")
+    export_format = opts.get("format", "hf")
+    check_format(export_format)  # before looking for the run
     run_dir = resolve_run(opts.get("run"))
-    out = export_run(run_dir, opts.get("out"), opts.get("step"))
+    out = export_run(run_dir, opts.get("out"), opts.get("step"), export_format)
     print(f"run: {run_dir}", file=sys.stderr)
     print(out)  # stdout: the folder alone, for scripts; the closing line goes with the run line
     sys.stdout.flush()

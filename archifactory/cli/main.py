@@ -25,7 +25,7 @@ verbs:
   sft        `sft init_from=<run> dataset=chat_jsonl|limo|dolphin_r1`: instruction-tune a pretrained run
   grpo       `grpo init_from=<run> dataset=arith|countdown|gsm8k|math|rl_jsonl`: RL with verifiable rewards
   generate   `generate [run=…] prompt="…"`: stream text from a trained run (prompt_file=… for JSONL)
-  export     `export [run=…] [out=…] [step=…]`: write a checkpoint in Hugging Face format
+  export     `export [run=…] [out=…] [step=…] [format=hf|deepseek_v3]`: a checkpoint in Hugging Face format
   list       every option of every config group, with its description
              (`list --params model.target_params=30M`: the matched shape of every mixin x FFN)
   report     `report <sweep dir | run dir ...>`: results table (mean ± std over seeds) and plots

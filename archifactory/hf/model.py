@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +178,8 @@ def save_pretrained(
     model: StackedMixinForCausalLM, config: ArchiFactoryConfig, tokenizer: Tokenizer, out: str | Path
 ) -> Path:
     """Write the `model/` folder atomically (a temporary folder renamed into place); returns its path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         weights = {
             PREFIX + n: t.detach().to("cpu", torch.float32).contiguous()
             for n, t in model.state_dict().items()
@@ -189,9 +188,27 @@ def save_pretrained(
         config.weights_sha256 = file_digest(tmp / WEIGHTS)
         config.architectures = [ArchiFactoryForCausalLM.__name__]
         config.save_pretrained(tmp)
-        eos = tokenizer.eos_id
-        GenerationConfig(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
-        transformers_tokenizer(tokenizer).save_pretrained(tmp)
+        write_tokenizer_files(tmp, tokenizer)
+
+    return write_folder_atomically(out, write)
+
+
+def write_tokenizer_files(folder: Path, tokenizer: Tokenizer) -> None:
+    """What every exported folder carries besides the model: generation_config.json (EOS, which doubles as
+    BOS and PAD) and the run's tokenizer as a PreTrainedTokenizerFast."""
+    eos = tokenizer.eos_id
+    GenerationConfig(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos).save_pretrained(folder)
+    transformers_tokenizer(tokenizer).save_pretrained(folder)
+
+
+def write_folder_atomically(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write` fills a temporary folder next to `out`, which is then renamed into place (replacing an older
+    `out`): a failure part-way leaves no half-written folder behind. Returns `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
         share_as_umask_allows(tmp)  # mkdtemp's 0700 and safetensors' 0600 would lock others out
         if out.exists():
             shutil.rmtree(out)

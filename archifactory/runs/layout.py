@@ -10,6 +10,7 @@
                          torch.distributed.checkpoint's .metadata + *.distcp — plus extra.pt: schedule, RNG)
   tokenizer/             the run's copy of its tokenizer (tokenizer.json, meta.json)
   model/                 the final model in Hugging Face format
+  model_deepseek_v3/     `archifactory export format=deepseek_v3`'s folder (when written without out=)
   eval/<task>.json       one file per evaluation
   archifactory.log       every log line of every command that used the run
   curves.png             loss (and probe accuracy) curves
@@ -34,6 +35,7 @@ DCP_EXTRA = "extra.pt"  # a sharded checkpoint's LR schedule and RNG states (ran
 TRAINER_STATE = "trainer_state.json"
 TOKENIZER = "tokenizer"
 MODEL = "model"
+MODEL_DEEPSEEK_V3 = "model_deepseek_v3"
 EVAL_DIR = "eval"
 LOG = "archifactory.log"
 CURVES = "curves.png"
