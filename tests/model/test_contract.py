@@ -30,12 +30,13 @@ def perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
 def build(
     kind: str, name: str, positional: str = "rope", layer_idx: int = 1
 ) -> tuple[torch.nn.Module, PositionContext]:
-    cfg = compose_config(
-        [f"{kind}={name}", f"positional={positional}", f"model.hidden_size={HIDDEN}", "model.num_heads=4"]
-    )
+    # a component's options do not depend on the positional scheme: one composition per component (and one
+    # per scheme) serves every case of the suites below
+    cfg = compose_config([f"{kind}={name}", f"model.hidden_size={HIDDEN}", "model.num_heads=4"])
     module = component_factory(kind, cfg[kind], HIDDEN)(layer_idx=layer_idx).double()
     perturb(module)
-    scheme = build_positional(cfg.positional, HIDDEN, max_seq_len=64).double()
+    positional_cfg = compose_config([f"positional={positional}"]).positional
+    scheme = build_positional(positional_cfg, HIDDEN, max_seq_len=64).double()
     return module, PositionContext(scheme, 0, 0)
 
 

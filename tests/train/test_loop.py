@@ -42,6 +42,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenizer and token cache for the per-component runs (the tests of caching use their own)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def smoke_config(corpus: Path, cache: Path, *extra: str):
     return compose_config(
         [
@@ -181,16 +187,16 @@ def _first_and_last_val(run_dir: Path) -> tuple[float, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mixin", sorted(components("mixin")))
-def test_every_mixin_trains(mixin: str, corpus: Path, tmp_path: Path) -> None:
-    train(smoke_config(corpus, tmp_path / "cache", f"mixin={mixin}"), tmp_path / "run")
+def test_every_mixin_trains(mixin: str, corpus: Path, shared_cache: Path, tmp_path: Path) -> None:
+    train(smoke_config(corpus, shared_cache, f"mixin={mixin}"), tmp_path / "run")
     first, last = _first_and_last_val(tmp_path / "run")
     assert last < first, f"{mixin}: validation loss did not fall ({first:.3f} -> {last:.3f})"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ffn", sorted(components("ffn")))
-def test_every_ffn_trains(ffn: str, corpus: Path, tmp_path: Path) -> None:
-    summary = train(smoke_config(corpus, tmp_path / "cache", f"ffn={ffn}"), tmp_path / "run")
+def test_every_ffn_trains(ffn: str, corpus: Path, shared_cache: Path, tmp_path: Path) -> None:
+    summary = train(smoke_config(corpus, shared_cache, f"ffn={ffn}"), tmp_path / "run")
     first, last = _first_and_last_val(tmp_path / "run")
     assert last < first, f"{ffn}: validation loss did not fall ({first:.3f} -> {last:.3f})"
     assert summary["params_active"] <= summary["params_total"]
