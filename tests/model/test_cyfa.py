@@ -142,9 +142,13 @@ def fla_layer_by_hand(layer: CyclicFlowAttention, x: torch.Tensor) -> torch.Tens
     return o.flatten(-2) @ layer.o_proj.weight.T
 
 
+# small chunks, few slots, values twice as wide as keys (the registry suites run the defaults)
+OPTIONS = ("mixin.chunk_size=4", f"mixin.num_slots={SLOTS}", "mixin.expand_v=2")
+
+
 def test_layer_matches_fla_layer_by_hand() -> None:
     pytest.importorskip("fla")
-    layer = build("mixin.chunk_size=4", f"mixin.num_slots={SLOTS}")
+    layer = build(*OPTIONS)
     x = torch.randn(2, 19, HIDDEN, dtype=torch.float64, requires_grad=True)
     y, _ = layer(x, ctx(0, 19))
     expected = fla_layer_by_hand(layer, x)
@@ -166,7 +170,7 @@ def test_layer_matches_fla_layer_by_hand() -> None:
 
 @pytest.mark.parametrize("prefill", [1, 5, 13])
 def test_prefill_then_decode_equals_full(prefill: int) -> None:
-    layer = build("mixin.chunk_size=4", f"mixin.num_slots={SLOTS}", "mixin.expand_v=2")
+    layer = build(*OPTIONS)
     x = torch.randn(2, 17, HIDDEN, dtype=torch.float64)
     full, _ = layer(x, ctx(0, 17))
     state = layer.init_state(2, x.device, x.dtype)

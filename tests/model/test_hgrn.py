@@ -72,12 +72,16 @@ def build(*overrides: str) -> HGRN:
     return layer
 
 
+def options(lower_bound: float) -> tuple[str, ...]:
+    return (f"mixin.lower_bound={lower_bound}", "mixin.expand_ratio=2", "mixin.chunk_size=8")
+
+
 @pytest.mark.parametrize("lower_bound", [0.0, 0.3])
 def test_layer_matches_fla_layer_by_hand(lower_bound: float) -> None:
     """fla's HGRNAttention: i = swiglu(i_proj x, 1 − exp f), f = logsigmoid(f_proj x) (bounded below),
     o = naive HGRN, FusedRMSNormGated(o, g_proj x), o_proj."""
     naive = load_fla_naive("hgrn").naive_recurrent_hgrn
-    layer = build(f"mixin.lower_bound={lower_bound}", "mixin.expand_ratio=2", "mixin.chunk_size=8")
+    layer = build(*options(lower_bound))
     x = torch.randn(2, 19, 16, dtype=torch.float64)
     i, f, gate = (x @ w.T for w in layer.ifg_proj.weight.chunk(3))
     f = F.logsigmoid(f)
@@ -92,9 +96,9 @@ def test_layer_matches_fla_layer_by_hand(lower_bound: float) -> None:
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)  # fla's oracle computes in fp32
 
 
-@pytest.mark.parametrize("prefill", [1, 8, 11])
+@pytest.mark.parametrize("prefill", [1, 8, 11])  # chunks of 8: mid-chunk, on the boundary, past it
 def test_prefill_then_decode_equals_full(prefill: int) -> None:
-    layer = build("mixin.lower_bound=0.2", "mixin.chunk_size=4")
+    layer = build(*options(0.3))  # a lower bound (the registry suites decode the default, none)
     ctx = lambda start, length: PositionContext(NoPositional(16, 64), start, length)  # noqa: E731
     x = torch.randn(2, 17, 16, dtype=torch.float64)
     full, _ = layer(x, ctx(0, 17))

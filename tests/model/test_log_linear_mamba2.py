@@ -139,7 +139,7 @@ def test_layer_matches_fla_layer_by_hand(overrides: tuple[str, ...]) -> None:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("prefill", [1, 3, 4, 9])
+@pytest.mark.parametrize("prefill", [1, 4, 9])  # mid-chunk, on a boundary, past one
 def test_prefill_then_decode_equals_full(prefill: int) -> None:
     layer = build("mixin.n_groups=2")
     x = torch.randn(2, 17, HIDDEN, dtype=torch.float64)

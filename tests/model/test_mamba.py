@@ -93,7 +93,7 @@ def test_layer_matches_fla_slow_forward() -> None:
     torch.testing.assert_close(layer(x, ctx(0, 19))[0], expected, rtol=1e-7, atol=1e-8)  # fla: A in fp32
 
 
-@pytest.mark.parametrize("prefill", [1, 2, 4, 5, 12])
+@pytest.mark.parametrize("prefill", [2, 4, 5])
 def test_prefill_and_decode_across_chunk_and_conv_boundaries(prefill: int) -> None:
     """Prefills shorter than the conv window, at and past chunk boundaries (chunk 4, kernel 4)."""
     layer = build("mixin.d_state=4", "mixin.chunk_size=4")

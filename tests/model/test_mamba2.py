@@ -75,7 +75,7 @@ def test_layer_matches_the_recurrence_by_hand(groups: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("prefill", [1, 2, 4, 5, 12])
+@pytest.mark.parametrize("prefill", [2, 4, 5])
 def test_prefill_and_decode_across_chunk_and_conv_boundaries(prefill: int) -> None:
     """Prefills shorter than the conv window, at and past chunk boundaries (chunk 4, kernel 4)."""
     layer, ctx = build(overrides=SMALL)

@@ -1,8 +1,9 @@
 """MoM: fla has no naive MoM, so the layer is held to fla's `MomAttention` written out here with Python
 loops — each memory's routed tokens gathered in order, its short conv and a token-by-token gated delta
 rule run over them alone, the outputs put back and mixed by the routing weights — outputs, gradients and
-every memory's final state and conv buffer, at odd lengths across chunk boundaries; decoding == the full
-forward; a left-padded row ends in the state of the row alone; fused == reference on GPU."""
+every memory's final state and conv buffer, at odd lengths across chunk boundaries and from a warm state;
+fused == reference on GPU. (Decoding and padding: the registry suites, tests/model/test_contract*.py and
+test_padding_mixins.py.)"""
 
 from __future__ import annotations
 
@@ -113,35 +114,6 @@ def test_layer_matches_fla_layer_by_hand(seq_len: int, overrides: tuple[str, ...
     theirs = torch.autograd.grad((expected * upstream).sum(), params)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("prefill", [1, 6, 13])
-def test_prefill_then_decode_equals_full(prefill: int) -> None:
-    layer = build()
-    x = torch.randn(2, 17, HIDDEN, dtype=torch.float64)
-    full, _ = layer(x, ctx(0, 17))
-    state = layer.init_state(2, x.device, x.dtype)
-    pieces = []
-    out, state = layer(x[:, :prefill], ctx(0, prefill), state)
-    pieces.append(out)
-    for t in range(prefill, 17):
-        out, state = layer(x[:, t : t + 1], ctx(t, 1), state)
-        pieces.append(out)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-12)
-    assert sum(s.numel() for s in state.values()) == 2 * layer.state_size(17)
-
-
-def test_left_padded_row_ends_in_the_state_of_the_row_alone() -> None:
-    layer = build()
-    x = torch.randn(1, 9, HIDDEN, dtype=torch.float64)
-    start = warm_state(layer, 1)
-    alone, state_alone = layer(x, ctx(0, 9), start)
-    padded = torch.cat([torch.randn(1, 3, HIDDEN, dtype=torch.float64), x], 1)
-    pad_mask = torch.tensor([[False] * 3 + [True] * 9])
-    out, state = layer(padded, ctx(0, 12, pad_mask), start)
-    for name in ("recurrent", "conv"):
-        torch.testing.assert_close(state[name], state_alone[name], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out[:, 3:], alone, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_options_and_cpu_backend() -> None:

@@ -1,8 +1,8 @@
 """Native Sparse Attention: the reference == fla's naive NSA (compressed + selected branches: outputs and
 gradients, GQA groups of 16 through `naive_nsa` and of 2 through its branch functions, odd lengths across
 block boundaries), on the explicit-softmax and the SDPA paths; the sliding branch == swa's reference;
-KV-cache decoding == the full forward; a left-padded row == the row alone (blocks start at the first real
-token); fused == reference on GPU."""
+KV-cache decoding == the full forward with small blocks; fused == reference on GPU. (Left padding with
+small blocks, which start at the first real token: tests/model/test_padding.py.)"""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ def ctx(start: int, length: int, pad_mask: torch.Tensor | None = None) -> Positi
 
 
 @pytest.mark.parametrize(
-    "prefill,overrides", [(1, ()), (6, ("mixin.num_kv_heads=2",)), (13, ("mixin.window=0",))]
+    "prefill,overrides",
+    [(1, ("mixin.num_kv_heads=2",)), (6, ("mixin.num_kv_heads=2",)), (13, ("mixin.window=0",))],
 )
 def test_prefill_then_decode_equals_full(prefill: int, overrides: tuple[str, ...]) -> None:
     layer = build(*overrides)
@@ -151,20 +152,6 @@ def test_prefill_then_decode_equals_full(prefill: int, overrides: tuple[str, ...
         pieces.append(out)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-12)
     assert sum(s.numel() for s in state.values()) == 2 * layer.state_size(19)
-
-
-def test_left_padded_row_equals_the_row_alone() -> None:
-    """3 pads: the row's blocks start at its first real token, not at the pads."""
-    layer = build("mixin.num_kv_heads=2")
-    x = torch.randn(1, 14, HIDDEN, dtype=torch.float64)
-    alone, _ = layer(x, ctx(0, 14))
-    padded = torch.cat([torch.randn(1, 3, HIDDEN, dtype=torch.float64), x], 1)
-    pad_mask = torch.tensor([[False] * 3 + [True] * 14])
-    context = ctx(0, 17, pad_mask)
-    context.lead = torch.tensor([3])
-    out, _ = layer(padded, context)
-    assert out.isfinite().all()
-    torch.testing.assert_close(out[:, 3:], alone, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_options_and_cpu_backend() -> None:

@@ -1,6 +1,8 @@
 """Parallax: the reference == fla's naive_parallax (outputs, gradients) with grouped heads and a window; the
 layer == fla's Parallax written out around that oracle; KV-cache decoding (rope, window, grouped heads) ==
-the full forward; pad keys drop out (a left-padded row == the row alone); fused == reference on GPU."""
+the full forward; pad keys drop out (a left-padded row == the row alone); fused == reference on GPU.
+Decoding and padding at the default options: the registry suites (tests/model/test_contract.py,
+tests/model/test_padding.py)."""
 
 from __future__ import annotations
 
@@ -94,12 +96,13 @@ def test_layer_matches_fla_layer_by_hand(overrides: tuple[str, ...]) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+# a window and one key head (multi-query): the registry suites decode and pad the defaults
+WINDOWED = ("positional=rope", "mixin.window_size=5", "mixin.num_kv_heads=1")
+
+
 @pytest.mark.parametrize("prefill", [1, 4, 11])
-@pytest.mark.parametrize(
-    "overrides", [("positional=rope",), ("positional=rope", "mixin.window_size=5", "mixin.num_kv_heads=1")]
-)
-def test_prefill_then_decode_equals_full(prefill: int, overrides: tuple[str, ...]) -> None:
-    layer, scheme = build(*overrides)
+def test_prefill_then_decode_equals_full(prefill: int) -> None:
+    layer, scheme = build(*WINDOWED)
     x = torch.randn(2, 15, HIDDEN, dtype=torch.float64)
     full, _ = layer(x, ctx(0, 15, scheme))
     state = layer.init_state(2, x.device, x.dtype)
@@ -113,7 +116,7 @@ def test_prefill_then_decode_equals_full(prefill: int, overrides: tuple[str, ...
 
 
 def test_left_padded_row_equals_the_row_alone() -> None:
-    layer, _ = build("mixin.num_kv_heads=2")
+    layer, _ = build(*WINDOWED)
     x = torch.randn(1, 9, HIDDEN, dtype=torch.float64)
     alone, _ = layer(x, ctx(0, 9))
     padded = torch.cat([100 * torch.randn(1, 3, HIDDEN, dtype=torch.float64), x], 1)

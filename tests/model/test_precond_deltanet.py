@@ -152,8 +152,7 @@ def test_layer_equals_fla_layer_math(cls, per_channel: bool) -> None:
 
 @pytest.mark.parametrize(
     "cls,options",
-    [
-        (PrecondGatedDeltaNet, {}),
+    [  # off the defaults (test_contract*.py decode the defaults)
         (PrecondGatedDeltaNet, {"use_gate": False}),
         (PrecondKDA, {"squash_x": 2.0}),
     ],

@@ -1,9 +1,9 @@
 """Raven: fla has no naive Raven, so the layer is held to fla's `Raven` written out here around a
 token-by-token gated-slot recurrence (itself checked against fla's naive recurrent GSA): outputs,
 gradients and the final slot banks, with both decay types, both router scores, the selection bias,
-grouped heads and the output gate, at odd lengths across chunk boundaries; decoding == the full forward;
-a left-padded row ends in the state of the row alone; Gumbel noise only in training; fused == reference
-on GPU."""
+grouped heads and the output gate, at odd lengths across chunk boundaries; decoding == the full forward
+with the GLA decay; Gumbel noise only in training; fused == reference on GPU. (Padding: the registry's
+tests/model/test_padding_mixins.py.)"""
 
 from __future__ import annotations
 
@@ -111,11 +111,15 @@ def fla_layer_by_hand(layer: Raven, x: torch.Tensor):
     return o @ layer.out_proj.weight.T, keys, values
 
 
+# the per-channel decay, the softmax router and grouped heads (the registry suites run the defaults)
+GLA = ("mixin.decay_type=GLA", "mixin.router_score=softmax", "mixin.num_kv_heads=2")
+
+
 @pytest.mark.parametrize(
     "seq_len,overrides",
     [
         (19, ()),
-        (13, ("mixin.decay_type=GLA", "mixin.router_score=softmax", "mixin.num_kv_heads=2")),
+        (13, GLA),
         (
             11,
             ("mixin.bias_rmm=true", "mixin.use_output_gate=true", "mixin.num_slots=6", "mixin.chunk_size=5"),
@@ -143,7 +147,7 @@ def test_layer_matches_fla_layer_by_hand(seq_len: int, overrides: tuple[str, ...
 
 @pytest.mark.parametrize("prefill", [1, 6, 13])
 def test_prefill_then_decode_equals_full(prefill: int) -> None:
-    layer = build("mixin.decay_type=GLA")
+    layer = build(*GLA)
     x = torch.randn(2, 17, HIDDEN, dtype=torch.float64)
     full, _ = layer(x, ctx(0, 17))
     state = layer.init_state(2, x.device, x.dtype)
@@ -155,18 +159,6 @@ def test_prefill_then_decode_equals_full(prefill: int) -> None:
         pieces.append(out)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-12)
     assert sum(s.numel() for s in state.values()) == 2 * layer.state_size(17)
-
-
-def test_left_padded_row_ends_in_the_state_of_the_row_alone() -> None:
-    layer = build()
-    x = torch.randn(1, 9, HIDDEN, dtype=torch.float64)
-    alone, state_alone = layer(x, ctx(0, 9), layer.init_state(1, x.device, x.dtype))
-    padded = torch.cat([torch.randn(1, 3, HIDDEN, dtype=torch.float64), x], 1)
-    pad_mask = torch.tensor([[False] * 3 + [True] * 9])
-    out, state = layer(padded, ctx(0, 12, pad_mask), layer.init_state(1, x.device, x.dtype))
-    for name in ("keys", "values"):
-        torch.testing.assert_close(state[name], state_alone[name], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out[:, 3:], alone, rtol=1e-10, atol=1e-12)
 
 
 def test_gumbel_noise_only_in_training() -> None:

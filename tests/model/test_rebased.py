@@ -1,7 +1,7 @@
 """ReBased: the quadratic features reproduce (q·k)²/d; the layer == fla's ReBasedLinearAttention written
 out around fla's naive parallel ReBased oracle (outputs, gradients incl. the LayerNorm's γ, β) at odd
-lengths across chunk boundaries; decoding == the full forward; pads are identity steps; fused ==
-reference on GPU."""
+lengths across chunk boundaries; fused == reference on GPU. (Decoding and padding: the registry suites,
+tests/model/test_contract*.py and test_padding_mixins.py.)"""
 
 from __future__ import annotations
 
@@ -79,33 +79,6 @@ def test_layer_matches_fla_layer_by_hand(overrides: tuple[str, ...]) -> None:
     theirs = torch.autograd.grad((expected * upstream).sum(), params)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("prefill", [1, 4, 13])
-def test_prefill_then_decode_equals_full(prefill: int) -> None:
-    layer = build("mixin.chunk_size=4")
-    x = torch.randn(2, 17, HIDDEN, dtype=torch.float64)
-    full, _ = layer(x, ctx(0, 17))
-    state = layer.init_state(2, x.device, x.dtype)
-    pieces = []
-    out, state = layer(x[:, :prefill], ctx(0, prefill), state)
-    pieces.append(out)
-    for t in range(prefill, 17):
-        out, state = layer(x[:, t : t + 1], ctx(t, 1), state)
-        pieces.append(out)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-12)
-    assert sum(s.numel() for s in state.values()) == 2 * layer.state_size(17)
-
-
-def test_left_padded_row_ends_in_the_state_of_the_row_alone() -> None:
-    layer = build("mixin.chunk_size=4")
-    x = torch.randn(1, 9, HIDDEN, dtype=torch.float64)
-    alone, state_alone = layer(x, ctx(0, 9), layer.init_state(1, x.device, x.dtype))
-    padded = torch.cat([torch.randn(1, 3, HIDDEN, dtype=torch.float64), x], 1)
-    pad_mask = torch.tensor([[False] * 3 + [True] * 9])
-    out, state = layer(padded, ctx(0, 12, pad_mask), layer.init_state(1, x.device, x.dtype))
-    torch.testing.assert_close(state["recurrent"], state_alone["recurrent"], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out[:, 3:], alone, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_options_and_cpu_backend() -> None:

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.model.components import component_factory
 from archifactory.model.ffn.rwkv_channel_mix import RWKVChannelMix
 from archifactory.model.mixins.rnn import ElmanRNNMixin, LSTMMixin
 from archifactory.model.positional import NoPositional, PositionContext
-from tests.helpers import compose_config
 
 HIDDEN = 32
 
@@ -101,7 +99,7 @@ def test_recurrence_runs_over_time_not_batch(variant: str) -> None:
     assert not torch.allclose(y2[1], y[1])
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", ["lstm_proj_2layers", "rnn_relu_2layers"])  # defaults: test_contract.py
 @pytest.mark.parametrize("seq_len,prefill", [(11, 4), (6, 0)])
 def test_forward_equals_prefill_plus_decode(variant: str, seq_len: int, prefill: int) -> None:
     mixin = perturbed(VARIANTS[variant]())
@@ -133,15 +131,6 @@ def test_lstm_forget_bias_starts_at_one() -> None:
     rnn = LSTMMixin(HIDDEN, 0).rnn
     forget = rnn.bias_ih_l0[HIDDEN : 2 * HIDDEN] + rnn.bias_hh_l0[HIDDEN : 2 * HIDDEN]
     torch.testing.assert_close(forget, torch.ones(HIDDEN))
-
-
-@pytest.mark.parametrize("kind,name", [("mixin", "lstm"), ("mixin", "rnn"), ("ffn", "rwkv_cmix")])
-def test_builds_from_config_at_hidden_256(kind: str, name: str) -> None:
-    cfg = compose_config([f"{kind}={name}", "model.hidden_size=256", "model.num_heads=4"])
-    module = component_factory(kind, cfg[kind], 256)(layer_idx=0)
-    x = torch.randn(2, 5, 256)
-    y = module(x, ctx(0, 5))[0] if kind == "mixin" else module(x)[0]
-    assert y.shape == x.shape and torch.isfinite(y).all()
 
 
 def test_channel_mix_token_shift_is_causal_and_matches_formula() -> None:

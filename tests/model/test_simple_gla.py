@@ -32,7 +32,7 @@ def test_chunked_equals_recurrent(seq_len: int, chunk_size: int) -> None:
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("prefill", [0, 1, 5, 8, 16, 17])
+@pytest.mark.parametrize("prefill", [0, 5, 8, 17])  # none, mid-chunk, on a boundary, past two
 def test_prefill_then_decode_equals_full(prefill: int, dtype: torch.dtype, tol: float) -> None:
     seq_len, chunk_size = 21, 8
     q, k, v, g = inputs(seq_len=seq_len, dtype=dtype)

@@ -145,19 +145,17 @@ def fla_layer_by_hand(layer: WallAttention, x: torch.Tensor) -> torch.Tensor:
     return o @ layer.out_proj.weight.T
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        (),
-        (
-            "mixin.qk_norm=true",
-            "mixin.num_kv_heads=2",
-            "mixin.window_size=6",
-            "mixin.use_output_gate=true",
-            "mixin.use_scalar_gate=true",
-        ),
-    ],
+# every option off its default: grouped heads, a window, the scalar gate, q/k norms, the output gate
+OPTIONS = (
+    "mixin.qk_norm=true",
+    "mixin.num_kv_heads=2",
+    "mixin.window_size=6",
+    "mixin.use_output_gate=true",
+    "mixin.use_scalar_gate=true",
 )
+
+
+@pytest.mark.parametrize("overrides", [(), OPTIONS])
 def test_layer_matches_fla_layer_by_hand(overrides: tuple[str, ...]) -> None:
     layer, _ = build(*overrides)
     x = torch.randn(2, 19, HIDDEN, dtype=torch.float64, requires_grad=True)
@@ -195,7 +193,7 @@ def test_prefill_then_decode_equals_full(prefill: int, overrides: tuple[str, ...
 
 
 def test_left_padded_row_equals_the_row_alone() -> None:
-    layer, _ = build("mixin.num_kv_heads=2", "mixin.use_scalar_gate=true")
+    layer, _ = build(*OPTIONS)  # the registry's padding suite runs the defaults
     x = torch.randn(1, 9, HIDDEN, dtype=torch.float64)
     alone, _ = layer(x, ctx(0, 9))
     padded = torch.cat([100 * torch.randn(1, 3, HIDDEN, dtype=torch.float64), x], 1)

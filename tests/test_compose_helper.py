@@ -1,0 +1,39 @@
+"""tests/helpers.py's compose_config (group choices composed once, value overrides applied afterwards by
+Hydra's override step) == a plain Hydra compose of the same overrides: configs, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from archifactory.config.compose import compose
+from tests.helpers import compose_config
+
+SAME = [
+    ["mixin=moba", "positional=rope", "model.hidden_size=32", "model.num_heads=4", "mixin.block_size=4"],
+    ["mixin=mla", "mixin.norm_eps=1e-6", "mixin.q_lora_rank=24", "positional.theta=500.0"],  # a float as 1e-6
+    ["mixin=wall_attn", "mixin.window_size=6", "mixin.qk_norm=true", "mixin.num_kv_heads=null"],
+    ["mixin.chunk_size=4", "mixin=gla", "model.num_layers=3"],  # a value before its group: applied after
+    ["mixin=path_attn", "model.num_layers=3", "model.layer_pattern=[path_attn,{name:swa,window:8},mla]"],
+]
+
+
+@pytest.mark.parametrize("overrides", SAME, ids=lambda o: o[0])
+def test_equals_a_plain_compose(overrides: list[str]) -> None:
+    mine, plain = compose_config(overrides), compose(overrides)
+    assert OmegaConf.to_container(mine) == OmegaConf.to_container(plain)
+    assert OmegaConf.is_struct(mine)  # an unknown key still fails on the returned config
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["trainer.strategy=deepspeed"], ["mixin=gqa", "mixin.no_such_option=1"], ["model.hidden_size=32,64"]],
+    ids=["enum", "unknown key", "sweep"],
+)
+def test_refuses_as_a_plain_compose(overrides: list[str]) -> None:
+    with pytest.raises(ConfigCompositionException) as plain:
+        compose(overrides)
+    with pytest.raises(ConfigCompositionException) as mine:
+        compose_config(overrides)
+    assert str(mine.value) == str(plain.value) and str(mine.value.__cause__) == str(plain.value.__cause__)
