@@ -185,10 +185,14 @@ def _first_and_last_val(run_dir: Path) -> tuple[float, float]:
     return vals[0], vals[-1]
 
 
+# per component: 12 steps, validated at 6 and 12 (the loss must fall between them), one checkpoint
+SHORT = ("trainer.max_steps=12", "trainer.eval_every=6", "trainer.checkpoint_every=12", "trainer.warmup_steps=3")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mixin", sorted(components("mixin")))
 def test_every_mixin_trains(mixin: str, corpus: Path, shared_cache: Path, tmp_path: Path) -> None:
-    train(smoke_config(corpus, shared_cache, f"mixin={mixin}"), tmp_path / "run")
+    train(smoke_config(corpus, shared_cache, f"mixin={mixin}", *SHORT), tmp_path / "run")
     first, last = _first_and_last_val(tmp_path / "run")
     assert last < first, f"{mixin}: validation loss did not fall ({first:.3f} -> {last:.3f})"
 
@@ -196,7 +200,7 @@ def test_every_mixin_trains(mixin: str, corpus: Path, shared_cache: Path, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("ffn", sorted(components("ffn")))
 def test_every_ffn_trains(ffn: str, corpus: Path, shared_cache: Path, tmp_path: Path) -> None:
-    summary = train(smoke_config(corpus, shared_cache, f"ffn={ffn}"), tmp_path / "run")
+    summary = train(smoke_config(corpus, shared_cache, f"ffn={ffn}", *SHORT), tmp_path / "run")
     first, last = _first_and_last_val(tmp_path / "run")
     assert last < first, f"{ffn}: validation loss did not fall ({first:.3f} -> {last:.3f})"
     assert summary["params_active"] <= summary["params_total"]
