@@ -10,8 +10,6 @@ import logging
 from pathlib import Path
 
 from archifactory.core.errors import ArchiFactoryError
-from archifactory.hf.deepseek import check_exportable, save_deepseek_v3
-from archifactory.hf.model import config_from_run, save_pretrained
 from archifactory.runs import layout
 from archifactory.runs.load import load_run, load_run_config
 
@@ -35,6 +33,11 @@ def export_run(
 ) -> Path:
     """Write a run's checkpoint (newest, or at `step`) in Hugging Face format: `hf` (default folder
     `<run_dir>/model/`) or `deepseek_v3` (default `<run_dir>/model_deepseek_v3/`)."""
+    # transformers (~3 s of imports) is loaded here, when a folder is written, not when `archifactory train`
+    # starts: a run's start, its other ranks and its early failures never pay for it
+    from archifactory.hf.deepseek import check_exportable, save_deepseek_v3
+    from archifactory.hf.model import config_from_run, save_pretrained
+
     check_format(export_format)
     if export_format == "deepseek_v3":
         check_exportable(load_run_config(Path(run_dir)))  # before loading any weights
