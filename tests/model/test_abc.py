@@ -19,6 +19,7 @@ from archifactory.model.mixins.reference.abc import abc_forward, empty_state
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive
+from tests.model.parity import assert_fused_matches_reference
 
 HIDDEN = 32
 
@@ -149,10 +150,6 @@ def test_bad_options_and_cpu_backend() -> None:
         layer(torch.randn(1, 3, HIDDEN), ctx(0, 3))
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_matches_reference_on_gpu() -> None:
@@ -161,15 +158,4 @@ def test_fused_matches_reference_on_gpu() -> None:
     layer = ABCAttention(256, 0, num_heads=4, num_slots=64, backend="fused").cuda()
     context = PositionContext(NoPositional(256, 512), 0, 300, torch.device("cuda"))
     x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
-    results = {}
-    for backend in ("fused", "reference"):
-        layer.backend = backend
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y, _ = layer(x, context)
-        grads = torch.autograd.grad(y.float().square().mean(), [x, layer.proj.weight])
-        results[backend] = (y, grads)
-        assert layer.backend_name() == backend
-    (y_f, grads_f), (y_r, grads_r) = results["fused"], results["reference"]
-    assert relative_error(y_f, y_r) < 2e-2
-    for a, b in zip(grads_f, grads_r):
-        assert relative_error(a, b) < 5e-2
+    assert_fused_matches_reference(layer, x, context, [x, layer.proj.weight], 2e-2, 5e-2)

@@ -16,6 +16,7 @@ from archifactory.model.mixins.reference.hgrn import chunk_hgrn, diagonal_scan
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive, recurrent_diagonal
+from tests.model.parity import relative_error
 
 CASES = [(1, 4), (7, 4), (8, 4), (13, 4), (33, 8), (70, 64)]
 
@@ -122,10 +123,6 @@ def test_bad_options_and_cpu_backend() -> None:
     layer.backend = "fused"
     with pytest.raises(ArchiFactoryError, match="backend=fused"):
         layer(torch.randn(1, 3, 16), PositionContext(NoPositional(16, 64), 0, 3))
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu

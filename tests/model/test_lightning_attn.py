@@ -20,6 +20,7 @@ from archifactory.model.mixins.reference.simple_gla import simple_gla_forward
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive
+from tests.model.parity import assert_fused_matches_reference, relative_error
 
 HIDDEN, HEADS = 32, 4
 CPU = torch.device("cpu")
@@ -128,10 +129,6 @@ def test_bad_options_and_cpu_backend() -> None:
         layer(torch.randn(1, 3, HIDDEN), ctx(0, 3))
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_matches_reference_and_fla_op_on_gpu() -> None:
@@ -144,18 +141,7 @@ def test_fused_matches_reference_and_fla_op_on_gpu() -> None:
     layer = LightningAttention(256, 2, num_heads=4, slopes="fla", num_layers=6, backend="fused").cuda()
     context = PositionContext(NoPositional(256, 512), 0, 300, torch.device("cuda"))
     x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
-    results = {}
-    for backend in ("fused", "reference"):
-        layer.backend = backend
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y, _ = layer(x, context)
-        grads = torch.autograd.grad(y.float().square().mean(), [x, layer.qkv_proj.weight])
-        results[backend] = (y, grads)
-        assert layer.backend_name() == backend
-    (y_f, grads_f), (y_r, grads_r) = results["fused"], results["reference"]
-    assert relative_error(y_f, y_r) < 2e-2
-    for a, b in zip(grads_f, grads_r):
-        assert relative_error(a, b) < 5e-2
+    assert_fused_matches_reference(layer, x, context, [x, layer.qkv_proj.weight], 2e-2, 5e-2)
     q, k, v = (torch.randn(2, 300, 4, 64, device="cuda") for _ in range(3))
     g = layer.log_decay(q.device, q.dtype).expand(2, 300, 4)
     theirs, _ = chunk_lightning_attn(q, k, v, layer_idx=2, num_layers=6, scale=1.0)

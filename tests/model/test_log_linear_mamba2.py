@@ -21,6 +21,7 @@ from archifactory.model.mixins.reference.log_linear_rows import chunk_log_linear
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive
+from tests.model.parity import relative_error
 
 HIDDEN = 32
 SMALL = ("mixin.d_state=8", "mixin.head_dim=16", "mixin.chunk_size=4", "mixin.num_levels=8")
@@ -271,10 +272,6 @@ def test_bad_options_positions_and_cpu_backend() -> None:
     layer = LogLinearMamba2(HIDDEN, 0, d_state=8, head_dim=16, backend="fused")
     with pytest.raises(ArchiFactoryError, match="multiple of 64"):
         layer(torch.randn(1, 3, HIDDEN), ctx(0, 3))
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu

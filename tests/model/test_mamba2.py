@@ -13,6 +13,7 @@ from archifactory.model.components import build_positional, component_factory
 from archifactory.model.mixins.mamba2 import Mamba2
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
+from tests.model.parity import relative_error
 
 SMALL = ["mixin.d_state=8", "mixin.head_dim=16", "mixin.chunk_size=4"]
 
@@ -130,10 +131,6 @@ def test_bad_options_and_cpu_backends() -> None:
     layer.backend = "fused"
     with pytest.raises(ArchiFactoryError, match="backend=fused"):
         layer(torch.randn(1, 3, 32, dtype=torch.float64), ctx(0, 3))
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu

@@ -20,6 +20,7 @@ from archifactory.model.mixins.reference.nsa import native_sparse_attention
 from archifactory.model.mixins.swa import sliding_window_attention
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
+from tests.model.parity import relative_error
 
 HIDDEN = 32
 SMALL = ("mixin.block_size=4", "mixin.block_counts=4", "mixin.window=5")
@@ -168,10 +169,6 @@ def test_bad_options_and_cpu_backend() -> None:
     layer.backend = "fused"
     with pytest.raises(ArchiFactoryError, match="backend=fused"):
         layer(torch.randn(1, 3, HIDDEN), PositionContext(NoPositional(HIDDEN, 64), 0, 3))
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu

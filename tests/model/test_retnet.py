@@ -15,6 +15,7 @@ from archifactory.model.components import build_positional, component_factory
 from archifactory.model.mixins.retnet import MultiScaleRetention, retention_log_decay
 from archifactory.model.positional import PositionContext, RotaryPositional
 from tests.helpers import compose_config
+from tests.model.parity import relative_error
 
 
 @functools.cache
@@ -95,10 +96,6 @@ def test_backend_selection_on_cpu() -> None:
         MultiScaleRetention(64, 0, backend="triton")
     with pytest.raises(ArchiFactoryError, match="expand_v"):
         MultiScaleRetention(64, 0, num_heads=4, expand_v=0.3)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu

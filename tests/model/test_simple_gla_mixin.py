@@ -17,6 +17,7 @@ from archifactory.model.mixins.simple_gla import SimpleGLA
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive
+from tests.model.parity import relative_error
 
 HIDDEN = 32
 
@@ -123,10 +124,6 @@ def test_bad_options_and_cpu_backend() -> None:
     layer.backend = "fused"
     with pytest.raises(ArchiFactoryError, match="backend=fused"):
         layer(torch.randn(1, 3, HIDDEN), ctx(0, 3))
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu

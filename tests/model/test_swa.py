@@ -15,6 +15,7 @@ from archifactory.model.mixins.swa import SlidingWindowAttention, sliding_window
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive
+from tests.model.parity import relative_error
 
 
 @functools.cache
@@ -122,10 +123,6 @@ def test_bad_options_and_cpu_backend() -> None:
     layer = SlidingWindowAttention(32, 0, backend="fused")
     with pytest.raises(ArchiFactoryError, match="backend=fused"):
         layer.backend_name()
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu
