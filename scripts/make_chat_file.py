@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from archifactory.runs.files import write_atomic
+
 SPEAKER = re.compile(r"^[A-Z][A-Za-z' ]{0,30}\.$")  # "Ham.", "First Clown.", "Lady Macbeth."
 MIN_WORDS, MAX_WORDS = 4, 60
 
@@ -59,6 +61,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     files = sorted(args.text.glob("*.txt")) if args.text.is_dir() else [args.text]
+    if not files or not all(path.is_file() for path in files):
+        print(
+            f"error: no .txt file at {args.text}: give a plain-text file or a folder of them", file=sys.stderr
+        )
+        return 1
     pairs = exchanges([path.read_text(encoding="utf-8", errors="replace") for path in files])
     if len(pairs) < args.count:
         print(
@@ -67,12 +74,12 @@ def main() -> int:
         )
         return 1
     chosen = random.Random(args.seed).sample(pairs, args.count)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # written whole or not at all
     lines = [
         json.dumps({"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]})
         for a, b in chosen
     ]
-    args.out.write_text("\n".join(lines) + "\n")
+    write_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out} ({args.count} conversations from {len(files)} file(s))")
     return 0
 
