@@ -11,7 +11,7 @@ import torch
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.build import build_model
 from archifactory.model.components import build_positional, component_factory
-from archifactory.model.mixins.swa import SlidingWindowAttention, sliding_window_attention
+from archifactory.model.mixins.swa import SlidingWindowAttention, mean_keys, sliding_window_attention
 from archifactory.model.positional import NoPositional, PositionContext
 from tests.helpers import compose_config
 from tests.model.oracles import load_fla_naive
@@ -94,8 +94,8 @@ def test_layer_is_gqa_when_the_window_covers_the_sequence() -> None:
 
 def test_flops_grow_linearly_past_the_window() -> None:
     layer = SlidingWindowAttention(32, 0, window=8)
-    assert layer.mean_keys(4) == 2.5 and layer.mean_keys(8) == 4.5
-    assert layer.mean_keys(16) == (36 + 8 * 8) / 16
+    assert mean_keys(4, layer.window) == 2.5 and mean_keys(8, layer.window) == 4.5
+    assert mean_keys(16, layer.window) == (36 + 8 * 8) / 16 and mean_keys(16, None) == 8.5
     assert layer.state_size(100) == 2 * 32 * 7 and layer.state_size(3) == 2 * 32 * 3
 
 

@@ -107,6 +107,12 @@ def value_heads(num_heads: int, num_v_heads: int | None, name: str) -> int:
     return heads
 
 
+def optional_head_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """x [..., H, D] through an optional per-head RMSNorm (the q/k norms of the attention mixers; None: x
+    itself), in x's shape and dtype."""
+    return x if weight is None else head_rms_norm(x, weight, eps).view(x.shape).to(x.dtype)
+
+
 def _per_head(weight: Tensor, x: Tensor) -> Tensor:
     """A gain of one head's width [V] or of every head's [H·V], shaped to broadcast over x [..., H, V]."""
     return weight.view(x.shape[-2:]) if weight.numel() != x.shape[-1] else weight

@@ -11,9 +11,16 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import ATTENTION_BACKENDS
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads, head_rms_norm
-from archifactory.model.mixins.nsa import mean_keys
+from archifactory.model.mixins.kit import (
+    append_cache,
+    fla_backend,
+    fla_op,
+    grouped_heads,
+    head_rms_norm,
+    optional_head_norm,
+)
 from archifactory.model.mixins.reference.moba import moba_attention
+from archifactory.model.mixins.swa import mean_keys
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
 
@@ -91,18 +98,20 @@ class MixtureOfBlockAttention(Mixin):
         empty = torch.zeros(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return {"k": empty, "v": empty.clone()}
 
-    def _norm(self, x: Tensor, weight: Tensor | None) -> Tensor:
-        """The optional per-head RMSNorm of x [B, T, H, D]."""
-        return x if weight is None else head_rms_norm(x, weight, self.norm_eps).view(x.shape).to(x.dtype)
-
     def forward(
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
     ) -> tuple[Tensor, MixinState | None]:
         batch, seq_len, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.hidden_size, self.kv_size, self.kv_size], dim=-1)
-        q = ctx.rotate(self._norm(q.view(batch, seq_len, self.num_heads, self.head_dim), self.q_norm_weight))
+        q = ctx.rotate(
+            optional_head_norm(
+                q.view(batch, seq_len, self.num_heads, self.head_dim), self.q_norm_weight, self.norm_eps
+            )
+        )
         k = ctx.rotate(
-            self._norm(k.view(batch, seq_len, self.num_kv_heads, self.head_dim), self.k_norm_weight)
+            optional_head_norm(
+                k.view(batch, seq_len, self.num_kv_heads, self.head_dim), self.k_norm_weight, self.norm_eps
+            )
         )
         v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
         key_mask = ctx.key_mask(0 if state is None else state["k"].shape[2])

@@ -11,17 +11,11 @@ from archifactory.model.mixins.attention import ATTENTION_BACKENDS
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
 from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads
 from archifactory.model.mixins.reference.nsa import native_sparse_attention
-from archifactory.model.mixins.swa import sliding_window_attention
+from archifactory.model.mixins.swa import mean_keys, sliding_window_attention
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
 
 FUSED_KERNEL = ("nsa", "parallel_nsa")  # fla.ops.nsa.parallel_nsa (compressed + selected branches)
-
-
-def mean_keys(seq_len: int, window: int) -> float:
-    """Keys per query averaged over a causal sequence of `seq_len` when each sees at most `window`."""
-    t = max(seq_len, 1)
-    return (t + 1) / 2 if t <= window else (window * (window + 1) / 2 + (t - window) * window) / t
 
 
 def is_power_of_two(n: int) -> bool:

@@ -9,9 +9,15 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import register_mixin
 from archifactory.model.mixins.attention import with_key_mask
 from archifactory.model.mixins.base import Mixin, MixinState, check_backend, projection_flops
-from archifactory.model.mixins.kit import append_cache, fla_backend, fla_op, grouped_heads, head_rms_norm
+from archifactory.model.mixins.kit import (
+    append_cache,
+    fla_backend,
+    fla_op,
+    grouped_heads,
+    optional_head_norm,
+)
 from archifactory.model.mixins.reference.parallax import FUSED_KERNEL, parallax_attention
-from archifactory.model.mixins.swa import band_mask
+from archifactory.model.mixins.swa import causal_mask, mean_keys
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles, own_parameters
 
@@ -79,7 +85,7 @@ class Parallax(Mixin):
     def _heads(self, x: Tensor, weight: Tensor | None) -> Tensor:
         """x [B, T, h·D] -> [B, T, h, D], through the optional per-head RMSNorm."""
         x = x.unflatten(-1, (-1, self.head_dim))
-        return x if weight is None else head_rms_norm(x, weight, self.norm_eps).view(x.shape).to(x.dtype)
+        return optional_head_norm(x, weight, self.norm_eps)
 
     def forward(
         self, x: Tensor, ctx: PositionContext, state: MixinState | None = None
@@ -100,18 +106,12 @@ class Parallax(Mixin):
             q, r, k, v = (t.transpose(1, 2) for t in (q, r, k, v))  # [B, T, H, D]
             y = fla_op(*FUSED_KERNEL)(q, r, k.to(q.dtype), v.to(q.dtype), window_size=self.window_size)
         else:
-            visible = with_key_mask(self._causal(seq_len, past, x.device), key_mask, past)
+            visible = with_key_mask(causal_mask(seq_len, past, self.window_size, x.device), key_mask, past)
             y = parallax_attention(q, r, k, v, visible, bias).transpose(1, 2)  # [B, T, H, D]
         if new_state is not None and self.window_size is not None:  # the next token sees window − 1 of these
             keep = max(0, k.shape[2] - (self.window_size - 1))
             new_state = {name: t[:, :, keep:] for name, t in new_state.items()}
         return self.out_proj(y.reshape(batch, seq_len, self.hidden_size).to(x.dtype)), new_state
-
-    def _causal(self, seq_len: int, past: int, device: torch.device) -> Tensor:
-        """[Tq, Tk]: query i (absolute past + i) sees keys j <= past + i, within the window if any."""
-        if self.window_size is not None:
-            return band_mask(seq_len, past + seq_len, past, self.window_size, device)
-        return torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=device).tril(diagonal=past)
 
     def backend_name(self) -> str:
         return fla_backend(self.backend, self.qrkv_proj.weight, FUSED_KERNEL, "mixin=parallax")
@@ -119,9 +119,7 @@ class Parallax(Mixin):
     def flops_per_token(self, seq_len: int) -> float:
         # per visible key: q·k, r·k, and the two weighted sums of v (4 · 2 · hidden), plus per key and
         # head the exp, the probe product and the two row sums
-        length = max(seq_len, 1)
-        window = self.window_size or length
-        keys = sum(min(t + 1, window) for t in range(length)) / length
+        keys = mean_keys(seq_len, self.window_size)
         return projection_flops(self) + (4 * 2 * self.hidden_size + 6 * self.num_heads) * keys
 
     def state_size(self, seq_len: int) -> int:

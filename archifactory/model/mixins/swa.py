@@ -25,6 +25,22 @@ def band_mask(queries: int, keys: int, past: int, window: int, device: torch.dev
     return ones.tril(diagonal=past) & ~ones.tril(diagonal=past - window)
 
 
+def causal_mask(queries: int, past: int, window: int | None, device: torch.device) -> Tensor:
+    """[queries, past + queries] bool, True = attend: query i (key index past + i) sees the keys up to itself,
+    the last `window` of them when a window is given."""
+    if window is not None:
+        return band_mask(queries, past + queries, past, window, device)
+    return torch.ones(queries, past + queries, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def mean_keys(seq_len: int, window: int | None) -> float:
+    """Keys per query averaged over a causal sequence of `seq_len` when each sees at most `window` (None: all):
+    min(t, window) for t = 1..T."""
+    t = max(seq_len, 1)
+    w = t if window is None else window
+    return (t + 1) / 2 if t <= w else (w * (w + 1) / 2 + (t - w) * w) / t
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     """Softmax attention of q [..., H, Tq, E] over k, v [..., H_kv, Tk, E] under the bool `mask`
     (broadcast to [..., Tq, Tk]) and an additive `bias`: the explicit fp32 softmax (`reference`, grouped
@@ -175,14 +191,9 @@ class SlidingWindowAttention(Mixin):
         path = fla_backend(self.backend, self.qkv_proj.weight, FUSED_KERNEL, "mixin=swa")
         return "sdpa" if path == "reference" else path
 
-    def mean_keys(self, seq_len: int) -> float:
-        """Keys per query averaged over a causal sequence of `seq_len`: min(t, window) for t = 1..T."""
-        t, w = max(seq_len, 1), self.window
-        return (t + 1) / 2 if t <= w else (w * (w + 1) / 2 + (t - w) * w) / t
-
     def flops_per_token(self, seq_len: int) -> float:
         projections = 2 * self.hidden_size * (2 * self.hidden_size + 2 * self.kv_size)
-        return projections + 2 * 2 * self.hidden_size * self.mean_keys(seq_len)  # q·k and p·v
+        return projections + 2 * 2 * self.hidden_size * mean_keys(seq_len, self.window)  # q·k and p·v
 
     def state_size(self, seq_len: int) -> int:
         return 2 * self.kv_size * min(seq_len, self.window - 1)

@@ -15,12 +15,12 @@ from archifactory.model.mixins.kit import (
     fla_backend,
     fla_op,
     grouped_heads,
-    head_rms_norm,
+    optional_head_norm,
     zero_pads,
 )
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.wall_attn import FUSED_KERNEL, wall_attention
-from archifactory.model.mixins.swa import band_mask
+from archifactory.model.mixins.swa import causal_mask, mean_keys
 from archifactory.model.positional import PositionContext
 from archifactory.model.roles import InitRoles
 
@@ -152,7 +152,9 @@ class WallAttention(Mixin):
             fresh["gate"] = self._running(gs, state, "gate")
         cache, new_state = append_cache(state, 2, **fresh)
         past = cache["k"].shape[2] - seq_len
-        visible = with_key_mask(self._causal(seq_len, past, q.device), ctx.key_mask(past), past)
+        visible = with_key_mask(
+            causal_mask(seq_len, past, self.window_size, q.device), ctx.key_mask(past), past
+        )
         y = wall_attention(
             q, cache["k"], cache["v"], cache["decay"], visible, cache.get("gate"), bias, self.block_size
         )
@@ -179,18 +181,12 @@ class WallAttention(Mixin):
     def _norm(self, x: Tensor, weight: Tensor | None) -> Tensor:
         """x [B, T, h·D] -> [B, T, h, D] through the optional per-head RMSNorm (per-channel gains)."""
         x = x.unflatten(-1, (-1, self.head_dim))
-        return x if weight is None else head_rms_norm(x, weight, self.norm_eps).view(x.shape).to(x.dtype)
+        return optional_head_norm(x, weight, self.norm_eps)
 
     def _output_gate(self, y: Tensor, x: Tensor) -> Tensor:
         return (
             y.to(x.dtype) if self.o_gate_proj is None else torch.sigmoid(self.o_gate_proj(x)) * y.to(x.dtype)
         )
-
-    def _causal(self, seq_len: int, past: int, device: torch.device) -> Tensor:
-        """[Tq, Tk]: query i (absolute past + i) sees keys j <= past + i, within the window if any."""
-        if self.window_size is not None:
-            return band_mask(seq_len, past + seq_len, past, self.window_size, device)
-        return torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=device).tril(diagonal=past)
 
     def backend_name(self) -> str:
         return fla_backend(self.backend, self.qkv_proj.weight, FUSED_KERNEL, "mixin=wall_attn")
@@ -200,8 +196,7 @@ class WallAttention(Mixin):
         # the exp and the softmax; per query block, the earlier keys rescaled (exp, subtract, multiply), and
         # the in-block pairwise decays (4 per key channel) and their weighted product; the gates' logsigmoid
         length = max(seq_len, 1)
-        window = self.window_size or length
-        keys = sum(min(t + 1, window) for t in range(length)) / length
+        keys = mean_keys(length, self.window_size)
         block = min(self.block_size, length)
         rescale = 3 * self.hidden_size * keys / block + 6 * self.hidden_size * (block + 1) / 2
         return projection_flops(self) + (2 * 2 * self.hidden_size + 4 * self.num_heads) * keys + rescale
