@@ -5,7 +5,8 @@
   `value_heads` (value heads grouped on key heads, fla's GVA) and `scaled_width` (an `expand_*` width in
   whole heads), with one-line errors naming the options;
 - per-head norms: `head_rms_norm` (ungated, gated after the norm as fla's `FusedRMSNormGated`, or gated
-  before it as Mamba2's) and `head_group_norm` (RWKV's per-head GroupNorm with a per-channel affine);
+  before it as Mamba2's), `optional_head_norm` (an attention mixer's optional q/k norm) and
+  `head_group_norm` (RWKV's per-head GroupNorm with a per-channel affine);
 - `ShortConvolution`: the short causal depthwise convolution + SiLU with an explicit decode buffer;
 - `HeadDecay`: Mamba2's per-head log-decay g = −exp(A_log)·softplus(a_proj x + dt_bias) of the gated
   delta-rule family, with its init (A ~ U[a_min, a_max], dt ~ log-U[0.001, 0.1] as softplus⁻¹) in one
