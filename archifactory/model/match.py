@@ -41,7 +41,14 @@ from archifactory.config.schema import component_options
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import get_component
 from archifactory.model.block import Block
-from archifactory.model.components import build_positional, component_factory, layer_mixin_factory
+from archifactory.model.components import (
+    ComponentSpec,
+    build_positional,
+    component_factory,
+    component_spec,
+    layer_mixin_specs,
+    layers_factory,
+)
 from archifactory.model.ffn.base import intermediate_size
 from archifactory.model.hyper_weights import DepthRecurrence, generated_weights, per_layer
 from archifactory.model.norms import build_norm
@@ -163,6 +170,8 @@ class Counter:
         self._cache: dict[tuple, int | None] = {}
         self._parts: dict[tuple, int | None] = {}  # (hidden, layers, mixin options | FFN width) -> count
         self._configs: dict[tuple, DictConfig] = {}
+        self._spec_cache: dict[tuple, tuple[list[ComponentSpec], ComponentSpec]] = {}
+        self.max_seq_len = int(cfg.model.max_seq_len)
 
     def __call__(self, shape: Shape) -> Candidate | None:
         count = self.count(shape)
@@ -205,17 +214,25 @@ class Counter:
             self._configs[key] = cfg
         return self._configs[key]
 
+    def _specs(self, shape: Shape) -> tuple[list[ComponentSpec], ComponentSpec]:
+        """Each layer's mixin and the FFN under the shape's depth and mixin options, read from the config
+        once per such pair (the widths tried share them)."""
+        key = (shape.num_layers, tuple(sorted(shape.mixin_options.items())))
+        if key not in self._spec_cache:
+            cfg = self._layer_config(shape)
+            self._spec_cache[key] = (layer_mixin_specs(cfg), component_spec("ffn", cfg.ffn))
+        return self._spec_cache[key]
+
     def _factories(self, shape: Shape, kinds: tuple[int, ...] = (0, 1)) -> list[Callable]:
         """The mixin (kind 0) and FFN (kind 1) factories at this shape; the FFN's at the shape's width."""
-        cfg = self._layer_config(shape)
-        dims = (shape.hidden_size, shape.num_layers, int(cfg.model.max_seq_len))
+        mixins, ffn = self._specs(shape)
+        dims = (shape.hidden_size, shape.num_layers, self.max_seq_len)
         factories: list[Callable] = []
         for kind in kinds:
             if kind == 0:
-                factories.append(layer_mixin_factory(cfg, *dims))
+                factories.append(layers_factory(mixins, *dims))
             else:
-                ffn = component_factory("ffn", cfg.ffn, *dims)
-                factories.append(functools.partial(ffn, **ffn_options(shape)))
+                factories.append(functools.partial(ffn.factory(*dims), **ffn_options(shape)))
         return factories
 
     def count(self, shape: Shape) -> int | None:

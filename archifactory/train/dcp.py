@@ -12,6 +12,10 @@ saved layout, so a checkpoint of 2 FSDP ranks resumes under 1 process or N ranks
 `trainer.async_checkpoint=true`: the shards are staged in memory and written in the background
 (`dcp.async_save`) while training continues; the checkpoint is published (renamed) when the next checkpoint
 starts or the run ends, so a crash meanwhile leaves only a `.tmp_` folder and the previous resume point.
+
+`torch.distributed.checkpoint` is imported by the functions that save and load a sharded checkpoint, not at
+the top: it brings DTensor and sympy (0.8 s), which every training process would otherwise pay at start
+whatever its checkpoint format (as `runs/checkpoints.py` does for consolidating one).
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.hashing import file_digest
@@ -70,6 +72,9 @@ def start_save(
     asynchronous: bool,
 ) -> PendingSave:
     """Every rank: write (or start writing) this rank's shards into the step's temporary folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     final = directory / layout.checkpoint_name(trainer_state.step)
     tmp = directory / f".tmp_{final.name}"
@@ -118,6 +123,9 @@ def load_sharded(
 ) -> tuple[dict[str, Any], TrainerState]:
     """Every rank: load its slice of model and optimizer state from a DCP checkpoint (any saved world
     size); returns (extra.pt: schedule and RNG, trainer state). The checkpoint was verified by the caller."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     meta = json.loads((path / layout.TRAINER_STATE).read_text())
     if meta["model_signature"] != expected_signature:
         differ = (
