@@ -1,7 +1,10 @@
-"""The GPU-marked fused-vs-reference checks of the per-mixer tests: one relative error and one comparison of a
-layer's two backends (outputs and gradients under bf16 autocast), written once."""
+"""Comparisons the per-mixer tests share, written once: one relative error, the GPU-marked comparison of a
+layer's two backends (outputs and gradients under bf16 autocast), and a chunked reference against a token loop
+(outputs, state and gradients in fp64)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,3 +39,26 @@ def assert_fused_matches_reference(
     assert relative_error(y_f, y_r) < output_tol
     for a, b in zip(grads_f, grads_r):
         assert relative_error(a, b) < grad_tol
+
+
+def assert_matches_token_loop(
+    ours: tuple[Tensor, Sequence[Tensor]],
+    loop: tuple[Tensor, Sequence[Tensor]],
+    real: Tensor,
+    leaves: tuple[Sequence[Tensor], Sequence[Tensor]],
+    state_loss: Callable[[Sequence[Tensor]], Tensor],
+) -> None:
+    """A chunked reference's (output [B, T, ...], final state) against a token loop's on the same fp64 inputs:
+    the outputs at the `real` positions and every state tensor within 1e-10, and the gradients with respect
+    to each side's `leaves` of the real outputs (randomly weighted) plus `state_loss(final state)` within 1e-9."""
+    (out, final), (out_ref, final_ref) = ours, loop
+    torch.testing.assert_close(out[:, real], out_ref[:, real], rtol=1e-10, atol=1e-10)
+    for a, b in zip(final, final_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    weight = torch.randn_like(out) * real.view(1, -1, *[1] * (out.dim() - 2))
+    grads = [
+        torch.autograd.grad((output * weight).sum() + state_loss(state), inputs)
+        for output, state, inputs in ((out, final, leaves[0]), (out_ref, final_ref, leaves[1]))
+    ]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
