@@ -122,8 +122,9 @@ class MoE(RoutedFeedForward):
         )
         # [E, D, 2F]: gate and up fused, so a token's input half is one grouped matmul; [E, F, D] back.
         # N(0, 0.02²) here; the model's init scheme re-draws both (w_in as `matrices`, w_out as `residual`)
-        self.w_in = nn.Parameter(torch.randn(self.num_experts, hidden_size, 2 * width) * 0.02)
-        self.w_out = nn.Parameter(torch.randn(self.num_experts, width, hidden_size) * 0.02)
+        # (scaled in place: randn * 0.02's values, with no second tensor when the matcher counts on meta)
+        self.w_in = nn.Parameter(torch.randn(self.num_experts, hidden_size, 2 * width).mul_(0.02))
+        self.w_out = nn.Parameter(torch.randn(self.num_experts, width, hidden_size).mul_(0.02))
         if num_shared_experts:
             self.shared = GatedMLP(hidden_size, num_shared_experts * width)
 

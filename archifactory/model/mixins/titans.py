@@ -81,7 +81,7 @@ class Titans(Mixin):
         self.conv = ShortConvolution(3 * hidden_size, conv_size)
         self.gate_proj = nn.Linear(hidden_size, 3 * num_heads, bias=False)  # θ, η, α logits
         self.gate_bias = nn.Parameter(torch.tensor([0.0, 0.0, -5.0]).repeat_interleave(num_heads))
-        self.memory_init = nn.Parameter(torch.randn(heads, d, d) * 0.02)
+        self.memory_init = nn.Parameter(torch.randn(heads, d, d).mul_(0.02))
         self.ln_weight = nn.Parameter(torch.ones(heads, d))  # the inner model's LayerNorm
         self.ln_bias = nn.Parameter(torch.zeros(heads, d))
         self.norm_weight = nn.Parameter(torch.ones(d))

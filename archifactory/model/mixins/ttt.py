@@ -82,7 +82,7 @@ class TTTLinear(Mixin):
         heads, d = num_heads, self.head_dim
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.lr_proj = nn.Linear(hidden_size, num_heads, bias=True)
-        self.weight_init = nn.Parameter(torch.randn(heads, d, d) * 0.02)  # W₀ of every stream
+        self.weight_init = nn.Parameter(torch.randn(heads, d, d).mul_(0.02))  # W₀ of every stream
         self.bias_init = nn.Parameter(torch.zeros(heads, d))
         self.ln_weight = nn.Parameter(torch.ones(heads, d))  # the inner model's LayerNorm
         self.ln_bias = nn.Parameter(torch.zeros(heads, d))
