@@ -6,33 +6,78 @@ import copy
 import functools
 import re
 
+import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
-from archifactory.config.compose import compose
+from archifactory.config.compose import compose, config_dir
 
 # `a.b=value`: a value in the composed config. Such an override never changes the defaults list (group
 # choices are `group=option`; additions `+`, deletions `~`, packages `@` and `hydra.` keys are left out)
 VALUE_OVERRIDE = re.compile(r"(?!hydra\.)[A-Za-z_]\w*(\.\w+)+=")
 
 
+# `group=option`: a plain choice of one option (no sweep, addition `+`, deletion `~`, package `@` or hydra/ group)
+GROUP_CHOICE = re.compile(r"([a-z_]+)=([\w.-]+)$")
+
+
+def _primary_choices() -> dict[str, str]:
+    """config.yaml's own group choices (`mixin: gqa`, `ffn: swiglu`, ...)."""
+    entries = yaml.safe_load((config_dir() / "config.yaml").read_text())["defaults"]
+    return {
+        k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items() if " " not in k and v
+    }
+
+
+def _groups_choosing_others() -> set[str]:
+    """Groups whose options choose other groups' options (`experiment`, `task`: `override /dataset: mad`)."""
+    return {path.parent.name for path in config_dir().glob("*/*.yaml") if "override /" in path.read_text()}
+
+
+PRIMARY_CHOICES = _primary_choices()
+GROUPS_CHOOSING_OTHERS = _groups_choosing_others()
+
+
+def _one_key(choices: tuple[str, ...]) -> tuple[str, ...]:
+    """One cache key per composition: `mixin=rwkv6 ffn=swiglu positional=rope` and `mixin=rwkv6` compose the
+    same config (swiglu and rope are config.yaml's choices), and plain choices of distinct groups compose
+    the same in any order. Left as given when a group is chosen twice, a choice is not plain, or a chosen
+    option may choose other groups itself (an experiment's `mixin: gqa` is not config.yaml's)."""
+    parsed = [GROUP_CHOICE.match(choice) for choice in choices]
+    if not all(parsed):
+        return choices
+    groups = [match[1] for match in parsed]
+    if len(set(groups)) < len(groups) or GROUPS_CHOOSING_OTHERS & set(groups):
+        return choices
+    return tuple(sorted(match[0] for match in parsed if PRIMARY_CHOICES.get(match[1]) != match[2]))
+
+
+@functools.cache
+def _composed_choices(choices: tuple[str, ...]) -> DictConfig:
+    """Hydra's composition of group choices (~0.2 s each), once per distinct composition (`_one_key`)."""
+    return compose(choices)
+
+
 @functools.cache
 def _composed(overrides: tuple[str, ...]) -> DictConfig:
-    """Hydra composes the group choices (once per distinct set, ~0.2 s each); the value overrides are then
-    applied to a copy by Hydra's own override step (same parser, same struct/schema checks, same
-    `ConfigCompositionException`s), which is what Hydra does after composing the defaults list."""
+    """Hydra composes the group choices; the value overrides are then applied to a copy by Hydra's own
+    override step (same parser, same struct/schema checks, same `ConfigCompositionException`s), which is
+    what Hydra does after composing the defaults list."""
     values = OverridesParser.create().parse_overrides([o for o in overrides if VALUE_OVERRIDE.match(o)])
-    if not values or any(o.is_sweep_override() for o in values):  # a sweep: Hydra's compose refuses it
+    if any(o.is_sweep_override() for o in values):  # a sweep: Hydra's compose refuses it
         return compose(overrides)
-    cfg = copy.deepcopy(_composed(tuple(o for o in overrides if not VALUE_OVERRIDE.match(o))))
+    choices = _composed_choices(_one_key(tuple(o for o in overrides if not VALUE_OVERRIDE.match(o))))
+    if not values:
+        return choices
+    cfg = copy.deepcopy(choices)
     ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     return cfg
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The composed config for `overrides`, each override list composed once per test process (a Hydra
-    composition costs ~0.3 s; the registry suites compose the same few hundred configs thousands of times,
+    """The composed config for `overrides`, each composition made once per test process (a Hydra
+    composition costs ~0.2 s; the registry suites compose the same few hundred configs thousands of times,
     most of them differing only in values such as `model.hidden_size=64`). A copy is returned, so a test
     may change its config freely."""
     return copy.deepcopy(_composed(tuple(overrides or ())))

@@ -16,6 +16,10 @@ SAME = [
     ["mixin=wall_attn", "mixin.window_size=6", "mixin.qk_norm=true", "mixin.num_kv_heads=null"],
     ["mixin.chunk_size=4", "mixin=gla", "model.num_layers=3"],  # a value before its group: applied after
     ["mixin=path_attn", "model.num_layers=3", "model.layer_pattern=[path_attn,{name:swa,window:8},mla]"],
+    # config.yaml's own choices named and groups in another order: the composition of `mixin=rwkv6` alone
+    ["positional=rope", "model.hidden_size=32", "ffn=swiglu", "mixin=rwkv6", "model=tiny"],
+    # an experiment choosing trainer=cpu: the named trainer=default (config.yaml's choice) still wins over it
+    ["experiment=cpu_ablation", "trainer=default", "mixin=gqa"],
 ]
 
 

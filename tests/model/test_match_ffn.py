@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archifactory.config.compose import composer
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import components
 from archifactory.model.build import build_model
@@ -21,20 +20,21 @@ TARGET = 1_500_000
 @pytest.mark.parametrize("ffn", ["swiglu", "moe"])
 def test_every_mixin_lands_within_one_percent_at_1_5m(ffn: str) -> None:
     misses = []
-    with composer() as compose:
-        for mixin in sorted(components("mixin")):
-            cfg = compose([f"mixin={mixin}", f"ffn={ffn}", f"model.target_params={TARGET}", "dataset=text"])
-            resolved, result = apply_match(cfg)
-            if abs(result.achieved / TARGET - 1) > 0.01:
-                misses.append((mixin, result.achieved))
-            assert resolved.model.num_layers == cfg.model.num_layers  # width matching keeps the depth
-            with torch.device("meta"):
-                model = build_model(resolved, 1000)
-            # the saved config rebuilds the counted model, FFN width included
-            assert model.parameter_breakdown()["non_embedding"] == result.achieved, mixin
-            widths = {block.ffn.intermediate_size for block in model.blocks}
-            assert widths == {result.ffn_hidden_size}, (mixin, widths)
-            assert result.summary()["params_match"]["ffn_hidden_size"] == result.ffn_hidden_size
+    for mixin in sorted(components("mixin")):
+        cfg = compose_config(
+            [f"mixin={mixin}", f"ffn={ffn}", f"model.target_params={TARGET}", "dataset=text"]
+        )
+        resolved, result = apply_match(cfg)
+        if abs(result.achieved / TARGET - 1) > 0.01:
+            misses.append((mixin, result.achieved))
+        assert resolved.model.num_layers == cfg.model.num_layers  # width matching keeps the depth
+        with torch.device("meta"):
+            model = build_model(resolved, 1000)
+        # the saved config rebuilds the counted model, FFN width included
+        assert model.parameter_breakdown()["non_embedding"] == result.achieved, mixin
+        widths = {block.ffn.intermediate_size for block in model.blocks}
+        assert widths == {result.ffn_hidden_size}, (mixin, widths)
+        assert result.summary()["params_match"]["ffn_hidden_size"] == result.ffn_hidden_size
     assert not misses, misses
 
 
