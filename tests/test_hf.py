@@ -15,7 +15,8 @@ from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import components
 from archifactory.data.tokenizer import Tokenizer, train_bpe
 from archifactory.generate.sampling import generate
-from archifactory.hf.model import ArchiFactoryForCausalLM, config_from_run, save_pretrained
+from archifactory.hf.model import ArchiFactoryForCausalLM
+from archifactory.hf.write import config_from_run, save_pretrained
 from archifactory.model.build import build_model
 from archifactory.model.stack import StackedMixinForCausalLM
 from tests.helpers import compose_config
@@ -233,6 +234,9 @@ def test_import_archifactory_registers_the_auto_classes_lazily(tokenizer, tmp_pa
     script = (
         "import sys, archifactory\n"
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules\n"  # the CLI stays fast
+        # a finished run writes its model/ folder without transformers' modeling code (~3 s of imports)
+        "import archifactory.hf.write\n"
+        "assert 'transformers.modeling_utils' not in sys.modules\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
         f"tok = AutoTokenizer.from_pretrained({str(folder)!r})\n"
@@ -241,3 +245,6 @@ def test_import_archifactory_registers_the_auto_classes_lazily(tokenizer, tmp_pa
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ArchiFactoryForCausalLM", str(tokenizer.eos_id)]
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [
+        ArchiFactoryForCausalLM.__name__
+    ]

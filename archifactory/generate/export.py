@@ -11,7 +11,7 @@ from pathlib import Path
 
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.runs import layout
-from archifactory.runs.load import load_run, load_run_config
+from archifactory.runs.load import LoadedRun, load_run, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,37 @@ def export_run(
 ) -> Path:
     """Write a run's checkpoint (newest, or at `step`) in Hugging Face format: `hf` (default folder
     `<run_dir>/model/`) or `deepseek_v3` (default `<run_dir>/model_deepseek_v3/`)."""
-    # transformers (~3 s of imports) is loaded here, when a folder is written, not when `archifactory train`
-    # starts: a run's start, its other ranks and its early failures never pay for it
-    from archifactory.hf.deepseek import check_exportable, save_deepseek_v3
-    from archifactory.hf.model import config_from_run, save_pretrained
-
     check_format(export_format)
     if export_format == "deepseek_v3":
-        check_exportable(load_run_config(Path(run_dir)))  # before loading any weights
+        return _export_deepseek_v3(Path(run_dir), out, step)
+    # transformers' configuration and tokenizer code (~1 s of imports) is loaded here, when a folder is
+    # written, not when `archifactory train` starts: a run's start, its other ranks and its early failures
+    # never pay for it
+    from archifactory.hf.write import config_from_run, save_pretrained
+
+    loaded = _load_with_tokenizer(Path(run_dir), step)
+    config = config_from_run(loaded.config, loaded.tokenizer.vocab_size)
+    return save_pretrained(loaded.model, config, loaded.tokenizer, out or Path(run_dir) / layout.MODEL)
+
+
+def _export_deepseek_v3(run_dir: Path, out: Path | str | None, step: int | None) -> Path:
+    """`format=deepseek_v3`: refused in one line before any weight is loaded when DeepSeek-V3 cannot express
+    the run. Its transformers import (the DeepSeek-V3 config pulls in transformers' modeling code, ~3 s) is
+    paid by this export alone, never by the `model/` folder of a finished run."""
+    from archifactory.hf.deepseek import check_exportable, save_deepseek_v3
+
+    check_exportable(load_run_config(run_dir))
+    loaded = _load_with_tokenizer(run_dir, step)
+    folder = out or run_dir / layout.MODEL_DEEPSEEK_V3
+    return save_deepseek_v3(loaded.model, loaded.config, loaded.tokenizer, folder)
+
+
+def _load_with_tokenizer(run_dir: Path, step: int | None) -> LoadedRun:
+    """The run's checkpoint (newest, or at `step`), refused in one line when the run has no tokenizer."""
     loaded = load_run(run_dir, step=step)
     if loaded.tokenizer is None:
         raise ArchiFactoryError(f"{run_dir} has no tokenizer (synthetic data): there is no text to export")
-    if export_format == "deepseek_v3":
-        folder = out or Path(run_dir) / layout.MODEL_DEEPSEEK_V3
-        return save_deepseek_v3(loaded.model, loaded.config, loaded.tokenizer, folder)
-    config = config_from_run(loaded.config, loaded.tokenizer.vocab_size)
-    return save_pretrained(loaded.model, config, loaded.tokenizer, out or Path(run_dir) / layout.MODEL)
+    return loaded
 
 
 def write_model_folder(run_dir: Path | str) -> Path | None:

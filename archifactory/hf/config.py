@@ -8,6 +8,8 @@ from transformers.configuration_utils import PreTrainedConfig
 from archifactory.model.folder import MODEL_TYPE
 from archifactory.model.stack import StackedMixinForCausalLM
 
+ARCHITECTURE = "ArchiFactoryForCausalLM"  # config.json's `architectures`: hf/model.py's class of that name
+
 
 class ArchiFactoryConfig(PreTrainedConfig):
     """A StackedMixinForCausalLM by its config sections, components by registry name and options.

@@ -45,7 +45,7 @@ from transformers import DeepseekV3Config
 from archifactory.config.hybrid import pattern_entries
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.data.tokenizer import Tokenizer
-from archifactory.hf.model import write_folder_atomically, write_tokenizer_files
+from archifactory.hf.write import write_folder_atomically, write_tokenizer_files
 from archifactory.model.ffn.moe import MoE
 from archifactory.model.ffn.swiglu import SwiGLU
 from archifactory.model.folder import WEIGHTS
