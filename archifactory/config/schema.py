@@ -340,8 +340,10 @@ def _choice_enum(values: tuple[str, ...]) -> type[Choice]:
     return enum
 
 
+@functools.cache
 def component_schema(kind: str, name: str, cls: type) -> type:
-    """A dataclass whose fields are `name` plus the keyword options of `cls.__init__`."""
+    """A dataclass whose fields are `name` plus the keyword options of `cls.__init__` (one per component
+    class: `register_configs` recognises a schema it has stored already by its identity)."""
     hints = typing.get_type_hints(cls.__init__)
     fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
     for param in inspect.signature(cls.__init__).parameters.values():
@@ -369,17 +371,39 @@ def component_options(cfg: Any) -> dict[str, Any]:
 
 
 def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore; called before Hydra composes."""
-    store = ConfigStore.instance()
-    store.store(name="archifactory_schema", node=RootConfig)
-    store.store(group="model", name="_schema", node=ModelConfig)
-    store.store(group="trainer", name="_schema", node=TrainerConfig)
-    store.store(group="dataset", name="_schema", node=DatasetConfig)
-    store.store(group="dataset", name="_schema_mqar", node=MQARDatasetConfig)
-    store.store(group="dataset", name="_schema_mad", node=MADDatasetConfig)
-    store.store(group="dataset", name="_schema_chat", node=ChatDatasetConfig)
-    store.store(group="dataset", name="_schema_rl", node=RLDatasetConfig)
-    store.store(group="grpo", name="_schema", node=GRPOConfig)
+    """Store every schema in Hydra's ConfigStore; called before Hydra composes (every composition)."""
+    _store(None, "archifactory_schema", RootConfig)
+    _store("model", "_schema", ModelConfig)
+    _store("trainer", "_schema", TrainerConfig)
+    _store("dataset", "_schema", DatasetConfig)
+    _store("dataset", "_schema_mqar", MQARDatasetConfig)
+    _store("dataset", "_schema_mad", MADDatasetConfig)
+    _store("dataset", "_schema_chat", ChatDatasetConfig)
+    _store("dataset", "_schema_rl", RLDatasetConfig)
+    _store("grpo", "_schema", GRPOConfig)
     for kind in ("mixin", "ffn", "positional", "residual"):
         for name, cls in components(kind).items():
-            store.store(group=kind, name=f"_schema_{name}", node=component_schema(kind, name, cls))
+            _store(kind, f"_schema_{name}", component_schema(kind, name, cls))
+
+
+# (group, name) -> the schema stored there and the store's entry for it, as `_store` left them
+_STORED: dict[tuple[str | None, str], tuple[type, object]] = {}
+
+
+def _store(group: str | None, name: str, schema: type) -> None:
+    """`ConfigStore.store` unless the store still holds the entry this schema was stored as. Hydra turns the
+    dataclass into a config on every store: all of them again cost 0.25 s, on every composition (a test
+    process composes hundreds). A component registered later, or a schema replaced, is stored anew."""
+    stored = _STORED.get((group, name))
+    if stored is not None and stored[0] is schema and stored[1] is _entry(group, name):
+        return
+    ConfigStore.instance().store(group=group, name=name, node=schema)
+    _STORED[(group, name)] = (schema, _entry(group, name))
+
+
+def _entry(group: str | None, name: str) -> object | None:
+    """The ConfigStore's entry for `<group>/<name>.yaml`, None when it holds none."""
+    entries: Any = ConfigStore.instance().repo
+    for part in group.split("/") if group else ():
+        entries = entries.get(part, {})
+    return entries.get(f"{name}.yaml")
