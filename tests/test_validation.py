@@ -7,7 +7,7 @@ import pickle
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from archifactory.config.compose import GROUPS, composer, group_options
+from archifactory.config.compose import GROUPS, group_options
 from archifactory.config.schema import Optimizer, Schedule, _choice_enum, component_options
 from archifactory.config.validation import config_problems, validate_config
 from archifactory.core.errors import ArchiFactoryError
@@ -52,10 +52,9 @@ def test_literal_component_options_become_enums() -> None:
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_shipped_option_is_valid(group: str) -> None:
-    with composer() as compose:  # one Hydra context for the whole group
-        for option in group_options(group):
-            overrides = [f"{group}={option}"] + (["dataset=mqar"] if group == "mqar_cell" else [])
-            assert config_problems(compose(overrides)) == [], overrides
+    for option in group_options(group):
+        overrides = [f"{group}={option}"] + (["dataset=mqar"] if group == "mqar_cell" else [])
+        assert config_problems(compose_config(overrides)) == [], overrides
 
 
 @pytest.mark.parametrize(
