@@ -13,9 +13,16 @@ from omegaconf import DictConfig
 
 from archifactory.config.compose import compose, config_dir
 
-# `a.b=value`: a value in the composed config. Such an override never changes the defaults list (group
-# choices are `group=option`; additions `+`, deletions `~`, packages `@` and `hydra.` keys are left out)
-VALUE_OVERRIDE = re.compile(r"(?!hydra\.)[A-Za-z_]\w*(\.\w+)+=")
+# `a.b=value`, or `key=value` whose key is no config group (`seed=1`, `run_name=x`, `init_from=<run>`): a value
+# in the composed config. Such an override never changes the defaults list (group choices are `group=option`;
+# additions `+`, deletions `~`, packages `@` and `hydra.` keys are left out)
+OVERRIDE_KEY = re.compile(r"(?!hydra\.)([A-Za-z_]\w*)((?:\.\w+)*)=")
+CONFIG_GROUPS = frozenset(path.name for path in config_dir().iterdir() if path.is_dir())
+
+
+def _is_value(override: str) -> bool:
+    key = OVERRIDE_KEY.match(override)
+    return key is not None and (key[2] != "" or key[1] not in CONFIG_GROUPS)
 
 
 # `group=option`: a plain choice of one option (no sweep, addition `+`, deletion `~`, package `@` or hydra/ group)
@@ -64,10 +71,10 @@ def _composed(overrides: tuple[str, ...]) -> DictConfig:
     """Hydra composes the group choices; the value overrides are then applied to a copy by Hydra's own
     override step (same parser, same struct/schema checks, same `ConfigCompositionException`s), which is
     what Hydra does after composing the defaults list."""
-    values = OverridesParser.create().parse_overrides([o for o in overrides if VALUE_OVERRIDE.match(o)])
+    values = OverridesParser.create().parse_overrides([o for o in overrides if _is_value(o)])
     if any(o.is_sweep_override() for o in values):  # a sweep: Hydra's compose refuses it
         return compose(overrides)
-    choices = _composed_choices(_one_key(tuple(o for o in overrides if not VALUE_OVERRIDE.match(o))))
+    choices = _composed_choices(_one_key(tuple(o for o in overrides if not _is_value(o))))
     if not values:
         return choices
     cfg = copy.deepcopy(choices)

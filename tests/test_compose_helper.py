@@ -20,6 +20,8 @@ SAME = [
     ["positional=rope", "model.hidden_size=32", "ffn=swiglu", "mixin=rwkv6", "model=tiny"],
     # an experiment choosing trainer=cpu: the named trainer=default (config.yaml's choice) still wins over it
     ["experiment=cpu_ablation", "trainer=default", "mixin=gqa"],
+    # top-level values (no config group of that name): applied to the composition of `mixin=rwkv6` alone
+    ["mixin=rwkv6", "seed=3", "run_name=my_run", "init_from=/runs/pretrained", "experiment_name=abl"],
 ]
 
 
@@ -32,8 +34,14 @@ def test_equals_a_plain_compose(overrides: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [["trainer.strategy=deepspeed"], ["mixin=gqa", "mixin.no_such_option=1"], ["model.hidden_size=32,64"]],
-    ids=["enum", "unknown key", "sweep"],
+    [
+        ["trainer.strategy=deepspeed"],
+        ["mixin=gqa", "mixin.no_such_option=1"],
+        ["model.hidden_size=32,64"],
+        ["mixin=gqa", "no_such_key=1"],
+        ["seed=three"],
+    ],
+    ids=["enum", "unknown key", "sweep", "unknown top-level key", "top-level type"],
 )
 def test_refuses_as_a_plain_compose(overrides: list[str]) -> None:
     with pytest.raises(ConfigCompositionException) as plain:

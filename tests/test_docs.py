@@ -23,10 +23,10 @@ from omegaconf import OmegaConf
 
 from archifactory.cli.hydra_app import check_group_choices
 from archifactory.cli.main import VERBS
-from archifactory.config.compose import GROUPS, config_dir
-from archifactory.config.schema import register_configs
+from archifactory.config.compose import GROUPS
 from archifactory.config.validation import validate_config
 from archifactory.core.registry import components
+from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -139,16 +139,6 @@ def params() -> list:
     return cases
 
 
-@pytest.fixture(scope="module")
-def hydra_compose():
-    """Hydra's compose API over the project's configs (initialised once for the module)."""
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        yield lambda overrides: compose(config_name="config", overrides=overrides)
-
-
 def variants(args: list[str]) -> list[list[str]]:
     """Override lists that cover every value of every sweep once (the other sweeps at their first value)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -167,9 +157,9 @@ def variants(args: list[str]) -> list[list[str]]:
     return result
 
 
-def check_composes(hydra_compose, args: list[str], chat: bool = False) -> None:
+def check_composes(args: list[str], chat: bool = False) -> None:
     for overrides in variants(args):
-        cfg = hydra_compose(overrides)
+        cfg = compose_config(overrides)  # tests/helpers.py: each distinct composition once per test process
         validate_config(cfg)
         OmegaConf.to_container(cfg, resolve=True)
         if chat:
@@ -190,28 +180,28 @@ def hydra_args(args: tuple[str, ...]) -> list[str]:
 
 
 @pytest.mark.parametrize("command", params())
-def test_doc_command_runs(command: Command, hydra_compose) -> None:
+def test_doc_command_runs(command: Command) -> None:
     from archifactory.cli.eval import RUNNERS, parse, plan
     from archifactory.cli.generate import EXPORT_OPTIONS, GENERATE_OPTIONS, parse_options
 
     args = list(command.args)
     assert command.verb in VERBS, f"{command.where}: unknown verb {command.verb!r}"
     if command.verb == "train":
-        check_composes(hydra_compose, hydra_args(command.args))
+        check_composes(hydra_args(command.args))
     elif command.verb == "data":
         assert args[:1] == ["prepare"], f"{command.where}: `data` takes `prepare`"
-        check_composes(hydra_compose, hydra_args(command.args[1:]))
+        check_composes(hydra_args(command.args[1:]))
     elif command.verb == "sft":  # composed as `sft` composes it; init_from's run need not exist here
         rest = hydra_args(command.args)
         assert any(a.startswith("init_from=") for a in rest), f"{command.where}: sft needs init_from=<run>"
         trainer = [] if any(a.startswith("trainer=") for a in rest) else ["trainer=sft"]
-        check_composes(hydra_compose, [*rest, *trainer], chat=True)
+        check_composes([*rest, *trainer], chat=True)
     elif command.verb == "eval":
         request = parse(args)
         plan(request.names, request.extra)
         dataset = [a for a in request.extra if a.split("=")[0].split(".")[0] in RUNNERS["perplexity"].accepts]
         if dataset:  # perplexity's dataset=…: composed as the runner composes it
-            check_composes(hydra_compose, dataset)
+            check_composes(dataset)
     elif command.verb == "generate":
         options = parse_options(args, GENERATE_OPTIONS, "generate")
         assert ("prompt" in options) != ("prompt_file" in options), (
@@ -222,7 +212,7 @@ def test_doc_command_runs(command: Command, hydra_compose) -> None:
     elif command.verb == "list":
         if args:
             assert args[0] == "--params", f"{command.where}: `list` takes nothing or --params"
-            check_composes(hydra_compose, args[1:])
+            check_composes(args[1:])
     elif command.verb == "report":
         assert args and not any("=" in a for a in args if not a.startswith("--")), f"{command.where}: paths"
 
