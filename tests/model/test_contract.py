@@ -7,8 +7,11 @@ checks cannot pass vacuously (zero-initialised adapters, zero output projections
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from archifactory.config.compose import group_options
 from archifactory.core.registry import components
@@ -27,16 +30,20 @@ def perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
             p.add_(scale * torch.randn_like(p))
 
 
+@functools.cache
+def component_config(kind: str, name: str) -> DictConfig:
+    """`kind=name`'s composed config node, read (never changed) by the builds below: a component's options do
+    not depend on the positional scheme, so one composition per component (and one per scheme) serves every
+    case of the suites."""
+    return compose_config([f"{kind}={name}", f"model.hidden_size={HIDDEN}", "model.num_heads=4"])[kind]
+
+
 def build(
     kind: str, name: str, positional: str = "rope", layer_idx: int = 1
 ) -> tuple[torch.nn.Module, PositionContext]:
-    # a component's options do not depend on the positional scheme: one composition per component (and one
-    # per scheme) serves every case of the suites below
-    cfg = compose_config([f"{kind}={name}", f"model.hidden_size={HIDDEN}", "model.num_heads=4"])
-    module = component_factory(kind, cfg[kind], HIDDEN)(layer_idx=layer_idx).double()
+    module = component_factory(kind, component_config(kind, name), HIDDEN)(layer_idx=layer_idx).double()
     perturb(module)
-    positional_cfg = compose_config([f"positional={positional}"]).positional
-    scheme = build_positional(positional_cfg, HIDDEN, max_seq_len=64).double()
+    scheme = build_positional(component_config("positional", positional), HIDDEN, max_seq_len=64).double()
     return module, PositionContext(scheme, 0, 0)
 
 
