@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from archifactory.cli.main import collect_garbage_less_often  # noqa: E402
+from tests.helpers import share_compositions  # noqa: E402
 
 # Tiny test models run fastest (and reproducibly) on one intra-op thread.
 torch.set_num_threads(1)
@@ -25,6 +26,15 @@ collect_garbage_less_often()
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compositions_shared_by_workers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under pytest-xdist the workers share their compositions (tests/helpers.py) through the session's
+    temporary folder (pytest prunes it with the others): the registry suites of two files, run on two
+    workers, compose each `mixin=<m>` once, not once per worker."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        share_compositions(tmp_path_factory.getbasetemp().parent / "compositions")
 
 
 SMALL_FILE = 30  # tests: a file of at most this many goes to one xdist worker as a whole

@@ -3,11 +3,15 @@ Hydra's override step) == a plain Hydra compose of the same overrides: configs, 
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from archifactory.config.compose import compose
+from tests import helpers
 from tests.helpers import compose_config
 
 SAME = [
@@ -49,3 +53,17 @@ def test_refuses_as_a_plain_compose(overrides: list[str]) -> None:
     with pytest.raises(ConfigCompositionException) as mine:
         compose_config(overrides)
     assert str(mine.value) == str(plain.value) and str(mine.value.__cause__) == str(plain.value.__cause__)
+
+
+def test_workers_share_each_composition_through_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(helpers, "_shared", [])
+    helpers.share_compositions(tmp_path)
+    compose_once = helpers._composed_choices.__wrapped__  # without this process's own cache
+    choices = ("mixin=rwkv6", "residual=mhc")
+    written = compose_once(choices)  # composed here and written for the other workers
+    (path,) = tmp_path.glob("*.pickle")
+    assert pickle.loads(written).residual.name == "mhc" and path.read_bytes() == written
+    path.write_bytes(pickle.dumps(compose(["mixin=gqa"])))  # as if another worker had written it
+    assert pickle.loads(compose_once(choices)).mixin.name == "gqa"  # read back, not composed again

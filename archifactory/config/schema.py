@@ -52,6 +52,8 @@ SourceKind = choices("SourceKind", ["text", "hf"])
 DecodeErrors = choices("DecodeErrors", ["strict", "replace"])
 WandbMode = choices("WandbMode", ["auto", "online", "offline", "disabled"])
 
+COMPONENT_KINDS = ("mixin", "ffn", "positional", "residual")  # the groups whose schemas their classes give
+
 # Constructor arguments the model supplies; everything else is a user option.
 # (`sublayer`: a residual connection's place in its block, 0 = mixin, 1 = FFN)
 _MODEL_SUPPLIED = {"self", "hidden_size", "layer_idx", "max_seq_len", "num_layers", "sublayer"}
@@ -343,7 +345,9 @@ def _choice_enum(values: tuple[str, ...]) -> type[Choice]:
 @functools.cache
 def component_schema(kind: str, name: str, cls: type) -> type:
     """A dataclass whose fields are `name` plus the keyword options of `cls.__init__` (one per component
-    class: `register_configs` recognises a schema it has stored already by its identity)."""
+    class: `register_configs` recognises a schema it has stored already by its identity). It is bound to a
+    module-level name (`mixin_gqa_schema`), so a composed config holding it pickles; another process builds
+    it on first lookup (`__getattr__` below)."""
     hints = typing.get_type_hints(cls.__init__)
     fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
     for param in inspect.signature(cls.__init__).parameters.values():
@@ -361,7 +365,23 @@ def component_schema(kind: str, name: str, cls: type) -> type:
             )
         else:
             fields.append((param.name, _omegaconf_type(hints[param.name]), field(default=default)))
-    return dataclasses.make_dataclass(f"{kind}_{name}_schema", fields)
+    schema = dataclasses.make_dataclass(f"{kind}_{name}_schema", fields)
+    schema.__module__ = __name__  # (make_dataclass takes `module=` from Python 3.12 on)
+    globals()[schema.__name__] = schema
+    return schema
+
+
+def __getattr__(attribute: str) -> type:
+    """A component schema or choice enum that this process has not built yet, by the name pickle looks it up
+    under (`mixin_gqa_schema`, `Choice_auto_sdpa`): every component's schema is built, enums included."""
+    if attribute.startswith("__"):  # Python's own lookups (`__path__`, ...): no schema's name
+        raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+    for kind in COMPONENT_KINDS:
+        for name, cls in components(kind).items():
+            component_schema(kind, name, cls)
+    if attribute in globals():
+        return globals()[attribute]
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
 
 
 def component_options(cfg: Any) -> dict[str, Any]:
@@ -381,7 +401,7 @@ def register_configs() -> None:
     _store("dataset", "_schema_chat", ChatDatasetConfig)
     _store("dataset", "_schema_rl", RLDatasetConfig)
     _store("grpo", "_schema", GRPOConfig)
-    for kind in ("mixin", "ffn", "positional", "residual"):
+    for kind in COMPONENT_KINDS:
         for name, cls in components(kind).items():
             _store(kind, f"_schema_{name}", component_schema(kind, name, cls))
 
