@@ -166,14 +166,18 @@ def resolve_files(pattern: str) -> list[Path]:
 
 
 def check_dataset_path(cfg: Any) -> None:
-    """Refuse a local dataset (`dataset.source=text`) whose `dataset.path` names no file, in one line, before
-    a run directory is claimed: a typo reads "does not exist", never as a clash with another run. An RL
-    dataset (prompts with answers, `archifactory grpo`) is refused here too: it holds no text to train on."""
+    """Refuse a local dataset (`dataset.source=text`, or local chat files: `dataset.format=chat_jsonl`) whose
+    `dataset.path` names no file, in one line, before anything is matched, built or claimed: a typo reads
+    "does not exist", never as a clash with another run. An RL dataset (prompts with answers, `archifactory
+    grpo`) is refused here too: it holds no text to train on."""
     if cfg.get("source") == "rl":
         raise ArchiFactoryError(
             f"dataset={cfg.get('name')} is prompts with answers for `archifactory grpo`; "
             "train takes text or Hub data (dataset=text|tinystories|…) and sft chat data"
         )
+    if cfg.get("source") == "chat" and cfg.get("format") == "chat_jsonl" and cfg.get("path"):
+        resolve_files(str(cfg.path))  # (the Hub chat formats take `path` as a dataset id)
+        return
     if cfg.get("source") != "text":
         return
     if not cfg.get("path"):

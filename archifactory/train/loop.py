@@ -72,10 +72,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     fresh = is_main and is_empty(run_dir)
     try:
         validate_config(cfg)  # before anything is prepared, built or written
+        # a mistyped dataset.path: "does not exist", before any match or build
+        check_dataset_path(cfg.dataset)
         cfg, match = apply_match(cfg)  # model.target_params: the solved shape goes into the saved config
         cfg = apply_pretrained(cfg)  # model.pretrained_from: its vocab, norm eps and tokenizer, saved too
         check_buildable(cfg)  # every component constructor's own checks, on the meta device
-        check_dataset_path(cfg.dataset)  # a mistyped dataset.path: "does not exist", before the directory
         with locked(run_dir, enabled=is_main):
             plan = plan_run(cfg, run_dir, plan_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))[0])
             if plan.completed is not None:

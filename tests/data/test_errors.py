@@ -116,3 +116,17 @@ def test_cli_default_dataset_offline_is_one_line_and_exit_1(tmp_path) -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: can't reach the Hugging Face Hub") and "dataset=text dataset.path=" in last
+
+
+@pytest.mark.parametrize("dataset", ["dataset=text", "dataset=chat_jsonl"])
+def test_a_missing_dataset_file_is_named_before_the_model_is_built(dataset: str, tmp_path) -> None:
+    """The first refusal is the mistyped path (here beside a mixin option the meta-device build refuses):
+    no parameter matching, no build, nothing written."""
+    from archifactory.train.loop import train
+
+    cfg = compose_config(
+        [dataset, f"dataset.path={tmp_path / 'missing.jsonl'}", "mixin=mamba2", "mixin.head_dim=7"]
+    )
+    with pytest.raises(ArchiFactoryError, match="missing.jsonl does not exist"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

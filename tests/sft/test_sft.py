@@ -255,6 +255,10 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["init_from={run}", "dataset=text"], "not chat data"),
         (["init_from={run}", "dataset=limo"], "can't reach the Hugging Face Hub"),
         (["init_from=/nonexistent/run", "dataset=chat_jsonl"], "not a run directory"),
+        (
+            ["init_from={run}", "dataset=chat_jsonl", "dataset.path=/nonexistent/chat.jsonl"],
+            "dataset.path=/nonexistent/chat.jsonl does not exist",
+        ),
     ],
 )
 def test_cli_refusals_are_one_line(args: list[str], message: str, pretrained: Path, tmp_path: Path) -> None:
