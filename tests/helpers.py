@@ -64,7 +64,7 @@ def _one_key(choices: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # A folder the xdist workers of one test session share (`share_compositions`, tests/conftest.py): a composition
-# one worker made, another reads back instead of composing it again; None: this process composes its own
+# one worker made, another reads back instead of composing it again; empty: this process composes its own
 _shared: list[Path] = []
 
 

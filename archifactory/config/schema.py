@@ -13,6 +13,7 @@ import functools
 import inspect
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Optional, Union
@@ -376,12 +377,17 @@ def __getattr__(attribute: str) -> type:
     under (`mixin_gqa_schema`, `Choice_auto_sdpa`): every component's schema is built, enums included."""
     if attribute.startswith("__"):  # Python's own lookups (`__path__`, ...): no schema's name
         raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
-    for kind in COMPONENT_KINDS:
-        for name, cls in components(kind).items():
-            component_schema(kind, name, cls)
+    list(component_schemas())
     if attribute in globals():
         return globals()[attribute]
     raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+
+
+def component_schemas() -> Iterator[tuple[str, str, type]]:
+    """(kind, name, schema) of every registered component."""
+    for kind in COMPONENT_KINDS:
+        for name, cls in components(kind).items():
+            yield kind, name, component_schema(kind, name, cls)
 
 
 def component_options(cfg: Any) -> dict[str, Any]:
@@ -401,9 +407,8 @@ def register_configs() -> None:
     _store("dataset", "_schema_chat", ChatDatasetConfig)
     _store("dataset", "_schema_rl", RLDatasetConfig)
     _store("grpo", "_schema", GRPOConfig)
-    for kind in COMPONENT_KINDS:
-        for name, cls in components(kind).items():
-            _store(kind, f"_schema_{name}", component_schema(kind, name, cls))
+    for kind, name, schema in component_schemas():
+        _store(kind, f"_schema_{name}", schema)
 
 
 # (group, name) -> the schema stored there and the store's entry for it, as `_store` left them
