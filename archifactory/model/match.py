@@ -57,6 +57,10 @@ from archifactory.model.stack import hyper_options, residual_config
 from archifactory.model.value_residual import attach_value_residual
 
 MATCH_MODES = ("width", "layers")
+# FFN parameter counts by (FFN config, sequence length, hypernetwork, hidden size, depth, FFN width): the same
+# for every mixin, so `list --params` (every mixin x FFN) and the variants of a sweep count each FFN shape
+# once per process (the FFN's builds were ~40% of matching every mixin with moe)
+_FFN_COUNTS: dict[tuple, int | None] = {}
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 
 
@@ -168,7 +172,10 @@ class Counter:
         generated = str(cfg.model.get("weights", "standard")) == "hyper"
         self.hyper = (hyper["hyper_embed_dim"], hyper["hyper_hidden"]) if generated else None
         self._cache: dict[tuple, int | None] = {}
-        self._parts: dict[tuple, int | None] = {}  # (hidden, layers, mixin options | FFN width) -> count
+        self._parts: dict[tuple, int | None] = {}  # (hidden, layers, mixin options) -> count
+        # what else an FFN's count depends on: its name and options, the model's length, the hypernetwork
+        options = repr(sorted(component_options(ffn).items()))
+        self._ffn_identity = (ffn.name, options, int(cfg.model.max_seq_len), self.hyper)
         self._configs: dict[tuple, DictConfig] = {}
         self._spec_cache: dict[tuple, tuple[list[ComponentSpec], ComponentSpec]] = {}
         self.max_seq_len = int(cfg.model.max_seq_len)
@@ -248,11 +255,11 @@ class Counter:
         if hidden <= 0 or layers <= 0 or hidden % self.num_heads:
             return None  # build_model refuses a hidden size that is not a multiple of model.num_heads
         mixin_key = (hidden, layers, tuple(sorted(shape.mixin_options.items())))
-        ffn_key = (hidden, layers, shape.ffn_hidden)
-        for key, kind in ((mixin_key, 0), (ffn_key, 1)):
-            if key not in self._parts:
-                self._parts[key] = self._count_part(shape, kind)
-        mixins, ffns = self._parts[mixin_key], self._parts[ffn_key]
+        ffn_key = (*self._ffn_identity, hidden, layers, shape.ffn_hidden)
+        for parts, key, kind in ((self._parts, mixin_key, 0), (_FFN_COUNTS, ffn_key, 1)):
+            if key not in parts:
+                parts[key] = self._count_part(shape, kind)
+        mixins, ffns = self._parts[mixin_key], _FFN_COUNTS[ffn_key]
         if mixins is None or ffns is None:
             return None
         model = self.cfg.model
