@@ -6,10 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from archifactory.study import stages
 from archifactory.study.stages import run_verb
 
 
-def test_a_stage_runs_the_program_and_reports_its_error_line(tmp_path: Path) -> None:
+def test_a_stage_runs_the_program_and_reports_its_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--help` and an unknown verb need none of the engines: the fork server this test starts preloads
+    # nothing (the study tests run a real study, preloaded, as `archifactory study`)
+    monkeypatch.setattr(stages, "PRELOAD", ())
     log = tmp_path / "study" / "study.log"
     assert run_verb(["--help"], log).ok
     failed = run_verb(["no-such-verb"], log)
