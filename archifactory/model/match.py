@@ -172,13 +172,18 @@ class Counter:
         generated = str(cfg.model.get("weights", "standard")) == "hyper"
         self.hyper = (hyper["hyper_embed_dim"], hyper["hyper_hidden"]) if generated else None
         self._cache: dict[tuple, int | None] = {}
-        self._parts: dict[tuple, int | None] = {}  # (hidden, layers, mixin options) -> count
-        # what else an FFN's count depends on: its name and options, the model's length, the hypernetwork
-        options = repr(sorted(component_options(ffn).items()))
-        self._ffn_identity = (ffn.name, options, int(cfg.model.max_seq_len), self.hyper)
+        # (hidden, layers, mixin options) -> the mixins' count; ("residual", hidden, layers) -> the residuals'
+        self._parts: dict[tuple, int | None] = {}
         self._configs: dict[tuple, DictConfig] = {}
         self._spec_cache: dict[tuple, tuple[list[ComponentSpec], ComponentSpec]] = {}
         self.max_seq_len = int(cfg.model.max_seq_len)
+        # what else an FFN's count (`_FFN_COUNTS`) depends on: its name and options, the length, the hypernetwork
+        self._ffn_identity = (
+            ffn.name,
+            repr(sorted(component_options(ffn).items())),
+            self.max_seq_len,
+            self.hyper,
+        )
 
     def __call__(self, shape: Shape) -> Candidate | None:
         count = self.count(shape)
