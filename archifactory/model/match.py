@@ -61,6 +61,9 @@ MATCH_MODES = ("width", "layers")
 # for every mixin, so `list --params` (every mixin x FFN) and the variants of a sweep count each FFN shape
 # once per process (the FFN's builds were ~40% of matching every mixin with moe)
 _FFN_COUNTS: dict[tuple, int | None] = {}
+# The mixins' counts by (every layer's mixin class and options, sequence length, value residual, hypernetwork,
+# hidden size, depth): the same under every FFN, so the FFNs of `list --params` and of a sweep share them
+_MIXIN_COUNTS: dict[tuple, int | None] = {}
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 
 
@@ -171,9 +174,12 @@ class Counter:
         hyper = hyper_options(cfg.model)
         generated = str(cfg.model.get("weights", "standard")) == "hyper"
         self.hyper = (hyper["hyper_embed_dim"], hyper["hyper_hidden"]) if generated else None
+        self.value_residual = bool(cfg.model.get("value_residual", False))
         self._cache: dict[tuple, int | None] = {}
-        # (hidden, layers, mixin options) -> the mixins' count; ("residual", hidden, layers) -> the residuals'
+        # ("residual", hidden, layers) -> the residual connections' count
         self._parts: dict[tuple, int | None] = {}
+        # (depth, mixin options) -> what the mixins' count (`_MIXIN_COUNTS`) depends on besides the width
+        self._mixin_identities: dict[tuple, tuple] = {}
         self._configs: dict[tuple, DictConfig] = {}
         self._spec_cache: dict[tuple, tuple[list[ComponentSpec], ComponentSpec]] = {}
         self.max_seq_len = int(cfg.model.max_seq_len)
@@ -259,12 +265,12 @@ class Counter:
         hidden, layers = shape.hidden_size, shape.num_layers
         if hidden <= 0 or layers <= 0 or hidden % self.num_heads:
             return None  # build_model refuses a hidden size that is not a multiple of model.num_heads
-        mixin_key = (hidden, layers, tuple(sorted(shape.mixin_options.items())))
+        mixin_key = (*self._mixin_identity(shape), hidden, layers)
         ffn_key = (*self._ffn_identity, hidden, layers, shape.ffn_hidden)
-        for parts, key, kind in ((self._parts, mixin_key, 0), (_FFN_COUNTS, ffn_key, 1)):
+        for parts, key, kind in ((_MIXIN_COUNTS, mixin_key, 0), (_FFN_COUNTS, ffn_key, 1)):
             if key not in parts:
                 parts[key] = self._count_part(shape, kind)
-        mixins, ffns = self._parts[mixin_key], _FFN_COUNTS[ffn_key]
+        mixins, ffns = _MIXIN_COUNTS[mixin_key], _FFN_COUNTS[ffn_key]
         if mixins is None or ffns is None:
             return None
         model = self.cfg.model
@@ -272,6 +278,16 @@ class Counter:
             norm = sum(p.numel() for p in build_norm(model.norm, hidden, model.norm_eps).parameters())
         total = mixins + ffns + (2 * layers + 1) * norm + self._residual_count(hidden, layers)
         return total + self._hyper_count(layers)
+
+    def _mixin_identity(self, shape: Shape) -> tuple:
+        """Every layer's mixin class and options at the shape's depth and mixin options (a hybrid pattern laid
+        out), the length, the value residual and the hypernetwork: with the width, all a mixin count reads."""
+        key = (shape.num_layers, tuple(sorted(shape.mixin_options.items())))
+        if key not in self._mixin_identities:
+            mixins, _ = self._specs(shape)
+            layers = repr([(spec.cls, sorted(spec.options.items())) for spec in mixins])
+            self._mixin_identities[key] = (layers, self.max_seq_len, self.value_residual, self.hyper)
+        return self._mixin_identities[key]
 
     def _count_part(self, shape: Shape, kind: int) -> int | None:
         """Parameters of every layer's mixin (kind 0, with its value-residual gate under
@@ -284,7 +300,7 @@ class Counter:
                 modules = [factory(layer_idx=i) for i in range(shape.num_layers)]
         except (ArchiFactoryError, ValueError, RuntimeError):
             return None  # a component's divisibility rule refuses this shape
-        if kind == 0 and self.cfg.model.get("value_residual", False):
+        if kind == 0 and self.value_residual:
             with torch.device("meta"):  # a model with no value-declaring layer is refused here in one line
                 attach_value_residual(modules, [m.registry_name for m in modules])
         if self.hyper is None:

@@ -10,7 +10,7 @@ import torch
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.core.registry import components
 from archifactory.model.build import build_model
-from archifactory.model.match import apply_match, parse_count
+from archifactory.model.match import Counter, Shape, apply_match, parse_count
 from tests.helpers import compose_config
 
 BASE = ["model=tiny"]  # matching counts the blocks: no dataset option changes them
@@ -92,6 +92,19 @@ def test_residual_and_value_residual_weights_are_counted(extra: list[str]) -> No
         model = build_model(cfg, 1000)
     assert model.parameter_breakdown()["non_embedding"] == result.achieved
     assert abs(result.error) <= 0.01
+
+
+def test_counts_shared_by_the_matches_of_a_process_keep_each_setting_apart() -> None:
+    """A process shares its parameter counts across configs (`_MIXIN_COUNTS`, `_FFN_COUNTS` in model/match.py):
+    at one shape, the plain stack counted first, each setting that changes a layer's count is still counted
+    as built, not read back from the plain stack's counts."""
+    shape = ["mixin=gqa", "model.hidden_size=96", "model.num_layers=3"]
+    for extra in ([], ["model.value_residual=true"], ["model.weights=hyper"], ["ffn=moe"]):
+        cfg = compose_config([*shape, *extra])
+        count = Counter(cfg).count(Shape(cfg.model.hidden_size, cfg.model.num_layers))
+        with torch.device("meta"):
+            model = build_model(cfg, 1000)
+        assert count == model.parameter_breakdown()["non_embedding"], extra
 
 
 def test_layers_mode_solves_the_depth_at_the_configured_width() -> None:
