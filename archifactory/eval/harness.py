@@ -8,9 +8,11 @@ as details lm-eval's full output restricted to that task and its subtasks, plus 
 left-truncated to the model's `max_seq_len`.
 
 Offline: local tasks (`eval.include_path`) never touch the Hub, and when every requested name is one of
-them lm-eval's ~15k built-in task YAMLs are not even indexed. A built-in task needs its dataset from the
-Hub: with no network it is refused at once; in offline mode (`HF_HUB_OFFLINE=1`) a dataset missing from
-the local cache fails in lm-eval's loading. Both end in one line that names `eval.include_path`.
+them lm-eval's ~14,000 built-in task YAMLs are not even indexed; a built-in plain task (`arc_easy`, not a
+group such as `mmlu`) gets an index of the few folders that bear on it (`eval/task_folders.py`: ~1 s, not
+11 s). A built-in task needs its dataset from the Hub: with no network it is refused at once; in offline
+mode (`HF_HUB_OFFLINE=1`) a dataset missing from the local cache fails in lm-eval's loading. Both end in
+one line that names `eval.include_path`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.data import hub
 from archifactory.eval.job import EvalJob, TaskResult
+from archifactory.eval.task_folders import task_folders
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ def is_offline_error(error: BaseException) -> bool:
 
 
 def task_manager(names: list[str], include_path: str | None) -> Any:
-    """lm-eval's TaskManager: local tasks only when they cover every name (fast), else with built-ins."""
+    """lm-eval's TaskManager: local tasks only when they cover every name (fast), else with the built-in task
+    folders that bear on the other names when each is a plain task there (fast), else with all built-ins."""
     from lm_eval.tasks import TaskManager
 
     builtin = list(names)
@@ -63,7 +67,8 @@ def task_manager(names: list[str], include_path: str | None) -> Any:
             return local
     if not hub.offline_mode() and not hub.hub_reachable():
         raise hub_error(builtin, "no network; set HF_HUB_OFFLINE=1 to use datasets already in the HF cache")
-    manager = TaskManager(include_path=None if include_path is None else str(Path(include_path).resolve()))
+    local_folder = [] if include_path is None else [str(Path(include_path).expanduser().resolve())]
+    manager = narrow_task_manager(builtin, local_folder) or TaskManager(include_path=local_folder or None)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
@@ -73,6 +78,20 @@ def task_manager(names: list[str], include_path: str | None) -> Any:
             "and eval.include_path=<folder> adds local task YAMLs"
         )
     return manager
+
+
+def narrow_task_manager(builtin: list[str], local: list[str]) -> Any | None:
+    """lm-eval's index of only the built-in task folders that bear on `builtin` (`eval/task_folders.py`), then
+    the local folder, as the full index orders them; None (index everything) unless each name is a plain
+    task there."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    folders = task_folders(builtin, Path(lm_eval.tasks.__file__).parent)
+    if not folders:
+        return None
+    manager = TaskManager(include_path=[*map(str, folders), *local], include_defaults=False)
+    return manager if all(name in manager.all_subtasks for name in builtin) else None
 
 
 def headline(results: dict[str, Any]) -> tuple[str, float, float | None]:
