@@ -45,8 +45,17 @@ def _groups_choosing_others() -> set[str]:
     return {path.parent.name for path in config_dir().glob("*/*.yaml") if "override /" in path.read_text()}
 
 
+def _groups_writing_elsewhere() -> set[str]:
+    """Groups with an option that sets keys outside its own node (`# @package _global_`: `task`, `mqar_cell`)."""
+    return {path.parent.name for path in config_dir().glob("*/*.yaml") if "@package" in path.read_text()}
+
+
 PRIMARY_CHOICES = _primary_choices()
 GROUPS_CHOOSING_OTHERS = _groups_choosing_others()
+# A mixin option sets the `mixin` node alone and chooses nothing else; the composition of a mixin beside other
+# such choices is theirs with that node put in (`_with_the_mixin_node`)
+NODE_GROUP = "mixin"
+GROUPS_OF_OWN_NODE = CONFIG_GROUPS - GROUPS_CHOOSING_OTHERS - _groups_writing_elsewhere()
 
 
 def _one_key(choices: tuple[str, ...]) -> tuple[str, ...]:
@@ -74,10 +83,33 @@ def share_compositions(folder: Path) -> None:
     _shared[:] = [folder]
 
 
+def _node_choice(choices: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    """(`mixin=<m>`, the other choices) when `choices` (a key of `_one_key`) choose a mixin beside options that
+    each set their own group's node alone; None otherwise."""
+    parsed = [GROUP_CHOICE.match(choice) for choice in choices]
+    if len(choices) < 2 or not all(parsed) or len({match[1] for match in parsed}) < len(parsed):
+        return None
+    mixin = [match[0] for match in parsed if match[1] == NODE_GROUP]
+    others = tuple(match[0] for match in parsed if match[1] != NODE_GROUP)
+    own_nodes = GROUPS_OF_OWN_NODE if NODE_GROUP in GROUPS_OF_OWN_NODE else set()
+    if len(mixin) != 1 or not all(GROUP_CHOICE.match(other)[1] in own_nodes for other in others):
+        return None
+    return mixin[0], others
+
+
 @functools.cache
 def _composed_choices(choices: tuple[str, ...]) -> bytes:
     """Hydra's composition of group choices (~0.2 s each), once per distinct composition (`_one_key`) and test
-    session, pickled (a composed config pickles: archifactory/config/schema.py)."""
+    session, pickled (a composed config pickles: archifactory/config/schema.py). A mixin beside other choices
+    is the mixin's node put into the composition of the others (`_node_choice`): the registry suites compose
+    every mixin under several other choices (a training recipe, `positional=none`, `ffn=moe`), and each mixin
+    and each set of other choices is then composed once (tests/test_compose_helper.py holds it equal)."""
+    node_choice = _node_choice(choices)
+    if node_choice is not None:
+        mixin, others = node_choice
+        cfg = pickle.loads(_composed_choices(others))
+        cfg.mixin = pickle.loads(_composed_choices((mixin,))).mixin
+        return pickle.dumps(cfg)
     if not _shared:
         return pickle.dumps(compose(choices))
     path = _shared[0] / f"{hashlib.sha256(repr(choices).encode()).hexdigest()}.pickle"

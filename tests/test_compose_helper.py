@@ -26,6 +26,22 @@ SAME = [
     ["experiment=cpu_ablation", "trainer=default", "mixin=gqa"],
     # top-level values (no config group of that name): applied to the composition of `mixin=rwkv6` alone
     ["mixin=rwkv6", "seed=3", "run_name=my_run", "init_from=/runs/pretrained", "experiment_name=abl"],
+    # a mixin beside other choices: the mixin's node put into the composition of the others
+    [
+        "mixin=kda",
+        "dataset=text",
+        "model=tiny",
+        "trainer=smoke",
+        "model.hidden_size=64",
+        "mixin.expand_v=2.0",
+    ],
+    [
+        "ffn=moe",
+        "mixin=path_attn",
+        "model.num_layers=3",
+        "model.layer_pattern=[path_attn,{name:swa,window:8}]",
+    ],
+    ["mixin=rwkv7", "positional=none", "residual=mhc", "mixin.num_heads=${model.num_heads}"],
 ]
 
 
@@ -41,11 +57,21 @@ def test_equals_a_plain_compose(overrides: list[str]) -> None:
     [
         ["trainer.strategy=deepspeed"],
         ["mixin=gqa", "mixin.no_such_option=1"],
+        ["mixin=rwkv6", "positional=none", "mixin.no_such_option=1"],  # the mixin's schema on its node put in
+        ["mixin=gla", "ffn=moe", "mixin.chunk_size=wide"],
         ["model.hidden_size=32,64"],
         ["mixin=gqa", "no_such_key=1"],
         ["seed=three"],
     ],
-    ids=["enum", "unknown key", "sweep", "unknown top-level key", "top-level type"],
+    ids=[
+        "enum",
+        "unknown key",
+        "unknown key of a mixin put in",
+        "type of a mixin put in",
+        "sweep",
+        "unknown top-level key",
+        "top-level type",
+    ],
 )
 def test_refuses_as_a_plain_compose(overrides: list[str]) -> None:
     with pytest.raises(ConfigCompositionException) as plain:
@@ -61,7 +87,7 @@ def test_workers_share_each_composition_through_the_folder(
     monkeypatch.setattr(helpers, "_shared", [])
     helpers.share_compositions(tmp_path)
     compose_once = helpers._composed_choices.__wrapped__  # without this process's own cache
-    choices = ("mixin=rwkv6", "residual=mhc")
+    choices = ("positional=alibi", "residual=mhc")
     written = compose_once(choices)  # composed here and written for the other workers
     (path,) = tmp_path.glob("*.pickle")
     assert pickle.loads(written).residual.name == "mhc" and path.read_bytes() == written
