@@ -40,22 +40,19 @@ def _primary_choices() -> dict[str, str]:
     }
 
 
-def _groups_choosing_others() -> set[str]:
-    """Groups whose options choose other groups' options (`experiment`, `task`: `override /dataset: mad`)."""
-    return {path.parent.name for path in config_dir().glob("*/*.yaml") if "override /" in path.read_text()}
-
-
-def _groups_writing_elsewhere() -> set[str]:
-    """Groups with an option that sets keys outside its own node (`# @package _global_`: `task`, `mqar_cell`)."""
-    return {path.parent.name for path in config_dir().glob("*/*.yaml") if "@package" in path.read_text()}
+def _groups_with_an_option_holding(marker: str) -> set[str]:
+    """Groups with an option whose YAML holds `marker`."""
+    return {path.parent.name for path in config_dir().glob("*/*.yaml") if marker in path.read_text()}
 
 
 PRIMARY_CHOICES = _primary_choices()
-GROUPS_CHOOSING_OTHERS = _groups_choosing_others()
-# A mixin option sets the `mixin` node alone and chooses nothing else; the composition of a mixin beside other
-# such choices is theirs with that node put in (`_with_the_mixin_node`)
+# groups whose options choose other groups' options (`experiment`, `task`: `override /dataset: mad`)
+GROUPS_CHOOSING_OTHERS = _groups_with_an_option_holding("override /")
+# groups whose options set only their own node: no other group's choice, no `# @package _global_` (`task`,
+# `mqar_cell` set keys elsewhere). A mixin beside other such choices is their composition with the mixin's
+# node put in (`_node_choice`)
 NODE_GROUP = "mixin"
-GROUPS_OF_OWN_NODE = CONFIG_GROUPS - GROUPS_CHOOSING_OTHERS - _groups_writing_elsewhere()
+GROUPS_OF_OWN_NODE = CONFIG_GROUPS - GROUPS_CHOOSING_OTHERS - _groups_with_an_option_holding("@package")
 
 
 def _one_key(choices: tuple[str, ...]) -> tuple[str, ...]:
@@ -87,14 +84,17 @@ def _node_choice(choices: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None
     """(`mixin=<m>`, the other choices) when `choices` (a key of `_one_key`) choose a mixin beside options that
     each set their own group's node alone; None otherwise."""
     parsed = [GROUP_CHOICE.match(choice) for choice in choices]
-    if len(choices) < 2 or not all(parsed) or len({match[1] for match in parsed}) < len(parsed):
+    if len(choices) < 2 or not all(parsed):
         return None
-    mixin = [match[0] for match in parsed if match[1] == NODE_GROUP]
-    others = tuple(match[0] for match in parsed if match[1] != NODE_GROUP)
-    own_nodes = GROUPS_OF_OWN_NODE if NODE_GROUP in GROUPS_OF_OWN_NODE else set()
-    if len(mixin) != 1 or not all(GROUP_CHOICE.match(other)[1] in own_nodes for other in others):
+    groups = [match[1] for match in parsed]
+    if (
+        groups.count(NODE_GROUP) != 1
+        or len(set(groups)) < len(groups)
+        or not set(groups) <= GROUPS_OF_OWN_NODE
+    ):
         return None
-    return mixin[0], others
+    mixin = next(match[0] for match in parsed if match[1] == NODE_GROUP)
+    return mixin, tuple(match[0] for match in parsed if match[1] != NODE_GROUP)
 
 
 @functools.cache
