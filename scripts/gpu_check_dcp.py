@@ -4,6 +4,7 @@ the consolidated checkpoint weights in our own model. Usage: python scripts/gpu_
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -36,4 +37,13 @@ def main(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "run_dir", type=Path, help="a finished run with DCP checkpoints and its model/ folder"
+    )
+    run_dir = parser.parse_args().run_dir
+    if not (run_dir / "model").is_dir():
+        sys.exit(
+            f"error: {run_dir} has no model/ folder; pass a finished run trained with trainer.checkpoint_format=dcp"
+        )
+    main(run_dir)
