@@ -63,8 +63,10 @@ def test_cached_greedy_equals_recomputing_the_full_forward(mixin: str, ffn: str)
 @pytest.mark.parametrize("mixin,ffn", CASES)
 def test_per_step_logits_match_the_full_forward(mixin: str, ffn: str) -> None:
     """Prefill + decode logits == the full forward's, for a batch of two 37-token prompts (one state of
-    batch 2, as generate() runs an equal-length group) and for a 70-token prompt alone."""
-    model = tiny_model(mixin, ffn)
+    batch 2, as generate() runs an equal-length group) and for a 70-token prompt alone. In float64: the two
+    paths sum in different orders, and in float32 their rounding alone reaches 1e-4 on logits of ~30 (cyfa,
+    on some CPUs), while a wrong state moves them by far more than 1e-9."""
+    model = tiny_model(mixin, ffn).double()
     for group in (prompts((37, 37)), prompts((70,), seed=2)):
         outs = generate(model, group, max_new_tokens=8)
         ids = torch.tensor([p + g.tokens for p, g in zip(group, outs)])
@@ -76,7 +78,7 @@ def test_per_step_logits_match_the_full_forward(mixin: str, ffn: str) -> None:
             for t in range(length, ids.shape[1]):
                 out = model(ids[:, t : t + 1], state=out.state)
                 stepped.append(out.logits[:, -1])
-        torch.testing.assert_close(torch.stack(stepped, dim=1), full, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.stack(stepped, dim=1), full, rtol=1e-9, atol=1e-9)
         assert full[:, :-1].argmax(-1).tolist() == [g.tokens for g in outs]
 
 
