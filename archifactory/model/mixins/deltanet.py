@@ -351,7 +351,7 @@ class KimiDeltaAttention(DeltaRuleMixin):
         conv_size: int = 4,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-5,
-        chunk_size: int = 32,
+        chunk_size: int = 16,
         backend: str = "auto",
     ) -> None:
         super().__init__(

@@ -216,7 +216,7 @@ class HGRN2(GLAFamily):
         expand_ratio: int | None = None,
         lower_bound: float = 0.0,
         norm_eps: float = 1e-5,
-        chunk_size: int = 32,
+        chunk_size: int = 16,
         backend: str = "auto",
     ) -> None:
         super().__init__(hidden_size, layer_idx)

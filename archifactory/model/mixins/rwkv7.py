@@ -83,7 +83,7 @@ class RWKV7TimeMix(Mixin):
         a_rank: int = 64,
         gate_rank: int = 128,
         norm_eps: float = 1e-5,
-        chunk_size: int = 32,
+        chunk_size: int = 16,
         backend: str = "auto",
         num_layers: int | None = None,
     ) -> None:
