@@ -20,8 +20,8 @@ solved once per chunk (the UT transform: U = W_v − W_k S₀ with W = (I + A)�
 loop over chunks is two matrix products. RWKV-7's DPLR rule does the same with h_t = S_{t-1}ᵀ a_t in place
 of u_t (`chunk_dplr`). Only differences B_t − B_s with s <= t (or B_t itself) are exponentiated, after
 masking, so every exponent is <= 0: nothing overflows however long the sequence or strong the decay.
-Per-channel decays need a pairwise [C, C, K] decay tensor inside each chunk (so their default chunk is
-smaller); scalar decays a [C, C] one. Everything runs in fp32 (fp64 when the inputs are fp64).
+Per-channel decays go through `per_channel.per_channel_scores` (sub-chunked, with a hand-written
+backward; their default chunk is smaller); scalar decays through a [C, C] pairwise decay. Everything runs in fp32 (fp64 when the inputs are fp64).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.per_channel import SubChunkDecay, sub_chunk_length
+from archifactory.model.mixins.reference.per_channel import per_channel_scores, sub_chunk_length
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -108,7 +108,7 @@ def chunk_delta_rule(
     read_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked (gated) delta rule; see the module docstring. g: None, [B, T, H] or [B, T, H, K].
-    A per-channel g goes through `per_channel.SubChunkDecay` (sub-chunks of `sub_chunk_size`, default
+    A per-channel g goes through `per_channel.per_channel_scores` (sub-chunks of `sub_chunk_size`, default
     about sqrt(chunk_size)); a scalar or no decay through the [C, C] pairwise decay.
     `read_key` [B, T, H, K]: the key r_t the state is read with when it differs from the written key k_t,
     S_t = D_t S_{t-1} + β_t k_t (v_t − (D_t S_{t-1})ᵀ r_t)ᵀ (GDN-2's erase gate, Preconditioned DeltaNet's
@@ -123,10 +123,9 @@ def chunk_delta_rule(
     gc = chunk(g) if g is not None else torch.zeros_like(bc)
     rc = kc if read_key is None else chunk(read_key)  # the read key r (the written one, k, by default)
     if per_channel:
-        decay = SubChunkDecay(gc, sub)
-        cum = decay.cum
-        kk = decay.scores(rc, kc, strict=True)  # [B, H, N, C, C], strictly lower
-        qk = decay.scores(qc, kc)  # lower, diagonal included
+        cum = gc.cumsum(-2)  # [B, H, N, C, K], non-increasing down the chunk
+        (kk,), (qk,) = per_channel_scores([rc, qc], [kc], cum, cum, sub)  # [B, H, N, C, C], lower
+        kk = kk.tril(-1)  # strictly lower
     else:
         cum = gc.cumsum(-2)  # [B, H, N, C, 1], non-increasing down the chunk
         inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
@@ -202,12 +201,14 @@ def chunk_dplr(
     chunk = Chunker(q.shape[1], chunk_size, dtype, sub)
     qc, kc, vc, ac, bc, gc = (chunk(t) for t in (q, k, v, a, b, g))
     qc = qc * scale
-    decay = SubChunkDecay(gc, sub)  # pair decays exp(B_t − B_s) (s <= t) and exp(B_{t−1} − B_s) (s < t)
-    cum, before = decay.cum, decay.before  # B_t, B_{t-1}
-    solve = _unit_lower_inverse(-decay.scores(ac, bc, exclusive=True, strict=True))  # (I − A_ab)⁻¹
+    cum = gc.cumsum(-2)  # B_t
+    before = cum - gc  # B_{t-1}
+    # A_ab, A_ak with the decay exp(B_{t−1} − B_s), s < t; A_qb, A_qk with exp(B_t − B_s), s <= t
+    ((ab, ak),) = per_channel_scores([ac], [bc, kc], before, cum, sub, strict=True)
+    ((qb, qk),) = per_channel_scores([qc], [bc, kc], cum, cum, sub)
+    solve = _unit_lower_inverse(-ab)  # (I − A_ab)⁻¹
     w_state = solve @ (ac * before.exp())  # H = w_state S₀ + w_values
-    w_values = solve @ (decay.scores(ac, kc, exclusive=True, strict=True) @ vc)
-    qb, qk = decay.scores(qc, bc), decay.scores(qc, kc)
+    w_values = solve @ (ak @ vc)
     last = cum[..., -1:, :]
     to_end = (last - cum).exp()
     b_end = bc * to_end

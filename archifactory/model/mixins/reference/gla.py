@@ -16,7 +16,7 @@ from torch import Tensor
 
 from archifactory.model.mixins.reference.common import carry_chunks, compute_dtype
 from archifactory.model.mixins.reference.delta_rule import Chunker, initial_state_or_zeros
-from archifactory.model.mixins.reference.per_channel import SubChunkDecay, sub_chunk_length
+from archifactory.model.mixins.reference.per_channel import per_channel_scores, sub_chunk_length
 
 
 def chunk_gla(
@@ -37,9 +37,8 @@ def chunk_gla(
     sub = sub_chunk_length(chunk_size, sub_chunk_size)
     chunk = Chunker(q.shape[1], chunk_size, dtype, sub)
     qc, kc, vc, gc = chunk(q) * scale, chunk(k), chunk(v), chunk(g)  # [B, H, N, C, *]
-    decay = SubChunkDecay(gc, sub)
-    cum = decay.cum  # B_t, non-increasing down the chunk
-    intra = decay.scores(qc, kc) @ vc  # [B, H, N, C, V]
+    cum = gc.cumsum(-2)  # B_t, non-increasing down the chunk
+    intra = per_channel_scores([qc], [kc], cum, cum, sub)[0, 0] @ vc  # [B, H, N, C, V]
     last = cum[..., -1:, :]
     chunk_kv = (kc * (last - cum).exp()).transpose(-1, -2) @ vc  # [B, H, N, K, V]
     chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, K, 1]

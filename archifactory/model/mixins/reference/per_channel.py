@@ -6,23 +6,34 @@ every chunked per-channel rule needs score matrices
     A[t, s] = Σ_c x_t[c] y_s[c] exp(R_t[c] − B_s[c])      for s <= t (s < t when strict), 0 elsewhere,
 
 with R = B (inclusive rows: decay through t) or R_t = B_{t−1} (exclusive rows: decay up to t, DPLR's
-low-rank term). Materialising the pairwise [C, C, K] decay costs C·K per token in memory and time; this
-module does what fla's GLA/KDA kernels do (secondary chunking). The chunk is split into sub-chunks of S
-tokens; for a row t in sub-chunk i and a column s in an earlier sub-chunk j < i, let r_i = B_{start_i − 1}
-(the cumulative decay just before sub-chunk i starts). Then
+low-rank term; always strict, since exp(B_{t−1} − B_t) = exp(−g_t) >= 1). Materialising the pairwise
+[C, C, K] decay costs C·K per token in memory and time; this module does what fla's GLA/KDA kernels do
+(secondary chunking). The chunk is split into sub-chunks of S tokens; for a row t in sub-chunk i let
+r_i = B_{start_i − 1} (the cumulative decay just before sub-chunk i starts, 0 for the first). For every
+column s before sub-chunk i,
 
     exp(R_t − B_s) = exp(R_t − r_i) · exp(r_i − B_s),   R_t <= r_i <= B_s,
 
-so both factors have an exponent <= 0 (nothing overflows, however strong the decay) and the off-diagonal
-sub-blocks are one batched matrix product of x decayed to r_i with y decayed from r_i. Only the diagonal
-sub-blocks keep a pairwise [S, S, K] decay (masked before the exp). Cost per token: (S + C/S)·K instead
-of C·K, so a chunk of 64 with sub-chunks of 8 costs what a plain chunk of 16 did, with 4x fewer chunk
-steps in the state carry. Layout: [..., C, K] (any leading dims; C a multiple of S).
+so both factors have an exponent <= 0 (nothing overflows, however strong the decay), and the rows of
+sub-chunk i against all earlier columns are one matrix product of x decayed to r_i [S, K] with y decayed
+from r_i [C, K] (zero from start_i on). Only the diagonal sub-blocks keep a pairwise [S, S, K] decay,
+masked before the exp. Cost per token: (C/S + S)·K instead of C·K.
+
+Backward. A depends on R and B only through R_t − B_s, so with dx, dy the gradients of A's inputs x, y,
+
+    ∂L/∂R_t[c] = x_t[c] · dx_t[c],      ∂L/∂B_s[c] = −y_s[c] · dy_s[c],
+
+and dx, dy are decayed products of the same sub-chunked form. `DecayedScores` computes them by hand
+instead of letting autograd record every broadcast product (which stores and revisits several [C, K] per
+token tensors per score matrix: about 3x slower on CPU), and one call serves several x (rows sharing R)
+against several y, so a layer's score matrices share their decay factors.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,71 +47,93 @@ def sub_chunk_length(chunk_size: int, sub_chunk_size: int | None) -> int:
     return max(1, min(sub_chunk_size, chunk_size))
 
 
-class SubChunkDecay:
-    """The decay factors of one chunking ([..., C, K] log-decays), shared by every score matrix built on
-    it: row factors exp(R_t − r_i) [..., C, K], column factors exp(r_i − B_s) [..., n, C, K] (zero unless s
-    lies before sub-chunk i) and the diagonal sub-blocks' pairwise decay [..., n, S, S, K]. Each is built on
-    first use and kept for the next score matrix."""
+def per_channel_scores(
+    xs: Sequence[Tensor],
+    ys: Sequence[Tensor],
+    rows: Tensor,
+    cum: Tensor,
+    sub_chunk_size: int,
+    strict: bool = False,
+) -> Tensor:
+    """A[i, j][t, s] = Σ_c xs[i]_t[c] ys[j]_s[c] exp(rows_t[c] − cum_s[c]) for s <= t (s < t if strict),
+    0 elsewhere. Every tensor is [..., C, K] or broadcasts to a common shape (a scalar decay per head:
+    rows/cum [..., C, 1]); `cum` is the chunk-local cumulative log-decay B, `rows` is B itself or
+    B_{t−1} = B − g (then `strict` must hold). C must be a multiple of `sub_chunk_size`.
+    Returns [len(xs), len(ys), ..., C, C]."""
+    inputs = (*xs, *ys, rows, cum)
+    *lead, size, width = torch.broadcast_shapes(*(t.shape for t in inputs))
+    if size % sub_chunk_size:
+        raise ValueError(f"chunk of {size} tokens is not a multiple of sub_chunk_size={sub_chunk_size}")
+    flat = [t.expand(*lead, size, width).reshape(-1, size, width) for t in inputs]
+    x_stack, y_stack = torch.stack(flat[: len(xs)]), torch.stack(flat[len(xs) : -2])
+    out = DecayedScores.apply(x_stack, y_stack, flat[-2], flat[-1], sub_chunk_size, strict)
+    return out.view(len(xs), len(ys), *lead, size, size)
 
-    def __init__(self, g: Tensor, sub_chunk_size: int) -> None:
-        size = g.shape[-2]
-        if size % sub_chunk_size:
-            raise ValueError(f"chunk of {size} tokens is not a multiple of sub_chunk_size={sub_chunk_size}")
-        self.sub, self.num_sub = sub_chunk_size, size // sub_chunk_size
-        self.cum = g.cumsum(-2)  # B_t, non-increasing down the chunk
-        self.before = self.cum - g  # B_{t−1} (0 at the chunk start)
-        self._ref = self.before[..., :: self.sub, :]  # r_i: [..., n, K]
-        self._cache: dict[tuple[str, bool], Tensor] = {}
 
-    def _blocks(self, x: Tensor) -> Tensor:
-        """[..., C, W] -> [..., n, S, W]."""
-        return x.unflatten(-2, (self.num_sub, self.sub))
+def _decay_factors(rows: Tensor, cum: Tensor, sub: int, strict: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """rows/cum [L, C, K] -> the row factors exp(R_t − r_i) [L, n, S, K], the column factors
+    exp(r_i − B_s) for s before sub-chunk i (0 from start_i on) [L, n, C, K] and the diagonal sub-blocks'
+    pairwise decay exp(R_t − B_s) for s <= t (s < t if strict) [L, n, S, S, K]. Exponents <= 0."""
+    length, size, width = cum.shape
+    num_sub = size // sub
+    cum_blocks = cum.reshape(length, num_sub, sub, width)
+    row_blocks = rows.reshape(length, num_sub, sub, width)
+    ref = torch.cat([cum.new_zeros(length, 1, width), cum_blocks[:, :-1, -1]], dim=1)  # r_i: [L, n, K]
+    row_factor = (row_blocks - ref[:, :, None]).exp()
+    position = torch.arange(size, device=cum.device)
+    earlier = position[None, :] < position[::sub, None]  # [n, C]: s < start_i
+    col_factor = (ref[:, :, None] - cum[:, None]).masked_fill(~earlier[..., None], float("-inf")).exp()
+    keep = torch.ones(sub, sub, dtype=torch.bool, device=cum.device).tril(-1 if strict else 0)
+    pairs = row_blocks[:, :, :, None] - cum_blocks[:, :, None]  # R_t − B_s: [L, n, S, S, K]
+    return row_factor, col_factor, pairs.masked_fill(~keep[..., None], float("-inf")).exp()
 
-    def _rows(self, exclusive: bool) -> Tensor:
-        return self.before if exclusive else self.cum
 
-    def _row_factor(self, exclusive: bool) -> Tensor:
-        """exp(R_t − r_i) for t in sub-chunk i: [..., n, S, K], exponent <= 0."""
-        key = ("row", exclusive)
-        if key not in self._cache:
-            self._cache[key] = (self._blocks(self._rows(exclusive)) - self._ref[..., None, :]).exp()
-        return self._cache[key]
+class DecayedScores(torch.autograd.Function):
+    """`per_channel_scores` on flat inputs: xs [X, L, C, K], ys [Y, L, C, K], rows/cum [L, C, K] ->
+    [X, Y, L, C, C], with the hand-written backward of the module docstring. Inside, the rows of all X
+    inputs of a sub-chunk are stacked ([L, n, X·S, K]) and so are the decayed columns of all Y inputs
+    ([L, n, Y·C, K]), so the off-diagonal part is one batched matrix product per sub-chunk."""
 
-    def _col_factor(self) -> tuple[Tensor, Tensor]:
-        """exp(e_j − B_s) for s in sub-chunk j, e_j = B at its last token: [..., n, S, K]; and the decay
-        between sub-chunks, exp(r_i − e_j) for j < i (0 otherwise): [..., n, n, K]. Exponents <= 0."""
-        key = ("col", False)
-        if key not in self._cache:
-            cum = self._blocks(self.cum)
-            ends = cum[..., -1, :]  # e_j: [..., n, K]
-            earlier = torch.ones(self.num_sub, self.num_sub, dtype=torch.bool, device=cum.device).tril(-1)
-            middle = self._ref[..., :, None, :] - ends[..., None, :, :]  # r_i − e_j: [..., n, n, K]
-            middle = middle.masked_fill(~earlier[..., None], float("-inf")).exp()
-            self._cache[key] = (ends[..., None, :] - cum).exp()
-            self._cache[("middle", False)] = middle
-        return self._cache[key], self._cache[("middle", False)]
+    @staticmethod
+    def forward(
+        ctx: Any, xs: Tensor, ys: Tensor, rows: Tensor, cum: Tensor, sub: int, strict: bool
+    ) -> Tensor:
+        num_x, length, size, width = xs.shape
+        num_y, num_sub = ys.shape[0], size // sub
+        row_factor, col_factor, diag_decay = _decay_factors(rows, cum, sub, strict)
+        x_blocks = xs.view(num_x, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)  # [L, n, X, S, K]
+        y_blocks = ys.view(num_y, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)  # [L, n, Y, S, K]
+        x_rows = (x_blocks * row_factor[:, :, None]).reshape(length, num_sub, num_x * sub, width)
+        y_cols = (ys.transpose(0, 1)[:, None] * col_factor[:, :, None]).reshape(
+            length, num_sub, num_y * size, width
+        )
+        scores = (x_rows @ y_cols.transpose(-1, -2)).view(length, num_sub, num_x, sub, num_y, num_sub, sub)
+        diag = (
+            x_blocks[:, :, :, None, :, None] * diag_decay[:, :, None, None] * y_blocks[:, :, None, :, None]
+        ).sum(-1)  # [L, n, X, Y, S, S]
+        # the diagonal sub-blocks of `scores` are 0 so far (the column factors vanish from start_i on)
+        torch.diagonal(scores, 0, 1, 5).copy_(diag.permute(0, 2, 4, 3, 5, 1))
+        ctx.save_for_backward(xs, ys, row_factor, col_factor, diag_decay, x_rows, y_cols)
+        ctx.sub = sub
+        return scores.permute(2, 4, 0, 1, 3, 5, 6).reshape(num_x, num_y, length, size, size)
 
-    def _diag_decay(self, exclusive: bool, strict: bool) -> Tensor:
-        """exp(R_t − B_s) for s <= t (s < t if strict) inside one sub-chunk: [..., n, S, S, K]."""
-        key = (f"diag{int(exclusive)}", strict)
-        if key not in self._cache:
-            keep = torch.ones(self.sub, self.sub, dtype=torch.bool, device=self.cum.device)
-            keep = keep.tril(-1 if strict else 0)
-            rows, cols = self._blocks(self._rows(exclusive)), self._blocks(self.cum)
-            diff = rows[..., :, None, :] - cols[..., None, :, :]
-            self._cache[key] = diff.masked_fill(~keep[..., None], float("-inf")).exp()
-        return self._cache[key]
-
-    def scores(self, x: Tensor, y: Tensor, exclusive: bool = False, strict: bool = False) -> Tensor:
-        """A[t, s] = Σ_c x_t[c] y_s[c] exp(R_t[c] − B_s[c]) for s <= t (s < t if strict), 0 elsewhere.
-        x/y [..., C, K] (leading dims broadcast against the decays) -> [..., C, C]. R = B_{t−1} when
-        `exclusive`, else B_t."""
-        col, middle = self._col_factor()
-        xb = self._blocks(x) * self._row_factor(exclusive)  # [..., n, S, K]
-        yb = self._blocks(y) * col  # [..., n, S, K]
-        off = (xb[..., :, None, :, :] * middle[..., None, :]) @ yb[..., None, :, :, :].transpose(-1, -2)
-        pairs = self._blocks(x)[..., :, None, :] * self._blocks(y)[..., None, :, :]  # [..., n, S, S, K]
-        diag = (pairs * self._diag_decay(exclusive, strict)).sum(-1)  # [..., n, S, S]
-        eye = torch.eye(self.num_sub, dtype=diag.dtype, device=diag.device)[:, :, None, None]  # [n, n, 1, 1]
-        full = off + eye * diag[..., :, None, :, :]  # [..., n_t, n_s, S_t, S_s]
-        return full.transpose(-3, -2).flatten(-4, -3).flatten(-2)
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xs, ys, row_factor, col_factor, diag_decay, x_rows, y_cols = ctx.saved_tensors
+        sub = ctx.sub
+        num_x, length, size, width = xs.shape
+        num_y, num_sub = ys.shape[0], size // sub
+        grad = grad.reshape(num_x, num_y, length, num_sub, sub, num_sub, sub).permute(2, 3, 0, 4, 1, 5, 6)
+        grad_rows = grad.reshape(length, num_sub, num_x * sub, num_y * size)  # [L, n, X·S, Y·C]
+        dx_off = (grad_rows @ y_cols).view(length, num_sub, num_x, sub, width) * row_factor[:, :, None]
+        dy_cols = (grad_rows.transpose(-1, -2) @ x_rows).view(length, num_sub, num_y, size, width)
+        dy_off = (dy_cols * col_factor[:, :, None]).sum(1)  # [L, Y, C, K]
+        grad_diag = torch.diagonal(grad, 0, 1, 5).permute(0, 5, 1, 3, 2, 4)  # [L, n, X, Y, S, S]
+        weighted = grad_diag[..., None] * diag_decay[:, :, None, None]  # [L, n, X, Y, S, S, K]
+        x_blocks = xs.view(num_x, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)
+        y_blocks = ys.view(num_y, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)
+        dx_diag = (weighted * y_blocks[:, :, None, :, None]).sum((3, 5))  # [L, n, X, S, K]
+        dy_diag = (weighted * x_blocks[:, :, :, None, :, None]).sum((2, 4))  # [L, n, Y, S, K]
+        dx = (dx_off + dx_diag).permute(2, 0, 1, 3, 4).reshape(num_x, length, size, width)
+        dy = dy_off.transpose(0, 1) + dy_diag.permute(2, 0, 1, 3, 4).reshape(num_y, length, size, width)
+        return dx, dy, (xs * dx).sum(0), -(ys * dy).sum(0), None, None
