@@ -70,29 +70,14 @@ def per_channel_scores(
     return out.view(len(xs), len(ys), *lead, size, size)
 
 
-def _decay_factors(rows: Tensor, cum: Tensor, sub: int, strict: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """rows/cum [L, C, K] -> the row factors exp(R_t − r_i) [L, n, S, K], the column factors
-    exp(r_i − B_s) for s before sub-chunk i (0 from start_i on) [L, n, C, K] and the diagonal sub-blocks'
-    pairwise decay exp(R_t − B_s) for s <= t (s < t if strict) [L, n, S, S, K]. Exponents <= 0."""
-    length, size, width = cum.shape
-    num_sub = size // sub
-    cum_blocks = cum.reshape(length, num_sub, sub, width)
-    row_blocks = rows.reshape(length, num_sub, sub, width)
-    ref = torch.cat([cum.new_zeros(length, 1, width), cum_blocks[:, :-1, -1]], dim=1)  # r_i: [L, n, K]
-    row_factor = (row_blocks - ref[:, :, None]).exp()
-    position = torch.arange(size, device=cum.device)
-    earlier = position[None, :] < position[::sub, None]  # [n, C]: s < start_i
-    col_factor = (ref[:, :, None] - cum[:, None]).masked_fill(~earlier[..., None], float("-inf")).exp()
-    keep = torch.ones(sub, sub, dtype=torch.bool, device=cum.device).tril(-1 if strict else 0)
-    pairs = row_blocks[:, :, :, None] - cum_blocks[:, :, None]  # R_t − B_s: [L, n, S, S, K]
-    return row_factor, col_factor, pairs.masked_fill(~keep[..., None], float("-inf")).exp()
-
-
 class DecayedScores(torch.autograd.Function):
     """`per_channel_scores` on flat inputs: xs [X, L, C, K], ys [Y, L, C, K], rows/cum [L, C, K] ->
-    [X, Y, L, C, C], with the hand-written backward of the module docstring. Inside, the rows of all X
-    inputs of a sub-chunk are stacked ([L, n, X·S, K]) and so are the decayed columns of all Y inputs
-    ([L, n, Y·C, K]), so the off-diagonal part is one batched matrix product per sub-chunk."""
+    [X, Y, L, C, C], with the hand-written backward of the module docstring.
+
+    Off the diagonal sub-blocks, row sub-chunk i meets only the i·S columns before it: the rows of all X
+    inputs ([L, X·S, K], decayed to r_i) times the decayed columns of all Y inputs ([L, Y·i·S, K]), one
+    batched matrix product per sub-chunk (n − 1 of them). Inside a diagonal sub-block, the pairs t = s + d
+    of one offset d are a [L, n, S − d, K] decay, so no masked entry is ever computed."""
 
     @staticmethod
     def forward(
@@ -100,40 +85,69 @@ class DecayedScores(torch.autograd.Function):
     ) -> Tensor:
         num_x, length, size, width = xs.shape
         num_y, num_sub = ys.shape[0], size // sub
-        row_factor, col_factor, diag_decay = _decay_factors(rows, cum, sub, strict)
+        cum_blocks = cum.reshape(length, num_sub, sub, width)
+        row_blocks = rows.reshape(length, num_sub, sub, width)
+        ref = torch.cat([cum.new_zeros(length, 1, width), cum_blocks[:, :-1, -1]], dim=1)  # r_i: [L, n, K]
+        row_factor = (row_blocks - ref[:, :, None]).exp_()  # exp(R_t − r_i): [L, n, S, K]
         x_blocks = xs.view(num_x, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)  # [L, n, X, S, K]
         y_blocks = ys.view(num_y, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)  # [L, n, Y, S, K]
         x_rows = (x_blocks * row_factor[:, :, None]).reshape(length, num_sub, num_x * sub, width)
-        y_cols = (ys.transpose(0, 1)[:, None] * col_factor[:, :, None]).reshape(
-            length, num_sub, num_y * size, width
-        )
-        scores = (x_rows @ y_cols.transpose(-1, -2)).view(length, num_sub, num_x, sub, num_y, num_sub, sub)
-        diag = (
-            x_blocks[:, :, :, None, :, None] * diag_decay[:, :, None, None] * y_blocks[:, :, None, :, None]
-        ).sum(-1)  # [L, n, X, Y, S, S]
-        # the diagonal sub-blocks of `scores` are 0 so far (the column factors vanish from start_i on)
-        torch.diagonal(scores, 0, 1, 5).copy_(diag.permute(0, 2, 4, 3, 5, 1))
-        ctx.save_for_backward(xs, ys, row_factor, col_factor, diag_decay, x_rows, y_cols)
-        ctx.sub = sub
-        return scores.permute(2, 4, 0, 1, 3, 5, 6).reshape(num_x, num_y, length, size, size)
+        scores = xs.new_zeros(length, num_sub, num_x, sub, num_y, size)
+        col_factors, y_cols = [], []
+        for i in range(1, num_sub):
+            start = i * sub
+            col = (ref[:, i, None] - cum[:, :start]).exp_()  # exp(r_i − B_s), s < start_i: [L, i·S, K]
+            cols = (ys[:, :, :start].transpose(0, 1) * col[:, None]).reshape(length, num_y * start, width)
+            product = (x_rows[:, i] @ cols.transpose(-1, -2)).view(length, num_x, sub, num_y, start)
+            scores[:, i, :, :, :, :start] = product
+            col_factors.append(col)
+            y_cols.append(cols)
+        blocks = torch.diagonal(scores.view(*scores.shape[:-1], num_sub, sub), 0, 1, 5)  # [L, X, S, Y, S, n]
+        pair_decays = []
+        for offset in range(1 if strict else 0, sub):
+            decay = (row_blocks[:, :, offset:] - cum_blocks[:, :, : sub - offset]).exp_()  # [L, n, S − d, K]
+            x_decayed = x_blocks[:, :, :, offset:] * decay[:, :, None]  # [L, n, X, S − d, K]
+            pairs = (x_decayed[:, :, :, None] * y_blocks[:, :, None, :, : sub - offset]).sum(-1)
+            torch.diagonal(blocks, -offset, 2, 4).copy_(pairs.permute(0, 2, 3, 1, 4))  # [L, X, Y, n, S − d]
+            pair_decays.append(decay)
+        ctx.save_for_backward(xs, ys, row_factor, x_rows, *col_factors, *y_cols, *pair_decays)
+        ctx.sub, ctx.strict = sub, strict
+        return scores.permute(2, 4, 0, 1, 3, 5).reshape(num_x, num_y, length, size, size)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xs, ys, row_factor, col_factor, diag_decay, x_rows, y_cols = ctx.saved_tensors
-        sub = ctx.sub
+        sub, strict = ctx.sub, ctx.strict
+        xs, ys, row_factor, x_rows, *rest = ctx.saved_tensors
         num_x, length, size, width = xs.shape
         num_y, num_sub = ys.shape[0], size // sub
+        col_factors, y_cols, pair_decays = (
+            rest[: num_sub - 1],
+            rest[num_sub - 1 : 2 * num_sub - 2],
+            rest[2 * num_sub - 2 :],
+        )
         grad = grad.reshape(num_x, num_y, length, num_sub, sub, num_sub, sub).permute(2, 3, 0, 4, 1, 5, 6)
-        grad_rows = grad.reshape(length, num_sub, num_x * sub, num_y * size)  # [L, n, X·S, Y·C]
-        dx_off = (grad_rows @ y_cols).view(length, num_sub, num_x, sub, width) * row_factor[:, :, None]
-        dy_cols = (grad_rows.transpose(-1, -2) @ x_rows).view(length, num_sub, num_y, size, width)
-        dy_off = (dy_cols * col_factor[:, :, None]).sum(1)  # [L, Y, C, K]
-        grad_diag = torch.diagonal(grad, 0, 1, 5).permute(0, 5, 1, 3, 2, 4)  # [L, n, X, Y, S, S]
-        weighted = grad_diag[..., None] * diag_decay[:, :, None, None]  # [L, n, X, Y, S, S, K]
+        dx_rows = xs.new_zeros(length, num_sub, num_x * sub, width)
+        dy = ys.new_zeros(num_y, length, size, width)
+        for i in range(1, num_sub):
+            start = i * sub
+            grad_i = grad[:, i, :, :, :, :i].reshape(length, num_x * sub, num_y * start)
+            dx_rows[:, i] = grad_i @ y_cols[i - 1]
+            dy_cols = (grad_i.transpose(-1, -2) @ x_rows[:, i]).view(length, num_y, start, width)
+            dy[:, :, :start] += (dy_cols * col_factors[i - 1][:, None]).transpose(0, 1)
+        dx_blocks = (
+            dx_rows.view(length, num_sub, num_x, sub, width) * row_factor[:, :, None]
+        )  # [L, n, X, S, K]
+        dy_blocks = dy.view(num_y, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)  # [L, n, Y, S, K]
         x_blocks = xs.view(num_x, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)
         y_blocks = ys.view(num_y, length, num_sub, sub, width).permute(1, 2, 0, 3, 4)
-        dx_diag = (weighted * y_blocks[:, :, None, :, None]).sum((3, 5))  # [L, n, X, S, K]
-        dy_diag = (weighted * x_blocks[:, :, :, None, :, None]).sum((2, 4))  # [L, n, Y, S, K]
-        dx = (dx_off + dx_diag).permute(2, 0, 1, 3, 4).reshape(num_x, length, size, width)
-        dy = dy_off.transpose(0, 1) + dy_diag.permute(2, 0, 1, 3, 4).reshape(num_y, length, size, width)
+        blocks = torch.diagonal(grad, 0, 1, 5)  # [L, X, S, Y, S, n]
+        for offset, decay in zip(range(1 if strict else 0, sub), pair_decays, strict=True):
+            pair_grad = torch.diagonal(blocks, -offset, 2, 4).permute(0, 3, 1, 2, 4)[
+                ..., None
+            ]  # [L, n, X, Y, S − d, 1]
+            y_decayed = y_blocks[:, :, :, : sub - offset] * decay[:, :, None]  # [L, n, Y, S − d, K]
+            x_decayed = x_blocks[:, :, :, offset:] * decay[:, :, None]  # [L, n, X, S − d, K]
+            dx_blocks[:, :, :, offset:] += (pair_grad * y_decayed[:, :, None]).sum(3)
+            dy_blocks[:, :, :, : sub - offset] += (pair_grad * x_decayed[:, :, :, None]).sum(2)
+        dx = dx_blocks.permute(2, 0, 1, 3, 4).reshape(num_x, length, size, width)
         return dx, dy, (xs * dx).sum(0), -(ys * dy).sum(0), None, None
