@@ -15,18 +15,20 @@ column s before sub-chunk i,
     exp(R_t − B_s) = exp(R_t − r_i) · exp(r_i − B_s),   R_t <= r_i <= B_s,
 
 so both factors have an exponent <= 0 (nothing overflows, however strong the decay), and the rows of
-sub-chunk i against all earlier columns are one matrix product of x decayed to r_i [S, K] with y decayed
-from r_i [C, K] (zero from start_i on). Only the diagonal sub-blocks keep a pairwise [S, S, K] decay,
-masked before the exp. Cost per token: (C/S + S)·K instead of C·K.
+sub-chunk i against its i·S earlier columns are one matrix product of x decayed to r_i [S, K] with y
+decayed from r_i [i·S, K]. Inside a diagonal sub-block the pairs t = s + d of one offset d share an
+[S − d, K] decay exp(R_t − B_{t−d}), exponent <= 0 (d = 0 only for inclusive rows, where it is 1). No
+masked entry is ever computed. Cost per token: about (C/S + S)/2 · K instead of C·K.
 
 Backward. A depends on R and B only through R_t − B_s, so with dx, dy the gradients of A's inputs x, y,
 
     ∂L/∂R_t[c] = x_t[c] · dx_t[c],      ∂L/∂B_s[c] = −y_s[c] · dy_s[c],
 
 and dx, dy are decayed products of the same sub-chunked form. `DecayedScores` computes them by hand
-instead of letting autograd record every broadcast product (which stores and revisits several [C, K] per
-token tensors per score matrix: about 3x slower on CPU), and one call serves several x (rows sharing R)
-against several y, so a layer's score matrices share their decay factors.
+instead of letting autograd record every broadcast product, and one call serves several x (rows sharing
+R) against several y, so a layer's score matrices share their decay factors. `scripts/bench_per_channel.py`
+times it against the pairwise decay under autograd; tests/model/test_per_channel.py holds values and
+gradients to it.
 """
 
 from __future__ import annotations
