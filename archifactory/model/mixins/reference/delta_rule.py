@@ -21,7 +21,9 @@ loop over chunks is two matrix products. RWKV-7's DPLR rule does the same with h
 of u_t (`chunk_dplr`). Only differences B_t − B_s with s <= t (or B_t itself) are exponentiated, after
 masking, so every exponent is <= 0: nothing overflows however long the sequence or strong the decay.
 Per-channel decays go through `per_channel.per_channel_scores` (sub-chunked, with a hand-written
-backward; their default chunk is smaller); scalar decays through a [C, C] pairwise decay. Everything runs in fp32 (fp64 when the inputs are fp64).
+backward; their default chunk is smaller); scalar decays through a [C, C] pairwise decay. The loop over
+chunks is `read_carry.carry_with_readout` (also with a hand-written backward). Everything runs in fp32
+(fp64 when the inputs are fp64).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from archifactory.model.mixins.reference.common import compute_dtype
 from archifactory.model.mixins.reference.per_channel import per_channel_scores, sub_chunk_length
+from archifactory.model.mixins.reference.read_carry import carry_with_readout
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -139,16 +142,9 @@ def chunk_delta_rule(
     k_end = kc * (last - cum).exp()  # decayed from after s to the chunk end
     chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, W, 1]: scales the rows of S
     state = initial_state_or_zeros(q, v.shape[-1], initial_state, dtype)
-    entering, updates = [], []
-    # unbind, not [:, :, n]: indexing in a loop makes autograd build a full-size zero gradient per chunk
-    for w_v_n, w_k_n, k_end_n, decay_n in zip(
-        w_v.unbind(2), w_k.unbind(2), k_end.unbind(2), chunk_decay.unbind(2)
-    ):
-        entering.append(state)
-        u = w_v_n - w_k_n @ state  # [B, H, C, V]
-        updates.append(u)
-        state = decay_n * state + k_end_n.transpose(-1, -2) @ u
-    out = q_start @ torch.stack(entering, dim=2) + qk @ torch.stack(updates, dim=2)  # [B, H, N, C, V]
+    # per chunk: U = W_v − W_k S (the u_t rows), S <- decay · S + K_endᵀ U
+    entering, updates, state = carry_with_readout(w_v, -w_k, k_end, chunk_decay, None, state)
+    out = q_start @ entering + qk @ updates  # [B, H, N, C, V]
     out = chunk.unchunk(out).to(q.dtype)
     return out, state if output_final_state else None
 
@@ -215,17 +211,9 @@ def chunk_dplr(
     chunk_kv = (kc * to_end).transpose(-1, -2) @ vc  # [B, H, N, K, V]
     chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, K, 1]
     state = initial_state_or_zeros(q, v.shape[-1], initial_state, dtype)
-    entering, lowrank = [], []
-    for w_s, w_v, b_n, kv_n, decay_n in zip(
-        w_state.unbind(2), w_values.unbind(2), b_end.unbind(2), chunk_kv.unbind(2), chunk_decay.unbind(2)
-    ):
-        entering.append(state)
-        h = w_s @ state + w_v  # [B, H, C, V]
-        lowrank.append(h)
-        state = decay_n * state + b_n.transpose(-1, -2) @ h + kv_n
-    out = (
-        (qc * cum.exp()) @ torch.stack(entering, dim=2) + qb @ torch.stack(lowrank, dim=2) + qk @ vc
-    )  # [B, H, N, C, V]
+    # per chunk: H = W_values + W_state S (the h_t rows), S <- decay · S + B_endᵀ H + (chunk's k vᵀ)
+    entering, lowrank, state = carry_with_readout(w_values, w_state, b_end, chunk_decay, chunk_kv, state)
+    out = (qc * cum.exp()) @ entering + qb @ lowrank + qk @ vc  # [B, H, N, C, V]
     return chunk.unchunk(out).to(q.dtype), state if output_final_state else None
 
 
