@@ -144,6 +144,27 @@ def test_short_convolution_is_a_causal_conv1d_with_exact_decoding(bias: bool) ->
     assert buffer.shape == (2, 6, 3) and conv.state_size() == 18 and conv.flops_per_token() == 48
 
 
+@pytest.mark.parametrize(("bias", "silu"), [(False, True), (True, True), (True, False)])
+def test_short_convolution_gradients_match_conv1d(bias: bool, silu: bool) -> None:
+    """The hand-written backward (reference/short_conv.py) against autograd through F.conv1d, fp64: the
+    input, the weight, the bias and a decode buffer's past inputs."""
+    torch.manual_seed(1)
+    conv = ShortConvolution(5, 4, bias=bias, silu=silu).double()
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    past = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)  # [B, C, kernel − 1]
+    out, _ = conv(x, past)
+    full = torch.cat([past, x.transpose(1, 2)], dim=2)
+    expected = F.conv1d(full, conv.weight, conv.bias, groups=5)
+    expected = (F.silu(expected) if silu else expected).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(out)
+    leaves = [x, past, conv.weight, *([conv.bias] if bias else [])]
+    have = torch.autograd.grad((out * weights).sum(), leaves)
+    want = torch.autograd.grad((expected * weights).sum(), leaves)
+    for a, b in zip(have, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_head_checks_name_the_options() -> None:
     assert grouped_heads(64, 8, None, "mixin=t") == (8, 8)
     assert grouped_heads(64, 8, 2, "mixin=t") == (8, 2)

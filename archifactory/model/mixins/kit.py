@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from archifactory.core.errors import ArchiFactoryError
 from archifactory.model.mixins.base import resolve_backend
 from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.short_conv import causal_depthwise_conv
 from archifactory.model.positional import PositionContext
 
 log = logging.getLogger(__name__)
@@ -218,14 +219,16 @@ class ShortConvolution(nn.Module):
     def forward(self, x: Tensor, buffer: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x [B, T, C] -> (SiLU(conv(x)) [B, T, C] (conv(x) without `silu`), the new buffer, or None when
         none was given)."""
-        xt = x.transpose(1, 2)  # [B, C, T]
         width = self.kernel_size - 1
-        past = xt.new_zeros(xt.shape[0], self.channels, width) if buffer is None else buffer.to(xt.dtype)
-        full = torch.cat([past, xt], dim=2)  # [B, C, width + T]
-        bias = None if self.bias is None else self.bias.to(xt.dtype)
-        out = F.conv1d(full, self.weight.to(xt.dtype), bias, groups=self.channels)  # [B, C, T]
-        new_buffer = None if buffer is None else full[:, :, full.shape[2] - width :].to(buffer.dtype)
-        return (F.silu(out) if self.silu else out).transpose(1, 2), new_buffer
+        if buffer is None:
+            past = x.new_zeros(x.shape[0], width, self.channels)
+        else:
+            past = buffer.transpose(1, 2).to(x.dtype)  # [B, width, C]
+        out = causal_depthwise_conv(x, past, self.weight[:, 0], self.bias, self.silu)
+        if buffer is None:
+            return out, None
+        recent = torch.cat([past, x], dim=1)[:, x.shape[1] :]  # the last `width` raw inputs
+        return out, recent.transpose(1, 2).to(buffer.dtype)
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (multiply-add = 2)."""
