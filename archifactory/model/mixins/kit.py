@@ -227,7 +227,7 @@ class ShortConvolution(nn.Module):
         out = causal_depthwise_conv(x, past, self.weight[:, 0], self.bias, self.silu)
         if buffer is None:
             return out, None
-        recent = torch.cat([past, x], dim=1)[:, x.shape[1] :]  # the last `width` raw inputs
+        recent = torch.cat([past, x[:, -width:]], dim=1)[:, -width:]  # the last `width` raw inputs
         return out, recent.transpose(1, 2).to(buffer.dtype)
 
     def flops_per_token(self) -> int:

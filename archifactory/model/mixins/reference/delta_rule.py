@@ -125,12 +125,11 @@ def chunk_delta_rule(
     qc, kc, vc, bc = chunk(q) * scale, chunk(k), chunk(v), chunk(beta)  # [B, H, N, C, *]; bc [.., C, 1]
     gc = chunk(g) if g is not None else torch.zeros_like(bc)
     rc = kc if read_key is None else chunk(read_key)  # the read key r (the written one, k, by default)
+    cum = gc.cumsum(-2)  # [B, H, N, C, K or 1], non-increasing down the chunk
     if per_channel:
-        cum = gc.cumsum(-2)  # [B, H, N, C, K], non-increasing down the chunk
         (kk,), (qk,) = per_channel_scores([rc, qc], [kc], cum, cum, sub)  # [B, H, N, C, C], lower
         kk = kk.tril(-1)  # strictly lower
     else:
-        cum = gc.cumsum(-2)  # [B, H, N, C, 1], non-increasing down the chunk
         inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
         kk = decayed_scores(rc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
         qk = decayed_scores(qc, kc, inclusive)  # lower, diagonal included

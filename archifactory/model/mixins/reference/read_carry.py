@@ -30,8 +30,6 @@ def carry_with_readout(
     """rows W [B, H, N, C, V], read A [B, H, N, C, K], write E [B, H, N, C, K], decay D [B, H, N, K or 1, 1],
     extra X [B, H, N, K, V] or None, state S₀ [B, H, K, V] -> (the state entering each chunk
     [B, H, N, K, V], the rows U [B, H, N, C, V], the final state [B, H, K, V])."""
-    if extra is None:
-        return ReadCarry.apply(rows, read, write, decay, state)
     return ReadCarry.apply(rows, read, write, decay, state, extra)
 
 
