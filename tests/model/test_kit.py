@@ -29,6 +29,7 @@ from archifactory.model.mixins.kit import (
     scaled_width,
     token_shift,
 )
+from archifactory.model.mixins.reference.short_conv import BLOCK_ROWS
 from archifactory.model.roles import parameter_ids
 
 
@@ -145,12 +146,14 @@ def test_short_convolution_is_a_causal_conv1d_with_exact_decoding(bias: bool) ->
 
 
 @pytest.mark.parametrize(("bias", "silu"), [(False, True), (True, True), (True, False)])
-def test_short_convolution_gradients_match_conv1d(bias: bool, silu: bool) -> None:
+@pytest.mark.parametrize("seq_len", [1, 2, 7, BLOCK_ROWS + 5])
+def test_short_convolution_gradients_match_conv1d(bias: bool, silu: bool, seq_len: int) -> None:
     """The hand-written backward (reference/short_conv.py) against autograd through F.conv1d, fp64: the
-    input, the weight, the bias and a decode buffer's past inputs."""
+    input, the weight, the bias and a decode buffer's past inputs; sequences shorter than the kernel (every
+    row reads the past) and longer than one block of the weight gradient."""
     torch.manual_seed(1)
     conv = ShortConvolution(5, 4, bias=bias, silu=silu).double()
-    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, seq_len, 5, dtype=torch.float64, requires_grad=True)
     past = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)  # [B, C, kernel − 1]
     out, _ = conv(x, past)
     full = torch.cat([past, x.transpose(1, 2)], dim=2)
