@@ -21,8 +21,9 @@ loop over chunks is two matrix products. RWKV-7's DPLR rule does the same with h
 of u_t (`chunk_dplr`). Only differences B_t − B_s with s <= t (or B_t itself) are exponentiated, after
 masking, so every exponent is <= 0: nothing overflows however long the sequence or strong the decay.
 Per-channel decays go through `per_channel.per_channel_scores` (sub-chunked, with a hand-written
-backward; their default chunk is smaller); scalar decays through a [C, C] pairwise decay. The loop over
-chunks is `read_carry.carry_with_readout` (also with a hand-written backward). Everything runs in fp32
+backward; their default chunk is smaller); scalar decays through a [C, C] pairwise decay. After the
+scores, the delta rule's solve, loop over chunks and output are one Function with a hand-written backward
+(`delta_chunks.delta_rule_chunks`); DPLR's loop is `read_carry.carry_with_readout`. Everything runs in fp32
 (fp64 when the inputs are fp64).
 """
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from archifactory.model.mixins.reference.common import compute_dtype
+from archifactory.model.mixins.reference.delta_chunks import delta_rule_chunks, unit_lower_inverse
 from archifactory.model.mixins.reference.per_channel import per_channel_scores, sub_chunk_length
 from archifactory.model.mixins.reference.read_carry import carry_with_readout
 
@@ -84,12 +86,6 @@ def decayed_scores(x: Tensor, y: Tensor, decay: Tensor) -> Tensor:
     return torch.einsum("...tc,...sc,...tsc->...ts", x, y, decay)
 
 
-def _unit_lower_inverse(a: Tensor) -> Tensor:
-    """(I + a)⁻¹ for strictly lower-triangular a [..., C, C], by a triangular solve."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve_triangular(a + eye, eye.expand_as(a), upper=False, unitriangular=True)
-
-
 def initial_state_or_zeros(q: Tensor, value_dim: int, state: Tensor | None, dtype: torch.dtype) -> Tensor:
     batch, _, heads, key_dim = q.shape
     if state is None:
@@ -133,17 +129,9 @@ def chunk_delta_rule(
         inclusive = pair_decay(cum, cum, strict=False)  # exp(B_t - B_s), s <= t
         kk = decayed_scores(rc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
         qk = decayed_scores(qc, kc, inclusive)  # lower, diagonal included
-    solve = _unit_lower_inverse(bc * kk)  # (I + A)⁻¹, A_ts = β_t kk_ts
-    w_v = solve @ (bc * vc)  # [B, H, N, C, V]
-    w_k = solve @ (bc * rc * cum.exp())  # [B, H, N, C, K]
-    q_start = qc * cum.exp()  # decayed from the chunk start through t
-    last = cum[..., -1:, :]  # [B, H, N, 1, W]
-    k_end = kc * (last - cum).exp()  # decayed from after s to the chunk end
-    chunk_decay = last.transpose(-1, -2).exp()  # [B, H, N, W, 1]: scales the rows of S
     state = initial_state_or_zeros(q, v.shape[-1], initial_state, dtype)
-    # per chunk: U = W_v − W_k S (the u_t rows), S <- decay · S + K_endᵀ U
-    entering, updates, state = carry_with_readout(w_v, -w_k, k_end, chunk_decay, None, state)
-    out = q_start @ entering + qk @ updates  # [B, H, N, C, V]
+    read = None if read_key is None else rc
+    out, state = delta_rule_chunks(qc, kc, vc, bc, cum, kk, qk, state, read)  # the WY solve and the chunk loop
     out = chunk.unchunk(out).to(q.dtype)
     return out, state if output_final_state else None
 
@@ -201,7 +189,7 @@ def chunk_dplr(
     # A_ab, A_ak with the decay exp(B_{t−1} − B_s), s < t; A_qb, A_qk with exp(B_t − B_s), s <= t
     ((ab, ak),) = per_channel_scores([ac], [bc, kc], before, cum, sub, strict=True)
     ((qb, qk),) = per_channel_scores([qc], [bc, kc], cum, cum, sub)
-    solve = _unit_lower_inverse(-ab)  # (I − A_ab)⁻¹
+    solve = unit_lower_inverse(-ab)  # (I − A_ab)⁻¹
     w_state = solve @ (ac * before.exp())  # H = w_state S₀ + w_values
     w_values = solve @ (ak @ vc)
     last = cum[..., -1:, :]

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from archifactory.model.mixins.reference.common import compute_dtype
-from archifactory.model.mixins.reference.delta_rule import Chunker, _unit_lower_inverse, pair_decay
+from archifactory.model.mixins.reference.delta_chunks import unit_lower_inverse
+from archifactory.model.mixins.reference.delta_rule import Chunker, pair_decay
 
 
 def _previous(x: Tensor) -> Tensor:
@@ -59,7 +60,7 @@ def chunk_momentum_delta_rule(
     decay_m = pair_decay(lm, lm, strict=False)[..., 0]  # e^{m_r − m_s}, s <= r
     gamma = decay_a @ (bc * decay_m)  # Γ_ts, lower triangular (diagonal included)
     b = decay_a @ (bc * lm.exp())  # [B, H, N, C, 1]
-    solve = _unit_lower_inverse(_previous(gamma) * (pc @ kc.transpose(-1, -2)))  # (I + L)⁻¹
+    solve = unit_lower_inverse(_previous(gamma) * (pc @ kc.transpose(-1, -2)))  # (I + L)⁻¹
     w_s = solve @ (_previous(la).exp() * pc)  # W = w_s S₀ − w_m M₀ − w_v
     w_m = solve @ (_previous(b) * pc)
     w_v = solve @ vc

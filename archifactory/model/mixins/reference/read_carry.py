@@ -46,42 +46,61 @@ class ReadCarry(torch.autograd.Function):
         state: Tensor,
         extra: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        chunks = rows.shape[2]
-        entering = state.new_empty(*state.shape[:2], chunks, *state.shape[2:])
-        updates = torch.empty_like(rows)
-        for n in range(chunks):
-            entering[:, :, n] = state
-            update = torch.matmul(read[:, :, n], state).add_(rows[:, :, n])
-            updates[:, :, n] = update
-            state = decay[:, :, n] * state + write[:, :, n].transpose(-1, -2) @ update
-            if extra is not None:
-                state = state + extra[:, :, n]
+        entering, updates, state = carry_forward(rows, read, write, decay, state, extra)
         ctx.save_for_backward(read, write, decay, entering, updates)
         ctx.has_extra = extra is not None
-        ctx.decay_width = decay.shape[-2]
         return entering, updates, state
 
     @staticmethod
     def backward(
         ctx: Any, d_entering: Tensor, d_updates: Tensor, d_state: Tensor
     ) -> tuple[Tensor | None, ...]:
-        read, write, decay, entering, updates = ctx.saved_tensors
-        chunks = read.shape[2]
-        d_rows = torch.empty_like(updates)
-        d_read, d_write = torch.empty_like(read), torch.empty_like(write)
-        d_decay = torch.empty_like(decay)
-        d_extra = torch.empty_like(entering) if ctx.has_extra else None
-        for n in reversed(range(chunks)):
-            state_n, update_n = entering[:, :, n], updates[:, :, n]
-            if d_extra is not None:
-                d_extra[:, :, n] = d_state
-            product = (d_state * state_n).sum(-1, keepdim=True)  # [B, H, K, 1]
-            d_decay[:, :, n] = product if ctx.decay_width > 1 else product.sum(-2, keepdim=True)
-            d_write[:, :, n] = update_n @ d_state.transpose(-1, -2)
-            d_update = torch.matmul(write[:, :, n], d_state).add_(d_updates[:, :, n])
-            d_rows[:, :, n] = d_update
-            d_read[:, :, n] = d_update @ state_n.transpose(-1, -2)
-            d_state = (
-                decay[:, :, n] * d_state + read[:, :, n].transpose(-1, -2) @ d_update + d_entering[:, :, n]
-            )
-        return d_rows, d_read, d_write, d_decay, d_state, d_extra
+        return carry_backward(*ctx.saved_tensors, d_entering, d_updates, d_state, ctx.has_extra)
+
+
+def carry_forward(
+    rows: Tensor, read: Tensor, write: Tensor, decay: Tensor, state: Tensor, extra: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loop itself, no autograd: (the entering states, the rows U, the final state)."""
+    chunks = rows.shape[2]
+    entering = state.new_empty(*state.shape[:2], chunks, *state.shape[2:])
+    updates = torch.empty_like(rows)
+    for n in range(chunks):
+        entering[:, :, n] = state
+        update = torch.matmul(read[:, :, n], state).add_(rows[:, :, n])
+        updates[:, :, n] = update
+        state = decay[:, :, n] * state + write[:, :, n].transpose(-1, -2) @ update
+        if extra is not None:
+            state = state + extra[:, :, n]
+    return entering, updates, state
+
+
+def carry_backward(
+    read: Tensor,
+    write: Tensor,
+    decay: Tensor,
+    entering: Tensor,
+    updates: Tensor,
+    d_entering: Tensor,
+    d_updates: Tensor,
+    d_state: Tensor,
+    has_extra: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The reverse loop of the module docstring: (dW, dA, dE, dD, dS₀, dX or None)."""
+    chunks = read.shape[2]
+    d_rows = torch.empty_like(updates)
+    d_read, d_write = torch.empty_like(read), torch.empty_like(write)
+    d_decay = torch.empty_like(decay)
+    d_extra = torch.empty_like(entering) if has_extra else None
+    for n in reversed(range(chunks)):
+        state_n, update_n = entering[:, :, n], updates[:, :, n]
+        if d_extra is not None:
+            d_extra[:, :, n] = d_state
+        product = (d_state * state_n).sum(-1, keepdim=True)  # [B, H, K, 1]
+        d_decay[:, :, n] = product if decay.shape[-2] > 1 else product.sum(-2, keepdim=True)
+        d_write[:, :, n] = update_n @ d_state.transpose(-1, -2)
+        d_update = torch.matmul(write[:, :, n], d_state).add_(d_updates[:, :, n])
+        d_rows[:, :, n] = d_update
+        d_read[:, :, n] = d_update @ state_n.transpose(-1, -2)
+        d_state = decay[:, :, n] * d_state + read[:, :, n].transpose(-1, -2) @ d_update + d_entering[:, :, n]
+    return d_rows, d_read, d_write, d_decay, d_state, d_extra
