@@ -130,8 +130,8 @@ def chunk_delta_rule(
         kk = decayed_scores(rc, kc, inclusive).tril(-1)  # [B, H, N, C, C], strictly lower
         qk = decayed_scores(qc, kc, inclusive)  # lower, diagonal included
     state = initial_state_or_zeros(q, v.shape[-1], initial_state, dtype)
-    read = None if read_key is None else rc
-    out, state = delta_rule_chunks(qc, kc, vc, bc, cum, kk, qk, state, read)  # the WY solve and the chunk loop
+    # the WY solve, the loop over chunks and the output
+    out, state = delta_rule_chunks(qc, kc, vc, bc, cum, kk, qk, state, None if read_key is None else rc)
     out = chunk.unchunk(out).to(q.dtype)
     return out, state if output_final_state else None
 
