@@ -35,17 +35,18 @@ from archifactory.model.mixins.reference.read_carry import carry_backward, carry
 def delta_rule_chunks(
     q: Tensor,
     k: Tensor,
-    r: Tensor,
     v: Tensor,
     beta: Tensor,
     cum: Tensor,
     kk: Tensor,
     qk: Tensor,
     state: Tensor,
+    read_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """q/k/r [B, H, N, C, K], v [B, H, N, C, V], β [B, H, N, C, 1], cum [B, H, N, C, K or 1], kk (strictly
-    lower) and qk (lower) [B, H, N, C, C], state S₀ [B, H, K, V] -> (o [B, H, N, C, V], the final state)."""
-    return DeltaChunks.apply(q, k, r, v, beta, cum, kk, qk, state)
+    """q/k [B, H, N, C, K], v [B, H, N, C, V], β [B, H, N, C, 1], cum [B, H, N, C, K or 1], kk (strictly
+    lower) and qk (lower) [B, H, N, C, C], state S₀ [B, H, K, V], the read key r [B, H, N, C, K] or None
+    (r = k) -> (o [B, H, N, C, V], the final state)."""
+    return DeltaChunks.apply(q, k, v, beta, cum, kk, qk, state, read_key)
 
 
 def unit_lower_inverse(a: Tensor) -> Tensor:
@@ -114,9 +115,8 @@ class DeltaChunks(torch.autograd.Function):
         )
         value_operand = beta * v
         solve_t = solve.transpose(-1, -2)
-        d_solve = d_value_rows @ value_operand.transpose(-1, -2) - d_read @ factors.key_operand.transpose(
-            -1, -2
-        )
+        d_solve = d_value_rows @ value_operand.transpose(-1, -2)
+        d_solve -= d_read @ factors.key_operand.transpose(-1, -2)
         d_value_operand = solve_t @ d_value_rows
         d_key_operand = -(solve_t @ d_read)
         d_a = -(solve_t @ d_solve @ solve_t).tril_(-1)  # A = β ⊙ kk is strictly lower

@@ -138,9 +138,8 @@ class DecayedScores(torch.autograd.Function):
             for i, x in enumerate(xs):
                 x_decayed = decays.blocks(x)[:, :, offset:] * decay  # [L, n, S − d, K]
                 for j, y in enumerate(ys):
-                    pair_grad = torch.diagonal(blocks[:, i, :, j], -offset, 1, 2)[
-                        ..., None
-                    ]  # [L, n, S − d, 1]
+                    # the gradient of the pairs t = s + d: [L, n, S − d, 1]
+                    pair_grad = torch.diagonal(blocks[:, i, :, j], -offset, 1, 2).unsqueeze(-1)
                     y_decayed = decays.blocks(y)[:, :, : sub - offset] * decay
                     dx_blocks[:, :, i, offset:] += pair_grad * y_decayed
                     dy_blocks[j, :, :, : sub - offset] += pair_grad * x_decayed
